@@ -53,9 +53,7 @@ class SnippetConfig(StrictModel):
     max_lines: int = Field(15, ge=1, description="Longest seed snippet in lines (both modes).")
     per_file: int = Field(3, ge=1, description="Most snippets cut from one file ('lines' mode: fragments per file).")
     seed: int = Field(0, description="Seed of the fragment sampler; the same seed and file give the same snippets.")
-    min_chars: int = Field(
-        16, ge=0, description="Snippets with fewer non-blank characters are rejected as too_short."
-    )
+    min_chars: int = Field(16, ge=0, description="Snippets with fewer non-blank characters are rejected as too_short.")
 
 
 class PoolConfig(StrictModel):
@@ -96,7 +94,9 @@ class DedupConfig(StrictModel):
     near: bool = Field(True, description="Remove rows whose estimated Jaccard similarity to a kept row is high.")
     num_perm: int = Field(256, ge=16, description="MinHash permutations (signature length).")
     shingle_size: int = Field(5, ge=1, description="Token n-gram size of a shingle.")
-    threshold: float = Field(0.7, gt=0, le=1, description="Jaccard similarity at or above which rows are near duplicates.")
+    threshold: float = Field(
+        0.7, gt=0, le=1, description="Jaccard similarity at or above which rows are near duplicates."
+    )
     seed: int = Field(1, description="Seed of the MinHash permutations.")
 
 
@@ -118,6 +118,16 @@ class DecontamConfig(StrictModel):
     )
 
 
+class ExecutionConfig(StrictModel):
+    """How the flows run their shard tasks on this machine (a Ray cluster comes with the round flows)."""
+
+    task_runner: Literal["processes", "threads"] = Field(
+        "processes",
+        description="'processes': shards in parallel worker processes (CPU-bound Python); 'threads': one process.",
+    )
+    max_workers: int | None = Field(None, ge=1, description="Parallel shard tasks; None = the number of CPU cores.")
+
+
 class RunConfig(StrictModel):
     """The whole configuration of a run; every section has a default."""
 
@@ -125,6 +135,7 @@ class RunConfig(StrictModel):
     pool: PoolConfig = Field(default_factory=PoolConfig, description="Snippet pool stage.")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Deduplication of the pool.")
     decontam: DecontamConfig = Field(default_factory=DecontamConfig, description="Benchmark decontamination.")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="How flows run shard tasks.")
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:

@@ -33,9 +33,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from synth_core.config import RunConfig, StorageConfig
-from synth_core.dedup import EXACT_DUPLICATE, NEAR_DUPLICATE, compute_signatures, find_duplicates
+from synth_core.config import RunConfig
 from synth_core.decontam import CONTAMINATED, BenchmarkIndex
+from synth_core.dedup import EXACT_DUPLICATE, NEAR_DUPLICATE, compute_signatures, find_duplicates
 from synth_core.schema import POOL_SCHEMA, content_id, pool_schema_with_minhash
 from synth_core.storage import (
     PartInfo,
@@ -54,7 +54,7 @@ from synth_core.storage import (
 from synth_core.text import normalize_snippet
 
 if TYPE_CHECKING:
-    import pyarrow as pa
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,9 @@ class SourceUnit:
 
 
 @dataclass
-class PoolPlan:
-    """Where each step of a pool build reads and writes, and the ingest shards."""
+class PoolTargets:
+    """Where each step of a pool build writes, under which fingerprint. Small: passed to every task."""
 
-    shards: list[list[SourceUnit]]
     ingest_uri: str
     dedup_uri: str
     out_uri: str
@@ -119,6 +118,14 @@ class PoolPlan:
     dedup_fp: str
     pool_fp: str
     sources: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PoolPlan:
+    """A pool build: its targets and the ingest shards (lists of source units)."""
+
+    targets: PoolTargets
+    shards: list[list[SourceUnit]]
 
 
 # ---------------------------------------------------------------------------------------- sources
@@ -178,7 +185,9 @@ def _parquet_units(uri: str, info: dict[str, Any], cfg: RunConfig) -> list[Sourc
     except Exception:  # corrupt or unreadable: ingest records the exact error as a rejected row
         return [SourceUnit("parquet", uri, int(info.get("size") or 0), _stamp(info))]
     return [
-        SourceUnit("parquet", uri, int(info.get("size") or 0), _stamp(info), start, min(start + rows_per_unit, num_rows))
+        SourceUnit(
+            "parquet", uri, int(info.get("size") or 0), _stamp(info), start, min(start + rows_per_unit, num_rows)
+        )
         for start in range(0, max(num_rows, 1), rows_per_unit)
     ]
 
@@ -244,7 +253,11 @@ def plan_pool(cfg: RunConfig, out: str | None = None) -> PoolPlan:
         shards.append(current)
     sig_params = {"num_perm": cfg.dedup.num_perm, "shingle_size": cfg.dedup.shingle_size, "seed": cfg.dedup.seed}
     ingest_fp = fingerprint(
-        "pool.ingest", STAGE_VERSION, cfg.pool, sig_params, [(u.uri, u.size, u.stamp, u.row_start, u.row_end) for u in units]
+        "pool.ingest",
+        STAGE_VERSION,
+        cfg.pool,
+        sig_params,
+        [(u.uri, u.size, u.stamp, u.row_start, u.row_end) for u in units],
     )
     dedup_fp = fingerprint("pool.dedup", STAGE_VERSION, ingest_fp, cfg.dedup)
     bench_stamps = []
@@ -256,8 +269,7 @@ def plan_pool(cfg: RunConfig, out: str | None = None) -> PoolPlan:
         bench_stamps.append((spec, _stamp(fs.info(path)) if fs.exists(path) else "missing"))
     pool_fp = fingerprint("pool.decontam", STAGE_VERSION, dedup_fp, cfg.decontam, bench_stamps)
     work = join_uri(cfg.storage.root, "pool", pool_fp)
-    return PoolPlan(
-        shards=shards,
+    targets = PoolTargets(
         ingest_uri=join_uri(cfg.storage.root, "pool-ingest", ingest_fp),
         dedup_uri=join_uri(cfg.storage.root, "pool-dedup", dedup_fp),
         out_uri=out or work,
@@ -266,6 +278,7 @@ def plan_pool(cfg: RunConfig, out: str | None = None) -> PoolPlan:
         pool_fp=pool_fp,
         sources=list(cfg.pool.sources or default_sources()),
     )
+    return PoolPlan(targets=targets, shards=shards)
 
 
 # ----------------------------------------------------------------------------------------- ingest
@@ -324,7 +337,10 @@ def check_document(doc: Document, cfg: RunConfig) -> Document:
         return doc
     alnum = sum(c.isalnum() for c in text) / len(text)
     if alnum < pcfg.min_alnum_fraction:
-        doc.reject_reason, doc.detail = LOW_ALNUM, f"alphanumeric fraction {alnum:.2f} (min {pcfg.min_alnum_fraction:g})"
+        doc.reject_reason, doc.detail = (
+            LOW_ALNUM,
+            f"alphanumeric fraction {alnum:.2f} (min {pcfg.min_alnum_fraction:g})",
+        )
         return doc
     head = "\n".join(lines[: pcfg.autogen_scan_lines]).lower()
     marker = next((m for m in pcfg.autogen_markers if m.lower() in head), None)
@@ -498,11 +514,11 @@ class ShardResult:
         return asdict(self)
 
 
-def ingest_shard(units: list[SourceUnit], index: int, ingest_uri: str, ingest_fp: str, cfg: RunConfig) -> ShardResult:
+def ingest_shard(units: list[SourceUnit], index: int, plan: PoolTargets, cfg: RunConfig) -> ShardResult:
     """Read, filter and cut one shard of source units, compute MinHash signatures, write part `index`."""
     import pyarrow as pa
 
-    marker = read_part_marker(ingest_uri, index, ingest_fp, cfg.storage)
+    marker = read_part_marker(plan.ingest_uri, index, plan.ingest_fp, cfg.storage)
     if marker is not None:
         return ShardResult(marker, marker.funnel, 0.0, marker.rows, cached=True)
     t0 = time.perf_counter()
@@ -520,7 +536,9 @@ def ingest_shard(units: list[SourceUnit], index: int, ingest_uri: str, ingest_fp
                 rows.append(_rejected_doc_row(doc))
             rows.extend(cut)
     kept = [i for i, r in enumerate(rows) if r["reject_reason"] is None]
-    signatures = compute_signatures([rows[i]["content"] for i in kept], cfg.dedup) if (kept and cfg.dedup.near) else None
+    signatures = (
+        compute_signatures([rows[i]["content"] for i in kept], cfg.dedup) if (kept and cfg.dedup.near) else None
+    )
     minhash: list[Any] = [None] * len(rows)
     if signatures is not None:
         for j, i in enumerate(kept):
@@ -530,14 +548,14 @@ def ingest_shard(units: list[SourceUnit], index: int, ingest_uri: str, ingest_fp
     columns["minhash"] = minhash
     table = pa.Table.from_pydict(columns, schema=schema)
     funnel = compute_funnel(table, REASON_ORDER)
-    part = write_part(ingest_uri, index, table, ingest_fp, funnel, cfg.storage)
+    part = write_part(plan.ingest_uri, index, table, plan.ingest_fp, funnel, cfg.storage)
     return ShardResult(part, funnel, time.perf_counter() - t0, table.num_rows)
 
 
 # ---------------------------------------------------------------------------------------- dedup
 
 
-def dedup_pool(plan: PoolPlan, cfg: RunConfig) -> list[PartInfo]:
+def dedup_pool(plan: PoolTargets, cfg: RunConfig) -> list[PartInfo]:
     """Global exact + near dedup of the ingested rows; writes them re-partitioned for decontamination."""
     import pyarrow as pa
 
@@ -569,17 +587,27 @@ def dedup_pool(plan: PoolPlan, cfg: RunConfig) -> list[PartInfo]:
         j = d.index_of
         reasons[i], dup_of[i] = d.reason, d.duplicate_of
         where = f"{sources[j]}:{starts[j]}-{ends[j]}"
-        details[i] = f"duplicate of {where}" if d.reason == EXACT_DUPLICATE else f"near duplicate of {where} (Jaccard ~{d.similarity:.2f})"
+        details[i] = (
+            f"duplicate of {where}"
+            if d.reason == EXACT_DUPLICATE
+            else f"near duplicate of {where} (Jaccard ~{d.similarity:.2f})"
+        )
     table = table.drop_columns(["minhash"])
-    table = table.set_column(table.schema.get_field_index("reject_reason"), "reject_reason", pa.array(reasons, pa.string()))
+    table = table.set_column(
+        table.schema.get_field_index("reject_reason"), "reject_reason", pa.array(reasons, pa.string())
+    )
     table = table.set_column(table.schema.get_field_index("detail"), "detail", pa.array(details, pa.string()))
-    table = table.set_column(table.schema.get_field_index("duplicate_of"), "duplicate_of", pa.array(dup_of, pa.string()))
+    table = table.set_column(
+        table.schema.get_field_index("duplicate_of"), "duplicate_of", pa.array(dup_of, pa.string())
+    )
     table = table.cast(POOL_SCHEMA)
     parts = []
     step = cfg.pool.shard_rows
     for k, start in enumerate(range(0, table.num_rows, step)):
         chunk = table.slice(start, step)
-        parts.append(write_part(plan.dedup_uri, k, chunk, plan.dedup_fp, compute_funnel(chunk, REASON_ORDER), cfg.storage))
+        parts.append(
+            write_part(plan.dedup_uri, k, chunk, plan.dedup_fp, compute_funnel(chunk, REASON_ORDER), cfg.storage)
+        )
     seconds = time.perf_counter() - t0
     commit_dataset(
         plan.dedup_uri,
@@ -599,7 +627,7 @@ def dedup_pool(plan: PoolPlan, cfg: RunConfig) -> list[PartInfo]:
 # ------------------------------------------------------------------------------------- decontam
 
 
-def decontaminate_shard(plan: PoolPlan, part: PartInfo, index: int, cfg: RunConfig) -> ShardResult:
+def decontaminate_shard(plan: PoolTargets, part: PartInfo, index: int, cfg: RunConfig) -> ShardResult:
     """Match the kept rows of one dedup part against the benchmarks; write final part `index`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -628,7 +656,7 @@ def decontaminate_shard(plan: PoolPlan, part: PartInfo, index: int, cfg: RunConf
     return ShardResult(info, funnel, time.perf_counter() - t0, table.num_rows)
 
 
-def commit_pool(plan: PoolPlan, results: list[ShardResult], cfg: RunConfig, stats: dict[str, Any]):
+def commit_pool(plan: PoolTargets, results: list[ShardResult], cfg: RunConfig, stats: dict[str, Any]):
     """Write the pool's manifest: parts, funnel, config and per-step throughput."""
     funnel = merge_funnels([r.funnel for r in results], REASON_ORDER)
     return commit_dataset(
@@ -645,7 +673,7 @@ def commit_pool(plan: PoolPlan, results: list[ShardResult], cfg: RunConfig, stat
     )
 
 
-def pool_is_built(plan: PoolPlan, cfg: RunConfig) -> bool:
+def pool_is_built(plan: PoolTargets, cfg: RunConfig) -> bool:
     """True when the output already holds this exact pool (same fingerprint): re-running is free."""
     if not dataset_exists(plan.out_uri, cfg.storage):
         return False
@@ -676,11 +704,12 @@ def step_stats(name: str, results: list[ShardResult], wall_s: float) -> dict[str
 
 def build_pool(cfg: RunConfig, out: str | None = None) -> str:
     """Build the pool in this process, step after step (no orchestrator); return its URI."""
-    plan = plan_pool(cfg, out)
+    full_plan = plan_pool(cfg, out)
+    plan = full_plan.targets
     if pool_is_built(plan, cfg):
         return plan.out_uri
     t = time.perf_counter()
-    ingest = [ingest_shard(units, i, plan.ingest_uri, plan.ingest_fp, cfg) for i, units in enumerate(plan.shards)]
+    ingest = [ingest_shard(units, i, plan, cfg) for i, units in enumerate(full_plan.shards)]
     commit_ingest(plan, ingest, cfg)
     steps = [step_stats("ingest", ingest, time.perf_counter() - t)]
     t = time.perf_counter()
@@ -695,7 +724,7 @@ def build_pool(cfg: RunConfig, out: str | None = None) -> str:
     return plan.out_uri
 
 
-def commit_ingest(plan: PoolPlan, results: list[ShardResult], cfg: RunConfig) -> None:
+def commit_ingest(plan: PoolTargets, results: list[ShardResult], cfg: RunConfig) -> None:
     """Write the ingest dataset's manifest (the input of dedup)."""
     commit_dataset(
         plan.ingest_uri,
@@ -710,9 +739,31 @@ def commit_ingest(plan: PoolPlan, results: list[ShardResult], cfg: RunConfig) ->
     )
 
 
-def prepare_output(plan: PoolPlan, cfg: RunConfig) -> None:
+def prepare_output(plan: PoolTargets, cfg: RunConfig) -> None:
     """Before writing parts into the output: hide an older, different pool there (remove its manifest)."""
     fs, root = get_fs(plan.out_uri, cfg.storage)
     path = f"{root}/_manifest.json"
     if fs.exists(path) and read_manifest(plan.out_uri, cfg.storage).fingerprint != plan.pool_fp:
         fs.rm(path)
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Fail fast, with one clear line, on what would sink a whole build: a missing source or benchmark.
+
+    Cheap (no file is read beyond the benchmarks); run before an orchestrator starts any task.
+    """
+    from synth_core.decontam import load_benchmark
+
+    for src in cfg.pool.sources:
+        if src.startswith("hf:"):
+            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+                raise SourceError(f"Hugging Face dataset '{src[3:]}' needs network access, but HF_HUB_OFFLINE is set")
+            continue
+        fs, path = get_fs(src, cfg.storage)
+        if _is_glob(path):
+            if not fs.glob(path):
+                raise SourceError(f"source glob matches nothing: {src}")
+        elif not fs.exists(path) and not os.path.islink(path):
+            raise SourceError(f"source not found: {src}")
+    for spec in cfg.decontam.benchmarks:
+        load_benchmark(spec, cfg.storage)

@@ -277,7 +277,9 @@ def read_manifest(dataset_uri: str, storage: StorageConfig | None = None) -> Man
         with fs.open(path, "rb") as f:
             text = f.read().decode("utf-8")
     except FileNotFoundError:
-        raise DatasetError(f"no dataset at {dataset_uri}: {MANIFEST_NAME} is missing (not written, or still being written)") from None
+        raise DatasetError(
+            f"no dataset at {dataset_uri}: {MANIFEST_NAME} is missing (not written, or still being written)"
+        ) from None
     try:
         return Manifest.from_json(text)
     except (ValueError, TypeError) as err:

@@ -1,0 +1,1 @@
+"""Prefect flows (wiring of tasks only) and the `scoder` command line."""

@@ -1,0 +1,191 @@
+"""The `scoder` command line: one subcommand per stage (more arrive with their stages), plus `inspect`.
+
+Starts fast: Prefect, pyarrow and the stages are imported inside the commands that need them. A
+command runs its Prefect flow locally (an ephemeral API, no server needed) or against the server at
+PREFECT_API_URL when that is set. Expected failures (bad config, missing source, unreadable dataset)
+print one `error:` line and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="scoder",
+    help="SCoder factory: turn a small code LLM into a generator of code-instruction data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+pool_app = typer.Typer(help="The seed-snippet pool.", no_args_is_help=True)
+app.add_typer(pool_app, name="pool")
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML run config; omitted = the embedded default.")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key, e.g. --set pool.snippets.per_file=12 (YAML value)."),
+]
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from synth_core.config import ConfigError
+    from synth_core.decontam import BenchmarkError
+    from synth_core.pool import SourceError
+    from synth_core.storage import DatasetError
+
+    return (ConfigError, SourceError, BenchmarkError, DatasetError)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _load(config: Path | None, sets: list[str] | None, extra: dict[str, Any]):
+    import yaml
+
+    from synth_core.config import load_config
+
+    overrides: dict[str, Any] = {}
+    for item in sets or []:
+        if "=" not in item:
+            _fail(f"--set expects KEY=VALUE, got '{item}'")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    overrides.update(extra)
+    return load_config(config, overrides)
+
+
+def _prefect_env() -> None:
+    """Quiet, local-friendly Prefect defaults, set before Prefect is imported (ENVIRONMENT.md)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "synth_core")
+
+
+def _run_flow(flow_fn, cfg, **params):
+    """Run a flow with the configured task runner, against PREFECT_API_URL or one local temporary server.
+
+    Without PREFECT_API_URL, every worker process of a ProcessPoolTaskRunner would start its own
+    temporary Prefect server (seconds of CPU each, measured); one shared server, whose URL the
+    workers inherit through the environment, avoids that.
+    """
+    _prefect_env()
+    from flows.pool import make_task_runner
+
+    runner = make_task_runner(cfg)
+    if os.environ.get("PREFECT_API_URL"):
+        return flow_fn.with_options(task_runner=runner)(**params)
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        return flow_fn.with_options(task_runner=runner)(**params)
+    finally:
+        # Send buffered logs and events while the server still listens, else they retry for a minute.
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all()
+        EventsWorker.drain_all()
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+@pool_app.command("build")
+def pool_build(
+    source: Annotated[
+        list[str] | None,
+        typer.Option("--source", "-s", help="Folder, glob, Parquet file or hf:NAME; repeatable. Default: the stdlib."),
+    ] = None,
+    benchmark: Annotated[
+        list[str] | None,
+        typer.Option("--benchmark", "-b", help="Benchmark name (humaneval) or JSONL/Parquet file; repeatable."),
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Where to write the pool (path or s3:// URI).")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Build the seed-snippet pool: ingest, filter, cut, dedup, decontaminate. Prints the funnel."""
+    extra: dict[str, Any] = {}
+    if source:
+        extra["pool.sources"] = list(source)
+    if benchmark:
+        extra["decontam.benchmarks"] = list(benchmark)
+    try:
+        cfg = _load(config, set_, extra)
+        from synth_core.pool import preflight
+
+        preflight(cfg)
+        from flows.pool import pool_flow
+
+        uri = _run_flow(pool_flow, cfg, config=cfg.model_dump(mode="json"), out=out)
+        _print_dataset(uri, cfg.storage, rows=False)
+    except _expected_errors() as err:
+        _fail(str(err))
+    typer.echo(uri)
+
+
+def _print_dataset(uri: str, storage, rows: bool = True, limit: int = 3) -> None:
+    from rich.console import Console
+
+    from synth_core.report import funnel_table, manifest_table, sample_rows, steps_table
+    from synth_core.storage import read_dataset, read_manifest
+
+    console = Console()
+    manifest = read_manifest(uri, storage)
+    console.print(manifest_table(uri, manifest))
+    if manifest.funnel:
+        console.print(funnel_table(manifest.funnel))
+    steps = steps_table(manifest.stats)
+    if steps is not None:
+        console.print(steps)
+    if rows:
+        table = read_dataset(uri, storage=storage)
+        for row in sample_rows(table, kept=limit):
+            status = "kept" if row.get("reject_reason") is None else f"rejected: {row['reject_reason']}"
+            where = row.get("source", "")
+            if row.get("line_start"):
+                where += f":{row['line_start']}-{row['line_end']}"
+            console.rule(f"{status}  {where}")
+            for k, v in row.items():
+                if k in ("content", "source", "line_start", "line_end") or v is None:
+                    continue
+                console.print(f"[bold]{k}[/bold]: {v}", highlight=False)
+            if row.get("content"):
+                content = row["content"]
+                console.print(
+                    content if len(content) < 1200 else content[:1200] + "\n...", markup=False, highlight=False
+                )
+
+
+@app.command("inspect")
+def inspect(
+    uri: Annotated[str, typer.Argument(help="A dataset's folder or s3:// URI.")],
+    rows: Annotated[int, typer.Option(help="How many kept rows to show (plus one per reject reason).")] = 3,
+    config: ConfigOpt = None,
+) -> None:
+    """Print a dataset's manifest, funnel, throughput and a few rows."""
+    try:
+        cfg = _load(config, None, {})
+        _print_dataset(uri, cfg.storage, rows=rows > 0, limit=rows)
+    except _expected_errors() as err:
+        _fail(str(err))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The snippet-pool flow: plan -> ingest shards -> dedup -> decontamination shards -> manifest.
+
+Wiring only; the work is in synth_core.pool through tasks/pool.py. Re-running with the same inputs
+and config is free (the output's manifest carries the fingerprint), and a re-run after a crash
+redoes only the shards that had not written their part.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import as_completed
+
+from synth_core import pool
+from synth_core.config import RunConfig, parse_config
+from synth_core.report import funnel_markdown
+from tasks import pool as pool_tasks
+
+
+def make_task_runner(cfg: RunConfig):
+    """The task runner the execution config asks for."""
+    import os
+
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    workers = cfg.execution.max_workers or os.cpu_count() or 1
+    if cfg.execution.task_runner == "processes":
+        return ProcessPoolTaskRunner(max_workers=workers)
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+def _run_shards(futures: list, label: str, progress_id: Any, done_before: int, total: int) -> list[pool.ShardResult]:
+    """Wait for shard futures in completion order, updating the flow's progress artifact."""
+    by_future = {f: i for i, f in enumerate(futures)}
+    results: list[pool.ShardResult | None] = [None] * len(futures)
+    done = done_before
+    for f in as_completed(futures):
+        results[by_future[f]] = f.result()
+        done += 1
+        update_progress_artifact(
+            progress_id, progress=100.0 * done / total, description=f"{label}: {done}/{total} shards"
+        )
+    return [r for r in results if r is not None]
+
+
+@flow(name="pool-build", log_prints=True)
+def pool_flow(config: dict[str, Any] | None = None, out: str | None = None) -> str:
+    """Build the seed-snippet pool; return the pool dataset's URI."""
+    logger = get_run_logger()
+    cfg = parse_config(config)
+    t0 = time.perf_counter()
+    plan = pool.plan_pool(cfg, out)
+    targets = plan.targets
+    logger.info("pool %s: %d ingest shards from %s", targets.pool_fp, len(plan.shards), ", ".join(targets.sources))
+    if pool.pool_is_built(targets, cfg):
+        logger.info("pool already built at %s (fingerprint %s): nothing to do", targets.out_uri, targets.pool_fp)
+        return targets.out_uri
+    total = len(plan.shards) + 1
+    progress = create_progress_artifact(progress=0.0, key="pool-progress", description="ingest")
+
+    t = time.perf_counter()
+    futures = [pool_tasks.ingest_shard.submit(units, i, targets, cfg) for i, units in enumerate(plan.shards)]
+    ingest = _run_shards(futures, "ingest", progress, 0, total)
+    pool_tasks.commit_ingest(targets, ingest, cfg)
+    steps = [pool.step_stats("ingest", ingest, time.perf_counter() - t)]
+
+    t = time.perf_counter()
+    parts = pool_tasks.dedup(targets, cfg)
+    steps.append({"step": "dedup", "rows": sum(p.rows for p in parts), "wall_s": round(time.perf_counter() - t, 3)})
+    total = len(plan.shards) + len(parts)
+
+    t = time.perf_counter()
+    pool.prepare_output(targets, cfg)
+    futures = [pool_tasks.decontaminate_shard.submit(targets, p, i, cfg) for i, p in enumerate(parts)]
+    results = _run_shards(futures, "decontaminate", progress, len(plan.shards), total)
+    steps.append(pool.step_stats("decontaminate", results, time.perf_counter() - t))
+    steps.append({"step": "total", "rows": sum(r.rows for r in results), "wall_s": round(time.perf_counter() - t0, 3)})
+
+    manifest = pool.commit_pool(targets, results, cfg, {"steps": steps, "peak_rss_mb": round(pool.peak_rss_mb(), 1)})
+    create_table_artifact(
+        key="pool-funnel", table=funnel_markdown(manifest.funnel), description=f"Pool funnel: {targets.out_uri}"
+    )
+    logger.info("pool written to %s: %d rows, %d kept", targets.out_uri, manifest.num_rows, manifest.funnel["kept"])
+    return targets.out_uri
