@@ -8,7 +8,6 @@ print one `error:` line and exit with status 2; anything else is a bug and keeps
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -63,43 +62,6 @@ def _load(config: Path | None, sets: list[str] | None, extra: dict[str, Any]):
     return load_config(config, overrides)
 
 
-def _prefect_env() -> None:
-    """Quiet, local-friendly Prefect defaults, set before Prefect is imported (ENVIRONMENT.md)."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "synth_core")
-
-
-def _run_flow(flow_fn, cfg, **params):
-    """Run a flow with the configured task runner, against PREFECT_API_URL or one local temporary server.
-
-    Without PREFECT_API_URL, every worker process of a ProcessPoolTaskRunner would start its own
-    temporary Prefect server (seconds of CPU each, measured); one shared server, whose URL the
-    workers inherit through the environment, avoids that.
-    """
-    _prefect_env()
-    from flows.pool import make_task_runner
-
-    runner = make_task_runner(cfg)
-    if os.environ.get("PREFECT_API_URL"):
-        return flow_fn.with_options(task_runner=runner)(**params)
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        return flow_fn.with_options(task_runner=runner)(**params)
-    finally:
-        # Send buffered logs and events while the server still listens, else they retry for a minute.
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-
-        APILogWorker.drain_all()
-        EventsWorker.drain_all()
-        os.environ.pop("PREFECT_API_URL", None)
-        server.stop()
-
-
 @pool_app.command("build")
 def pool_build(
     source: Annotated[
@@ -128,8 +90,9 @@ def pool_build(
 
         preflight(cfg)
         from flows.pool import pool_flow
+        from flows.runtime import run_flow
 
-        uri = _run_flow(pool_flow, cfg, config=cfg.model_dump(mode="json"), out=out)
+        uri = run_flow(pool_flow, cfg, config=cfg.model_dump(mode="json"), out=out)
         _print_dataset(uri, cfg.storage, rows=False)
     except _expected_errors() as err:
         _fail(str(err))

@@ -15,21 +15,9 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.futures import as_completed
 
 from synth_core import pool
-from synth_core.config import RunConfig, parse_config
+from synth_core.config import parse_config
 from synth_core.report import funnel_markdown
 from tasks import pool as pool_tasks
-
-
-def make_task_runner(cfg: RunConfig):
-    """The task runner the execution config asks for."""
-    import os
-
-    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
-
-    workers = cfg.execution.max_workers or os.cpu_count() or 1
-    if cfg.execution.task_runner == "processes":
-        return ProcessPoolTaskRunner(max_workers=workers)
-    return ThreadPoolTaskRunner(max_workers=workers)
 
 
 def _run_shards(futures: list, label: str, progress_id: Any, done_before: int, total: int) -> list[pool.ShardResult]:

@@ -103,8 +103,8 @@ class SourceUnit:
     uri: str
     size: int = 0  # bytes, from the listing (files)
     stamp: str = ""  # mtime/etag: the unit's part of the input fingerprint
-    row_start: int = 0  # parquet: first row
-    row_end: int = -1  # parquet: one past the last row (-1 = to the end)
+    row_start: int = 0  # parquet: first row group
+    row_end: int = -1  # parquet: one past the last row group (-1 = all of them)
 
 
 @dataclass
@@ -174,22 +174,27 @@ def _load_hf_source(name: str, cfg: RunConfig) -> str:
 
 
 def _parquet_units(uri: str, info: dict[str, Any], cfg: RunConfig) -> list[SourceUnit]:
-    """Row-range units of a Parquet file; a file whose footer cannot be read is one unit (rejected later)."""
+    """Units of whole row groups of a Parquet file (about `shard_files * 64` rows each).
+
+    A file whose footer cannot be read is one unit, rejected with the exact error at ingest.
+    """
     import pyarrow.parquet as pq
 
     rows_per_unit = cfg.pool.shard_files * 64
     fs, path = get_fs(uri, cfg.storage)
+    size, stamp = int(info.get("size") or 0), _stamp(info)
     try:
         with fs.open(path, "rb") as f:
-            num_rows = pq.ParquetFile(f).metadata.num_rows
+            meta = pq.ParquetFile(f).metadata
     except Exception:  # corrupt or unreadable: ingest records the exact error as a rejected row
-        return [SourceUnit("parquet", uri, int(info.get("size") or 0), _stamp(info))]
-    return [
-        SourceUnit(
-            "parquet", uri, int(info.get("size") or 0), _stamp(info), start, min(start + rows_per_unit, num_rows)
-        )
-        for start in range(0, max(num_rows, 1), rows_per_unit)
-    ]
+        return [SourceUnit("parquet", uri, size, stamp)]
+    units, first, rows = [], 0, 0
+    for g in range(meta.num_row_groups):
+        rows += meta.row_group(g).num_rows
+        if rows >= rows_per_unit or g == meta.num_row_groups - 1:
+            units.append(SourceUnit("parquet", uri, size, stamp, first, g + 1))
+            first, rows = g + 1, 0
+    return units or [SourceUnit("parquet", uri, size, stamp, 0, 0)]
 
 
 def list_source_units(cfg: RunConfig) -> list[SourceUnit]:
@@ -480,14 +485,16 @@ def _read_unit(unit: SourceUnit, cfg: RunConfig) -> list[Document]:
     column = cfg.pool.content_column
     try:
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=[column])
+            pf = pq.ParquetFile(f)
+            groups = range(pf.metadata.num_row_groups) if unit.row_end < 0 else range(unit.row_start, unit.row_end)
+            first_row = sum(pf.metadata.row_group(g).num_rows for g in range(groups.start if groups else 0))
+            table = pf.read_row_groups(list(groups), columns=[column])
     except Exception as err:  # corrupt file, missing column: the whole unit is one rejected row
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         return [Document(unit.uri, "text", reject_reason=UNREADABLE, detail=f"Parquet: {type(err).__name__}: {first}")]
-    end = table.num_rows if unit.row_end < 0 else unit.row_end
     docs = []
-    for i, value in enumerate(table.column(column).slice(unit.row_start, end - unit.row_start).to_pylist()):
-        doc = Document(f"{unit.uri}#{unit.row_start + i}", "python")
+    for i, value in enumerate(table.column(column).to_pylist()):
+        doc = Document(f"{unit.uri}#{first_row + i}", "python")
         if isinstance(value, bytes):
             doc.raw = value
         elif isinstance(value, str):

@@ -196,3 +196,18 @@ def test_rerun_is_free_and_output_is_deterministic(tmp_path, cfg, source_tree):
     cfg.pool.snippets.seed = 5  # a different config rebuilds into the same --out
     pool.build_pool(cfg, out)
     assert read_manifest(uri).fingerprint != fp and read_manifest(uri).created_at != created
+
+
+def test_large_parquet_is_split_by_row_groups(tmp_path, cfg):
+    texts = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(300)]
+    path = tmp_path / "many.parquet"
+    pq.write_table(pa.table({"content": texts}), path, row_group_size=50)
+    cfg.pool.sources = [str(path)]
+    cfg.pool.shard_files = 1  # 64 rows per unit -> two row groups (100 rows) per unit
+    plan = pool.plan_pool(cfg)
+    assert len(plan.shards) == 3
+    rows = read_dataset(pool.build_pool(cfg, str(tmp_path / "out"))).to_pylist()
+    sources = {r["source"].rsplit("#", 1)[1] for r in rows}
+    assert sources == {str(i) for i in range(300)}  # every row, with its own row number
+    one = next(r for r in rows if r["source"].endswith("#123"))
+    assert "f123" in (one["content"] or "") or one["reject_reason"] is not None

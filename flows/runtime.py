@@ -1,0 +1,55 @@
+"""How flows run on this machine: the task runner the config asks for, and a Prefect API to report to.
+
+Shared by every flow's CLI entry. Flows themselves stay wiring only.
+"""
+
+from __future__ import annotations
+
+import os
+
+from synth_core.config import RunConfig
+
+
+def make_task_runner(cfg: RunConfig):
+    """The task runner the execution config asks for."""
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    workers = cfg.execution.max_workers or os.cpu_count() or 1
+    if cfg.execution.task_runner == "processes":
+        return ProcessPoolTaskRunner(max_workers=workers)
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+def prefect_env() -> None:
+    """Quiet, local-friendly Prefect defaults, set before Prefect is imported (ENVIRONMENT.md)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "synth_core")
+
+
+def run_flow(flow_fn, cfg: RunConfig, **params):
+    """Run a flow with the configured task runner, against PREFECT_API_URL or one local temporary server.
+
+    Without PREFECT_API_URL, every worker process of a ProcessPoolTaskRunner would start its own
+    temporary Prefect server (seconds of CPU each, measured); one shared server, whose URL the
+    workers inherit through the environment, avoids that.
+    """
+    prefect_env()
+    runner = make_task_runner(cfg)
+    if os.environ.get("PREFECT_API_URL"):
+        return flow_fn.with_options(task_runner=runner)(**params)
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        return flow_fn.with_options(task_runner=runner)(**params)
+    finally:
+        # Send buffered logs and events while the server still listens, else they retry for a minute.
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all()
+        EventsWorker.drain_all()
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
