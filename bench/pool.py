@@ -297,6 +297,7 @@ def report(args: argparse.Namespace, built: dict[str, Any], sig: dict[str, Any],
         + (f"all {n:,}" if m == n else f"{m:,} of them (seeded random subset)")
         + "; peak RSS is the process peak so far (cumulative); one process, so rows/s is per core."
     )
+    scope = f"all {n:,} texts" if m == n else f"the {m:,}-text subset"
     minhash_only = sig["speedup_minhash_only"]
     console.print(
         f"Speedup generator vs loop on the same {m:,} texts: [bold]{sig['speedup_same_subset']:.1f}x[/bold] "
@@ -304,12 +305,12 @@ def report(args: argparse.Namespace, built: dict[str, Any], sig: dict[str, Any],
         f"MinHash part alone (shingling subtracted): " + (f"{minhash_only:.1f}x" if minhash_only is not None else "—")
     )
     console.print(
-        f"Signatures identical on the {m:,}-text subset: {ok[not checks['signatures_equal_on_subset']]}; "
+        f"Signatures identical on {scope}: {ok[not checks['signatures_equal_on_subset']]}; "
         f"generator subset == generator all: {ok[not checks['generator_subset_equals_generator_all']]}; "
         f"generator all == ingest minhash column: {ok[not checks['generator_all_equals_ingest_minhash']]}"
     )
     console.print(
-        f"find_duplicates pairs identical on the subset: {ok[not checks['pairs_equal_on_subset']]} "
+        f"find_duplicates pairs identical on {scope}: {ok[not checks['pairs_equal_on_subset']]} "
         f"({checks['pairs_on_subset']:,} removed rows, {checks['near_pairs_on_subset']:,} near); on all {n:,}: "
         f"{fd['exact_pairs']:,} exact + {fd['near_pairs']:,} near (dedup step funnel: "
         f"{built['dedup_funnel']['rejected'].get('exact_duplicate', 0):,} exact + "

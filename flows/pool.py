@@ -57,7 +57,7 @@ def pool_flow(config: dict[str, Any] | None = None, out: str | None = None) -> s
 
     t = time.perf_counter()
     parts = pool_tasks.dedup(targets, cfg)
-    steps.append({"step": "dedup", "rows": sum(p.rows for p in parts), "wall_s": round(time.perf_counter() - t, 3)})
+    steps.append(pool.dedup_step_stats(parts, time.perf_counter() - t))
     total = len(plan.shards) + len(parts)
 
     t = time.perf_counter()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import functools
 import logging
 import os
 import random
@@ -33,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from synth_core.config import RunConfig
+from synth_core.config import DecontamConfig, RunConfig, StorageConfig
 from synth_core.decontam import CONTAMINATED, BenchmarkIndex
 from synth_core.dedup import EXACT_DUPLICATE, NEAR_DUPLICATE, compute_signatures, find_duplicates
 from synth_core.schema import POOL_SCHEMA, content_id, pool_schema_with_minhash
@@ -256,7 +257,8 @@ def plan_pool(cfg: RunConfig, out: str | None = None) -> PoolPlan:
             current = []
     if current:
         shards.append(current)
-    sig_params = {"num_perm": cfg.dedup.num_perm, "shingle_size": cfg.dedup.shingle_size, "seed": cfg.dedup.seed}
+    # Ingest computes signatures only when near dedup is on: the switch is part of its output.
+    sig_params = {k: getattr(cfg.dedup, k) for k in ("near", "num_perm", "shingle_size", "seed")}
     ingest_fp = fingerprint(
         "pool.ingest",
         STAGE_VERSION,
@@ -646,7 +648,7 @@ def decontaminate_shard(plan: PoolTargets, part: PartInfo, index: int, cfg: RunC
     fs, root = get_fs(plan.dedup_uri, cfg.storage)
     with fs.open(f"{root}/{part.name}", "rb") as f:
         table = pq.read_table(f).cast(POOL_SCHEMA)
-    index_ = BenchmarkIndex.from_config(cfg.decontam, cfg.storage)
+    index_ = _benchmark_index(cfg.decontam.model_dump_json(), cfg.storage.model_dump_json())
     reasons = table.column("reject_reason").to_pylist()
     details = table.column("detail").to_pylist()
     contaminated = table.column("contaminated_by").to_pylist()
@@ -661,6 +663,14 @@ def decontaminate_shard(plan: PoolTargets, part: PartInfo, index: int, cfg: RunC
     funnel = compute_funnel(table, REASON_ORDER)
     info = write_part(plan.out_uri, index, table, plan.pool_fp, funnel, cfg.storage)
     return ShardResult(info, funnel, time.perf_counter() - t0, table.num_rows)
+
+
+@functools.lru_cache(maxsize=4)
+def _benchmark_index(decontam_json: str, storage_json: str) -> BenchmarkIndex:
+    """One benchmark index per worker process and config, reused by every shard it runs."""
+    return BenchmarkIndex.from_config(
+        DecontamConfig.model_validate_json(decontam_json), StorageConfig.model_validate_json(storage_json)
+    )
 
 
 def commit_pool(plan: PoolTargets, results: list[ShardResult], cfg: RunConfig, stats: dict[str, Any]):
@@ -709,6 +719,18 @@ def step_stats(name: str, results: list[ShardResult], wall_s: float) -> dict[str
     }
 
 
+def dedup_step_stats(parts: list[PartInfo], wall_s: float) -> dict[str, Any]:
+    """Throughput of the (single-task) dedup step."""
+    rows = sum(p.rows for p in parts)
+    return {
+        "step": "dedup",
+        "shards": 1,
+        "rows": rows,
+        "wall_s": round(wall_s, 3),
+        "rows_per_s": round(rows / wall_s, 1) if wall_s > 0 else None,
+    }
+
+
 def build_pool(cfg: RunConfig, out: str | None = None) -> str:
     """Build the pool in this process, step after step (no orchestrator); return its URI."""
     full_plan = plan_pool(cfg, out)
@@ -722,7 +744,7 @@ def build_pool(cfg: RunConfig, out: str | None = None) -> str:
     t = time.perf_counter()
     parts = dedup_pool(plan, cfg)
     dedup_s = time.perf_counter() - t
-    steps.append({"step": "dedup", "rows": sum(p.rows for p in parts), "wall_s": round(dedup_s, 3)})
+    steps.append(dedup_step_stats(parts, dedup_s))
     t = time.perf_counter()
     prepare_output(plan, cfg)
     results = [decontaminate_shard(plan, p, i, cfg) for i, p in enumerate(parts)]

@@ -47,3 +47,29 @@ def test_switches_turn_steps_off():
     assert find_duplicates(["a", "a"], sigs, DedupConfig(exact=False, near=False)) == [None, None]
     dups = find_duplicates(["a", "b"], sigs, DedupConfig(exact=True, near=False))
     assert dups == [None, None]
+
+
+def test_exact_copy_of_a_removed_row_names_the_kept_row():
+    cfg = DedupConfig()
+    near = BASE.replace("f7(x)", "g7(x)")
+    sigs = compute_signatures([BASE, near, near], cfg)
+    dups = find_duplicates(["a", "b", "b"], sigs, cfg)
+    assert dups[1].reason == NEAR_DUPLICATE and dups[1].duplicate_of == "a"
+    # The third row is an exact copy of a removed row: it must name the kept row "a", not "b".
+    assert dups[2].duplicate_of == "a" and dups[2].index_of == 0
+
+
+def test_turning_near_dedup_on_after_a_run_without_it(tmp_path):
+    from synth_core import pool
+    from synth_core.config import RunConfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text(BASE)
+    cfg = RunConfig()
+    cfg.storage.root = str(tmp_path / "data")
+    cfg.pool.sources = [str(src)]
+    cfg.dedup.near = False
+    pool.build_pool(cfg, str(tmp_path / "one"))
+    cfg.dedup.near = True  # needs signatures the first ingest did not compute: a new ingest, no crash
+    pool.build_pool(cfg, str(tmp_path / "two"))
