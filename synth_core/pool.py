@@ -23,14 +23,13 @@ from __future__ import annotations
 import ast
 import fnmatch
 import functools
-import logging
 import os
 import random
 import resource
 import sysconfig
 import textwrap
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +48,7 @@ from synth_core.storage import (
     merge_funnels,
     read_dataset,
     read_manifest,
+    read_part,
     read_part_marker,
     write_part,
 )
@@ -56,8 +56,6 @@ from synth_core.text import normalize_snippet
 
 if TYPE_CHECKING:
     pass
-
-log = logging.getLogger(__name__)
 
 # Bump when a step's output changes for the same inputs and config: it invalidates earlier outputs.
 STAGE_VERSION = 1
@@ -148,19 +146,39 @@ def _stamp(info: dict[str, Any]) -> str:
     return ""
 
 
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message (or its type): library errors can span pages."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_hf_online(name: str) -> None:
+    """A clear error instead of a hub time-out when the user has said there is no network."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
+            raise SourceError(f"Hugging Face dataset '{name}' needs network access, but {var} is set")
+
+
+def _check_source_exists(fs, path: str, src: str) -> None:
+    """A missing path or a glob matching nothing is an error (a dangling symlink exists: it is a row)."""
+    if _is_glob(path):
+        if not fs.glob(path):
+            raise SourceError(f"source glob matches nothing: {src}")
+    elif not fs.exists(path) and not os.path.islink(path):
+        raise SourceError(f"source not found: {src}")
+
+
 def _load_hf_source(name: str, cfg: RunConfig) -> str:
     """Materialise a Hugging Face dataset as one Parquet file under the work root; return its URI."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or os.environ.get(
-        "HF_DATASETS_OFFLINE", ""
-    ).lower() in ("1", "true", "yes"):
-        raise SourceError(f"Hugging Face dataset '{name}' needs network access, but HF_HUB_OFFLINE is set")
+    _check_hf_online(name)
     try:
         import datasets
 
         ds = datasets.load_dataset(name, split=cfg.pool.hf_split)
     except Exception as err:  # network, auth, missing dataset: one clear line, not a traceback
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SourceError(f"cannot load Hugging Face dataset '{name}' (split {cfg.pool.hf_split}): {first}") from None
+        raise SourceError(
+            f"cannot load Hugging Face dataset '{name}' (split {cfg.pool.hf_split}): {_first_line(err)}"
+        ) from None
     if cfg.pool.content_column not in ds.column_names:
         raise SourceError(
             f"Hugging Face dataset '{name}' has no column '{cfg.pool.content_column}' (columns: {ds.column_names})"
@@ -214,12 +232,9 @@ def list_source_units(cfg: RunConfig) -> list[SourceUnit]:
         def to_uri(p: str, protocol: str = protocol) -> str:
             return p if protocol in ("file", "local") else f"{protocol}://{p}"
 
+        _check_source_exists(fs, path, src)
         if _is_glob(path):
             entries = fs.glob(path, detail=True)
-            if not entries:
-                raise SourceError(f"source glob matches nothing: {src}")
-        elif not fs.exists(path) and not os.path.islink(path):
-            raise SourceError(f"source not found: {src}")
         elif fs.isdir(path):
             entries = {
                 p: info
@@ -492,8 +507,8 @@ def _read_unit(unit: SourceUnit, cfg: RunConfig) -> list[Document]:
             first_row = sum(pf.metadata.row_group(g).num_rows for g in range(groups.start if groups else 0))
             table = pf.read_row_groups(list(groups), columns=[column])
     except Exception as err:  # corrupt file, missing column: the whole unit is one rejected row
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        return [Document(unit.uri, "text", reject_reason=UNREADABLE, detail=f"Parquet: {type(err).__name__}: {first}")]
+        detail = f"Parquet: {type(err).__name__}: {_first_line(err)}"
+        return [Document(unit.uri, "text", reject_reason=UNREADABLE, detail=detail)]
     docs = []
     for i, value in enumerate(table.column(column).to_pylist()):
         doc = Document(f"{unit.uri}#{first_row + i}", "python")
@@ -514,13 +529,16 @@ class ShardResult:
     """What a shard step returns to its orchestrator: its part, its funnel and its throughput."""
 
     part: PartInfo
-    funnel: dict[str, Any]
     seconds: float
-    rows: int
     cached: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    @property
+    def funnel(self) -> dict[str, Any]:
+        return self.part.funnel
+
+    @property
+    def rows(self) -> int:
+        return self.part.rows
 
 
 def ingest_shard(units: list[SourceUnit], index: int, plan: PoolTargets, cfg: RunConfig) -> ShardResult:
@@ -529,7 +547,7 @@ def ingest_shard(units: list[SourceUnit], index: int, plan: PoolTargets, cfg: Ru
 
     marker = read_part_marker(plan.ingest_uri, index, plan.ingest_fp, cfg.storage)
     if marker is not None:
-        return ShardResult(marker, marker.funnel, 0.0, marker.rows, cached=True)
+        return ShardResult(marker, 0.0, cached=True)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for unit in units:
@@ -558,7 +576,7 @@ def ingest_shard(units: list[SourceUnit], index: int, plan: PoolTargets, cfg: Ru
     table = pa.Table.from_pydict(columns, schema=schema)
     funnel = compute_funnel(table, REASON_ORDER)
     part = write_part(plan.ingest_uri, index, table, plan.ingest_fp, funnel, cfg.storage)
-    return ShardResult(part, funnel, time.perf_counter() - t0, table.num_rows)
+    return ShardResult(part, time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------- dedup
@@ -639,15 +657,12 @@ def dedup_pool(plan: PoolTargets, cfg: RunConfig) -> list[PartInfo]:
 def decontaminate_shard(plan: PoolTargets, part: PartInfo, index: int, cfg: RunConfig) -> ShardResult:
     """Match the kept rows of one dedup part against the benchmarks; write final part `index`."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     marker = read_part_marker(plan.out_uri, index, plan.pool_fp, cfg.storage)
     if marker is not None:
-        return ShardResult(marker, marker.funnel, 0.0, marker.rows, cached=True)
+        return ShardResult(marker, 0.0, cached=True)
     t0 = time.perf_counter()
-    fs, root = get_fs(plan.dedup_uri, cfg.storage)
-    with fs.open(f"{root}/{part.name}", "rb") as f:
-        table = pq.read_table(f).cast(POOL_SCHEMA)
+    table = read_part(plan.dedup_uri, part, storage=cfg.storage).cast(POOL_SCHEMA)
     index_ = _benchmark_index(cfg.decontam.model_dump_json(), cfg.storage.model_dump_json())
     reasons = table.column("reject_reason").to_pylist()
     details = table.column("detail").to_pylist()
@@ -662,7 +677,7 @@ def decontaminate_shard(plan: PoolTargets, part: PartInfo, index: int, cfg: RunC
         table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
     funnel = compute_funnel(table, REASON_ORDER)
     info = write_part(plan.out_uri, index, table, plan.pool_fp, funnel, cfg.storage)
-    return ShardResult(info, funnel, time.perf_counter() - t0, table.num_rows)
+    return ShardResult(info, time.perf_counter() - t0)
 
 
 @functools.lru_cache(maxsize=4)
@@ -785,14 +800,9 @@ def preflight(cfg: RunConfig) -> None:
 
     for src in cfg.pool.sources:
         if src.startswith("hf:"):
-            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-                raise SourceError(f"Hugging Face dataset '{src[3:]}' needs network access, but HF_HUB_OFFLINE is set")
+            _check_hf_online(src[3:])
             continue
         fs, path = get_fs(src, cfg.storage)
-        if _is_glob(path):
-            if not fs.glob(path):
-                raise SourceError(f"source glob matches nothing: {src}")
-        elif not fs.exists(path) and not os.path.islink(path):
-            raise SourceError(f"source not found: {src}")
+        _check_source_exists(fs, path, src)
     for spec in cfg.decontam.benchmarks:
         load_benchmark(spec, cfg.storage)

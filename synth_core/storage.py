@@ -208,12 +208,7 @@ def compute_funnel(table: pa.Table, reason_order: Sequence[str] = ()) -> dict[st
     """Rows in, kept and rejected per reason, from the `reject_reason` column (null = kept)."""
     reasons = table.column("reject_reason").to_pylist() if table.num_rows else []
     counts = Counter(r for r in reasons if r is not None)
-    order = [r for r in reason_order if r in counts] + sorted(r for r in counts if r not in reason_order)
-    return {
-        "rows_in": len(reasons),
-        "kept": len(reasons) - sum(counts.values()),
-        "rejected": {r: counts[r] for r in order},
-    }
+    return _funnel(len(reasons), len(reasons) - sum(counts.values()), counts, reason_order)
 
 
 def merge_funnels(funnels: Iterable[dict[str, Any]], reason_order: Sequence[str] = ()) -> dict[str, Any]:
@@ -224,8 +219,13 @@ def merge_funnels(funnels: Iterable[dict[str, Any]], reason_order: Sequence[str]
         rows_in += fn["rows_in"]
         kept += fn["kept"]
         total.update(fn["rejected"])
-    order = [r for r in reason_order if r in total] + sorted(r for r in total if r not in reason_order)
-    return {"rows_in": rows_in, "kept": kept, "rejected": {r: total[r] for r in order}}
+    return _funnel(rows_in, kept, total, reason_order)
+
+
+def _funnel(rows_in: int, kept: int, counts: Counter[str], reason_order: Sequence[str]) -> dict[str, Any]:
+    """The funnel record; reasons in pipeline order, unknown ones after them alphabetically."""
+    order = [r for r in reason_order if r in counts] + sorted(r for r in counts if r not in reason_order)
+    return {"rows_in": rows_in, "kept": kept, "rejected": {r: counts[r] for r in order}}
 
 
 def commit_dataset(
@@ -286,6 +286,26 @@ def read_manifest(dataset_uri: str, storage: StorageConfig | None = None) -> Man
         raise DatasetError(f"{dataset_uri}: corrupt {MANIFEST_NAME}: {err}") from None
 
 
+def read_part(
+    dataset_uri: str, part: PartInfo, *, columns: Sequence[str] | None = None, storage: StorageConfig | None = None
+) -> pa.Table:
+    """One part a manifest (or a shard marker) lists, checked against its recorded row count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, root = get_fs(dataset_uri, storage)
+    try:
+        with fs.open(f"{root}/{part.name}", "rb") as f:
+            table = pq.read_table(f, columns=list(columns) if columns else None)
+    except FileNotFoundError:
+        raise DatasetError(f"{dataset_uri}: part {part.name} listed in the manifest is missing") from None
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DatasetError(f"{dataset_uri}: cannot read part {part.name}: {err}") from None
+    if table.num_rows != part.rows:
+        raise DatasetError(f"{dataset_uri}: part {part.name} has {table.num_rows} rows, the manifest says {part.rows}")
+    return table
+
+
 def read_dataset(
     dataset_uri: str,
     *,
@@ -299,24 +319,10 @@ def read_dataset(
     """
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     manifest = read_manifest(dataset_uri, storage)
-    fs, root = get_fs(dataset_uri, storage)
     schema = manifest.arrow()
-    tables = []
-    for part in manifest.parts:
-        path = f"{root}/{part.name}"
-        try:
-            with fs.open(path, "rb") as f:
-                t = pq.read_table(f, columns=list(columns) if columns else None)
-        except FileNotFoundError:
-            raise DatasetError(f"{dataset_uri}: part {part.name} listed in the manifest is missing") from None
-        except (pa.ArrowInvalid, OSError) as err:
-            raise DatasetError(f"{dataset_uri}: cannot read part {part.name}: {err}") from None
-        if t.num_rows != part.rows:
-            raise DatasetError(f"{dataset_uri}: part {part.name} has {t.num_rows} rows, the manifest says {part.rows}")
-        tables.append(t)
+    tables = [read_part(dataset_uri, part, columns=columns, storage=storage) for part in manifest.parts]
     if columns:
         schema = pa.schema([schema.field(c) for c in columns])
     table = pa.concat_tables(tables) if tables else schema.empty_table()

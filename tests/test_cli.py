@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args, cwd=None, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PREFECT_API_URL="")
-    env.pop("PREFECT_API_URL")
+    # Without PREFECT_API_URL: the command starts its own temporary server, as for a newcomer.
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PYTHONPATH"] = str(ROOT)
     return subprocess.run([*SCODER, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
