@@ -118,6 +118,68 @@ class DecontamConfig(StrictModel):
     )
 
 
+class GenerationConfig(StrictModel):
+    """How a generation engine samples (vLLM by default, transformers generate as the fallback)."""
+
+    backend: Literal["vllm", "transformers"] = Field(
+        "vllm", description="'vllm': one engine serving every LoRA checkpoint; 'transformers': HF generate."
+    )
+    samples_per_prompt: int = Field(2, ge=1, description="Completions sampled per prompt and checkpoint (N).")
+    max_new_tokens: int = Field(512, ge=1, description="Most tokens generated per completion.")
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature (tau); 0 = greedy.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling probability mass.")
+    seed: int = Field(0, description="Base seed; each request's seed derives from it and the request's ids.")
+    max_model_len: int | None = Field(
+        2048, ge=64, description="Context window used (tokens, prompt + completion); None = the model's own."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights and activations dtype; 'auto' = the model's own."
+    )
+    batch_size: int = Field(16, ge=1, description="Prompts per batch (transformers backend; vLLM batches itself).")
+    cpu_kvcache_gib: int = Field(
+        1, ge=1, description="RAM reserved for vLLM's KV cache on CPU (GiB; VLLM_CPU_KVCACHE_SPACE wins if set)."
+    )
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spans (tensor parallelism).")
+    enforce_eager: bool | None = Field(
+        None, description="vLLM eager mode (no CUDA graphs / compile); None = eager on CPU, graphs on GPU."
+    )
+    progress_bar: bool = Field(False, description="Show vLLM's own per-request progress bar.")
+
+
+class ModelsConfig(StrictModel):
+    """Which model plays which role (references: builtin:NAME, a folder, a hub id, a LoRA adapter folder)."""
+
+    synthesizer: str = Field(
+        "builtin:smollm2-135m-instruct", description="Base model of the synthesizer (what is sampled and trained)."
+    )
+
+
+class SampleConfig(StrictModel):
+    """The sample stage: seed snippet -> problem + solution, from every checkpoint, N times each."""
+
+    checkpoints: list[str] = Field(
+        default_factory=list,
+        description="Checkpoints to sample from (LoRA adapter folders or full models); empty = models.synthesizer.",
+    )
+    base: str | None = Field(
+        None, description="Base model of LoRA checkpoints; None = each adapter's own base_model_name_or_path."
+    )
+    prompt_template: str | None = Field(
+        None, description="File with the user prompt, containing {snippet}; None = the built-in OSS-Instruct one."
+    )
+    system_prompt: str | None = Field(
+        None, description="System message of the chat; None = the chat template's default."
+    )
+    iteration: int = Field(0, ge=0, description="Self-distillation iteration recorded in each row's lineage.")
+    shard_rows: int = Field(512, ge=1, description="Pool rows per sample shard (one task and one engine each).")
+    max_snippets: int | None = Field(None, ge=0, description="Use only the first this many kept snippets; None = all.")
+    min_instruction_chars: int = Field(40, ge=0, description="Shorter problem statements are rejected (characters).")
+    max_instruction_chars: int = Field(6000, ge=1, description="Longer problem statements are rejected as too_long.")
+    max_response_chars: int = Field(12000, ge=1, description="Longer solutions are rejected as too_long.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Sampling settings.")
+
+
 class ExecutionConfig(StrictModel):
     """How the flows run their shard tasks on this machine (a Ray cluster comes with the round flows)."""
 
@@ -135,6 +197,8 @@ class RunConfig(StrictModel):
     pool: PoolConfig = Field(default_factory=PoolConfig, description="Snippet pool stage.")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Deduplication of the pool.")
     decontam: DecontamConfig = Field(default_factory=DecontamConfig, description="Benchmark decontamination.")
+    models: ModelsConfig = Field(default_factory=ModelsConfig, description="Model of each role.")
+    sample: SampleConfig = Field(default_factory=SampleConfig, description="Multi-checkpoint sampling stage.")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="How flows run shard tasks.")
 
 

@@ -25,7 +25,6 @@ import fnmatch
 import functools
 import os
 import random
-import resource
 import sysconfig
 import textwrap
 import time
@@ -39,17 +38,21 @@ from synth_core.dedup import EXACT_DUPLICATE, NEAR_DUPLICATE, compute_signatures
 from synth_core.schema import POOL_SCHEMA, content_id, pool_schema_with_minhash
 from synth_core.storage import (
     PartInfo,
+    ShardResult,
     commit_dataset,
     compute_funnel,
-    dataset_exists,
+    dataset_has_fingerprint,
     fingerprint,
     get_fs,
+    hide_stale_dataset,
     join_uri,
     merge_funnels,
+    peak_rss_mb,
     read_dataset,
     read_manifest,
     read_part,
     read_part_marker,
+    step_stats,
     write_part,
 )
 from synth_core.text import normalize_snippet
@@ -524,23 +527,6 @@ def _read_unit(unit: SourceUnit, cfg: RunConfig) -> list[Document]:
     return docs
 
 
-@dataclass
-class ShardResult:
-    """What a shard step returns to its orchestrator: its part, its funnel and its throughput."""
-
-    part: PartInfo
-    seconds: float
-    cached: bool = False
-
-    @property
-    def funnel(self) -> dict[str, Any]:
-        return self.part.funnel
-
-    @property
-    def rows(self) -> int:
-        return self.part.rows
-
-
 def ingest_shard(units: list[SourceUnit], index: int, plan: PoolTargets, cfg: RunConfig) -> ShardResult:
     """Read, filter and cut one shard of source units, compute MinHash signatures, write part `index`."""
     import pyarrow as pa
@@ -586,10 +572,8 @@ def dedup_pool(plan: PoolTargets, cfg: RunConfig) -> list[PartInfo]:
     """Global exact + near dedup of the ingested rows; writes them re-partitioned for decontamination."""
     import pyarrow as pa
 
-    if dataset_exists(plan.dedup_uri, cfg.storage):
-        manifest = read_manifest(plan.dedup_uri, cfg.storage)
-        if manifest.fingerprint == plan.dedup_fp:
-            return manifest.parts
+    if dataset_has_fingerprint(plan.dedup_uri, plan.dedup_fp, cfg.storage):
+        return read_manifest(plan.dedup_uri, cfg.storage).parts
     t0 = time.perf_counter()
     table = read_dataset(plan.ingest_uri, storage=cfg.storage)
     rejected = [r is not None for r in table.column("reject_reason").to_pylist()]
@@ -707,31 +691,7 @@ def commit_pool(plan: PoolTargets, results: list[ShardResult], cfg: RunConfig, s
 
 def pool_is_built(plan: PoolTargets, cfg: RunConfig) -> bool:
     """True when the output already holds this exact pool (same fingerprint): re-running is free."""
-    if not dataset_exists(plan.out_uri, cfg.storage):
-        return False
-    return read_manifest(plan.out_uri, cfg.storage).fingerprint == plan.pool_fp
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (and its finished children), in MiB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, kids) / 1024
-
-
-def step_stats(name: str, results: list[ShardResult], wall_s: float) -> dict[str, Any]:
-    """Throughput of one sharded step: rows, seconds of work, wall time, rows/s."""
-    rows = sum(r.rows for r in results)
-    work = sum(r.seconds for r in results)
-    return {
-        "step": name,
-        "shards": len(results),
-        "cached_shards": sum(r.cached for r in results),
-        "rows": rows,
-        "work_s": round(work, 3),
-        "wall_s": round(wall_s, 3),
-        "rows_per_s": round(rows / wall_s, 1) if wall_s > 0 else None,
-    }
+    return dataset_has_fingerprint(plan.out_uri, plan.pool_fp, cfg.storage)
 
 
 def dedup_step_stats(parts: list[PartInfo], wall_s: float) -> dict[str, Any]:
@@ -785,10 +745,7 @@ def commit_ingest(plan: PoolTargets, results: list[ShardResult], cfg: RunConfig)
 
 def prepare_output(plan: PoolTargets, cfg: RunConfig) -> None:
     """Before writing parts into the output: hide an older, different pool there (remove its manifest)."""
-    fs, root = get_fs(plan.out_uri, cfg.storage)
-    path = f"{root}/_manifest.json"
-    if fs.exists(path) and read_manifest(plan.out_uri, cfg.storage).fingerprint != plan.pool_fp:
-        fs.rm(path)
+    hide_stale_dataset(plan.out_uri, plan.pool_fp, cfg.storage)
 
 
 def preflight(cfg: RunConfig) -> None:

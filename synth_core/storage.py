@@ -18,6 +18,7 @@ import base64
 import hashlib
 import json
 import os
+import resource
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -157,6 +158,23 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return protocol in ("file", "local")
 
 
+@dataclass
+class ShardResult:
+    """What a shard step returns to its orchestrator: its part, its funnel and its throughput."""
+
+    part: PartInfo
+    seconds: float
+    cached: bool = False
+
+    @property
+    def funnel(self) -> dict[str, Any]:
+        return self.part.funnel
+
+    @property
+    def rows(self) -> int:
+        return self.part.rows
+
+
 def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
@@ -269,6 +287,20 @@ def dataset_exists(dataset_uri: str, storage: StorageConfig | None = None) -> bo
     return fs.exists(f"{root}/{MANIFEST_NAME}")
 
 
+def dataset_has_fingerprint(dataset_uri: str, fp: str, storage: StorageConfig | None = None) -> bool:
+    """True when a complete dataset of exactly this fingerprint is there: the step that writes it is done."""
+    return dataset_exists(dataset_uri, storage) and read_manifest(dataset_uri, storage).fingerprint == fp
+
+
+def hide_stale_dataset(dataset_uri: str, fp: str, storage: StorageConfig | None = None) -> None:
+    """Before writing parts of dataset `fp` into a location: remove the manifest of another dataset there,
+    so that no reader ever sees the old manifest listing parts that are being overwritten."""
+    fs, root = get_fs(dataset_uri, storage)
+    path = f"{root}/{MANIFEST_NAME}"
+    if fs.exists(path) and read_manifest(dataset_uri, storage).fingerprint != fp:
+        fs.rm(path)
+
+
 def read_manifest(dataset_uri: str, storage: StorageConfig | None = None) -> Manifest:
     """The manifest of a complete dataset; a clear DatasetError when there is none."""
     fs, root = get_fs(dataset_uri, storage)
@@ -329,3 +361,25 @@ def read_dataset(
     if kept_only and table.num_rows:
         table = table.filter(pc.is_null(table.column("reject_reason")))
     return table
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (and its finished children), in MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) / 1024
+
+
+def step_stats(name: str, results: list[ShardResult], wall_s: float) -> dict[str, Any]:
+    """Throughput of one sharded step: rows, seconds of work, wall time, rows/s."""
+    rows = sum(r.rows for r in results)
+    work = sum(r.seconds for r in results)
+    return {
+        "step": name,
+        "shards": len(results),
+        "cached_shards": sum(r.cached for r in results),
+        "rows": rows,
+        "work_s": round(work, 3),
+        "wall_s": round(wall_s, 3),
+        "rows_per_s": round(rows / wall_s, 1) if wall_s > 0 else None,
+    }

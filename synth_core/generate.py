@@ -1,0 +1,246 @@
+"""Text generation behind one Protocol: vLLM (the default engine) and transformers `generate` (fallback).
+
+A `Generator` is opened on ONE base model plus any number of LoRA adapters on top of it, and then
+serves requests that each name their adapter (or none = the base). With vLLM all adapters live in the
+same engine (`enable_lora`, one `LoRARequest` per adapter) and requests for different adapters are
+batched together, so sampling from M checkpoints costs about what sampling from one does; the
+alternative, one engine load per checkpoint, costs M loads (bench/generate.py measures both).
+
+Determinism: every request carries its own seed (vLLM: `SamplingParams(seed=...)`, which gives each
+request its own random generator, so its samples do not depend on what else is in the batch;
+transformers: the batch is seeded from its requests' seeds, so the same requests in the same order
+give the same samples).
+
+Prompts arrive as token ids (the caller rendered the chat template and counted the tokens, and decides
+what to do with prompts that do not fit); completions come back as text, token count and why they
+stopped. This module knows nothing of snippets, prompts or parsing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from synth_core.config import GenerationConfig
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One prompt to sample `n` completions for, from the base model or one adapter."""
+
+    prompt_ids: list[int]
+    seed: int
+    adapter: str | None = None  # a key of the generator's adapters; None = the base model
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    output_tokens: int
+    finish_reason: str  # "stop" (end of sequence or stop string) or "length" (hit max_new_tokens)
+
+
+class Generator(Protocol):
+    """A generation engine over one base model and its LoRA adapters."""
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[list[Completion]]:
+        """For each request, its `n` completions (n = GenerationConfig.samples_per_prompt)."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine's memory (the process exit does it for sure; stages run engines in one)."""
+        ...
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class VLLMGenerator:
+    """vLLM's offline `LLM` engine; all adapters in one engine (multi-LoRA)."""
+
+    def __init__(self, base_path: str, adapters: dict[str, str], cfg: GenerationConfig, max_lora_rank: int = 0):
+        on_gpu = _on_gpu()
+        if not on_gpu:
+            # The CPU build reserves this much RAM for the KV cache (GiB); its own default is far too big
+            # for a 2-core CI machine.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_gib))
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        self.cfg = cfg
+        kwargs: dict = dict(
+            model=base_path,
+            tokenizer=base_path,
+            seed=cfg.seed,
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            # CUDA graphs / torch.compile cost minutes on the CPU (75 s vs 16-19 s start, ENVIRONMENT.md).
+            enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not on_gpu,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+        )
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        if adapters:
+            kwargs.update(
+                enable_lora=True,
+                max_loras=len(adapters),
+                max_lora_rank=_vllm_lora_rank(max_lora_rank),
+            )
+        self.llm = LLM(**kwargs)
+        self.lora = {
+            name: LoRARequest(lora_name=name, lora_int_id=i + 1, lora_path=path)
+            for i, (name, path) in enumerate(adapters.items())
+        }
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[list[Completion]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not requests:
+            return []
+        cfg = self.cfg
+        params = [
+            SamplingParams(
+                n=cfg.samples_per_prompt,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                max_tokens=cfg.max_new_tokens,
+                seed=r.seed,
+            )
+            for r in requests
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
+        loras = [self.lora[r.adapter] if r.adapter is not None else None for r in requests]
+        outputs = self.llm.generate(
+            prompts, params, lora_request=loras if self.lora else None, use_tqdm=cfg.progress_bar
+        )
+        return [
+            [
+                Completion(o.text, len(o.token_ids), "length" if o.finish_reason == "length" else "stop")
+                for o in sorted(out.outputs, key=lambda o: o.index)
+            ]
+            for out in outputs
+        ]
+
+    def close(self) -> None:
+        import gc
+
+        del self.llm
+        gc.collect()
+
+
+def _vllm_lora_rank(rank: int) -> int:
+    """vLLM accepts only a few max_lora_rank values; the smallest one that holds `rank`."""
+    for allowed in (8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= allowed:
+            return allowed
+    raise ValueError(f"LoRA rank {rank} is larger than vLLM supports (512)")
+
+
+class HFGenerator:
+    """transformers `generate`: batched, left-padded, prompts sorted by length; adapters through peft."""
+
+    def __init__(self, base_path: str, adapters: dict[str, str], cfg: GenerationConfig):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        self.tok = AutoTokenizer.from_pretrained(base_path)
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(self.device)
+        if adapters:
+            from peft import PeftModel
+
+            names = list(adapters)
+            model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+            for name in names[1:]:
+                model.load_adapter(adapters[name], adapter_name=name)
+        self.model = model.eval()
+        self.adapters = adapters
+        gen = self.model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else self.tok.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else next(iter(self.eos_ids))
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[list[Completion]]:
+        results: list[list[Completion] | None] = [None] * len(requests)
+        # Group by adapter (peft serves one active adapter per forward), then sort by length so a batch
+        # holds prompts of similar length and padding stays small.
+        order = sorted(range(len(requests)), key=lambda i: (requests[i].adapter or "", len(requests[i].prompt_ids)))
+        bs = self.cfg.batch_size
+        batch: list[int] = []
+        for i in order:
+            if batch and (len(batch) == bs or requests[batch[0]].adapter != requests[i].adapter):
+                self._run_batch(requests, batch, results)
+                batch = []
+            batch.append(i)
+        if batch:
+            self._run_batch(requests, batch, results)
+        return [r or [] for r in results]
+
+    def _run_batch(
+        self, requests: Sequence[GenRequest], batch: list[int], results: list[list[Completion] | None]
+    ) -> None:
+        import torch
+
+        cfg = self.cfg
+        adapter = requests[batch[0]].adapter
+        if adapter is not None:
+            self.model.set_adapter(adapter)
+        width = max(len(requests[i].prompt_ids) for i in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            p = requests[i].prompt_ids
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        # One seed per batch, derived from its requests' seeds: same requests, same samples.
+        torch.manual_seed(hash(tuple(requests[i].seed for i in batch)) & 0x7FFFFFFF)
+        sampling = cfg.temperature > 0
+        ctx = self.model.disable_adapter() if adapter is None and self.adapters else contextlib.nullcontext()
+        with torch.inference_mode(), ctx:
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=sampling,
+                temperature=cfg.temperature if sampling else None,
+                top_p=cfg.top_p if sampling else None,
+                top_k=None,
+                num_return_sequences=cfg.samples_per_prompt,
+                pad_token_id=self.pad_id,
+                eos_token_id=sorted(self.eos_ids),
+            )
+        new = out[:, width:].tolist()
+        n = cfg.samples_per_prompt
+        for row, i in enumerate(batch):
+            comps = []
+            for seq in new[row * n : (row + 1) * n]:
+                stop = next((k for k, t in enumerate(seq) if t in self.eos_ids), None)
+                kept = seq if stop is None else seq[: stop + 1]
+                reason = "stop" if stop is not None or len(seq) < cfg.max_new_tokens else "length"
+                text = self.tok.decode(kept, skip_special_tokens=True)
+                comps.append(Completion(text, len(kept), reason))
+            results[i] = comps
+
+    def close(self) -> None:
+        import gc
+
+        del self.model
+        gc.collect()
+
+
+def open_generator(
+    base_path: str, adapters: dict[str, str], cfg: GenerationConfig, max_lora_rank: int = 0
+) -> Generator:
+    """The configured backend on one base model and its adapters (name -> adapter folder)."""
+    if cfg.backend == "vllm":
+        return VLLMGenerator(base_path, adapters, cfg, max_lora_rank)
+    return HFGenerator(base_path, adapters, cfg)

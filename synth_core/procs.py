@@ -1,0 +1,68 @@
+"""Run a function in a fresh spawned process and bring back its result or its exception.
+
+GPU stages run their engine (vLLM, a training loop, a gradient pass) in a process of its own so that
+its memory, CUDA context and worker processes are gone when it returns: nothing else reliably frees
+a vLLM engine. `spawn` (not fork) because a forked CUDA or vLLM state is unusable, and because vLLM
+must be created under `__main__` or in a spawned process (ENVIRONMENT.md).
+
+The function and its arguments must be picklable (module-level functions, dataclasses). An exception
+raised in the child is re-raised in the parent as itself when it pickles (so a ModelError stays a
+ModelError for the CLI), else as SubprocessError with the child's traceback; a child that dies without
+answering (killed, out of memory, segfault) is a SubprocessError naming its exit code.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class SubprocessError(RuntimeError):
+    """The child process failed without a picklable exception, or died."""
+
+
+def _child(conn, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    try:
+        result = fn(*args, **kwargs)
+        conn.send((True, result))
+    except BaseException as err:  # everything goes back to the parent, which decides
+        tb = traceback.format_exc()
+        try:
+            payload = pickle.dumps(err)
+            pickle.loads(payload)
+        except Exception:
+            payload = None
+        conn.send((False, (payload, tb, f"{type(err).__name__}: {err}")))
+    finally:
+        conn.close()
+
+
+def run_in_subprocess(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """fn(*args, **kwargs) in a fresh spawned process; its result, or its exception re-raised here."""
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, fn, args, kwargs), name=f"scoder-{fn.__name__}")
+    proc.start()
+    send.close()
+    try:
+        ok, payload = recv.recv()
+    except EOFError:
+        proc.join()
+        raise SubprocessError(f"{fn.__name__} died in its subprocess (exit code {proc.exitcode})") from None
+    finally:
+        recv.close()
+    proc.join()
+    if ok:
+        return payload
+    pickled, tb, summary = payload
+    if pickled is not None:
+        err = pickle.loads(pickled)
+        if isinstance(err, Exception):
+            err.add_note(f"(raised in subprocess {fn.__name__})")
+            raise err
+    raise SubprocessError(f"{fn.__name__} failed in its subprocess: {summary}\n{tb}")
