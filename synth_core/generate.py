@@ -34,6 +34,7 @@ class GenRequest:
     prompt_ids: list[int]
     seed: int
     adapter: str | None = None  # a key of the generator's adapters; None = the base model
+    max_new_tokens: int | None = None  # this request's cap (a long prompt leaves less room); None = config's
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,12 @@ class VLLMGenerator:
         )
         if on_gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        else:
+            # vLLM 0.32 rewinds a seeded request's generator after a partial (chunked) prefill with
+            # set_offset, which CPU generators lack ("CPU Generator does not use offset", the engine
+            # dies). Whole prefills only: a batch budget that holds the longest prompt, no chunking.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(cfg.max_model_len or 0, 4096)
         if adapters:
             kwargs.update(
                 enable_lora=True,
@@ -110,7 +117,7 @@ class VLLMGenerator:
                 n=cfg.samples_per_prompt,
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
-                max_tokens=cfg.max_new_tokens,
+                max_tokens=r.max_new_tokens or cfg.max_new_tokens,
                 seed=r.seed,
             )
             for r in requests
@@ -195,6 +202,8 @@ class HFGenerator:
         if adapter is not None:
             self.model.set_adapter(adapter)
         width = max(len(requests[i].prompt_ids) for i in batch)
+        # One generate call has one length cap: the tightest of the batch's requests.
+        max_new = min(requests[i].max_new_tokens or cfg.max_new_tokens for i in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, i in enumerate(batch):
@@ -209,7 +218,7 @@ class HFGenerator:
             out = self.model.generate(
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
-                max_new_tokens=cfg.max_new_tokens,
+                max_new_tokens=max_new,
                 do_sample=sampling,
                 temperature=cfg.temperature if sampling else None,
                 top_p=cfg.top_p if sampling else None,
@@ -225,7 +234,7 @@ class HFGenerator:
             for seq in new[row * n : (row + 1) * n]:
                 stop = next((k for k, t in enumerate(seq) if t in self.eos_ids), None)
                 kept = seq if stop is None else seq[: stop + 1]
-                reason = "stop" if stop is not None or len(seq) < cfg.max_new_tokens else "length"
+                reason = "stop" if stop is not None or len(seq) < max_new else "length"
                 text = self.tok.decode(kept, skip_special_tokens=True)
                 comps.append(Completion(text, len(kept), reason))
             results[i] = comps

@@ -55,3 +55,48 @@ POOL_SCHEMA = pa.schema(
 def pool_schema_with_minhash(num_perm: int) -> pa.Schema:
     """The intermediate schema of ingest shards: pool rows plus their MinHash signature."""
     return POOL_SCHEMA.append(pa.field("minhash", pa.list_(pa.uint32(), num_perm)))
+
+
+class SampleRow(TypedDict):
+    """One row of a samples dataset: one completion of one checkpoint for one seed snippet."""
+
+    sample_id: str  # content hash of (snippet_id, checkpoint_id, seed, sample_index)
+    snippet_id: str  # the pool row it was synthesised from
+    snippet: str  # the seed snippet's text (the judge rates relevance to it)
+    language: str
+    checkpoint: str  # the checkpoint reference as given (folder, builtin:NAME, ...)
+    checkpoint_id: str  # fingerprint of the checkpoint's weights
+    iteration: int
+    seed: int  # the request's sampling seed
+    sample_index: int  # 0..N-1 among the completions of one (snippet, checkpoint)
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str | None  # "stop" | "length"; None when nothing was generated
+    raw_output: str | None  # the model's text, kept for every row
+    instruction: str | None  # the parsed problem statement
+    response: str | None  # the parsed solution
+    reject_reason: str | None
+    detail: str | None
+
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("snippet_id", pa.string(), nullable=False),
+        pa.field("snippet", pa.string()),
+        pa.field("language", pa.string()),
+        pa.field("checkpoint", pa.string(), nullable=False),
+        pa.field("checkpoint_id", pa.string(), nullable=False),
+        pa.field("iteration", pa.int32()),
+        pa.field("seed", pa.int64()),
+        pa.field("sample_index", pa.int32()),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("output_tokens", pa.int32()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("raw_output", pa.string()),
+        pa.field("instruction", pa.string()),
+        pa.field("response", pa.string()),
+        pa.field("reject_reason", pa.string()),
+        pa.field("detail", pa.string()),
+    ]
+)

@@ -165,6 +165,7 @@ class ShardResult:
     part: PartInfo
     seconds: float
     cached: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)  # stage-specific throughput (tokens, load time, ...)
 
     @property
     def funnel(self) -> dict[str, Any]:

@@ -1,0 +1,384 @@
+"""The sample stage: every kept seed snippet x every checkpoint x N completions, parsed into pairs.
+
+plan_sample -> sample_shard (one per shard of pool rows) -> commit_samples, or build_samples for all
+three in one call (a notebook, a test). The orchestrator (flows/sample.py) runs the shards as tasks.
+
+- Checkpoints are resolved before anything runs (synth_core.models), so a missing checkpoint is a
+  one-line error and no engine ever starts for it.
+- Checkpoints are grouped by base model: LoRA adapters on one base are served by ONE engine (vLLM
+  multi-LoRA; their requests are batched together), a full-model checkpoint gets an engine of its own.
+  Each engine runs in a spawned subprocess (synth_core.procs) so its memory is gone when it returns.
+- The prompt is the OSS-Instruct template (prompts/oss_instruct.txt, or the file the config names)
+  rendered with the model's chat template. A prompt that leaves less than a quarter of max_new_tokens
+  in the context is not generated: its row is rejected as prompt_too_long with the token count.
+- Every completion becomes a row, parsed by synth_core.parse; unusable ones keep their raw output and
+  a reject reason. A row's seed derives from the base seed, the snippet and the checkpoint's weights,
+  so the same config gives the same samples whatever the sharding of the pool.
+
+Idempotent like every stage: the output location carries the fingerprint of the pool, the stage
+config and the checkpoints' weights; a finished shard's marker makes its task return at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from synth_core import parse
+from synth_core.config import ConfigError, GenerationConfig, RunConfig
+from synth_core.generate import Completion, GenRequest, open_generator
+from synth_core.models import ResolvedModel, adapter_rank, context_length, resolve_model
+from synth_core.procs import run_in_subprocess
+from synth_core.schema import SAMPLE_SCHEMA, content_id
+from synth_core.storage import (
+    Manifest,
+    PartInfo,
+    ShardResult,
+    commit_dataset,
+    compute_funnel,
+    dataset_has_fingerprint,
+    fingerprint,
+    hide_stale_dataset,
+    join_uri,
+    merge_funnels,
+    read_manifest,
+    read_part,
+    read_part_marker,
+    write_part,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE_VERSION = 1
+PROMPT_TOO_LONG = "prompt_too_long"
+REASON_ORDER = (PROMPT_TOO_LONG, *parse.REASONS)
+_POOL_COLUMNS = ["snippet_id", "content", "language", "reject_reason"]
+
+
+@dataclass(frozen=True)
+class SampleShard:
+    """Kept pool rows [start, end) (ordinals among the kept rows) of one pool part."""
+
+    part: PartInfo
+    start: int
+    end: int
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class SamplePlan:
+    """A sample run: inputs, resolved checkpoints, output location and fingerprint, shards. Small."""
+
+    snippets_uri: str
+    out_uri: str
+    fp: str
+    checkpoints: list[ResolvedModel]
+    template: str
+    shards: list[SampleShard] = field(default_factory=list)
+
+
+def load_template(cfg: RunConfig) -> str:
+    """The user-prompt template (must contain {snippet}); the built-in OSS-Instruct one by default."""
+    path = cfg.sample.prompt_template
+    if path is None:
+        return resources.files("synth_core").joinpath("prompts/oss_instruct.txt").read_text(encoding="utf-8")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"sample.prompt_template: no such file: {path}")
+    text = p.read_text(encoding="utf-8")
+    if "{snippet}" not in text:
+        raise ConfigError(f"sample.prompt_template: {path} has no {{snippet}} placeholder")
+    return text
+
+
+def render_user_prompt(template: str, snippet: str, language: str | None) -> str:
+    # str.replace, not str.format: templates and snippets are full of literal braces.
+    return template.replace("{language}", (language or "").strip()).replace("{snippet}", snippet.rstrip("\n"))
+
+
+def resolve_checkpoints(cfg: RunConfig) -> list[ResolvedModel]:
+    """Every checkpoint of the config, resolved (ModelError on the first that does not exist)."""
+    refs = cfg.sample.checkpoints or [cfg.models.synthesizer]
+    resolved = [resolve_model(r, base=cfg.sample.base) for r in refs]
+    seen: dict[str, str] = {}
+    for m in resolved:
+        if m.fingerprint in seen:
+            raise ConfigError(f"sample.checkpoints: '{m.ref}' has the same weights as '{seen[m.fingerprint]}'")
+        seen[m.fingerprint] = m.ref
+    return resolved
+
+
+def plan_sample(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> SamplePlan:
+    """Resolve checkpoints, read the pool's manifest and kept-row counts, cut shards, derive the output."""
+    checkpoints = resolve_checkpoints(cfg)
+    template = load_template(cfg)
+    manifest = read_manifest(snippets_uri, cfg.storage)
+    fp = fingerprint(
+        "sample",
+        STAGE_VERSION,
+        manifest.fingerprint,
+        cfg.sample.model_dump(mode="json", exclude={"checkpoints", "base", "prompt_template", "shard_rows"}),
+        template,
+        [m.fingerprint for m in checkpoints],
+    )
+    plan = SamplePlan(
+        snippets_uri=snippets_uri,
+        out_uri=out or join_uri(cfg.storage.root, "samples", fp),
+        fp=fp,
+        checkpoints=checkpoints,
+        template=template,
+    )
+    budget = cfg.sample.max_snippets
+    for part in manifest.parts:
+        reasons = read_part(snippets_uri, part, columns=["reject_reason"], storage=cfg.storage).column(0)
+        kept = reasons.null_count
+        if budget is not None:
+            kept = min(kept, budget)
+            budget -= kept
+        for start in range(0, kept, cfg.sample.shard_rows):
+            plan.shards.append(SampleShard(part, start, min(start + cfg.sample.shard_rows, kept)))
+    return plan
+
+
+def samples_done(plan: SamplePlan, cfg: RunConfig) -> bool:
+    """True when the output already holds exactly these samples: re-running is free."""
+    return dataset_has_fingerprint(plan.out_uri, plan.fp, cfg.storage)
+
+
+def request_seed(base_seed: int, snippet_id: str, checkpoint_id: str, iteration: int) -> int:
+    """A request's seed: independent of sharding and batching, different for every (snippet, checkpoint).
+
+    31-bit and hashed (not base_seed + i): vLLM seeds the n completions of a request with seed, seed+1, ...
+    so consecutive seeds would make different requests share random streams.
+    """
+    digest = hashlib.sha256(f"{base_seed}:{snippet_id}:{checkpoint_id}:{iteration}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _engine_groups(checkpoints: list[ResolvedModel]) -> list[tuple[str, list[int]]]:
+    """(base model folder, checkpoint indices) per engine: adapters share their base's engine; a full
+    model that is also some adapters' base is served by that same engine (as the adapter-less request)."""
+    groups: dict[str, list[int]] = {}
+    for i, m in enumerate(checkpoints):
+        groups.setdefault(m.path, []).append(i)
+    return list(groups.items())
+
+
+def generate_in_engine(
+    base_path: str, adapters: dict[str, str], requests: list[GenRequest], gen: GenerationConfig, max_rank: int
+) -> tuple[list[list[Completion]], dict[str, Any]]:
+    """Open one engine, generate every request, report timings. Runs in its own process (see module doc)."""
+    import resource
+
+    t0 = time.perf_counter()
+    engine = open_generator(base_path, adapters, gen, max_rank)
+    t1 = time.perf_counter()
+    completions = engine.generate(requests)
+    t2 = time.perf_counter()
+    engine.close()
+    stats = {
+        "engine_load_s": round(t1 - t0, 3),
+        "generate_s": round(t2 - t1, 3),
+        "output_tokens": sum(c.output_tokens for cs in completions for c in cs),
+        "peak_rss_mb": round(
+            max(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+            )
+            / 1024,
+            1,
+        ),
+    }
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            stats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    except ImportError:
+        pass
+    return completions, stats
+
+
+def _encode_prompts(base_path: str, user_prompts: list[str], system_prompt: str | None) -> list[list[int]]:
+    """Render each user prompt with the model's chat template (plain text without one) and tokenize it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_path)
+    out = []
+    for text in user_prompts:
+        if tok.chat_template:
+            messages = [{"role": "user", "content": text}]
+            if system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": system_prompt})
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            # The rendered template already holds its special tokens (BOS, <|im_start|>): add no more.
+            out.append(tok(text, add_special_tokens=False)["input_ids"])
+        else:
+            out.append(tok(text)["input_ids"])
+    return out
+
+
+def sample_shard(plan: SamplePlan, shard: SampleShard, index: int, cfg: RunConfig) -> ShardResult:
+    """Generate, parse and write part `index` of the samples dataset (returns at once if it is done)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    marker = read_part_marker(plan.out_uri, index, plan.fp, cfg.storage)
+    if marker is not None:
+        return ShardResult(marker, 0.0, cached=True)
+    t0 = time.perf_counter()
+    table = read_part(plan.snippets_uri, shard.part, columns=_POOL_COLUMNS, storage=cfg.storage)
+    table = table.filter(pc.is_null(table.column("reject_reason"))).slice(shard.start, shard.rows)
+    snippets = table.select(["snippet_id", "content", "language"]).to_pylist()
+    scfg = cfg.sample
+    n = scfg.generation.samples_per_prompt
+    user_prompts = [render_user_prompt(plan.template, s["content"], s["language"]) for s in snippets]
+    rows: list[dict[str, Any]] = []
+    stats: dict[str, Any] = {"engines": [], "output_tokens": 0}
+    for base_path, members in _engine_groups(plan.checkpoints):
+        ctx = context_length(plan.checkpoints[members[0]])
+        max_len = min(scfg.generation.max_model_len or ctx, ctx)
+        gen = scfg.generation.model_copy(update={"max_model_len": max_len})
+        prompt_ids = _encode_prompts(base_path, user_prompts, scfg.system_prompt)
+        requests: list[GenRequest] = []
+        slots: list[tuple[int, int, int]] = []  # (snippet index, checkpoint index, seed) per request
+        for si, (snippet, ids) in enumerate(zip(snippets, prompt_ids, strict=True)):
+            room = max_len - len(ids)
+            for ci in members:
+                ckpt = plan.checkpoints[ci]
+                seed = request_seed(scfg.generation.seed, snippet["snippet_id"], ckpt.fingerprint, scfg.iteration)
+                if room < max(1, gen.max_new_tokens // 4):
+                    rows.append(
+                        _row(snippet, ckpt, scfg.iteration, seed, 0, len(ids), None)
+                        | {
+                            "reject_reason": PROMPT_TOO_LONG,
+                            "detail": f"prompt has {len(ids)} tokens; the context is {max_len}, "
+                            f"{gen.max_new_tokens} are asked for the answer",
+                        }
+                    )
+                    continue
+                adapter = f"ckpt{ci}" if ckpt.is_lora else None
+                requests.append(GenRequest(ids, seed, adapter, max_new_tokens=min(gen.max_new_tokens, room)))
+                slots.append((si, ci, seed))
+        if not requests:
+            continue
+        adapters = {f"ckpt{ci}": plan.checkpoints[ci].adapter_path for ci in members if plan.checkpoints[ci].is_lora}
+        max_rank = max((adapter_rank(plan.checkpoints[ci]) for ci in members), default=0)
+        completions, engine_stats = run_in_subprocess(generate_in_engine, base_path, adapters, requests, gen, max_rank)
+        engine_stats["checkpoints"] = [plan.checkpoints[ci].ref for ci in members]
+        stats["engines"].append(engine_stats)
+        stats["output_tokens"] += engine_stats["output_tokens"]
+        for (si, ci, seed), req, comps in zip(slots, requests, completions, strict=True):
+            if len(comps) != n:
+                raise RuntimeError(f"engine returned {len(comps)} completions for a request, expected {n}")
+            for k, c in enumerate(comps):
+                parsed = parse.parse_synthesis(
+                    c.text,
+                    c.finish_reason,
+                    min_instruction_chars=scfg.min_instruction_chars,
+                    max_instruction_chars=scfg.max_instruction_chars,
+                    max_response_chars=scfg.max_response_chars,
+                )
+                row = _row(snippets[si], plan.checkpoints[ci], scfg.iteration, seed, k, len(req.prompt_ids), c)
+                row.update(
+                    instruction=parsed.instruction,
+                    response=parsed.response,
+                    reject_reason=parsed.reject_reason,
+                    detail=parsed.detail,
+                )
+                rows.append(row)
+    rows.sort(key=lambda r: (r["snippet_id"], r["checkpoint_id"], r["sample_index"]))
+    out = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+    info = write_part(plan.out_uri, index, out, plan.fp, compute_funnel(out, REASON_ORDER), cfg.storage)
+    return ShardResult(info, time.perf_counter() - t0, stats=stats)
+
+
+def _row(
+    snippet: dict[str, Any],
+    ckpt: ResolvedModel,
+    iteration: int,
+    seed: int,
+    sample_index: int,
+    prompt_tokens: int,
+    completion: Completion | None,
+) -> dict[str, Any]:
+    return {
+        "sample_id": content_id(f"{snippet['snippet_id']}:{ckpt.fingerprint}:{iteration}:{seed}:{sample_index}"),
+        "snippet_id": snippet["snippet_id"],
+        "snippet": snippet["content"],
+        "language": snippet["language"],
+        "checkpoint": ckpt.ref,
+        "checkpoint_id": ckpt.fingerprint,
+        "iteration": iteration,
+        "seed": seed,
+        "sample_index": sample_index,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": completion.output_tokens if completion else 0,
+        "finish_reason": completion.finish_reason if completion else None,
+        "raw_output": completion.text if completion else None,
+        "instruction": None,
+        "response": None,
+        "reject_reason": None,
+        "detail": None,
+    }
+
+
+def prepare_output(plan: SamplePlan, cfg: RunConfig) -> None:
+    """Hide another dataset's manifest at the output before shards write there."""
+    hide_stale_dataset(plan.out_uri, plan.fp, cfg.storage)
+
+
+def sample_stats(results: list[ShardResult], wall_s: float) -> dict[str, Any]:
+    """Throughput of a sample run: rows, output tokens, tokens/s, engine load time, peak memory."""
+    tokens = sum(r.stats.get("output_tokens", 0) for r in results)
+    engines = [e for r in results for e in r.stats.get("engines", [])]
+    gen_s = sum(e["generate_s"] for e in engines)
+    return {
+        "shards": len(results),
+        "cached_shards": sum(r.cached for r in results),
+        "rows": sum(r.rows for r in results),
+        "wall_s": round(wall_s, 3),
+        "output_tokens": tokens,
+        "engines": len(engines),
+        "engine_load_s": round(sum(e["engine_load_s"] for e in engines), 3),
+        "generate_s": round(gen_s, 3),
+        "output_tokens_per_s": round(tokens / gen_s, 1) if gen_s > 0 else None,
+        "peak_rss_mb": max((e["peak_rss_mb"] for e in engines), default=None),
+        "peak_gpu_mb": max((e.get("peak_gpu_mb", 0) for e in engines), default=None) or None,
+    }
+
+
+def commit_samples(plan: SamplePlan, results: list[ShardResult], cfg: RunConfig, wall_s: float) -> Manifest:
+    """Write the manifest: from now on the samples dataset exists."""
+    return commit_dataset(
+        plan.out_uri,
+        [r.part for r in results],
+        SAMPLE_SCHEMA,
+        plan.fp,
+        stage="sample",
+        funnel=merge_funnels([r.funnel for r in results], REASON_ORDER),
+        inputs=[plan.snippets_uri, *[m.ref for m in plan.checkpoints]],
+        config=cfg.model_dump(mode="json", include={"models", "sample"}),
+        stats=sample_stats(results, wall_s),
+        storage=cfg.storage,
+    )
+
+
+def build_samples(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> str:
+    """The whole stage in this process, shard after shard (no orchestrator); returns the output URI."""
+    t0 = time.perf_counter()
+    plan = plan_sample(cfg, snippets_uri, out)
+    if samples_done(plan, cfg):
+        return plan.out_uri
+    prepare_output(plan, cfg)
+    results = [sample_shard(plan, shard, i, cfg) for i, shard in enumerate(plan.shards)]
+    commit_samples(plan, results, cfg, time.perf_counter() - t0)
+    return plan.out_uri
