@@ -36,10 +36,11 @@ SetOpt = Annotated[
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from synth_core.config import ConfigError
     from synth_core.decontam import BenchmarkError
+    from synth_core.models import ModelError
     from synth_core.pool import SourceError
     from synth_core.storage import DatasetError
 
-    return (ConfigError, SourceError, BenchmarkError, DatasetError)
+    return (ConfigError, SourceError, BenchmarkError, DatasetError, ModelError)
 
 
 def _fail(message: str) -> None:
@@ -93,6 +94,59 @@ def pool_build(
         from flows.runtime import run_flow
 
         uri = run_flow(pool_flow, cfg, config=cfg.model_dump(mode="json"), out=out)
+        _print_dataset(uri, cfg.storage, rows=False)
+    except _expected_errors() as err:
+        _fail(str(err))
+    typer.echo(uri)
+
+
+@app.command("sample")
+def sample_cmd(
+    snippets: Annotated[str, typer.Option("--snippets", help="The snippet pool dataset (path or s3:// URI).")],
+    checkpoint: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--checkpoint",
+            "-k",
+            help="LoRA adapter folder, model folder, builtin:NAME or hub id; repeatable. Default: the synthesizer.",
+        ),
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option("--base", help="Base model of LoRA checkpoints (default: each adapter's own).")
+    ] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="vllm (default) or transformers.")] = None,
+    max_snippets: Annotated[
+        int | None, typer.Option("--max-snippets", help="Use only the first N kept snippets.")
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Where to write the samples (path or s3:// URI).")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Sample problem+solution pairs from every checkpoint for every kept seed snippet. Prints the funnel."""
+    extra: dict[str, Any] = {}
+    if checkpoint:
+        extra["sample.checkpoints"] = list(checkpoint)
+    if base:
+        extra["sample.base"] = base
+    if backend:
+        extra["sample.generation.backend"] = backend
+    if max_snippets is not None:
+        extra["sample.max_snippets"] = max_snippets
+    try:
+        cfg = _load(config, set_, extra)
+        from synth_core.sample import load_template, resolve_checkpoints
+        from synth_core.storage import read_manifest
+
+        # Fail before any server or engine starts: a missing checkpoint, template or pool is one line.
+        resolve_checkpoints(cfg)
+        load_template(cfg)
+        read_manifest(snippets, cfg.storage)
+        from flows.runtime import run_flow
+        from flows.sample import sample_flow
+
+        uri = run_flow(sample_flow, cfg, snippets=snippets, config=cfg.model_dump(mode="json"), out=out)
         _print_dataset(uri, cfg.storage, rows=False)
     except _expected_errors() as err:
         _fail(str(err))

@@ -8,30 +8,17 @@ redoes only the shards that had not written their part.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.futures import as_completed
+from prefect.artifacts import create_progress_artifact, create_table_artifact
 
+from flows.runtime import run_shards
 from synth_core import pool
 from synth_core.config import parse_config
 from synth_core.report import funnel_markdown
 from tasks import pool as pool_tasks
-
-
-def _run_shards(futures: list, label: str, progress_id: Any, done_before: int, total: int) -> list[pool.ShardResult]:
-    """Wait for shard futures in completion order, updating the flow's progress artifact."""
-    by_future = {f: i for i, f in enumerate(futures)}
-    results: list[pool.ShardResult | None] = [None] * len(futures)
-    done = done_before
-    for f in as_completed(futures):
-        results[by_future[f]] = f.result()
-        done += 1
-        update_progress_artifact(
-            progress_id, progress=100.0 * done / total, description=f"{label}: {done}/{total} shards"
-        )
-    return [r for r in results if r is not None]
 
 
 @flow(name="pool-build", log_prints=True)
@@ -50,8 +37,8 @@ def pool_flow(config: dict[str, Any] | None = None, out: str | None = None) -> s
     progress = create_progress_artifact(progress=0.0, key="pool-progress", description="ingest")
 
     t = time.perf_counter()
-    futures = [pool_tasks.ingest_shard.submit(units, i, targets, cfg) for i, units in enumerate(plan.shards)]
-    ingest = _run_shards(futures, "ingest", progress, 0, total)
+    submits = [partial(pool_tasks.ingest_shard.submit, units, i, targets, cfg) for i, units in enumerate(plan.shards)]
+    ingest = run_shards(submits, "ingest", progress, 0, total)
     pool_tasks.commit_ingest(targets, ingest, cfg)
     steps = [pool.step_stats("ingest", ingest, time.perf_counter() - t)]
 
@@ -62,8 +49,8 @@ def pool_flow(config: dict[str, Any] | None = None, out: str | None = None) -> s
 
     t = time.perf_counter()
     pool.prepare_output(targets, cfg)
-    futures = [pool_tasks.decontaminate_shard.submit(targets, p, i, cfg) for i, p in enumerate(parts)]
-    results = _run_shards(futures, "decontaminate", progress, len(plan.shards), total)
+    submits = [partial(pool_tasks.decontaminate_shard.submit, targets, p, i, cfg) for i, p in enumerate(parts)]
+    results = run_shards(submits, "decontaminate", progress, len(plan.shards), total)
     steps.append(pool.step_stats("decontaminate", results, time.perf_counter() - t))
     steps.append({"step": "total", "rows": sum(r.rows for r in results), "wall_s": round(time.perf_counter() - t0, 3)})
 

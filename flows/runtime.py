@@ -6,8 +6,11 @@ Shared by every flow's CLI entry. Flows themselves stay wiring only.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 from synth_core.config import RunConfig
+from synth_core.storage import ShardResult
 
 
 def make_task_runner(cfg: RunConfig):
@@ -53,3 +56,39 @@ def run_flow(flow_fn, cfg: RunConfig, **params):
         EventsWorker.drain_all()
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
+
+
+def run_shards(
+    submits: list[Callable[[], Any]],
+    label: str,
+    progress_id: Any,
+    done_before: int,
+    total: int,
+    window: int | None = None,
+) -> list[ShardResult]:
+    """Submit shard tasks (each `submits[i]()` returns a future), at most `window` in flight, and wait for
+    them in completion order, updating the flow's progress artifact. Results come back in shard order.
+
+    The window keeps engine-heavy stages (one vLLM engine per shard task) from starting more engines
+    than the machine holds; CPU-bound stages submit everything at once (window None).
+    """
+    from prefect.artifacts import update_progress_artifact
+    from prefect.futures import as_completed
+
+    results: list[ShardResult | None] = [None] * len(submits)
+    limit = window or len(submits) or 1
+    pending: dict[Any, int] = {}
+    next_i = done = 0
+    while next_i < len(submits) or pending:
+        while next_i < len(submits) and len(pending) < limit:
+            pending[submits[next_i]()] = next_i
+            next_i += 1
+        f = next(as_completed(list(pending)))
+        results[pending.pop(f)] = f.result()
+        done += 1
+        update_progress_artifact(
+            progress_id,
+            progress=100.0 * (done_before + done) / total,
+            description=f"{label}: {done_before + done}/{total} shards",
+        )
+    return [r for r in results if r is not None]

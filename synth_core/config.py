@@ -172,7 +172,10 @@ class SampleConfig(StrictModel):
         None, description="System message of the chat; None = the chat template's default."
     )
     iteration: int = Field(0, ge=0, description="Self-distillation iteration recorded in each row's lineage.")
-    shard_rows: int = Field(512, ge=1, description="Pool rows per sample shard (one task and one engine each).")
+    shard_rows: int = Field(512, ge=1, description="Kept pool rows per sample shard (one task and one engine each).")
+    parallel_shards: int = Field(
+        1, ge=1, description="Shard tasks (engines) running at once; raise it on multi-GPU hosts or a Ray cluster."
+    )
     max_snippets: int | None = Field(None, ge=0, description="Use only the first this many kept snippets; None = all.")
     min_instruction_chars: int = Field(40, ge=0, description="Shorter problem statements are rejected (characters).")
     max_instruction_chars: int = Field(6000, ge=1, description="Longer problem statements are rejected as too_long.")

@@ -125,7 +125,7 @@ def plan_sample(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> Sa
         "sample",
         STAGE_VERSION,
         manifest.fingerprint,
-        cfg.sample.model_dump(mode="json", exclude={"checkpoints", "base", "prompt_template", "shard_rows"}),
+        cfg.sample.model_dump(mode="json", exclude={"checkpoints", "base", "prompt_template", "parallel_shards"}),
         template,
         [m.fingerprint for m in checkpoints],
     )

@@ -104,3 +104,83 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+SNIPPETS = [
+    "def area(radius):\n    return 3.14159 * radius ** 2\n",
+    "for i, line in enumerate(lines):\n    if line.startswith('#'):\n        continue\n    print(i, line)\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+    "    def push(self, x):\n        self.items.append(x)\n",
+    "with open(path) as f:\n    data = json.load(f)\nreturn data.get('name', '')\n",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """The reference of the tiny random Llama (built once into the model cache, seconds)."""
+    from synth_core.models import resolve_model
+
+    ref = "builtin:tiny-random-llama"
+    resolve_model(ref)
+    return ref
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(tiny_model, tmp_path_factory) -> list[str]:
+    """Two random LoRA checkpoints (rank 8, different seeds) on the tiny model."""
+    from synth_core.models import build_random_lora
+
+    root = tmp_path_factory.mktemp("loras")
+    return [str(build_random_lora(tiny_model, root / f"ckpt-{i}", rank=8, seed=i, scale=50.0)) for i in (1, 2)]
+
+
+def write_pool(uri: str, snippets: list[str], rejected: int = 1, storage=None) -> str:
+    """A snippet-pool dataset with these kept snippets plus `rejected` rejected rows."""
+    import pyarrow as pa
+
+    from synth_core.schema import POOL_SCHEMA, content_id
+    from synth_core.storage import commit_dataset, compute_funnel, fingerprint, write_part
+
+    rows = [
+        dict(
+            snippet_id=content_id(s),
+            content=s,
+            source=f"mem.py#{i}",
+            line_start=1,
+            line_end=s.count("\n"),
+            language="python",
+            n_lines=s.count("\n"),
+            reject_reason=None,
+            detail=None,
+            duplicate_of=None,
+            contaminated_by=None,
+        )
+        for i, s in enumerate(snippets)
+    ]
+    rows += [
+        dict(
+            snippet_id=content_id(f"bad{i}"),
+            content=None,
+            source=f"bad{i}.py",
+            line_start=None,
+            line_end=None,
+            language="python",
+            n_lines=0,
+            reject_reason="syntax_error",
+            detail="x",
+            duplicate_of=None,
+            contaminated_by=None,
+        )
+        for i in range(rejected)
+    ]
+    table = pa.Table.from_pylist(rows, schema=POOL_SCHEMA)
+    fp = fingerprint("test-pool", snippets, rejected)
+    part = write_part(uri, 0, table, fp, compute_funnel(table), storage)
+    commit_dataset(uri, [part], POOL_SCHEMA, fp, stage="pool", funnel=part.funnel, storage=storage)
+    return uri
+
+
+@pytest.fixture
+def snippet_pool(tmp_path) -> str:
+    """A small pool: four kept seed snippets and one rejected row."""
+    return write_pool(str(tmp_path / "pool"), SNIPPETS)
