@@ -19,7 +19,9 @@ What it measures, in ONE run, on the same prompts, model and GenerationConfig:
 Every engine runs in a spawned subprocess (`synth_core.procs.run_in_subprocess` of
 `synth_core.sample.generate_in_engine`), as the sample stage runs it: the subprocess wall time (spawn,
 imports, engine load, generation, shutdown) is "wall s"; "load s" and "generate s" are measured inside.
-Peak RSS is the engine subprocess's own (vLLM's engine-core process is counted only once reaped).
+Peak RSS is the engine subprocess's own ru_maxrss (vLLM's engine-core process counts only if reaped, so
+it is not comparable between rows); "tree PSS" is sampled (psutil, every 0.25 s) over the whole engine
+process tree and is.
 
 Prompts are real synthesis prompts: 5-15 line snippets cut deterministically from the running
 interpreter's standard library, rendered with the OSS-Instruct template and the model's chat template.
@@ -138,10 +140,10 @@ def print_table(title: str, headers: list[str], rows: list[list[str]], sections:
 
         table = Table(title=title)
         for i, h in enumerate(headers):
-            table.add_column(h, justify="left" if i == 0 else "right")
+            table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
         for i, row in enumerate(rows):
             table.add_row(*row, end_section=i in sections)
-        Console(width=200).print(table)
+        Console(width=240).print(table)
         return
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     line = "  ".join("-" * w for w in widths)
@@ -230,14 +232,52 @@ def build_prompts(base_path: str, n: int, seed: int) -> tuple[list[list[int]], l
     return _encode_prompts(base_path, user_prompts, None), [src for src, _ in snippets]
 
 
+class TreeMemorySampler:
+    """Peak memory of this process's descendants (the engine subprocess, vLLM's engine core and worker),
+    sampled every `interval_s`: the sum of their PSS, so libraries they share are not counted thrice (their
+    RSS sum would). The engine subprocess's own ru_maxrss misses the engine core unless it was reaped."""
+
+    def __init__(self, interval_s: float = 0.25):
+        import threading
+
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for child in me.children(recursive=True):
+                try:
+                    total += child.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    pass  # a process that exits between the listing and the read holds no memory any more
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> TreeMemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run_engine(base_path: str, adapters: dict[str, str], requests: list, gen, max_rank: int) -> dict[str, Any]:
     """One engine in a spawned subprocess (as the sample stage runs it); its completions, stats and wall time."""
     from synth_core.procs import run_in_subprocess
     from synth_core.sample import generate_in_engine
 
     t0 = time.perf_counter()
-    completions, stats = run_in_subprocess(generate_in_engine, base_path, adapters, requests, gen, max_rank)
-    return {"completions": completions, "stats": stats, "wall_s": time.perf_counter() - t0}
+    with TreeMemorySampler() as mem:
+        completions, stats = run_in_subprocess(generate_in_engine, base_path, adapters, requests, gen, max_rank)
+    wall = time.perf_counter() - t0
+    return {"completions": completions, "stats": stats, "wall_s": wall, "peak_tree_pss_mb": mem.peak_mb}
 
 
 def summarize(
@@ -266,8 +306,12 @@ def summarize(
         "tokens_per_s": round(tokens / gen_s, 1) if gen_s > 0 else None,
         "tokens_per_s_wall": round(tokens / wall, 1) if wall > 0 else None,
         "peak_rss_mb": max(r["stats"]["peak_rss_mb"] for r in runs),
+        "peak_tree_pss_mb": round(max(r["peak_tree_pss_mb"] for r in runs), 1),
         "peak_gpu_mb": max(gpu) if gpu else None,
-        "per_engine": [{**r["stats"], "wall_s": round(r["wall_s"], 3)} for r in runs],
+        "per_engine": [
+            {**r["stats"], "wall_s": round(r["wall_s"], 3), "peak_tree_pss_mb": round(r["peak_tree_pss_mb"], 1)}
+            for r in runs
+        ],
     }
 
 
@@ -339,13 +383,13 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
         progress("vLLM, base model, one engine")
         r = run_engine(base.path, {}, base_reqs, gen, 0)
         raw["vllm_base"] = r["completions"]
-        rows.append(summarize("vLLM, base model", "vllm", 1, [r], n))
+        rows.append(summarize("base model", "vllm", 1, [r], n))
 
         progress("vLLM, one LoRA checkpoint for every prompt, one engine")
         one_reqs = [GenRequest(ids, seed, names[0]) for ids, seed in zip(prompt_ids, seeds, strict=True)]
         r = run_engine(base.path, {names[0]: paths[names[0]]}, one_reqs, gen, max_rank)
         raw["one_ckpt"] = r["completions"]
-        rows.append(summarize("vLLM, 1 LoRA ckpt, 1 engine (baseline)", "vllm", 1, [r], n))
+        rows.append(summarize("1 LoRA ckpt, 1 engine", "vllm", 1, [r], n))
 
         progress(f"vLLM, {m} LoRA checkpoints in one engine")
         multi_reqs = [
@@ -353,7 +397,7 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
         ]
         r = run_engine(base.path, paths, multi_reqs, gen, max_rank)
         raw["multi"] = r["completions"]
-        rows.append(summarize(f"vLLM, {m} LoRA ckpts, 1 engine", "vllm", m, [r], n))
+        rows.append(summarize(f"{m} LoRA ckpts, 1 engine (multi-LoRA)", "vllm", m, [r], n))
 
         reload_runs = []
         reload_comps: list = [None] * n
@@ -365,13 +409,13 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
             for i, cs in zip(idx, r["completions"], strict=True):
                 reload_comps[i] = cs
         raw["reload"] = reload_comps
-        rows.append(summarize(f"vLLM, {m} LoRA ckpts, reload per ckpt", "vllm", m, reload_runs, n))
+        rows.append(summarize(f"{m} LoRA ckpts, {m} engines (reload)", "vllm", m, reload_runs, n))
 
         if not args.skip_transformers:
             progress("transformers, base model")
             r = run_engine(base.path, {}, base_reqs, gen.model_copy(update={"backend": "transformers"}), 0)
             raw["hf_base"] = r["completions"]
-            rows.append(summarize("transformers, base model", "transformers", 1, [r], n))
+            rows.append(summarize("base model", "transformers", 1, [r], n))
 
     vllm_base, one, multi, reload = rows[0], rows[1], rows[2], rows[3]
     hf = rows[4] if not args.skip_transformers else None
@@ -396,6 +440,7 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
         "reload_vs_multi_wall_s": ratio(reload["wall_s"], multi["wall_s"]),
         "reload_vs_multi_wall_excl_load_s": ratio(reload["wall_excl_load_s"], multi["wall_excl_load_s"]),
         "reload_vs_multi_generate_s": ratio(reload["generate_s"], multi["generate_s"]),
+        "reload_vs_one_generate_s": ratio(reload["generate_s"], one["generate_s"]),
         "reload_vs_one_wall_s": ratio(reload["wall_s"], one["wall_s"]),
     }
     n0 = [i for i in range(len(seeds)) if i % m == 0]
@@ -442,14 +487,15 @@ def report_cpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         "backend",
         "ckpts",
         "engines",
-        "wall s (incl. loads)",
+        "wall s",
         "load s",
-        "generate s",
-        "wall s excl. loads",
+        "gen s",
+        "wall-load s",
         "out tokens",
-        "tok/s (generate)",
-        "tok/s (wall)",
+        "tok/s gen",
+        "tok/s wall",
         "peak RSS MiB",
+        "peak tree PSS MiB",
         *(["peak GPU MiB"] if show_gpu else []),
         "ratio vs baseline",
     ]
@@ -468,6 +514,7 @@ def report_cpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
             fmt_num(row["tokens_per_s"], 1),
             fmt_num(row["tokens_per_s_wall"], 1),
             fmt_num(row["peak_rss_mb"]),
+            fmt_num(row["peak_tree_pss_mb"]),
             *([fmt_num(row["peak_gpu_mb"])] if show_gpu else []),
             ratio_text,
         ]
@@ -487,14 +534,13 @@ def report_cpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     table.append(
         cells(
             multi,
-            f"gen {x(ratios['multi_vs_one_generate_s'])}, per token {x(ratios['multi_vs_one_generate_s_per_token'])}"
-            f", wall {x(ratios['multi_vs_one_wall_s'])}",
+            f"gen {x(ratios['multi_vs_one_generate_s'])}, wall {x(ratios['multi_vs_one_wall_s'])}",
         )
     )
     table.append(
         cells(
             reload,
-            f"wall {x(ratios['reload_vs_one_wall_s'])} ({x(ratios['reload_vs_multi_wall_s'])} of multi)",
+            f"gen {x(ratios['reload_vs_one_generate_s'])}, wall {x(ratios['reload_vs_one_wall_s'])}",
         )
     )
     p = res["prompts"]
@@ -506,7 +552,7 @@ def report_cpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     )
     print_table(title, headers, table, sections, use_rich=True)
 
-    console = Console(width=200)
+    console = Console(width=240)
     goal = res["goal"]
     ok = "[green]MET[/green]" if goal["met"] else "[red]NOT MET[/red]"
     console.print(
@@ -537,11 +583,13 @@ def report_cpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         f"; lora0 vs base {c['lora0_vs_base_identical'][0]}/{c['lora0_vs_base_identical'][1]} (should be low: "
         "the adapters change the outputs)"
     )
-    hit = ", ".join(f"{r['name']}: {r['finished_by_length']}/{r['completions']}" for r in rows)
+    hit = ", ".join(f"{r['backend']} {r['name']}: {r['finished_by_length']}/{r['completions']}" for r in rows)
     console.print(f"Completions that hit max_new_tokens: {hit}")
     console.print(
-        "wall s = spawned subprocess (spawn + imports + engine load + generate + shutdown); load s / generate s "
-        f"measured inside it. Total benchmark wall time: {res['total_wall_s']:.1f} s"
+        "wall s = spawned subprocess (spawn + imports + engine load + generate + shutdown); load s / gen s "
+        "measured inside it. peak RSS = the engine subprocess's ru_maxrss (vLLM's engine core counted only when "
+        "reaped); tree PSS = sampled sum over the subprocess and its children. "
+        f"Total benchmark wall time: {res['total_wall_s']:.1f} s"
     )
     return {
         "benchmark": "bench/generate.py",

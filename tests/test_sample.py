@@ -1,0 +1,119 @@
+"""The sample stage on the tiny random Llama: lineage, funnel, determinism, idempotency and bad input."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import SNIPPETS, write_pool
+
+from synth_core import sample
+from synth_core.config import ConfigError
+from synth_core.models import ModelError
+from synth_core.storage import dataset_exists, read_dataset, read_manifest
+
+
+@pytest.fixture
+def hf_cfg(cfg, tiny_loras):
+    """Two LoRA checkpoints, the transformers backend, short completions: seconds per run."""
+    cfg.sample.checkpoints = list(tiny_loras)
+    cfg.sample.generation.backend = "transformers"
+    cfg.sample.generation.max_new_tokens = 16
+    cfg.sample.generation.samples_per_prompt = 2
+    cfg.sample.shard_rows = 3
+    return cfg
+
+
+def test_samples_every_snippet_from_every_checkpoint_with_lineage(tmp_path, hf_cfg, snippet_pool, tiny_loras):
+    out = sample.build_samples(hf_cfg, snippet_pool, str(tmp_path / "samples"))
+    table = read_dataset(out)
+    rows = table.to_pylist()
+    # 4 kept snippets x 2 checkpoints x 2 samples; the rejected pool row is not sampled.
+    assert len(rows) == 4 * 2 * 2
+    assert {r["checkpoint"] for r in rows} == set(tiny_loras)
+    assert len({r["sample_id"] for r in rows}) == len(rows)
+    assert sorted({r["snippet"] for r in rows}) == sorted(SNIPPETS)
+    for r in rows:
+        assert r["iteration"] == 0 and r["sample_index"] in (0, 1) and r["prompt_tokens"] > 50
+        assert r["raw_output"] is not None and 0 < r["output_tokens"] <= 16
+        # A random model writes garbage: every row is rejected with a reason, none is dropped.
+        assert r["reject_reason"] is not None and r["detail"]
+    m = read_manifest(out)
+    assert m.funnel["rows_in"] == len(rows) and m.funnel["kept"] == 0
+    assert sum(m.funnel["rejected"].values()) == len(rows)
+    assert m.stats["engines"] == 2 and m.stats["shards"] == 2  # 2 shards x one engine for both checkpoints
+    assert m.stats["output_tokens"] == sum(r["output_tokens"] for r in rows)
+    assert m.inputs[0] == snippet_pool
+
+    # Same config, another location: the same samples (seeds derive from snippet and checkpoint).
+    again = sample.build_samples(hf_cfg, snippet_pool, str(tmp_path / "again"))
+    assert read_dataset(again).to_pylist() == rows
+    # Re-running into the same location is free: the manifest is not rewritten.
+    assert sample.build_samples(hf_cfg, snippet_pool, out) == out
+    assert read_manifest(out).created_at == m.created_at
+    # Another seed is another dataset (the transformers test shows it gives other samples).
+    fp = sample.plan_sample(hf_cfg, snippet_pool).fp
+    hf_cfg.sample.generation.seed = 1
+    assert sample.plan_sample(hf_cfg, snippet_pool).fp != fp
+
+
+def test_missing_checkpoint_fails_before_any_engine(tmp_path, hf_cfg, snippet_pool):
+    hf_cfg.sample.checkpoints = [hf_cfg.sample.checkpoints[0], str(tmp_path / "no-such-ckpt")]
+    with pytest.raises(ModelError, match="no-such-ckpt"):
+        sample.build_samples(hf_cfg, snippet_pool, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_template_and_duplicate_checkpoints_are_config_errors(tmp_path, hf_cfg, snippet_pool):
+    template = tmp_path / "t.txt"
+    template.write_text("Write a problem.")
+    hf_cfg.sample.prompt_template = str(template)
+    with pytest.raises(ConfigError, match="no {snippet} placeholder"):
+        sample.plan_sample(hf_cfg, snippet_pool)
+    hf_cfg.sample.prompt_template = str(tmp_path / "missing.txt")
+    with pytest.raises(ConfigError, match="no such file"):
+        sample.plan_sample(hf_cfg, snippet_pool)
+    hf_cfg.sample.prompt_template = None
+    hf_cfg.sample.checkpoints = [hf_cfg.sample.checkpoints[0]] * 2
+    with pytest.raises(ConfigError, match="same weights"):
+        sample.plan_sample(hf_cfg, snippet_pool)
+
+
+def test_empty_pool_gives_an_empty_dataset(tmp_path, hf_cfg):
+    pool = write_pool(str(tmp_path / "empty-pool"), [], rejected=3)
+    out = sample.build_samples(hf_cfg, pool, str(tmp_path / "samples"))
+    assert dataset_exists(out) and read_dataset(out).num_rows == 0
+    assert read_manifest(out).funnel == {"rows_in": 0, "kept": 0, "rejected": {}}
+
+
+def test_prompt_longer_than_the_context_is_rejected_not_generated(tmp_path, hf_cfg):
+    long_snippet = "\n".join(f"value_{i} = compute(value_{i - 1}, {i})" for i in range(1, 15)) + "\n"
+    pool = write_pool(str(tmp_path / "pool"), [SNIPPETS[0], long_snippet])
+    hf_cfg.sample.generation.max_model_len = 256
+    hf_cfg.sample.generation.max_new_tokens = 64
+    rows = read_dataset(sample.build_samples(hf_cfg, pool, str(tmp_path / "s"))).to_pylist()
+    too_long = [r for r in rows if r["reject_reason"] == "prompt_too_long"]
+    # One row per checkpoint for the long prompt, with its token count; the short one is generated.
+    assert len(too_long) == 2 and all(r["raw_output"] is None for r in too_long)
+    assert all("tokens" in r["detail"] and r["prompt_tokens"] > 200 for r in too_long)
+    assert len([r for r in rows if r["reject_reason"] != "prompt_too_long"]) == 2 * 2
+
+
+def test_request_seeds_are_spread_and_stable():
+    seeds = {sample.request_seed(0, f"s{i}", "ckpt", 0) for i in range(1000)}
+    assert len(seeds) == 1000 and all(0 <= s < 2**31 for s in seeds)
+    assert sample.request_seed(0, "s1", "ckpt", 0) == sample.request_seed(0, "s1", "ckpt", 0)
+    assert sample.request_seed(0, "s1", "ckpt", 0) != sample.request_seed(0, "s1", "ckpt", 1)
+
+
+@pytest.mark.slow
+def test_vllm_stage_two_lora_checkpoints_one_engine_deterministic(tmp_path, cfg, tiny_loras, snippet_pool):
+    """The default engine end to end: both checkpoints from ONE vLLM engine, and the same samples twice."""
+    cfg.sample.checkpoints = list(tiny_loras)
+    cfg.sample.generation.max_new_tokens = 24
+    cfg.sample.generation.dtype = "float32"  # see test_generate: the tiny model's flat distribution
+    first = sample.build_samples(cfg, snippet_pool, str(tmp_path / "a"))
+    m = read_manifest(first)
+    assert m.stats["engines"] == 1 and m.num_rows == 4 * 2 * 2
+    rows = read_dataset(first).to_pylist()
+    assert {r["checkpoint"] for r in rows} == set(tiny_loras)
+    second = sample.build_samples(cfg, snippet_pool, str(tmp_path / "b"))
+    assert read_dataset(second).to_pylist() == rows
