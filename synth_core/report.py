@@ -49,7 +49,13 @@ def steps_table(stats: dict[str, Any]) -> Table | None:
 
     steps = stats.get("steps") or []
     if not steps:
-        return None
+        flat = {k: v for k, v in stats.items() if isinstance(v, int | float | str) and v is not None}
+        if not flat:
+            return None
+        table = Table(title="throughput", show_header=False)
+        for k, v in flat.items():
+            table.add_row(k, str(v))
+        return table
     keys = [
         k
         for k in ("step", "shards", "cached_shards", "rows", "work_s", "wall_s", "rows_per_s")
