@@ -19,9 +19,11 @@ What it measures, in ONE run, on the same prompts, model and GenerationConfig:
 Every engine runs in a spawned subprocess (`synth_core.procs.run_in_subprocess` of
 `synth_core.sample.generate_in_engine`), as the sample stage runs it: the subprocess wall time (spawn,
 imports, engine load, generation, shutdown) is "wall s"; "load s" and "generate s" are measured inside.
-Peak RSS is the engine subprocess's own ru_maxrss (vLLM's engine-core process counts only if reaped, so
-it is not comparable between rows); "tree PSS" is sampled (psutil, every 0.25 s) over the whole engine
-process tree and is.
+Memory is "peak tree PSS", as generate_in_engine reports it (`synth_core.procs.TreeMemorySampler`):
+sampled every 0.25 s over the engine subprocess and its children (vLLM's engine core and worker hold the
+model), PSS so that shared libraries count once. (ru_maxrss would be wrong: Linux carries it across
+fork + exec, so a spawned child starts with its parent's peak, and vLLM's engine core counts only if it
+was reaped.)
 
 Prompts are real synthesis prompts: 5-15 line snippets cut deterministically from the running
 interpreter's standard library, rendered with the OSS-Instruct template and the model's chat template.
@@ -37,7 +39,10 @@ the KV cache of the mean context added), the bandwidth measured on the device by
 Results are printed as a table and written as JSON (default bench/results/generate.json, or
 bench/results/generate_gpu_<shape>.json in GPU mode).
 
-    python bench/generate.py [--model builtin:smollm2-135m-instruct] [--prompts 32] [--max-new-tokens 256]
+Defaults (24 prompts x 2 samples, 192 new tokens) keep the whole run near 13 minutes on a 2-core CPU
+(8 engine starts of ~35 s each, transformers at ~60 tokens/s); 32 x 256 took 17 minutes.
+
+    python bench/generate.py [--model builtin:smollm2-135m-instruct] [--prompts 24] [--max-new-tokens 192]
                              [--samples-per-prompt 2] [--loras 4] [--skip-transformers]
     python bench/generate.py --gpu-shape 1b [--gpu-batch-sizes 1,8,32,128] [--gpu-prompt-tokens 256]
 """
@@ -95,8 +100,8 @@ def peak_rss_mb() -> float:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Base model reference (builtin:NAME, folder, hub id).")
-    parser.add_argument("--prompts", type=int, default=32, help="Synthesis prompts (stdlib snippets).")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="Most tokens generated per completion.")
+    parser.add_argument("--prompts", type=int, default=24, help="Synthesis prompts (stdlib snippets).")
+    parser.add_argument("--max-new-tokens", type=int, default=192, help="Most tokens generated per completion.")
     parser.add_argument("--samples-per-prompt", type=int, default=2, help="Completions per prompt (N).")
     parser.add_argument("--loras", type=int, default=4, help="LoRA checkpoints M of the multi-LoRA comparison.")
     parser.add_argument("--lora-rank", type=int, default=8, help="Rank of the random LoRA adapters.")
@@ -120,6 +125,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--gpu-batch-sizes", default="1,8,32,128", help="GPU mode: comma-separated batch sizes (sequences)."
+    )
+    parser.add_argument(
+        "--gpu-static-cache",
+        action="store_true",
+        help="GPU mode: static KV cache + compiled decoding (GenerationConfig.hf_static_cache).",
     )
     parser.add_argument("--gpu-prompt-tokens", type=int, default=256, help="GPU mode: tokens per random prompt.")
     parser.add_argument(
@@ -232,52 +242,15 @@ def build_prompts(base_path: str, n: int, seed: int) -> tuple[list[list[int]], l
     return _encode_prompts(base_path, user_prompts, None), [src for src, _ in snippets]
 
 
-class TreeMemorySampler:
-    """Peak memory of this process's descendants (the engine subprocess, vLLM's engine core and worker),
-    sampled every `interval_s`: the sum of their PSS, so libraries they share are not counted thrice (their
-    RSS sum would). The engine subprocess's own ru_maxrss misses the engine core unless it was reaped."""
-
-    def __init__(self, interval_s: float = 0.25):
-        import threading
-
-        self.interval_s = interval_s
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for child in me.children(recursive=True):
-                try:
-                    total += child.memory_full_info().pss
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                    pass  # a process that exits between the listing and the read holds no memory any more
-            self.peak_mb = max(self.peak_mb, total / 2**20)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> TreeMemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def run_engine(base_path: str, adapters: dict[str, str], requests: list, gen, max_rank: int) -> dict[str, Any]:
     """One engine in a spawned subprocess (as the sample stage runs it); its completions, stats and wall time."""
     from synth_core.procs import run_in_subprocess
     from synth_core.sample import generate_in_engine
 
     t0 = time.perf_counter()
-    with TreeMemorySampler() as mem:
-        completions, stats = run_in_subprocess(generate_in_engine, base_path, adapters, requests, gen, max_rank)
+    completions, stats = run_in_subprocess(generate_in_engine, base_path, adapters, requests, gen, max_rank)
     wall = time.perf_counter() - t0
-    return {"completions": completions, "stats": stats, "wall_s": wall, "peak_tree_pss_mb": mem.peak_mb}
+    return {"completions": completions, "stats": stats, "wall_s": wall, "peak_tree_pss_mb": stats["peak_memory_mb"]}
 
 
 def summarize(
@@ -305,7 +278,6 @@ def summarize(
         "output_tokens": tokens,
         "tokens_per_s": round(tokens / gen_s, 1) if gen_s > 0 else None,
         "tokens_per_s_wall": round(tokens / wall, 1) if wall > 0 else None,
-        "peak_rss_mb": max(r["stats"]["peak_rss_mb"] for r in runs),
         "peak_tree_pss_mb": round(max(r["peak_tree_pss_mb"] for r in runs), 1),
         "peak_gpu_mb": max(gpu) if gpu else None,
         "per_engine": [
@@ -494,8 +466,7 @@ def report_cpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         "out tokens",
         "tok/s gen",
         "tok/s wall",
-        "peak RSS MiB",
-        "peak tree PSS MiB",
+        "peak MiB (tree PSS)",
         *(["peak GPU MiB"] if show_gpu else []),
         "ratio vs baseline",
     ]
@@ -513,7 +484,6 @@ def report_cpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
             fmt_num(row["output_tokens"]),
             fmt_num(row["tokens_per_s"], 1),
             fmt_num(row["tokens_per_s_wall"], 1),
-            fmt_num(row["peak_rss_mb"]),
             fmt_num(row["peak_tree_pss_mb"]),
             *([fmt_num(row["peak_gpu_mb"])] if show_gpu else []),
             ratio_text,
@@ -587,8 +557,8 @@ def report_cpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     console.print(f"Completions that hit max_new_tokens: {hit}")
     console.print(
         "wall s = spawned subprocess (spawn + imports + engine load + generate + shutdown); load s / gen s "
-        "measured inside it. peak RSS = the engine subprocess's ru_maxrss (vLLM's engine core counted only when "
-        "reaped); tree PSS = sampled sum over the subprocess and its children. "
+        "measured inside it. Memory: peak of the sampled PSS sum over the engine subprocess and its children "
+        "(the engine's own ru_maxrss, in the JSON, starts at this script's peak: Linux keeps it across fork + exec). "
         f"Total benchmark wall time: {res['total_wall_s']:.1f} s"
     )
     return {
@@ -700,6 +670,9 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any]:
                 top_p=0.95,
                 top_k=None,
                 max_new_tokens=new_tokens,
+                # A static KV cache lets transformers compile the decoding step (torch.compile); every new
+                # (batch, length) shape compiles once, so the timed runs below follow a warm-up of that shape.
+                cache_implementation="static" if args.gpu_static_cache else None,
                 min_new_tokens=new_tokens,  # no early EOS: every sequence writes exactly new_tokens
                 pad_token_id=0,
                 eos_token_id=1,
@@ -719,6 +692,9 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any]:
         if on_cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        if args.gpu_static_cache:
+            run(batch, 1)
+            run(batch, max_new)
         prefill_s = run(batch, 1)  # prefill + one sampled token
         total_s = run(batch, max_new)
         decode_s = max(total_s - prefill_s, 1e-9)
@@ -798,9 +774,11 @@ def report_gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         ]
         for r in res["rows"]
     ]
+    mode = " (static cache, compiled)" if args.gpu_static_cache else ""
     title = (
-        f"bench/generate.py --gpu-shape {args.gpu_shape} — HF generate, random {res['parameters'] / 1e6:,.0f}M-param "
-        f"Llama ({res['dtype']}) on {res['device']}; prompts {args.gpu_prompt_tokens} tokens, "
+        f"bench/generate.py --gpu-shape {args.gpu_shape} — HF generate{mode}, "
+        f"random {res['parameters'] / 1e6:,.0f}M-param Llama ({res['dtype']}) on {res['device']}; "
+        f"prompts {args.gpu_prompt_tokens} tokens, "
         f"{args.max_new_tokens} new tokens, sampling"
     )
     print_table(title, headers, table, set(), use_rich=False)

@@ -136,6 +136,11 @@ class GenerationConfig(StrictModel):
         "auto", description="Weights and activations dtype; 'auto' = the model's own."
     )
     batch_size: int = Field(16, ge=1, description="Prompts per batch (transformers backend; vLLM batches itself).")
+    hf_static_cache: bool = Field(
+        False,
+        description="transformers backend: static KV cache so the decoding step is compiled (GPU; each shape "
+        "compiles once).",
+    )
     cpu_kvcache_gib: int = Field(
         1, ge=1, description="RAM reserved for vLLM's KV cache on CPU (GiB; VLLM_CPU_KVCACHE_SPACE wins if set)."
     )

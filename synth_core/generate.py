@@ -227,6 +227,7 @@ class HFGenerator:
                 top_p=cfg.top_p if sampling else None,
                 top_k=None,
                 num_return_sequences=cfg.samples_per_prompt,
+                cache_implementation="static" if cfg.hf_static_cache else None,
                 pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.eos_ids),
             )

@@ -66,3 +66,45 @@ def run_in_subprocess(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             err.add_note(f"(raised in subprocess {fn.__name__})")
             raise err
     raise SubprocessError(f"{fn.__name__} failed in its subprocess: {summary}\n{tb}")
+
+
+class TreeMemorySampler:
+    """Peak memory of a process tree, sampled every `interval_s` in a background thread (a context manager).
+
+    Sums PSS (shared pages split between the processes that map them, so libraries shared by the engine's
+    processes are not counted once per process, as an RSS sum would). ru_maxrss cannot answer this: a
+    spawned child inherits its parent's peak, and vLLM's engine core is a grandchild that is never reaped
+    by the process that asks. `include_self` counts this process too (use it inside the engine process).
+    """
+
+    def __init__(self, interval_s: float = 0.25, include_self: bool = False):
+        import threading
+
+        self.interval_s = interval_s
+        self.include_self = include_self
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="tree-memory-sampler")
+
+    def _loop(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            procs = me.children(recursive=True) + ([me] if self.include_self else [])
+            total = 0
+            for proc in procs:
+                try:
+                    total += proc.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    pass  # a process that exited between the listing and the read holds no memory any more
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> TreeMemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -33,7 +33,7 @@ from synth_core import parse
 from synth_core.config import ConfigError, GenerationConfig, RunConfig
 from synth_core.generate import Completion, GenRequest, open_generator
 from synth_core.models import ResolvedModel, adapter_rank, context_length, resolve_model
-from synth_core.procs import run_in_subprocess
+from synth_core.procs import TreeMemorySampler, run_in_subprocess
 from synth_core.schema import SAMPLE_SCHEMA, content_id
 from synth_core.storage import (
     Manifest,
@@ -175,35 +175,25 @@ def _engine_groups(checkpoints: list[ResolvedModel]) -> list[tuple[str, list[int
 def generate_in_engine(
     base_path: str, adapters: dict[str, str], requests: list[GenRequest], gen: GenerationConfig, max_rank: int
 ) -> tuple[list[list[Completion]], dict[str, Any]]:
-    """Open one engine, generate every request, report timings. Runs in its own process (see module doc)."""
-    import resource
-
+    """Open one engine, generate every request, report timings and the peak memory of the engine's process
+    tree (this process, vLLM's engine core and workers). Runs in its own process (see the module doc)."""
     t0 = time.perf_counter()
-    engine = open_generator(base_path, adapters, gen, max_rank)
-    t1 = time.perf_counter()
-    completions = engine.generate(requests)
-    t2 = time.perf_counter()
-    engine.close()
+    with TreeMemorySampler(include_self=True) as mem:
+        engine = open_generator(base_path, adapters, gen, max_rank)
+        t1 = time.perf_counter()
+        completions = engine.generate(requests)
+        t2 = time.perf_counter()
+        engine.close()
     stats = {
         "engine_load_s": round(t1 - t0, 3),
         "generate_s": round(t2 - t1, 3),
         "output_tokens": sum(c.output_tokens for cs in completions for c in cs),
-        "peak_rss_mb": round(
-            max(
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
-            )
-            / 1024,
-            1,
-        ),
+        "peak_memory_mb": round(mem.peak_mb, 1),
     }
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            stats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        stats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return completions, stats
 
 
@@ -351,7 +341,7 @@ def sample_stats(results: list[ShardResult], wall_s: float) -> dict[str, Any]:
         "engine_load_s": round(sum(e["engine_load_s"] for e in engines), 3),
         "generate_s": round(gen_s, 3),
         "output_tokens_per_s": round(tokens / gen_s, 1) if gen_s > 0 else None,
-        "peak_rss_mb": max((e["peak_rss_mb"] for e in engines), default=None),
+        "peak_memory_mb": max((e["peak_memory_mb"] for e in engines), default=None),
         "peak_gpu_mb": max((e.get("peak_gpu_mb", 0) for e in engines), default=None) or None,
     }
 

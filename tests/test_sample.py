@@ -117,3 +117,17 @@ def test_vllm_stage_two_lora_checkpoints_one_engine_deterministic(tmp_path, cfg,
     assert {r["checkpoint"] for r in rows} == set(tiny_loras)
     second = sample.build_samples(cfg, snippet_pool, str(tmp_path / "b"))
     assert read_dataset(second).to_pylist() == rows
+
+
+def test_full_model_checkpoints_run_one_engine_after_the_other(tmp_path, hf_cfg, snippet_pool, tiny_model):
+    from synth_core.models import _build_tiny_llama
+
+    other = tmp_path / "other-full-model"
+    _build_tiny_llama(other, seed=7)
+    hf_cfg.sample.checkpoints = [tiny_model, str(other)]
+    hf_cfg.sample.shard_rows = 8
+    hf_cfg.sample.max_snippets = 2
+    out = sample.build_samples(hf_cfg, snippet_pool, str(tmp_path / "s"))
+    m = read_manifest(out)
+    assert m.stats["engines"] == 2 and m.num_rows == 2 * 2 * 2
+    assert {r["checkpoint"] for r in read_dataset(out).to_pylist()} == {tiny_model, str(other)}
