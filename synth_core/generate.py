@@ -153,6 +153,9 @@ def _vllm_lora_rank(rank: int) -> int:
     raise ValueError(f"LoRA rank {rank} is larger than vLLM supports (512)")
 
 
+_STATIC_WIDTH_STEP = 64  # tokens; prompt widths are padded to a multiple of this with hf_static_cache
+
+
 class HFGenerator:
     """transformers `generate`: batched, left-padded, prompts sorted by length; adapters through peft."""
 
@@ -205,6 +208,9 @@ class HFGenerator:
         if adapter is not None:
             self.model.set_adapter(adapter)
         width = max(len(requests[i].prompt_ids) for i in batch)
+        if cfg.hf_static_cache:
+            # A static cache compiles one graph per shape: round widths up so batches share a few shapes.
+            width = -(-width // _STATIC_WIDTH_STEP) * _STATIC_WIDTH_STEP
         # One generate call has one length cap: the tightest of the batch's requests.
         max_new = min(requests[i].max_new_tokens or cfg.max_new_tokens for i in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)

@@ -57,3 +57,15 @@ def test_transformers_backend_serves_adapters_and_is_deterministic(tiny_loras):
     for comps in first:
         for c in comps:
             assert c.finish_reason in ("stop", "length") and 0 < c.output_tokens <= 10
+
+
+def test_transformers_static_cache_gives_the_same_greedy_output(tiny_model):
+    """The static-cache path (compiled decoding on GPUs) pads prompts to shared widths; same tokens out."""
+    base = resolve_model(tiny_model)
+    cfg = GenerationConfig(
+        backend="transformers", temperature=0, max_new_tokens=8, samples_per_prompt=1, dtype="float32"
+    )
+    reqs = [r for r in _requests(base.path) if r.adapter is None]
+    plain = HFGenerator(base.path, {}, cfg).generate(reqs)
+    static = HFGenerator(base.path, {}, cfg.model_copy(update={"hf_static_cache": True})).generate(reqs)
+    assert [c[0].text for c in static] == [c[0].text for c in plain]
