@@ -9,11 +9,14 @@ three in one call (a notebook, a test). The orchestrator (flows/sample.py) runs 
   multi-LoRA; their requests are batched together), a full-model checkpoint gets an engine of its own.
   Each engine runs in a spawned subprocess (synth_core.procs) so its memory is gone when it returns.
 - The prompt is the OSS-Instruct template (prompts/oss_instruct.txt, or the file the config names)
-  rendered with the model's chat template. A prompt that leaves less than a quarter of max_new_tokens
-  in the context is not generated: its row is rejected as prompt_too_long with the token count.
+  rendered with the model's chat template. The shipped template adds an explicit answer skeleton to
+  OSS-Instruct's wording: on 16 demo snippets the built-in 135M model then wrote 3 of 32 answers the
+  parser accepts, instead of 0. A prompt that leaves less than a quarter of max_new_tokens in the
+  context is not generated: its row is rejected as prompt_too_long with the token count.
 - Every completion becomes a row, parsed by synth_core.parse; unusable ones keep their raw output and
   a reject reason. A row's seed derives from the base seed, the snippet and the checkpoint's weights,
-  so the same config gives the same samples whatever the sharding of the pool.
+  so the same config gives the same samples (with vLLM, whatever else shares the batch; the
+  transformers backend seeds per batch, so there the shard size is part of the config that matters).
 
 Idempotent like every stage: the output location carries the fingerprint of the pool, the stage
 config and the checkpoints' weights; a finished shard's marker makes its task return at once.
