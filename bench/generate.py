@@ -558,7 +558,7 @@ def report_cpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     console.print(
         "wall s = spawned subprocess (spawn + imports + engine load + generate + shutdown); load s / gen s "
         "measured inside it. Memory: peak of the sampled PSS sum over the engine subprocess and its children "
-        "(the engine's own ru_maxrss, in the JSON, starts at this script's peak: Linux keeps it across fork + exec). "
+        "(vLLM's engine core and worker). "
         f"Total benchmark wall time: {res['total_wall_s']:.1f} s"
     )
     return {
