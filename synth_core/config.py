@@ -188,6 +188,32 @@ class SampleConfig(StrictModel):
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Sampling settings.")
 
 
+class TrainConfig(StrictModel):
+    """Supervised fine-tuning of the synthesizer (LoRA by default), saving M checkpoints along the way."""
+
+    method: Literal["lora", "full"] = Field("lora", description="'lora': peft LoRA adapters; 'full': all weights.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+    lora_targets: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], description="Module names that get LoRA adapters."
+    )
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming up the LR.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    epochs: float = Field(3.0, gt=0, description="Passes over the training rows.")
+    batch_size: int = Field(8, ge=1, description="Sequences per device per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    max_seq_len: int = Field(1024, ge=16, description="Longest training sequence (tokens); longer rows are cut.")
+    group_by_length: bool = Field(True, description="Batch rows of similar length so padding stays small.")
+    num_checkpoints: int = Field(3, ge=1, description="Checkpoints (M) saved evenly along training.")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="Training dtype; 'auto' = bf16 on GPUs that support it, else fp32."
+    )
+    seed: int = Field(0, description="Seed of initialisation, shuffling and dropout.")
+
+
 class ExecutionConfig(StrictModel):
     """How the flows run their shard tasks on this machine (a Ray cluster comes with the round flows)."""
 
@@ -207,6 +233,7 @@ class RunConfig(StrictModel):
     decontam: DecontamConfig = Field(default_factory=DecontamConfig, description="Benchmark decontamination.")
     models: ModelsConfig = Field(default_factory=ModelsConfig, description="Model of each role.")
     sample: SampleConfig = Field(default_factory=SampleConfig, description="Multi-checkpoint sampling stage.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning stage.")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="How flows run shard tasks.")
 
 

@@ -1,0 +1,243 @@
+"""Supervised fine-tuning on chat rows with the loss on the response tokens only; M checkpoints along the way.
+
+The core of the train stage (issue 4). What is here: turning chat messages into (input_ids, labels) with
+every prompt token masked (-100), training with transformers' `Trainer` (LoRA through peft by default,
+full fine-tuning as an option), and saving M checkpoints spaced evenly along training, each holding what
+the influence stage needs: the adapter (or the model), the AdamW moments of the trainable parameters,
+and the mean learning rate of the span of steps the checkpoint closes.
+
+Why transformers' Trainer and not TRL's SFTTrainer: the masking and the checkpoint contents are the
+parts that matter here and both need our own code anyway (a collator and a callback); Trainer gives the
+loop, mixed precision, length grouping and accelerate/torchrun multi-GPU without one more dependency.
+
+What is not here yet: the stage wrapper (dataset URIs in and out, manifest with the loss curve), its
+Prefect task and CLI, packing. `train_model` is meant to run in its own process (synth_core.procs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from synth_core.config import TrainConfig
+
+IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced: its checkpoints (in order), the loss curve and throughput."""
+
+    checkpoints: list[str]
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (optimiser step, training loss)
+    train_tokens: int = 0  # non-padding tokens seen (all epochs)
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    peak_memory_mb: float = 0.0
+
+
+def encode_chat(tokenizer, messages: Sequence[dict[str, str]], max_seq_len: int) -> dict[str, list[int]]:
+    """Tokens of a chat whose last message is the assistant's answer; labels mask everything before it.
+
+    The prompt is rendered with `add_generation_prompt=True`, exactly as the sampler renders it, so the
+    model learns to answer in the place it will be asked to. A row longer than `max_seq_len` is cut at
+    the end (its answer loses its tail; a row whose prompt alone is too long keeps no label at all, and
+    the caller drops it).
+    """
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("a training chat must end with the assistant's message")
+    prompt = tokenizer.apply_chat_template(list(messages[:-1]), add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently inside the full chat")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+    input_ids = (prompt_ids + answer_ids)[:max_seq_len]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_seq_len]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class _Collator:
+    """Right-pads a batch; padding is masked in the attention and in the labels."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def checkpoint_steps(total_steps: int, num_checkpoints: int) -> list[int]:
+    """Optimiser steps after which the M checkpoints are saved: evenly spaced, the last at the end."""
+    m = min(num_checkpoints, total_steps)
+    return sorted({max(1, round(total_steps * (k + 1) / m)) for k in range(m)})
+
+
+def _make_callback(out_dir: Path, save_at: list[int], trainable: dict[int, str], method: str):
+    from transformers import TrainerCallback
+
+    class SaveCheckpoints(TrainerCallback):
+        """Saves the weights, the AdamW moments and the span's mean LR at each step in `save_at`."""
+
+        def __init__(self) -> None:
+            self.span_lrs: list[float] = []
+            self.saved: list[str] = []
+
+        def on_step_begin(self, args, state, control, lr_scheduler=None, **kw):
+            if lr_scheduler is not None:
+                self.span_lrs.append(float(lr_scheduler.get_last_lr()[0]))
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+            if state.global_step not in save_at:
+                return
+            import torch
+
+            path = out_dir / f"ckpt-{len(self.saved) + 1}"
+            model.save_pretrained(path)
+            moments = {}
+            inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimiser
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    st = inner.state.get(p)
+                    if st and id(p) in trainable:
+                        moments[trainable[id(p)]] = {
+                            "exp_avg": st["exp_avg"].detach().to("cpu", torch.float32),
+                            "exp_avg_sq": st["exp_avg_sq"].detach().to("cpu", torch.float32),
+                        }
+            torch.save(moments, path / "optimizer_moments.pt")
+            betas = inner.param_groups[0].get("betas", (0.9, 0.999))
+            meta = {
+                "step": state.global_step,
+                "method": method,
+                "mean_lr": sum(self.span_lrs) / max(len(self.span_lrs), 1),
+                "span_steps": len(self.span_lrs),
+                "adam_betas": list(betas),
+                "adam_eps": inner.param_groups[0].get("eps", 1e-8),
+            }
+            (path / "train_state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            self.saved.append(str(path))
+            self.span_lrs = []
+
+    return SaveCheckpoints()
+
+
+def train_model(
+    base_path: str, chats: Sequence[Sequence[dict[str, str]]], cfg: TrainConfig, out_dir: str, base_ref: str = ""
+) -> TrainResult:
+    """Fine-tune `base_path` on chats (each ending with the assistant's answer); save M checkpoints in out_dir.
+
+    LoRA adapters record `base_ref` (e.g. "builtin:smollm2-135m-instruct") as their base, so they resolve on
+    their own (synth_core.models). Seeded: the same rows and config give the same checkpoints.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+
+    from synth_core.procs import TreeMemorySampler
+
+    set_seed(cfg.seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(base_path)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows = [encode_chat(tok, c, cfg.max_seq_len) for c in chats]
+    rows = [r for r in rows if any(lab != IGNORE_INDEX for lab in r["labels"])]
+    if not rows:
+        raise ValueError("no training row keeps an answer token (empty data, or every prompt exceeds max_seq_len)")
+    on_gpu = torch.cuda.is_available()
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and on_gpu and torch.cuda.is_bf16_supported())
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=list(cfg.lora_targets),
+                task_type="CAUSAL_LM",
+            ),
+        )
+    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    steps_per_epoch = math.ceil(len(rows) / (cfg.batch_size * cfg.grad_accum))
+    total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    save_at = checkpoint_steps(total_steps, cfg.num_checkpoints)
+    callback = _make_callback(out, save_at, trainable, cfg.method)
+    args = TrainingArguments(
+        output_dir=str(out / "_trainer"),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=int(cfg.warmup_ratio * total_steps),
+        weight_decay=cfg.weight_decay,
+        max_steps=total_steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        use_cpu=not on_gpu,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=_ListDataset(rows), data_collator=_Collator(pad_id), callbacks=[callback]
+    )
+    t0 = time.perf_counter()
+    with TreeMemorySampler(include_self=True) as mem:
+        trainer.train()
+    seconds = time.perf_counter() - t0
+    if cfg.method == "lora" and base_ref:
+        for ckpt in callback.saved:
+            meta_path = Path(ckpt) / "adapter_config.json"
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            meta["base_model_name_or_path"] = base_ref
+            meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    if cfg.method == "full":
+        for ckpt in callback.saved:
+            tok.save_pretrained(ckpt)
+    tokens_per_epoch = sum(len(r["input_ids"]) for r in rows)
+    tokens = int(tokens_per_epoch * total_steps / steps_per_epoch)
+    curve = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
+    return TrainResult(
+        checkpoints=list(callback.saved),
+        loss_curve=curve,
+        train_tokens=tokens,
+        seconds=round(seconds, 3),
+        tokens_per_s=round(tokens / seconds, 1) if seconds > 0 else 0.0,
+        peak_memory_mb=round(mem.peak_mb, 1),
+    )
+
+
+class _ListDataset:
+    """The minimal map-style dataset Trainer needs (length grouping reads `input_ids` of each row)."""
+
+    def __init__(self, rows: list[dict[str, list[int]]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.rows[i]
