@@ -38,9 +38,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from synth_core.decontam import BenchmarkError
     from synth_core.models import ModelError
     from synth_core.pool import SourceError
+    from synth_core.reference import ReferenceSetError
     from synth_core.storage import DatasetError
 
-    return (ConfigError, SourceError, BenchmarkError, DatasetError, ModelError)
+    return (ConfigError, SourceError, BenchmarkError, DatasetError, ModelError, ReferenceSetError)
 
 
 def _fail(message: str) -> None:
@@ -151,6 +152,34 @@ def sample_cmd(
     except _expected_errors() as err:
         _fail(str(err))
     typer.echo(uri)
+
+
+@app.command("train")
+def train_cmd(
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="reference:builtin, a reference JSONL/Parquet file, or a dataset URI (its kept rows); repeatable.",
+        ),
+    ] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Model to fine-tune (default: the synthesizer).")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Local folder for the checkpoints.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Fine-tune the synthesizer (LoRA by default) and save M checkpoints. Prints them and the loss."""
+    try:
+        cfg = _load(config, set_, {})
+        from synth_core.train import BUILTIN_REFERENCE, checkpoints_of, run_train
+
+        uri = run_train(cfg, data or [BUILTIN_REFERENCE], base, out)
+        _print_dataset(uri, cfg.storage, rows=False)
+        for ckpt in checkpoints_of(uri, cfg):
+            typer.echo(ckpt)
+    except _expected_errors() as err:
+        _fail(str(err))
 
 
 def _print_dataset(uri: str, storage, rows: bool = True, limit: int = 3) -> None:

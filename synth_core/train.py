@@ -10,8 +10,14 @@ Why transformers' Trainer and not TRL's SFTTrainer: the masking and the checkpoi
 parts that matter here and both need our own code anyway (a collator and a callback); Trainer gives the
 loop, mixed precision, length grouping and accelerate/torchrun multi-GPU without one more dependency.
 
-What is not here yet: the stage wrapper (dataset URIs in and out, manifest with the loss curve), its
-Prefect task and CLI, packing. `train_model` is meant to run in its own process (synth_core.procs).
+The stage (`run_train`): training rows come from reference sets (`reference:builtin`, a JSONL/Parquet
+file) and from datasets with instruction/response columns (the kept rows of a samples dataset); each row
+becomes the synthesizer's own task (the synthesis prompt with its seed snippet -> the answer in the format
+that prompt asks for). `train_model` runs in a spawned process; the output is a folder holding the M
+checkpoints plus a dataset (one row per checkpoint) whose manifest records the loss curve, tokens/s and
+peak memory. Its location derives from the fingerprint of data, config and base model, so a finished
+run is not repeated. Not here yet: packing, a Prefect task/flow (bootstrap), s3:// outputs (checkpoints
+are written to a local folder, where vLLM and peft load them).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from synth_core.config import TrainConfig
+from synth_core.config import ConfigError, RunConfig, TrainConfig
 
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
 
@@ -241,3 +247,135 @@ class _ListDataset:
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
         return self.rows[i]
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+STAGE_VERSION = 1
+BUILTIN_REFERENCE = "reference:builtin"
+_TRAIN_COLUMNS = ["snippet", "language", "instruction", "response"]
+
+
+def load_training_rows(data: Sequence[str], cfg: RunConfig) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows (snippet, language, instruction, response) from each source, and a fingerprint per source.
+
+    A source is `reference:builtin`, a reference file (.jsonl/.json/.parquet, synth_core.reference), or a
+    dataset URI whose kept rows have instruction/response (e.g. the samples dataset).
+    """
+    from synth_core.reference import load_reference
+    from synth_core.storage import dataset_exists, fingerprint, read_dataset, read_manifest
+
+    rows: list[dict[str, Any]] = []
+    fps: list[str] = []
+    for src in data:
+        if src == BUILTIN_REFERENCE or src.endswith((".jsonl", ".json", ".parquet")):
+            table = load_reference(None if src == BUILTIN_REFERENCE else src, cfg.storage)
+            part = table.select(_TRAIN_COLUMNS).to_pylist()
+            fps.append(fingerprint("reference", part))
+        elif dataset_exists(src, cfg.storage):
+            part = read_dataset(src, columns=_TRAIN_COLUMNS, kept_only=False, storage=cfg.storage)
+            kept = read_dataset(src, columns=["reject_reason"], storage=cfg.storage).column(0).is_null()
+            part = part.filter(kept).to_pylist()
+            fps.append(read_manifest(src, cfg.storage).fingerprint)
+        else:
+            raise ConfigError(f"training data '{src}': not reference:builtin, a reference file or a dataset")
+        rows.extend(part)
+    return rows, fps
+
+
+def training_chats(rows: Sequence[dict[str, Any]], template: str) -> list[list[dict[str, str]]]:
+    """The synthesizer's task for each row: the synthesis prompt with its snippet -> the formatted answer."""
+    from synth_core.reference import format_synthesis
+    from synth_core.sample import render_user_prompt
+
+    return [
+        [
+            {"role": "user", "content": render_user_prompt(template, r["snippet"] or "", r["language"])},
+            {"role": "assistant", "content": format_synthesis(r["instruction"], r["response"])},
+        ]
+        for r in rows
+    ]
+
+
+CHECKPOINT_COLUMNS = ("checkpoint", "step", "mean_lr", "span_steps", "method", "base")
+
+
+def run_train(cfg: RunConfig, data: Sequence[str], base_ref: str | None = None, out: str | None = None) -> str:
+    """Train the synthesizer on `data`; return the output folder (checkpoints + their dataset)."""
+    import pyarrow as pa
+
+    from synth_core.models import resolve_model
+    from synth_core.procs import run_in_subprocess
+    from synth_core.sample import load_template
+    from synth_core.storage import (
+        commit_dataset,
+        dataset_has_fingerprint,
+        fingerprint,
+        hide_stale_dataset,
+        join_uri,
+        write_part,
+    )
+
+    base_ref = base_ref or cfg.models.synthesizer
+    base = resolve_model(base_ref)
+    if base.is_lora:
+        raise ConfigError(f"--base '{base_ref}' is a LoRA adapter; train on its base model")
+    template = load_template(cfg)
+    rows, data_fps = load_training_rows(data, cfg)
+    if not rows:
+        raise ConfigError("no training rows: every source is empty or has no kept rows")
+    fp = fingerprint("train", STAGE_VERSION, data_fps, cfg.train, base.fingerprint, template)
+    out = out or join_uri(cfg.storage.root, "train", fp)
+    if "://" in out:
+        raise ConfigError(f"train output '{out}' must be a local folder (checkpoints are loaded from disk)")
+    if dataset_has_fingerprint(out, fp, cfg.storage):
+        return out
+    hide_stale_dataset(out, fp, cfg.storage)
+    result = run_in_subprocess(
+        train_model, base.path, training_chats(rows, template), cfg.train, str(Path(out) / "checkpoints"), base_ref
+    )
+    records = []
+    for ckpt in result.checkpoints:
+        state = json.loads((Path(ckpt) / "train_state.json").read_text(encoding="utf-8"))
+        records.append({k: state.get(k) for k in CHECKPOINT_COLUMNS} | {"checkpoint": ckpt, "base": base_ref})
+    schema = pa.schema(
+        [
+            ("checkpoint", pa.string()),
+            ("step", pa.int64()),
+            ("mean_lr", pa.float64()),
+            ("span_steps", pa.int64()),
+            ("method", pa.string()),
+            ("base", pa.string()),
+            ("reject_reason", pa.string()),
+        ]
+    )
+    table = pa.Table.from_pylist([r | {"reject_reason": None} for r in records], schema=schema)
+    part = write_part(out, 0, table, fp, storage=cfg.storage)
+    commit_dataset(
+        out,
+        [part],
+        schema,
+        fp,
+        stage="train",
+        funnel={"rows_in": len(rows), "kept": len(rows), "rejected": {}},
+        inputs=list(data) + [base_ref],
+        config=cfg.model_dump(mode="json", include={"train"}),
+        stats={
+            "train_rows": len(rows),
+            "loss_curve": result.loss_curve,
+            "train_tokens": result.train_tokens,
+            "seconds": result.seconds,
+            "tokens_per_s": result.tokens_per_s,
+            "peak_memory_mb": result.peak_memory_mb,
+        },
+        storage=cfg.storage,
+    )
+    return out
+
+
+def checkpoints_of(train_out: str, cfg: RunConfig | None = None) -> list[str]:
+    """The checkpoint folders a finished train output lists, in training order."""
+    from synth_core.storage import read_dataset
+
+    storage = cfg.storage if cfg else None
+    return read_dataset(train_out, columns=["checkpoint"], storage=storage).column(0).to_pylist()

@@ -97,3 +97,41 @@ def test_training_lowers_the_loss_and_saves_m_checkpoints(tmp_path, method, mode
         else:
             assert (ckpt / "config.json").is_file() and not resolve_model(str(ckpt)).is_lora
     assert lrs[0] > lrs[1] > lrs[2] > 0  # a linear decay: each span's mean LR is lower
+
+
+def test_train_stage_then_sample_from_its_checkpoints(tmp_path, cfg, tiny_model):
+    """R -> train -> M checkpoints -> the sample stage serves them: the bootstrap chain, end to end."""
+    from synth_core import sample
+    from synth_core.storage import read_dataset, read_manifest
+    from synth_core.train import BUILTIN_REFERENCE, checkpoints_of, run_train
+
+    cfg.models.synthesizer = tiny_model
+    cfg.train = TrainConfig(epochs=1, batch_size=16, max_seq_len=512, num_checkpoints=2, lora_r=8)
+    out = run_train(cfg, [BUILTIN_REFERENCE], out=str(tmp_path / "train"))
+    m = read_manifest(out)
+    assert m.stage == "train" and m.stats["train_rows"] >= 40 and len(m.stats["loss_curve"]) == 3
+    ckpts = checkpoints_of(out)
+    assert len(ckpts) == 2 and all(resolve_model(c).is_lora for c in ckpts)
+    assert run_train(cfg, [BUILTIN_REFERENCE], out=str(tmp_path / "train")) == out  # done: not retrained
+    assert read_manifest(out).created_at == m.created_at
+
+    from conftest import SNIPPETS, write_pool
+
+    pool = write_pool(str(tmp_path / "pool"), SNIPPETS[:2])
+    cfg.sample.checkpoints = ckpts
+    cfg.sample.generation.backend = "transformers"
+    cfg.sample.generation.max_new_tokens = 8
+    samples = read_dataset(sample.build_samples(cfg, pool, str(tmp_path / "samples"))).to_pylist()
+    assert {r["checkpoint"] for r in samples} == set(ckpts) and len(samples) == 2 * 2 * 2
+
+
+def test_train_bad_inputs_are_clear_errors(tmp_path, cfg, tiny_loras):
+    from synth_core.config import ConfigError
+    from synth_core.train import run_train
+
+    with pytest.raises(ConfigError, match="not reference:builtin"):
+        run_train(cfg, [str(tmp_path / "nothing")], base_ref="builtin:tiny-random-llama")
+    with pytest.raises(ConfigError, match="is a LoRA adapter"):
+        run_train(cfg, ["reference:builtin"], base_ref=tiny_loras[0])
+    with pytest.raises(ConfigError, match="must be a local folder"):
+        run_train(cfg, ["reference:builtin"], base_ref="builtin:tiny-random-llama", out="s3://bucket/x")
