@@ -87,13 +87,26 @@ def test_empty_pool_gives_an_empty_dataset(tmp_path, hf_cfg):
 def test_prompt_longer_than_the_context_is_rejected_not_generated(tmp_path, hf_cfg):
     long_snippet = "\n".join(f"value_{i} = compute(value_{i - 1}, {i})" for i in range(1, 15)) + "\n"
     pool = write_pool(str(tmp_path / "pool"), [SNIPPETS[0], long_snippet])
-    hf_cfg.sample.generation.max_model_len = 256
+    from synth_core.models import resolve_model
+
+    template = sample.load_template(hf_cfg)
+    short, long = (
+        len(ids)
+        for ids in sample._encode_prompts(
+            resolve_model(hf_cfg.sample.checkpoints[0]).path,
+            [sample.render_user_prompt(template, s, "python") for s in (SNIPPETS[0], long_snippet)],
+            None,
+        )
+    )
+    # A context that leaves the short prompt 32 tokens (>= a quarter of 64) and the long one fewer than 16.
+    assert long - short > 16
+    hf_cfg.sample.generation.max_model_len = short + 32
     hf_cfg.sample.generation.max_new_tokens = 64
     rows = read_dataset(sample.build_samples(hf_cfg, pool, str(tmp_path / "s"))).to_pylist()
     too_long = [r for r in rows if r["reject_reason"] == "prompt_too_long"]
     # One row per checkpoint for the long prompt, with its token count; the short one is generated.
     assert len(too_long) == 2 and all(r["raw_output"] is None for r in too_long)
-    assert all("tokens" in r["detail"] and r["prompt_tokens"] > 200 for r in too_long)
+    assert all("tokens" in r["detail"] and r["prompt_tokens"] == long for r in too_long)
     assert len([r for r in rows if r["reject_reason"] != "prompt_too_long"]) == 2 * 2
 
 
