@@ -43,6 +43,7 @@ from synth_core.storage import (
     compute_funnel,
     dataset_has_fingerprint,
     fingerprint,
+    finished_shard,
     get_fs,
     hide_stale_dataset,
     join_uri,
@@ -51,7 +52,6 @@ from synth_core.storage import (
     read_dataset,
     read_manifest,
     read_part,
-    read_part_marker,
     step_stats,
     write_part,
 )
@@ -531,9 +531,9 @@ def ingest_shard(units: list[SourceUnit], index: int, plan: PoolTargets, cfg: Ru
     """Read, filter and cut one shard of source units, compute MinHash signatures, write part `index`."""
     import pyarrow as pa
 
-    marker = read_part_marker(plan.ingest_uri, index, plan.ingest_fp, cfg.storage)
-    if marker is not None:
-        return ShardResult(marker, 0.0, cached=True)
+    done = finished_shard(plan.ingest_uri, index, plan.ingest_fp, cfg.storage)
+    if done is not None:
+        return done
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for unit in units:
@@ -642,9 +642,9 @@ def decontaminate_shard(plan: PoolTargets, part: PartInfo, index: int, cfg: RunC
     """Match the kept rows of one dedup part against the benchmarks; write final part `index`."""
     import pyarrow as pa
 
-    marker = read_part_marker(plan.out_uri, index, plan.pool_fp, cfg.storage)
-    if marker is not None:
-        return ShardResult(marker, 0.0, cached=True)
+    done = finished_shard(plan.out_uri, index, plan.pool_fp, cfg.storage)
+    if done is not None:
+        return done
     t0 = time.perf_counter()
     table = read_part(plan.dedup_uri, part, storage=cfg.storage).cast(POOL_SCHEMA)
     index_ = _benchmark_index(cfg.decontam.model_dump_json(), cfg.storage.model_dump_json())

@@ -46,12 +46,12 @@ from synth_core.storage import (
     compute_funnel,
     dataset_has_fingerprint,
     fingerprint,
+    finished_shard,
     hide_stale_dataset,
     join_uri,
     merge_funnels,
     read_manifest,
     read_part,
-    read_part_marker,
     write_part,
 )
 
@@ -224,9 +224,9 @@ def sample_shard(plan: SamplePlan, shard: SampleShard, index: int, cfg: RunConfi
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    marker = read_part_marker(plan.out_uri, index, plan.fp, cfg.storage)
-    if marker is not None:
-        return ShardResult(marker, 0.0, cached=True)
+    done = finished_shard(plan.out_uri, index, plan.fp, cfg.storage)
+    if done is not None:
+        return done
     t0 = time.perf_counter()
     table = read_part(plan.snippets_uri, shard.part, columns=_POOL_COLUMNS, storage=cfg.storage)
     table = table.filter(pc.is_null(table.column("reject_reason"))).slice(shard.start, shard.rows)

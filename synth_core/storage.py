@@ -223,6 +223,18 @@ def read_part_marker(
     return info
 
 
+def finished_shard(
+    dataset_uri: str, index: int, fingerprint: str, storage: StorageConfig | None = None
+) -> ShardResult | None:
+    """The result of shard `index` if a run of this fingerprint already finished it (its marker), else None.
+
+    Every sharded step starts with this check, which is what makes re-running a crashed stage redo only
+    the shards that had not finished.
+    """
+    marker = read_part_marker(dataset_uri, index, fingerprint, storage)
+    return ShardResult(marker, 0.0, cached=True) if marker is not None else None
+
+
 def compute_funnel(table: pa.Table, reason_order: Sequence[str] = ()) -> dict[str, Any]:
     """Rows in, kept and rejected per reason, from the `reject_reason` column (null = kept)."""
     reasons = table.column("reject_reason").to_pylist() if table.num_rows else []
