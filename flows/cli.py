@@ -182,6 +182,37 @@ def train_cmd(
         _fail(str(err))
 
 
+@app.command("bootstrap")
+def bootstrap_cmd(
+    reference: Annotated[
+        str | None,
+        typer.Option("--reference", "-r", help="Reference set: a JSONL/Parquet file (default: the built-in R)."),
+    ] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Local folder for the checkpoints.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Bootstrap the synthesizer: train models.synthesizer on R and save M checkpoints (a Prefect flow)."""
+    try:
+        cfg = _load(config, set_, {})
+        from synth_core.models import resolve_model
+        from synth_core.reference import load_reference
+
+        # Fail before any server starts: a bad reference file or base model is one line.
+        load_reference(reference, cfg.storage)
+        resolve_model(cfg.models.synthesizer)
+        from flows.bootstrap import bootstrap_flow
+        from flows.runtime import run_flow
+        from synth_core.train import checkpoints_of
+
+        uri = run_flow(bootstrap_flow, cfg, config=cfg.model_dump(mode="json"), reference=reference, out=out)
+        _print_dataset(uri, cfg.storage, rows=False)
+        for ckpt in checkpoints_of(uri, cfg):
+            typer.echo(ckpt)
+    except _expected_errors() as err:
+        _fail(str(err))
+
+
 def _print_dataset(uri: str, storage, rows: bool = True, limit: int = 3) -> None:
     from rich.console import Console
 
