@@ -135,3 +135,17 @@ def test_train_bad_inputs_are_clear_errors(tmp_path, cfg, tiny_loras):
         run_train(cfg, ["reference:builtin"], base_ref=tiny_loras[0])
     with pytest.raises(ConfigError, match="must be a local folder"):
         run_train(cfg, ["reference:builtin"], base_ref="builtin:tiny-random-llama", out="s3://bucket/x")
+
+
+def test_same_seed_same_checkpoints(tmp_path, tiny_model):
+    import torch
+    from safetensors.torch import load_file
+
+    base = resolve_model(tiny_model)
+    cfg = TrainConfig(epochs=1, batch_size=2, max_seq_len=384, num_checkpoints=1, lora_r=4)
+    a, b = (train_model(base.path, _chats(4), cfg, str(tmp_path / name)).checkpoints[0] for name in ("a", "b"))
+    wa, wb = load_file(f"{a}/adapter_model.safetensors"), load_file(f"{b}/adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = train_model(base.path, _chats(4), cfg.model_copy(update={"seed": 1}), str(tmp_path / "c")).checkpoints[0]
+    wc = load_file(f"{c}/adapter_model.safetensors")
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
