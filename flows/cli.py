@@ -60,7 +60,8 @@ def _load(config: Path | None, sets: list[str] | None, extra: dict[str, Any]):
             _fail(f"--set expects KEY=VALUE, got '{item}'")
         key, value = item.split("=", 1)
         overrides[key.strip()] = yaml.safe_load(value)
-    overrides.update(extra)
+    # Options left unset (None, or an empty repeatable option) leave the config's value alone.
+    overrides.update({k: v for k, v in extra.items() if v is not None and v != []})
     return load_config(config, overrides)
 
 
@@ -81,13 +82,8 @@ def pool_build(
     set_: SetOpt = None,
 ) -> None:
     """Build the seed-snippet pool: ingest, filter, cut, dedup, decontaminate. Prints the funnel."""
-    extra: dict[str, Any] = {}
-    if source:
-        extra["pool.sources"] = list(source)
-    if benchmark:
-        extra["decontam.benchmarks"] = list(benchmark)
     try:
-        cfg = _load(config, set_, extra)
+        cfg = _load(config, set_, {"pool.sources": source, "decontam.benchmarks": benchmark})
         from synth_core.pool import preflight
 
         preflight(cfg)
@@ -126,15 +122,12 @@ def sample_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Sample problem+solution pairs from every checkpoint for every kept seed snippet. Prints the funnel."""
-    extra: dict[str, Any] = {}
-    if checkpoint:
-        extra["sample.checkpoints"] = list(checkpoint)
-    if base:
-        extra["sample.base"] = base
-    if backend:
-        extra["sample.generation.backend"] = backend
-    if max_snippets is not None:
-        extra["sample.max_snippets"] = max_snippets
+    extra = {
+        "sample.checkpoints": checkpoint,
+        "sample.base": base,
+        "sample.generation.backend": backend,
+        "sample.max_snippets": max_snippets,
+    }
     try:
         cfg = _load(config, set_, extra)
         from synth_core.sample import load_template, resolve_checkpoints

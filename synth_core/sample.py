@@ -235,14 +235,14 @@ def sample_shard(plan: SamplePlan, shard: SampleShard, index: int, cfg: RunConfi
     n = scfg.generation.samples_per_prompt
     user_prompts = [render_user_prompt(plan.template, s["content"], s["language"]) for s in snippets]
     rows: list[dict[str, Any]] = []
-    stats: dict[str, Any] = {"engines": [], "output_tokens": 0}
+    stats: dict[str, Any] = {"engines": []}
     for base_path, members in _engine_groups(plan.checkpoints):
         ctx = context_length(plan.checkpoints[members[0]])
         max_len = min(scfg.generation.max_model_len or ctx, ctx)
         gen = scfg.generation.model_copy(update={"max_model_len": max_len})
         prompt_ids = _encode_prompts(base_path, user_prompts, scfg.system_prompt)
         requests: list[GenRequest] = []
-        slots: list[tuple[int, int, int]] = []  # (snippet index, checkpoint index, seed) per request
+        slots: list[tuple[int, int]] = []  # (snippet index, checkpoint index) per request
         for si, (snippet, ids) in enumerate(zip(snippets, prompt_ids, strict=True)):
             room = max_len - len(ids)
             for ci in members:
@@ -260,7 +260,7 @@ def sample_shard(plan: SamplePlan, shard: SampleShard, index: int, cfg: RunConfi
                     continue
                 adapter = f"ckpt{ci}" if ckpt.is_lora else None
                 requests.append(GenRequest(ids, seed, adapter, max_new_tokens=min(gen.max_new_tokens, room)))
-                slots.append((si, ci, seed))
+                slots.append((si, ci))
         if not requests:
             continue
         adapters = {f"ckpt{ci}": plan.checkpoints[ci].adapter_path for ci in members if plan.checkpoints[ci].is_lora}
@@ -268,8 +268,7 @@ def sample_shard(plan: SamplePlan, shard: SampleShard, index: int, cfg: RunConfi
         completions, engine_stats = run_in_subprocess(generate_in_engine, base_path, adapters, requests, gen, max_rank)
         engine_stats["checkpoints"] = [plan.checkpoints[ci].ref for ci in members]
         stats["engines"].append(engine_stats)
-        stats["output_tokens"] += engine_stats["output_tokens"]
-        for (si, ci, seed), req, comps in zip(slots, requests, completions, strict=True):
+        for (si, ci), req, comps in zip(slots, requests, completions, strict=True):
             if len(comps) != n:
                 raise RuntimeError(f"engine returned {len(comps)} completions for a request, expected {n}")
             for k, c in enumerate(comps):
@@ -280,7 +279,7 @@ def sample_shard(plan: SamplePlan, shard: SampleShard, index: int, cfg: RunConfi
                     max_instruction_chars=scfg.max_instruction_chars,
                     max_response_chars=scfg.max_response_chars,
                 )
-                row = _row(snippets[si], plan.checkpoints[ci], scfg.iteration, seed, k, len(req.prompt_ids), c)
+                row = _row(snippets[si], plan.checkpoints[ci], scfg.iteration, req.seed, k, len(req.prompt_ids), c)
                 row.update(
                     instruction=parsed.instruction,
                     response=parsed.response,
@@ -331,8 +330,8 @@ def prepare_output(plan: SamplePlan, cfg: RunConfig) -> None:
 
 def sample_stats(results: list[ShardResult], wall_s: float) -> dict[str, Any]:
     """Throughput of a sample run: rows, output tokens, tokens/s, engine load time, peak memory."""
-    tokens = sum(r.stats.get("output_tokens", 0) for r in results)
     engines = [e for r in results for e in r.stats.get("engines", [])]
+    tokens = sum(e["output_tokens"] for e in engines)
     gen_s = sum(e["generate_s"] for e in engines)
     return {
         "shards": len(results),

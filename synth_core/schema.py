@@ -100,3 +100,18 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("detail", pa.string()),
     ]
 )
+
+
+# One row per checkpoint of a train output, in training order: the registry the next sample stage and the
+# influence stage read (mean_lr weighs each checkpoint's influence).
+CHECKPOINT_SCHEMA = pa.schema(
+    [
+        pa.field("checkpoint", pa.string(), nullable=False),  # the checkpoint's folder
+        pa.field("step", pa.int64()),  # optimiser step after which it was saved
+        pa.field("mean_lr", pa.float64()),  # mean learning rate over the steps since the previous checkpoint
+        pa.field("span_steps", pa.int64()),
+        pa.field("method", pa.string()),  # lora | full
+        pa.field("base", pa.string()),  # the base model reference
+        pa.field("reject_reason", pa.string()),
+    ]
+)

@@ -273,9 +273,8 @@ def load_training_rows(data: Sequence[str], cfg: RunConfig) -> tuple[list[dict[s
             part = table.select(_TRAIN_COLUMNS).to_pylist()
             fps.append(fingerprint("reference", part))
         elif dataset_exists(src, cfg.storage):
-            part = read_dataset(src, columns=_TRAIN_COLUMNS, kept_only=False, storage=cfg.storage)
-            kept = read_dataset(src, columns=["reject_reason"], storage=cfg.storage).column(0).is_null()
-            part = part.filter(kept).to_pylist()
+            table = read_dataset(src, columns=[*_TRAIN_COLUMNS, "reject_reason"], kept_only=True, storage=cfg.storage)
+            part = table.select(_TRAIN_COLUMNS).to_pylist()
             fps.append(read_manifest(src, cfg.storage).fingerprint)
         else:
             raise ConfigError(f"training data '{src}': not reference:builtin, a reference file or a dataset")
@@ -297,9 +296,6 @@ def training_chats(rows: Sequence[dict[str, Any]], template: str) -> list[list[d
     ]
 
 
-CHECKPOINT_COLUMNS = ("checkpoint", "step", "mean_lr", "span_steps", "method", "base")
-
-
 def run_train(cfg: RunConfig, data: Sequence[str], base_ref: str | None = None, out: str | None = None) -> str:
     """Train the synthesizer on `data`; return the output folder (checkpoints + their dataset)."""
     import pyarrow as pa
@@ -307,6 +303,7 @@ def run_train(cfg: RunConfig, data: Sequence[str], base_ref: str | None = None, 
     from synth_core.models import resolve_model
     from synth_core.procs import run_in_subprocess
     from synth_core.sample import load_template
+    from synth_core.schema import CHECKPOINT_SCHEMA
     from synth_core.storage import (
         commit_dataset,
         dataset_has_fingerprint,
@@ -334,27 +331,17 @@ def run_train(cfg: RunConfig, data: Sequence[str], base_ref: str | None = None, 
     result = run_in_subprocess(
         train_model, base.path, training_chats(rows, template), cfg.train, str(Path(out) / "checkpoints"), base_ref
     )
-    records = []
-    for ckpt in result.checkpoints:
-        state = json.loads((Path(ckpt) / "train_state.json").read_text(encoding="utf-8"))
-        records.append({k: state.get(k) for k in CHECKPOINT_COLUMNS} | {"checkpoint": ckpt, "base": base_ref})
-    schema = pa.schema(
-        [
-            ("checkpoint", pa.string()),
-            ("step", pa.int64()),
-            ("mean_lr", pa.float64()),
-            ("span_steps", pa.int64()),
-            ("method", pa.string()),
-            ("base", pa.string()),
-            ("reject_reason", pa.string()),
-        ]
-    )
-    table = pa.Table.from_pylist([r | {"reject_reason": None} for r in records], schema=schema)
+    records = [
+        json.loads((Path(ckpt) / "train_state.json").read_text(encoding="utf-8"))
+        | {"checkpoint": ckpt, "base": base_ref, "reject_reason": None}
+        for ckpt in result.checkpoints
+    ]
+    table = pa.Table.from_pylist(records, schema=CHECKPOINT_SCHEMA)  # keeps the schema's fields only
     part = write_part(out, 0, table, fp, storage=cfg.storage)
     commit_dataset(
         out,
         [part],
-        schema,
+        CHECKPOINT_SCHEMA,
         fp,
         stage="train",
         funnel={"rows_in": len(rows), "kept": len(rows), "rejected": {}},
