@@ -203,10 +203,26 @@ class TrainConfig(StrictModel):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming up the LR.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     epochs: float = Field(3.0, gt=0, description="Passes over the training rows.")
-    batch_size: int = Field(8, ge=1, description="Sequences per device per micro-batch.")
+    batch_size: int = Field(8, ge=1, description="Sequences per device per micro-batch (packed into one row).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
     max_seq_len: int = Field(1024, ge=16, description="Longest training sequence (tokens); longer rows are cut.")
-    group_by_length: bool = Field(True, description="Batch rows of similar length so padding stays small.")
+    group_by_length: bool = Field(
+        True, description="Batch rows of similar length so padding stays small (used when packing is off)."
+    )
+    packing: bool = Field(
+        True,
+        description="Padding-free packing: a micro-batch's rows are concatenated into one sequence with "
+        "positions restarting per row and attention kept within each row; no pad tokens are computed.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
+        "sdpa", description="transformers attention kernel used for training."
+    )
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Data-parallel training processes under torchrun, one per GPU; on a machine without CUDA "
+        "they share the CPU (gloo), which is only useful for testing.",
+    )
     num_checkpoints: int = Field(3, ge=1, description="Checkpoints (M) saved evenly along training.")
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="Training dtype; 'auto' = bf16 on GPUs that support it, else fp32."
@@ -224,6 +240,63 @@ class ExecutionConfig(StrictModel):
     max_workers: int | None = Field(None, ge=1, description="Parallel shard tasks; None = the number of CPU cores.")
 
 
+class TeacherConfig(StrictModel):
+    """A teacher behind any OpenAI-compatible chat endpoint (a proprietary API or a vLLM server)."""
+
+    endpoint: str = Field(
+        "http://127.0.0.1:8000/v1", description="Base URL of the chat-completions API (ends in /v1; vLLM's default)."
+    )
+    model: str | None = Field(None, description="Model name the endpoint serves; None = must be given (--model).")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        description="NAME of the environment variable holding the API key (never the key); unset = no key needed.",
+    )
+    max_concurrency: int = Field(16, ge=1, description="Requests in flight at once.")
+    timeout_s: float = Field(120.0, gt=0, description="Deadline of one attempt (seconds, whole request).")
+    max_retries: int = Field(
+        4, ge=0, description="Retries of a transient failure (timeout, connection, 408/409/429, 5xx) per request."
+    )
+    backoff_s: float = Field(1.0, ge=0, description="Delay before the first retry (seconds); doubles per retry.")
+    max_backoff_s: float = Field(60.0, ge=0, description="Longest delay between retries (seconds, Retry-After too).")
+    temperature: float | None = Field(0.0, ge=0, description="Sampling temperature; None = the endpoint's default.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus mass; None = the endpoint's default.")
+    max_tokens: int | None = Field(
+        2048, ge=1, description="Most completion tokens per answer; None = the endpoint's default."
+    )
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = Field(
+        "max_tokens", description="Request field carrying max_tokens (newer OpenAI models want max_completion_tokens)."
+    )
+    seed: int | None = Field(None, description="Sampling seed sent with each request (where the endpoint honours it).")
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict, description="Extra JSON fields sent with every request (e.g. vLLM's top_k)."
+    )
+    usd_per_1m_input: float = Field(0.0, ge=0, description="Price of prompt tokens (USD per million tokens).")
+    usd_per_1m_output: float = Field(0.0, ge=0, description="Price of completion tokens (USD per million tokens).")
+
+
+class ReferenceBuildConfig(StrictModel):
+    """Building the reference set R from pool snippets with a teacher (`scoder reference build`)."""
+
+    max_snippets: int | None = Field(
+        512, ge=1, description="Kept pool snippets sent to the teacher (one request each); None = all of them."
+    )
+    selection: Literal["random", "first"] = Field(
+        "random", description="'random': a seeded choice among the kept snippets; 'first': the first ones."
+    )
+    seed: int = Field(0, description="Seed of the random choice of snippets.")
+    system_prompt: str | None = Field(
+        None, description="System message sent before the synthesis prompt; None = no system message."
+    )
+    shard_rows: int = Field(256, ge=1, description="Requests per part: a crash loses at most the parts in flight.")
+    max_failed_fraction: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Share of requests that may fail (after retries) before nothing is committed and the build stops.",
+    )
+    progress_log_s: float = Field(10.0, gt=0, description="Seconds between progress log lines.")
+
+
 class RunConfig(StrictModel):
     """The whole configuration of a run; every section has a default."""
 
@@ -235,6 +308,10 @@ class RunConfig(StrictModel):
     sample: SampleConfig = Field(default_factory=SampleConfig, description="Multi-checkpoint sampling stage.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning stage.")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="How flows run shard tasks.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="OpenAI-compatible teacher endpoint.")
+    reference: ReferenceBuildConfig = Field(
+        default_factory=ReferenceBuildConfig, description="Building R with the teacher."
+    )
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:

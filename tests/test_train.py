@@ -149,3 +149,49 @@ def test_same_seed_same_checkpoints(tmp_path, tiny_model):
     c = train_model(base.path, _chats(4), cfg.model_copy(update={"seed": 1}), str(tmp_path / "c")).checkpoints[0]
     wc = load_file(f"{c}/adapter_model.safetensors")
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_packed_batch_gives_the_padded_batch_loss_and_no_row_sees_another():
+    """Packing is exact: the same rows packed into one sequence give the padded batch's loss (fp32).
+
+    On the real built-in model, whose attention matters (a random tiny model's does not): if a packed row
+    could attend to the rows before it (no position restarts), the loss would differ, and this test fails.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from synth_core.train import _Collator, load_model_for_training, make_collator
+
+    base = resolve_model("builtin:smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(base.path)
+    rows = [encode_chat(tok, c, 600) for c in _chats(3)]
+    rows[1] = {k: v[:420] for k, v in rows[1].items()}  # mixed lengths: the padded batch has real padding
+    cfg = TrainConfig(packing=True, lora_r=4)
+    model = load_model_for_training(base.path, cfg, bf16=False).eval()
+    packed = make_collator(cfg, tok.pad_token_id)(rows)
+    assert packed["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
+    leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
+    with torch.no_grad():
+        padded_loss = model(**_Collator(tok.pad_token_id)(rows)).loss.item()
+        packed_loss = model(**packed).loss.item()
+        leaky_loss = model(**leaky).loss.item()
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    assert abs(leaky_loss - padded_loss) > 0.01
+
+
+@pytest.mark.slow
+def test_two_data_parallel_processes_match_one(tmp_path, tiny_model):
+    """torchrun with 2 processes (gloo on the CPU) and half the batch each follows one process's loss curve."""
+    from synth_core.train import launch_training
+
+    base = resolve_model(tiny_model)
+    one = TrainConfig(method="full", epochs=2, batch_size=4, max_seq_len=384, learning_rate=5e-3, num_checkpoints=1)
+    two = one.model_copy(update={"batch_size": 2, "num_processes": 2})
+    chats = _chats(8)
+    a = launch_training(base.path, chats, one, str(tmp_path / "one"))
+    b = launch_training(base.path, chats, two, str(tmp_path / "two"))
+    assert [s for s, _ in a.loss_curve] == [s for s, _ in b.loss_curve] == [1, 2, 3, 4]
+    for (_, la), (_, lb) in zip(a.loss_curve, b.loss_curve, strict=True):
+        assert lb == pytest.approx(la, rel=1e-3)
+    assert a.loss_curve[-1][1] < a.loss_curve[0][1]
+    assert len(b.checkpoints) == 1 and (Path(b.checkpoints[0]) / "optimizer_moments.pt").is_file()
