@@ -50,36 +50,28 @@ Defaults (24 prompts x 2 samples, 192 new tokens) keep the whole run near 13 min
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
-import resource
 import sys
 import sysconfig
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from common import RESULTS_DIR, cpu_name, fmt_num, package_version, peak_rss_mb, print_table, write_json
+
+from synth_core.models import RANDOM_LLAMA_SHAPES
+
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 GOAL_MULTI_LORA_RATIO = 1.3
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SNIPPET_LINES = (5, 15)
 SNIPPET_MIN_CHARS = 80  # non-blank characters; shorter cuts (blank runs, lone brackets) are skipped
 
 # Llama-3.2-1B's shape (1.24B parameters with tied embeddings); "tiny" checks the code path on a CPU.
 GPU_SHAPES: dict[str, dict[str, Any]] = {
-    "1b": dict(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=True,
-    ),
+    "1b": RANDOM_LLAMA_SHAPES["1b"],
     "tiny": dict(
         vocab_size=32000,
         hidden_size=64,
@@ -90,11 +82,6 @@ GPU_SHAPES: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True,
     ),
 }
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,61 +123,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out-json", type=Path, default=None, help="Where to write the JSON results (default under bench/results/)."
     )
     return parser.parse_args(argv)
-
-
-def fmt_num(x: float | None, digits: int = 0) -> str:
-    return "—" if x is None else f"{x:,.{digits}f}"
-
-
-def print_table(title: str, headers: list[str], rows: list[list[str]], sections: set[int], use_rich: bool) -> None:
-    """A table with rich (CPU mode) or as plain text (GPU mode: that machine need not have rich)."""
-    if use_rich:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=title)
-        for i, h in enumerate(headers):
-            table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
-        for i, row in enumerate(rows):
-            table.add_row(*row, end_section=i in sections)
-        Console(width=240).print(table)
-        return
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = "  ".join("-" * w for w in widths)
-    print(title)
-    print(
-        "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True)))
-    )
-    print(line)
-    for i, row in enumerate(rows):
-        print(
-            "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True)))
-        )
-        if i in sections:
-            print(line)
-
-
-def write_json(path: Path, results: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, default=float) + "\n", encoding="utf-8")
-    print(f"wrote {path}")
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,10 @@ References:
 - `builtin:tiny-random-llama`: a Llama of about 3M parameters with the built-in model's tokenizer and
   chat template, random weights (seeded). For tests and smoke runs: builds in seconds. Its hidden size
   is 64 with two heads because vLLM's CPU attention needs a head size of at least 32.
+- `builtin:random-llama-1b` (Llama-3.2-1B's shape, 1.24B parameters) and `builtin:random-llama-150m`: random
+  weights of a real shape with a synthetic word-level tokenizer (`w0 w1 ...`, ChatML chat template), built
+  from nothing. For benchmarks and GPU tests on machines that can download nothing: speed does not depend on
+  the weights' values, and every stage (training, sampling, gradients) runs on them as on a real model.
 - a local folder holding `config.json` (a full model) or `adapter_config.json` (a peft LoRA adapter;
   its base is the adapter's `base_model_name_or_path`, itself any reference, unless `base=` overrides).
 - a Hugging Face hub id (`org/name`): downloaded through huggingface_hub when online; offline
@@ -33,6 +37,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
@@ -162,9 +167,109 @@ def _build_tiny_llama(out: Path, seed: int = 0) -> None:
     tok.save_pretrained(out)
 
 
+# Real shapes for benchmarks: Llama-3.2-1B (1.24B parameters with tied embeddings) and a 150M model of the
+# same family (SmolLM2-135M-like depth and width with Llama-3's vocabulary).
+RANDOM_LLAMA_SHAPES: dict[str, dict[str, int | bool]] = {
+    "1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "150m": dict(
+        vocab_size=32768,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    ),
+}
+SYNTHETIC_SPECIAL_TOKENS = (
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "system",
+    "user",
+    "assistant",
+)
+_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A word-level tokenizer: the special tokens, then one token per word `w0`, `w1`, ... up to vocab_size.
+
+    Text made of those words tokenizes to exactly one token per word, which lets a benchmark build rows of
+    a chosen length; the chat template is ChatML, as the built-in model's.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(SYNTHETIC_SPECIAL_TOKENS)
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab.update({f"w{i}": len(specials) + i for i in range(vocab_size - len(specials))})
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = _CHATML
+    return tok
+
+
+def synthetic_chats(n: int, mean_tokens: int, vocab_size: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """n chats of random words for the synthetic tokenizer (one token per word): row lengths uniform in
+    [mean/4, 7 mean/4] tokens, half prompt and half answer. Training rows of known length for benchmarks."""
+    import random
+
+    rng = random.Random(seed)
+    words = vocab_size - len(SYNTHETIC_SPECIAL_TOKENS)
+    chats = []
+    for _ in range(n):
+        total = rng.randint(mean_tokens // 4, 7 * mean_tokens // 4)
+        prompt = " ".join(f"w{rng.randrange(words)}" for _ in range(total // 2))
+        answer = " ".join(f"w{rng.randrange(words)}" for _ in range(total - total // 2))
+        chats.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
+    return chats
+
+
+def _build_random_llama(out: Path, shape: str, seed: int = 0) -> None:
+    """A random Llama of a real shape (RANDOM_LLAMA_SHAPES) with the synthetic tokenizer, saved in bf16."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dims = RANDOM_LLAMA_SHAPES[shape]
+    tok = synthetic_tokenizer(int(dims["vocab_size"]))
+    config = LlamaConfig(
+        **dims,
+        max_position_embeddings=8192,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        dtype="bfloat16",
+    )
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 1B on a GPU takes a second
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
 BUILTINS: dict[str, Callable[[Path], None]] = {
     "smollm2-135m-instruct": _build_smollm2,
     "tiny-random-llama": _build_tiny_llama,
+    **{f"random-llama-{shape}": partial(_build_random_llama, shape=shape) for shape in RANDOM_LLAMA_SHAPES},
 }
 
 

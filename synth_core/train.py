@@ -53,6 +53,7 @@ class TrainResult:
     tokens_per_s: float = 0.0
     peak_memory_mb: float = 0.0  # host memory (PSS) of the training process(es)
     peak_gpu_memory_mb: float = 0.0  # torch's peak CUDA allocation on the first GPU
+    step_end_s: list[float] = field(default_factory=list)  # seconds from the start of training to each step's end
 
 
 def encode_chat(tokenizer, messages: Sequence[dict[str, str]], max_seq_len: int) -> dict[str, list[int]]:
@@ -112,13 +113,19 @@ def _make_callback(out_dir: Path, save_at: list[int], trainable: dict[int, str],
         def __init__(self) -> None:
             self.span_lrs: list[float] = []
             self.saved: list[str] = []
+            self.step_end_s: list[float] = []  # lets a benchmark leave the first steps (warm-up, compile) out
+            self.t0 = 0.0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
 
         def on_step_begin(self, args, state, control, lr_scheduler=None, **kw):
             if lr_scheduler is not None:
                 self.span_lrs.append(float(lr_scheduler.get_last_lr()[0]))
 
         def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
-            if state.global_step not in save_at:
+            self.step_end_s.append(round(time.perf_counter() - self.t0, 4))
+            if state.global_step not in save_at or not state.is_world_process_zero:
                 return
             import torch
 
@@ -213,7 +220,7 @@ def train_model(
     checkpoints and returns the result, the others return None.
     """
     import torch
-    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainingArguments, set_seed
 
     from synth_core.procs import TreeMemorySampler
 
@@ -265,6 +272,8 @@ def train_model(
         data_collator=make_collator(cfg, pad_id),
         callbacks=[callback],
     )
+    # The loss curve goes into the manifest; Trainer's printing of every log dict to stdout is noise there.
+    trainer.remove_callback(PrinterCallback)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -293,6 +302,7 @@ def train_model(
         tokens_per_s=round(tokens / seconds, 1) if seconds > 0 else 0.0,
         peak_memory_mb=round(mem.peak_mb, 1),
         peak_gpu_memory_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1) if on_gpu else 0.0,
+        step_end_s=callback.step_end_s,
     )
 
 
