@@ -235,6 +235,17 @@ def finished_shard(
     return ShardResult(marker, 0.0, cached=True) if marker is not None else None
 
 
+def forget_shard(dataset_uri: str, index: int, storage: StorageConfig | None = None) -> None:
+    """Remove shard `index`'s done-marker (its part stays until overwritten): a resumed run redoes that shard.
+
+    For a shard that finished with failures worth another try (a teacher's failed requests).
+    """
+    fs, root = get_fs(dataset_uri, storage)
+    path = f"{root}/{MARKERS_DIR}/{index:05d}.json"
+    if fs.exists(path):
+        fs.rm(path)
+
+
 def compute_funnel(table: pa.Table, reason_order: Sequence[str] = ()) -> dict[str, Any]:
     """Rows in, kept and rejected per reason, from the `reject_reason` column (null = kept)."""
     reasons = table.column("reject_reason").to_pylist() if table.num_rows else []

@@ -12,6 +12,8 @@ from synth_core.storage import (
     compute_funnel,
     dataset_exists,
     fingerprint,
+    finished_shard,
+    forget_shard,
     read_dataset,
     read_manifest,
     read_part_marker,
@@ -43,6 +45,11 @@ def _roundtrip(uri: str, storage: StorageConfig | None = None):
     assert read_part_marker(uri, 0, "fp1", storage).rows == 2
     assert read_part_marker(uri, 0, "other", storage) is None
     assert read_part_marker(uri, 7, "fp1", storage) is None
+    # A forgotten shard is not finished any more (a resumed run redoes it); its part stays listed by the manifest.
+    forget_shard(uri, 1, storage)
+    forget_shard(uri, 7, storage)  # no marker: nothing to do
+    assert finished_shard(uri, 1, "fp1", storage) is None and finished_shard(uri, 0, "fp1", storage) is not None
+    assert read_dataset(uri, storage=storage).num_rows == 3
 
 
 def test_local_roundtrip(tmp_path):
