@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -146,7 +147,7 @@ class TeacherStats:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "missing_usage": self.missing_usage,
-            "cost_usd": round(self.cost_usd, 6),
+            "cost_usd": round(self.cost_usd, 9),
         }
         if wall_s is not None:
             out["wall_s"] = round(wall_s, 3)
@@ -161,13 +162,19 @@ def read_api_key(cfg: TeacherConfig) -> str | None:
 
 
 def scrub_secret(text: str, secret: str | None) -> str:
-    """`text` with the secret, its URL-quoted form and every run of 8+ of its characters replaced by ***."""
+    """`text` with the secret, its URL-quoted form and every run of 8+ of its characters replaced by ***.
+
+    A secret shorter than 8 characters (no real API key; a test server's) is replaced only where it stands as a
+    whole token, so that a key "k" does not turn max_tokens into max_to***ens.
+    """
     if not secret or secret == PLACEHOLDER_KEY or not text:
+        return text
+    if len(secret) < _MIN_SCRUB_CHARS:
+        for form in {secret, quote(secret, safe="")}:
+            text = re.sub(rf"(?<![\w-]){re.escape(form)}(?![\w-])", REDACTED, text)
         return text
     for form in (secret, quote(secret, safe="")):
         text = text.replace(form, REDACTED)
-    if len(secret) < _MIN_SCRUB_CHARS:
-        return text
     masked = [False] * len(text)
     for i in range(len(secret) - _MIN_SCRUB_CHARS + 1):
         window = secret[i : i + _MIN_SCRUB_CHARS]

@@ -77,6 +77,13 @@ def error(status: int, message: str, **headers: str) -> Reply:
     return Reply(status, {"error": {"message": message, "type": "stub_error", "code": status}}, headers=headers)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver's default listen backlog is 5: a burst of concurrent connects overflows it, and the dropped
+    # connects then wait out a SYN retransmit (1 s), which a short client timeout reports as a timeout.
+    request_queue_size = 128
+
+
 class ScriptedEndpoint:
     """`with ScriptedEndpoint(respond) as ep:` serves at `ep.url` (ends in /v1) until the block ends."""
 
@@ -125,8 +132,7 @@ class ScriptedEndpoint:
                     with endpoint._lock:
                         endpoint._in_flight -= 1
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
         # A short poll: shutdown() waits for it (the default 0.5 s would be most of a test's time).
         self._thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)

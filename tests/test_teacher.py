@@ -1,7 +1,7 @@
 """The teacher client against a real HTTP server that misbehaves on cue (tests/openai_stub.py, a stand-in for a
 failing proprietary endpoint): answers, retries with backoff, timeouts, malformed 200s, errors that are not
-retried, the concurrency limit, token and cost accounting, and the API key kept out of every message and log.
-vLLM's own server is exercised in tests/test_reference_build.py."""
+retried, the concurrency limit, token and cost accounting, and the API key kept out of every message and log; and
+against vLLM's own OpenAI-compatible server with the tiny random model (slow: it starts once per session)."""
 
 from __future__ import annotations
 
@@ -256,7 +256,8 @@ def test_scrub_secret_forms():
     assert scrub_secret("k=sk-abc%2Fdef%2Bghi%3Djkl0123456789", key) == "k=***"  # URL-quoted
     assert "0123456789" not in scrub_secret("key ...jkl0123456789 rejected", key)  # a truncated echo
     assert scrub_secret("nothing here", key) == "nothing here"
-    assert scrub_secret("short abc", "abc") == "short ***"
+    assert scrub_secret("short abc, abcd, xabc", "abc") == "short ***, abcd, xabc"  # a short one: whole tokens only
+    assert scrub_secret("Bearer k; max_tokens=5", "k") == "Bearer ***; max_tokens=5"
     assert scrub_secret(f"Bearer {PLACEHOLDER_KEY}", PLACEHOLDER_KEY) == f"Bearer {PLACEHOLDER_KEY}"
     assert scrub_secret("text", None) == "text"
 
@@ -272,3 +273,22 @@ def test_backoff_delay_doubles_capped_with_jitter():
         delays = [backoff_delay(retry, 0.5, 10.0, rng) for _ in range(200)]
         assert all(full / 2 <= d <= full for d in delays)
         assert max(delays) - min(delays) > full / 10  # jittered, not constant
+
+
+@pytest.mark.slow
+def test_vllm_server_answers_the_client(vllm_server, monkeypatch):
+    """The client against the real server: tokens and logprobs (what a judge reads), and the server's own 404,
+    400 and 401 (vLLM checks the key when started with one), none of them retried."""
+    monkeypatch.setenv(KEY_ENV, vllm_server.api_key)
+    cfg = TeacherConfig(endpoint=vllm_server.url, model=vllm_server.model, api_key_env=KEY_ENV, max_tokens=4)
+    chat = [{"role": "user", "content": "Rate this from 0 to 9."}]
+    (result,), stats = run_chats(cfg, [chat], logprobs=True, top_logprobs=3)
+    assert result.ok and result.completion_tokens == 4 and stats.prompt_tokens == result.prompt_tokens > 0
+    assert len(result.logprobs) == 4 and len(result.logprobs[0]["top_logprobs"]) == 3
+    (unknown,), _ = run_chats(cfg.model_copy(update={"model": "nope"}), [chat])
+    (too_long,), _ = run_chats(cfg.model_copy(update={"max_tokens": 5000}), [chat])
+    assert (unknown.error, too_long.error) == (NOT_FOUND, BAD_REQUEST)
+    assert unknown.attempts == too_long.attempts == 1
+    monkeypatch.setenv(KEY_ENV, "sk-wrong-key-0123456789")
+    (denied,), _ = run_chats(cfg, [chat])
+    assert (denied.error, denied.attempts) == (AUTH_ERROR, 1) and "0123456789" not in str(denied)
