@@ -12,15 +12,17 @@ Where R comes from:
   (default "python") and `id` (alias `ref_id`; default: the content hash of instruction + response). A chat row
   (`messages`: an optional system message, then user = instruction, assistant = response) is accepted as well.
   Blank lines are skipped and unknown fields ignored.
+- `load_reference("scoder-data/reference/FP" | "s3://...")`: a dataset folder (one with `_manifest.json`), such as
+  the one `scoder reference build` writes (synth_core.reference_build): its kept rows (reject_reason null), the
+  same fields; a row's `source` is `URI#ROW`, the 0-based row among all the dataset's rows.
 
 A bad file is an error, never a silently shorter R: `ReferenceSetError` names the file, the 1-based line of a JSONL
 file (`refs.jsonl:7: missing field 'response'`) or the 0-based row of a Parquet file (`refs.parquet#6: ...`, the
 snippet pool's convention), and the field. Each loaded row's `source` says where it came from in the same form
 (`builtin` for the built-in set).
 
-Not here (yet): building R from a teacher endpoint (an OpenAI-compatible API answering the synthesis prompt,
-parsed with synth_core.parse) and writing R as a dataset; they belong in this module or a sibling. Tokenising rows
-for training is the train stage's job: it gets chat messages from `reference_messages`.
+Not here: building R from a teacher endpoint (synth_core.reference_build). Tokenising rows for training is the
+train stage's job: it gets chat messages from `reference_messages`.
 """
 
 from __future__ import annotations
@@ -75,10 +77,12 @@ def builtin_reference_path() -> Path:
 
 
 def load_reference(path: str | None = None, storage: StorageConfig | None = None) -> pa.Table:
-    """R as a table of REFERENCE_SCHEMA: the built-in set (path None), or a .jsonl/.json/.parquet file or URI.
+    """R as a table of REFERENCE_SCHEMA: the built-in set (path None), a .jsonl/.json/.parquet file or URI, or the
+    kept rows of a dataset folder.
 
     `storage` gives the S3 endpoint and credentials for an s3:// path (synth_core.storage.get_fs).
     """
+    empty = "the file is empty"
     if path is None:
         name = str(builtin_reference_path())
         located = [(f"{name}:{n}", BUILTIN_SOURCE, rec) for n, rec in _jsonl_records(Path(name).read_bytes(), name)]
@@ -90,10 +94,15 @@ def load_reference(path: str | None = None, storage: StorageConfig | None = None
             located = [(f"{path}:{n}", f"{path}:{n}", rec) for n, rec in records]
         elif lower.endswith(".parquet"):
             located = [(f"{path}#{i}", f"{path}#{i}", rec) for i, rec in enumerate(_parquet_records(path, storage))]
+        elif _is_dataset(path, storage):
+            located = [(f"{path}#{i}", f"{path}#{i}", rec) for i, rec in _dataset_records(path, storage)]
+            empty = "the dataset has no kept rows"
         else:
-            raise ReferenceSetError(f"{path}: unknown reference file format (use .jsonl, .json or .parquet)")
+            raise ReferenceSetError(
+                f"{path}: unknown reference file format (use .jsonl, .json, .parquet or a dataset folder)"
+            )
     if not located:
-        raise ReferenceSetError(f"{name}: no examples (the file is empty)")
+        raise ReferenceSetError(f"{name}: no examples ({empty})")
     rows = []
     first_at: dict[str, str] = {}
     for where, source, record in located:
@@ -170,6 +179,32 @@ def _parquet_records(path: str, storage: StorageConfig | None) -> list[dict[str,
     except (pa.ArrowException, OSError) as err:
         raise ReferenceSetError(f"{path}: not a readable Parquet file: {err}") from None
     return table.to_pylist()
+
+
+def _is_dataset(path: str, storage: StorageConfig | None) -> bool:
+    from synth_core.storage import dataset_exists
+
+    try:
+        return dataset_exists(path, storage)
+    except OSError:
+        return False
+
+
+def _dataset_records(path: str, storage: StorageConfig | None) -> list[tuple[int, dict[str, Any]]]:
+    """(row among all rows, record) for the kept rows of a dataset whose rows have instruction and response."""
+    from synth_core.storage import DatasetError, read_dataset, read_manifest
+
+    try:
+        manifest = read_manifest(path, storage)
+        names = {f["name"] for f in manifest.schema}
+        for needed in ("instruction", "response"):
+            if needed not in names:
+                raise ReferenceSetError(f"{path}: a '{manifest.stage}' dataset without the column '{needed}'")
+        wanted = ("ref_id", "id", "snippet", "language", "instruction", "response", "messages", "reject_reason")
+        table = read_dataset(path, columns=[c for c in wanted if c in names], storage=storage)
+    except DatasetError as err:
+        raise ReferenceSetError(str(err)) from None
+    return [(i, rec) for i, rec in enumerate(table.to_pylist()) if rec.get("reject_reason") is None]
 
 
 # ---- validation ----------------------------------------------------------------------------------------------------

@@ -205,3 +205,54 @@ def test_bad_parquet_row_names_the_row_and_field(tmp_path):
     pq.write_table(pa.Table.from_pylist([GOOD]).slice(0, 0), path)
     with pytest.raises(ReferenceSetError, match=re.escape(f"{path}: no examples")):
         load_reference(path)
+
+
+# ---- datasets ------------------------------------------------------------------------------------------------------
+
+
+def _dataset(uri: str, rows: list[dict], schema: pa.Schema | None = None, stage: str = "test") -> str:
+    from synth_core.storage import commit_dataset, write_part
+
+    table = pa.Table.from_pylist(rows, schema=schema)
+    part = write_part(uri, 0, table, "fp")
+    commit_dataset(uri, [part], table.schema, "fp", stage=stage)
+    return uri
+
+
+def test_dataset_folder_gives_its_kept_rows(tmp_path):
+    """A dataset (e.g. `scoder reference build`'s, or the sample stage's) is read through its manifest; rejected rows
+    are skipped and a row's source names its row among all rows."""
+    rows = [
+        {**GOOD, "ref_id": "r0", "snippet": "y = x + x", "reject_reason": None},
+        {"instruction": None, "response": None, "ref_id": "r1", "snippet": "z", "reject_reason": "no_code_block"},
+        {**GOOD, "instruction": INSTRUCTION + " Twice.", "ref_id": "r2", "snippet": None, "reject_reason": None},
+    ]
+    uri = _dataset(str(tmp_path / "R"), rows)
+    loaded = load_reference(uri).to_pylist()
+    assert [(r["ref_id"], r["snippet"], r["source"]) for r in loaded] == [
+        ("r0", "y = x + x", f"{uri}#0"),
+        ("r2", "", f"{uri}#2"),
+    ]
+    assert loaded[0]["instruction"] == INSTRUCTION and loaded[0]["language"] == "python"
+    # Without ids (a samples dataset has sample_id, not ref_id): the content hash, as for files.
+    plain = _dataset(str(tmp_path / "S"), [{**GOOD, "sample_id": "s", "reject_reason": None}])
+    assert load_reference(plain).column("ref_id").to_pylist() == [content_id(INSTRUCTION + RESPONSE)]
+
+
+def test_bad_datasets(tmp_path):
+    no_kept = _dataset(str(tmp_path / "A"), [{**GOOD, "reject_reason": "too_long"}])
+    with pytest.raises(ReferenceSetError, match=re.escape(f"{no_kept}: no examples (the dataset has no kept rows)")):
+        load_reference(no_kept)
+    pool = _dataset(str(tmp_path / "P"), [{"content": "x = 1", "reject_reason": None}], stage="pool")
+    with pytest.raises(
+        ReferenceSetError, match=re.escape(f"{pool}: a 'pool' dataset without the column 'instruction'")
+    ):
+        load_reference(pool)
+    bad_row = _dataset(
+        str(tmp_path / "B"), [GOOD | {"reject_reason": None}, {**GOOD, "response": " ", "reject_reason": None}]
+    )
+    with pytest.raises(ReferenceSetError, match=re.escape(f"{bad_row}#1: field 'response' is empty")):
+        load_reference(bad_row)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ReferenceSetError, match="unknown reference file format .* or a dataset folder"):
+        load_reference(str(tmp_path / "folder"))
