@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,66 @@ def write_pool(uri: str, snippets: list[str], rejected: int = 1, storage=None) -
 def snippet_pool(tmp_path) -> str:
     """A small pool: four kept seed snippets and one rejected row."""
     return write_pool(str(tmp_path / "pool"), SNIPPETS)
+
+
+@dataclass(frozen=True)
+class OpenAIServer:
+    """A running OpenAI-compatible server: base URL (ends in /v1), the model name it serves, the key it wants."""
+
+    url: str
+    model: str
+    api_key: str
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model, tmp_path_factory):
+    """vLLM's own OpenAI-compatible server (a subprocess) with the tiny random model on 127.0.0.1,
+    served as 'tiny' and requiring an API key. Started once per session (about 30 s on 2 cores: eager mode, a 1 GiB
+    KV cache, float32 as in test_generate.py); its whole process group is killed at teardown."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from synth_core.models import resolve_model
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    api_key = "sk-vllm-test-3Jd9QwErTy5UiOp1"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": api_key}
+    cmd = [
+        # The api_server module, not `vllm serve`: the CPU build's package is named vllm-cpu, and the `vllm` CLI
+        # dies looking up the version of a package named vllm.
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model(tiny_model).path,
+        "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
+        "--enforce-eager", "--dtype", "float32", "--max-model-len", "1024", "--seed", "0",
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vllm serve not healthy after 240 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield OpenAIServer(f"http://127.0.0.1:{port}/v1", "tiny", api_key)
+    finally:
+        # The API server spawns its engine core: end the whole group, politely first, then whatever is left.
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
