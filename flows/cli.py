@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 pool_app = typer.Typer(help="The seed-snippet pool.", no_args_is_help=True)
 app.add_typer(pool_app, name="pool")
+reference_app = typer.Typer(help="The reference set R.", no_args_is_help=True)
+app.add_typer(reference_app, name="reference")
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML run config; omitted = the embedded default.")
@@ -40,8 +42,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from synth_core.pool import SourceError
     from synth_core.reference import ReferenceSetError
     from synth_core.storage import DatasetError
+    from synth_core.teacher import TeacherError
 
-    return (ConfigError, SourceError, BenchmarkError, DatasetError, ModelError, ReferenceSetError)
+    return (ConfigError, SourceError, BenchmarkError, DatasetError, ModelError, ReferenceSetError, TeacherError)
 
 
 def _fail(message: str) -> None:
@@ -147,6 +150,104 @@ def sample_cmd(
     typer.echo(uri)
 
 
+@reference_app.command("build")
+def reference_build_cmd(
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--endpoint",
+            "-e",
+            help="OpenAI-compatible base URL: https://api.openai.com/v1, http://127.0.0.1:8000/v1 (vllm serve), ...",
+        ),
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name the endpoint serves.")] = None,
+    snippets: Annotated[
+        str | None,
+        typer.Option("--snippets", help="The snippet pool dataset; default: the config's pool (scoder pool build)."),
+    ] = None,
+    max_snippets: Annotated[
+        int | None, typer.Option("--max-snippets", help="Snippets sent to the teacher, one request each.")
+    ] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option("--api-key-env", help="Environment variable holding the API key (default OPENAI_API_KEY)."),
+    ] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Where to write R (path or s3:// URI).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Ask a teacher endpoint to write the reference set R from pool snippets. Prints the funnel and the bill."""
+    extra = {
+        "teacher.endpoint": endpoint,
+        "teacher.model": model,
+        "teacher.api_key_env": api_key_env,
+        "reference.max_snippets": max_snippets,
+    }
+    try:
+        cfg = _load(config, set_, extra)
+        from synth_core.reference_build import build_reference
+
+        if snippets is None:
+            from synth_core.pool import plan_pool, pool_is_built
+
+            targets = plan_pool(cfg).targets
+            if not pool_is_built(targets, cfg):
+                _fail(
+                    f"no --snippets given, and the config's pool is not built at {targets.out_uri}: "
+                    "run scoder pool build"
+                )
+            snippets = targets.out_uri
+        with _RequestProgress() as progress:
+            uri = build_reference(cfg, snippets, out, progress=progress.update)
+        _print_dataset(uri, cfg.storage, rows=False)
+        from synth_core.storage import read_manifest
+
+        failures = read_manifest(uri, cfg.storage).stats.get("failures") or {}
+        if failures:
+            typer.echo("failed requests: " + ", ".join(f"{k} {v}" for k, v in failures.items()))
+    except _expected_errors() as err:
+        _fail(str(err))
+    typer.echo(uri)
+
+
+class _RequestProgress:
+    """A progress bar of requests on stderr (stdout keeps the tables and the URI): done/total, requests/s,
+    completion tokens/s, failures and cost so far. Drawn only once a request is sent (a free re-run shows none)."""
+
+    def __enter__(self) -> _RequestProgress:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("requests"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[rate]}"),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self.task = None
+        return self
+
+    def update(self, p) -> None:
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("requests", total=p.total, rate="")
+        s = p.stats
+        rate = (
+            f"{p.done / p.elapsed_s:.1f} req/s, {s.completion_tokens / p.elapsed_s:.0f} tok/s, "
+            f"{s.requests - s.answered} failed, ${s.cost_usd:.4f}"
+            if p.elapsed_s > 0
+            else ""
+        )
+        self.bar.update(self.task, completed=p.done, rate=rate)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+
 @app.command("train")
 def train_cmd(
     data: Annotated[
@@ -179,7 +280,11 @@ def train_cmd(
 def bootstrap_cmd(
     reference: Annotated[
         str | None,
-        typer.Option("--reference", "-r", help="Reference set: a JSONL/Parquet file (default: the built-in R)."),
+        typer.Option(
+            "--reference",
+            "-r",
+            help="Reference set: a JSONL/Parquet file or a dataset (scoder reference build); default: the built-in R.",
+        ),
     ] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Local folder for the checkpoints.")] = None,
     config: ConfigOpt = None,

@@ -56,3 +56,34 @@ def test_build_then_inspect(tmp_path, source_tree):
     r = run("inspect", str(out))
     assert r.returncode == 0, r.stderr
     assert "fingerprint" in r.stdout and "funnel" in r.stdout and "kept" in r.stdout
+
+
+def test_reference_build_against_an_endpoint(tmp_path):
+    """`scoder reference build` against a real HTTP server in this process (tests/openai_stub.py, a stand-in for a
+    proprietary endpoint): the funnel and the bill on stdout, the URI last; a re-run sends nothing."""
+    from conftest import SNIPPETS, write_pool
+    from openai_stub import GOOD_ANSWER, Reply, ScriptedEndpoint, completion
+
+    pool = write_pool(str(tmp_path / "pool"), SNIPPETS)
+    with ScriptedEndpoint(lambda call: Reply(body=completion(GOOD_ANSWER))) as ep:
+        args = [
+            "reference", "build", "--endpoint", ep.url, "--model", "stub", "--snippets", pool, "--max-snippets", "3",
+            "--set", f"storage.root={tmp_path / 'data'}", "--set", "teacher.usd_per_1m_output=10",
+        ]  # fmt: skip
+        r = run(*args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert len(ep.calls) == 3
+        assert "rows in" in r.stdout and "kept" in r.stdout and "cost_usd" in r.stdout
+        uri = r.stdout.strip().splitlines()[-1]
+        assert (Path(uri) / "_manifest.json").is_file() and "3/3" in r.stderr  # the progress bar
+        again = run(*args)
+        assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == uri and len(ep.calls) == 3
+
+
+def test_reference_build_errors_are_one_line(tmp_path, source_tree):
+    r = run("reference", "build", "--snippets", str(tmp_path / "nope"), "--model", "m")
+    assert r.returncode == 2 and r.stderr.startswith("error: no dataset at") and len(r.stderr.splitlines()) == 1
+    r = run("reference", "build", "--set", f"pool.sources=[{source_tree}]", "--set", f"storage.root={tmp_path}")
+    assert r.returncode == 2 and "the config's pool is not built" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = run("reference", "build", "--snippets", str(tmp_path / "nope"))
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: teacher.model is not set")
