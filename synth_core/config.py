@@ -230,6 +230,59 @@ class TrainConfig(StrictModel):
     seed: int = Field(0, description="Seed of initialisation, shuffling and dropout.")
 
 
+SandboxProtection = Literal[
+    "clean_env",
+    "tmp_cwd",
+    "new_session",
+    "wall_timeout",
+    "output_cap",
+    "rlimit_cpu",
+    "rlimit_as",
+    "rlimit_fsize",
+    "rlimit_nproc",
+    "sandbox_uid",
+    "subreaper",
+    "netns",
+    "ipcns",
+    "mountns",
+    "private_tmp",
+]
+
+
+class SandboxConfig(StrictModel):
+    """Limits of the sandbox that runs untrusted generated code (synth_core/sandbox.py says what each one does)."""
+
+    timeout_s: float = Field(10.0, gt=0, description="Wall-clock limit of one program (seconds); then its tree dies.")
+    cpu_s: int = Field(10, ge=1, description="CPU time each process of a program may use (seconds, RLIMIT_CPU).")
+    memory_mb: int = Field(1024, ge=64, description="Address space of each process of a program (MiB, RLIMIT_AS).")
+    max_procs: int = Field(
+        32, ge=1, description="Processes + threads a program may have at once (RLIMIT_NPROC of its own uid)."
+    )
+    max_file_mb: int = Field(
+        16, ge=1, description="Largest file a program may write (MiB, RLIMIT_FSIZE); also the size of its /tmp."
+    )
+    max_output_bytes: int = Field(
+        1_000_000, ge=1, description="Stdout + stderr a program may write before it is killed (bytes)."
+    )
+    tail_bytes: int = Field(4096, ge=0, description="Last bytes of stdout and of stderr kept in a result (bytes).")
+    network: Literal["deny", "allow"] = Field(
+        "deny", description="'deny': an empty network namespace where the OS permits one; 'allow': the host's network."
+    )
+    workers: int | None = Field(None, ge=1, description="Programs run_programs runs at once; None = CPU cores.")
+    uid_base: int | None = Field(
+        64000,
+        ge=1,
+        description="As root, the i-th concurrent run runs as uid/gid uid_base + i (no account needed); None = root.",
+    )
+    tmp_root: str | None = Field(
+        None, description="Folder in which each run's fresh working folder is made; None = the system temp folder."
+    )
+    required: list[SandboxProtection] = Field(
+        default_factory=list,
+        description="Protections that must be active; a run without one ends as 'error' instead of running.",
+    )
+
+
 class ExecutionConfig(StrictModel):
     """How the flows run their shard tasks on this machine (a Ray cluster comes with the round flows)."""
 
@@ -307,6 +360,7 @@ class RunConfig(StrictModel):
     models: ModelsConfig = Field(default_factory=ModelsConfig, description="Model of each role.")
     sample: SampleConfig = Field(default_factory=SampleConfig, description="Multi-checkpoint sampling stage.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning stage.")
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="Sandbox for untrusted code.")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="How flows run shard tasks.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="OpenAI-compatible teacher endpoint.")
     reference: ReferenceBuildConfig = Field(

@@ -1,0 +1,834 @@
+"""Run untrusted generated Python in a sandbox and say how it ended and which protections held it.
+
+`run_program(code, cfg)` runs one program, `run_programs(codes, cfg)` runs many with a bounded number at
+once (threads, each waiting on one sandboxed process). A program runs as `python -I -B main.py ARGS` (the
+interpreter of this process, in isolated mode: PYTHON* variables, the user site and the script folder are
+ignored) with stdin empty (/dev/null), in a fresh working folder that is removed afterwards, with an
+environment of a few fixed variables (PATH, HOME and TMPDIR = the working folder, LANG, one BLAS thread)
+and nothing of this process's own, so no credential can be read from it.
+
+How a run is held, each protection by the name a result lists it under (`SandboxResult.protections`):
+
+- clean_env, tmp_cwd, new_session: the fixed environment, the fresh working folder, a new session (process
+  group) so that the program is signalled apart from us.
+- wall_timeout: the program's whole process tree is killed after `timeout_s` of wall time.
+- output_cap: stdout and stderr are read through pipes as they come; only the last `tail_bytes` of each are
+  kept, and a program that writes more than `max_output_bytes` in all is killed (a huge output never
+  reaches our memory).
+- rlimit_cpu, rlimit_as, rlimit_fsize: CPU time, address space and file size of each of its processes.
+- sandbox_uid: when we are root, the program runs as an unprivileged uid of its own (`uid_base + slot`,
+  one slot per run at once, held with a lock file so that other processes running sandboxes never share
+  it). That uid cannot write outside its folder (the permissions stop it), cannot signal us or read our
+  /proc entries, and lets us kill everything it started with one kill(-1) sent from that uid, even
+  processes that left its process group.
+- rlimit_nproc: processes + threads of that uid. Counted per uid, and root is exempt, so it is only active
+  with sandbox_uid (a fork bomb then stops at `max_procs`).
+- subreaper: a launcher process (below) stays the program's parent and adopts its orphans, so that every
+  process it leaves behind is killed and reaped when it ends (`leftover_procs` counts them).
+- netns, ipcns: new, empty network and System V IPC namespaces (no interface but a down loopback: no
+  connection anywhere, not even to 127.0.0.1), when the OS permits them (root with CAP_SYS_ADMIN, or an
+  unprivileged user namespace).
+- mountns, private_tmp: a private mount namespace in which /tmp, /var/tmp and /dev/shm are fresh tmpfs of
+  `max_file_mb` (so nothing written there outlives the run or is seen by another run) and the working
+  folder is bound back at its own path. When the interpreter lives under a folder the sandbox uid may not
+  enter (pyenv under a 0700 /root, as on our dev machines), that folder is replaced by an empty tmpfs with
+  only the interpreter's own folders bound back, at the same paths.
+
+Whatever the OS refuses is recorded, not hidden: `SandboxResult.inactive` says which protection was not
+active and why, and `SandboxConfig.required` turns a missing one into status 'error' instead of a run.
+Started without root, a program runs as our own uid: the limits, the namespaces (where user namespaces are
+allowed) and the cleanup of its tree still hold, but it can signal our processes, read what we can read,
+and fork until the wall timeout; use that mode for trusted code only.
+
+How it is built: a small launcher (`_launcher`, a function of this module sent to `python -I -S -c` as
+source, so that it starts in ~10 ms without importing this package) is started by a thread here. It forks
+the program's process, which sets the limits, enters the namespaces, switches uid and execs the
+interpreter; the launcher stays as the program's parent (as root where we are root, out of the program's
+reach), ends it at the wall timeout or when asked (SIGTERM: output cap), kills and reaps what it leaves
+behind, and reports on a status pipe. All of that is one fork-and-exec of a single-threaded process, so
+the sandbox is safe to use from threads (no preexec_fn in a threaded parent).
+
+What it leaves to others: deciding what to run and what a pass means (the score stage builds the program
+text, e.g. a solution followed by its own asserts). What it does not stop: reading world-readable files,
+seeing the host's process list (no pid namespace), using the disk in its working folder (each file at most
+`max_file_mb`, their number bounded only by time), and anything a kernel exploit can do: this is a
+process sandbox, not a virtual machine.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import inspect
+import logging
+import marshal
+import os
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+from synth_core.config import SandboxConfig, SandboxProtection
+
+log = logging.getLogger(__name__)
+
+PROTECTIONS: tuple[str, ...] = get_args(SandboxProtection)
+# Held by this side (the parent), whatever the OS permits.
+PARENT_PROTECTIONS = ("clean_env", "tmp_cwd", "new_session", "wall_timeout", "output_cap")
+
+Status = Literal["passed", "failed", "timeout", "killed", "error"]
+
+# Lock files of the uid slots. A fixed path, not tempfile.gettempdir(): two processes with different TMPDIRs
+# must still see each other's locks, or they would run programs under the same uid and kill each other's.
+SLOT_LOCK_DIR = Path("/tmp/scoder-sandbox-slots")
+MAX_SLOTS = 1024
+# World-writable folders replaced by a private tmpfs in the program's mount namespace.
+SHARED_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+# Beyond timeout_s, how long the launcher gets to start, clean up and report before we kill it ourselves.
+GRACE_S = 5.0
+# How long the launcher keeps killing a program's leftovers before it reports them as unkilled.
+CLEANUP_S = 2.0
+# After the launcher exits, how long we still read pipes that a process it could not kill holds open.
+DRAIN_S = 0.5
+STATUS_MAX_BYTES = 65536
+READ_CHUNK = 65536
+MAIN_FILE = "main.py"
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """How one program ended. Tails are the LAST bytes of each stream (decoded as UTF-8, errors replaced)."""
+
+    status: Status  # passed: exit 0; failed: exit != 0; timeout: wall or CPU limit; killed: a signal or the
+    # output cap; error: the sandbox could not run it (see `error`)
+    exit_code: int | None  # the program's exit status when it exited, else None
+    signal: str | None  # the signal that ended it ("SIGKILL", "SIGXCPU", ...), else None
+    limit: str | None  # which limit ended it: wall_time, cpu_time, output, file_size, memory (from its traceback)
+    stdout_tail: str
+    stderr_tail: str
+    stdout_bytes: int  # all bytes it wrote to stdout (counted, not kept)
+    stderr_bytes: int
+    wall_s: float  # wall time of the program itself (fork to exit), seconds
+    protections: tuple[str, ...]  # the protections that were active, in PROTECTIONS order
+    inactive: tuple[str, ...]  # "name: why" for each protection that was not
+    leftover_procs: int  # processes still alive when the program ended, killed by the sandbox
+    error: str | None = None  # what went wrong on the sandbox's side (status 'error')
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+def run_program(code: str, cfg: SandboxConfig | None = None, args: Sequence[str] = ()) -> SandboxResult:
+    """Run `code` as a Python program in the sandbox (argv[1:] = args); how it ended."""
+    cfg = cfg or SandboxConfig()
+    with _uid_slot(cfg) as uid:
+        workdir = Path(tempfile.mkdtemp(prefix="scoder-sbx-", dir=_tmp_root(cfg)))
+        try:
+            main = workdir / MAIN_FILE
+            main.write_text(code, encoding="utf-8", errors="surrogatepass")
+            if uid is not None:
+                os.chown(workdir, uid, uid)
+                os.chown(main, uid, uid)
+            result = _execute(workdir, uid, cfg, list(args))
+            if uid is not None and "private_tmp" not in result.protections:
+                _sweep_shared_tmp(uid)  # what it left in /tmp & co. would otherwise outlive it
+        finally:
+            shutil.rmtree(workdir, onerror=_force_remove)
+    _warn_inactive(result)
+    return result
+
+
+def run_programs(
+    codes: Sequence[str], cfg: SandboxConfig | None = None, args: Sequence[str] = ()
+) -> list[SandboxResult]:
+    """Run every program in the sandbox, `cfg.workers` at once (None = CPU cores); results in input order."""
+    cfg = cfg or SandboxConfig()
+    workers = min(cfg.workers or os.cpu_count() or 1, MAX_SLOTS, max(len(codes), 1))
+    if workers == 1:
+        return [run_program(code, cfg, args) for code in codes]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
+        return list(pool.map(lambda code: run_program(code, cfg, args), codes))
+
+
+def probe_sandbox(cfg: SandboxConfig | None = None) -> SandboxResult:
+    """Run an empty program: its result says which protections this machine gives (and why not the others)."""
+    return run_program("pass\n", cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The launcher: runs in its own process (`python -I -S -B -c SOURCE SPEC`), never in this one. It must only
+# use the standard library and import everything it needs inside the function: its source is all it gets.
+
+
+def _launcher() -> None:
+    # Only modules that cost nothing to import: marshal, not json, and the C _signal, not signal (json and
+    # signal pull in re and enum: 16 ms instead of 10 ms of start-up, on every program).
+    import _signal as signal
+    import ctypes
+    import marshal
+    import os
+    import resource
+    import sys
+    import time
+
+    spec = marshal.loads(bytes.fromhex(sys.argv[1]))
+    fd = spec["status_fd"]
+    os.set_inheritable(fd, False)  # the program never gets the status pipe
+
+    def say(key, value):
+        os.write(fd, f"{key}={str(value).replace(chr(10), ' ')}\n".encode(errors="replace"))
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+
+    def oserror(what):
+        err = ctypes.get_errno()
+        return OSError(err, f"{what}: {os.strerror(err)}")
+
+    CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWNET = 0x20000, 0x08000000, 0x10000000, 0x40000000
+    MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
+    PR_SET_CHILD_SUBREAPER = 36
+
+    uid, gid = spec["uid"], spec["gid"]
+    use_uid = uid is not None
+    root = os.geteuid() == 0
+    # The program's orphans are re-parented to us, not to pid 1: ours to kill and to reap when it ends.
+    subreaper = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    if subreaper:
+        say("active", "subreaper")
+    else:
+        say("inactive", f"subreaper: prctl: {os.strerror(ctypes.get_errno())}")
+    # SIGCHLD (a child ended) and SIGTERM (the parent's stop request) are taken with sigtimedwait, never by
+    # a handler, so no signal can interrupt the bookkeeping below.
+    watched = {signal.SIGCHLD, signal.SIGTERM}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+
+    def kill_uid():
+        """Fork a helper that becomes the sandbox uid and kills every process of it (kill(-1)); its pid."""
+        helper = os.fork()
+        if helper == 0:
+            try:
+                os.setgroups([])
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+                os.kill(-1, signal.SIGKILL)  # every process we may signal, i.e. of this uid, except ourselves
+            finally:
+                os._exit(0)
+        return helper
+
+    def children():
+        me = os.getpid()
+        try:
+            with open(f"/proc/{me}/task/{me}/children") as f:
+                return [int(p) for p in f.read().split()]
+        except OSError:  # a kernel without CONFIG_PROC_CHILDREN: scan /proc
+            found = []
+            for name in os.listdir("/proc"):
+                if name.isdigit():
+                    try:
+                        with open(f"/proc/{name}/stat") as f:
+                            if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
+                                found.append(int(name))
+                    except (OSError, ValueError, IndexError):
+                        pass
+            return found
+
+    def overmount(target, mode, size_mb, keeps):
+        """A fresh tmpfs on `target`, with each folder in `keeps` (under target) bound back at its own path."""
+        fds = [os.open(k, os.O_PATH | os.O_DIRECTORY) for k in keeps]  # before the tmpfs hides them
+        opts = f"mode={mode:o},size={size_mb}m".encode()
+        if libc.mount(b"tmpfs", target.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts) != 0:
+            raise oserror(f"mount tmpfs on {target}")
+        for keep, kfd in zip(keeps, fds, strict=True):
+            os.makedirs(keep, mode=0o755, exist_ok=True)
+            if libc.mount(f"/proc/self/fd/{kfd}".encode(), keep.encode(), None, MS_BIND | MS_REC, None) != 0:
+                raise oserror(f"bind {keep}")
+            os.close(kfd)
+
+    def child():
+        """The program's process: limits, namespaces, uid, then exec the interpreter. Never returns."""
+        step = "limits"
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(sig, signal.SIG_DFL)
+            active, inactive = [], []
+
+            def limit(name, res, soft, hard):
+                _, cur_hard = resource.getrlimit(res)
+                if cur_hard != resource.RLIM_INFINITY:
+                    soft, hard = min(soft, cur_hard), min(hard, cur_hard)
+                resource.setrlimit(res, (soft, hard))
+                active.append(name)
+
+            # CPU: SIGXCPU at the soft limit, SIGKILL one second later if the program catches SIGXCPU.
+            limit("rlimit_cpu", resource.RLIMIT_CPU, spec["cpu_s"], spec["cpu_s"] + 1)
+            limit("rlimit_as", resource.RLIMIT_AS, spec["memory_bytes"], spec["memory_bytes"])
+            limit("rlimit_fsize", resource.RLIMIT_FSIZE, spec["fsize_bytes"], spec["fsize_bytes"])
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core files of killed programs
+
+            step = "namespaces"
+            if root:
+                if libc.unshare(CLONE_NEWIPC) == 0:
+                    active.append("ipcns")
+                else:
+                    inactive.append(f"ipcns: unshare: {os.strerror(ctypes.get_errno())}")
+                if not spec["netns"]:
+                    inactive.append("netns: the config allows the network")
+                elif libc.unshare(CLONE_NEWNET) == 0:
+                    active.append("netns")
+                else:
+                    inactive.append(f"netns: unshare: {os.strerror(ctypes.get_errno())}")
+                if libc.unshare(CLONE_NEWNS) != 0:
+                    reason = os.strerror(ctypes.get_errno())
+                    inactive += [f"mountns: unshare: {reason}", f"private_tmp: no mount namespace ({reason})"]
+                else:
+                    if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+                        raise oserror("make / private")
+                    active.append("mountns")
+                    step = "private mounts"
+                    for target, mode, size_mb, keeps in spec["mounts"]:
+                        overmount(target, mode, size_mb, keeps)
+                    active.append("private_tmp")
+                    os.chdir(spec["workdir"])  # through the bind mount
+            elif spec["netns"]:
+                # Unprivileged: network and IPC namespaces inside a new user namespace that maps only ourselves.
+                me_uid, me_gid = os.getuid(), os.getgid()  # read before: inside, unmapped ids read as 65534
+                if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC) == 0:
+                    step = "user namespace id maps"
+                    for name, text in (
+                        ("setgroups", "deny"),
+                        ("uid_map", f"{me_uid} {me_uid} 1"),
+                        ("gid_map", f"{me_gid} {me_gid} 1"),
+                    ):
+                        with open(f"/proc/self/{name}", "w") as f:
+                            f.write(text)
+                    active += ["netns", "ipcns"]
+                else:
+                    reason = os.strerror(ctypes.get_errno())
+                    inactive += [f"netns: user namespace: {reason}", f"ipcns: user namespace: {reason}"]
+            else:
+                inactive += ["netns: the config allows the network", "ipcns: needs root or a user namespace"]
+            if not root:
+                inactive += ["mountns: needs root", "private_tmp: needs root"]
+
+            if use_uid:
+                step = "uid switch"
+                os.setgroups([])
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+                active.append("sandbox_uid")
+                # Set after the switch: counted for this uid from here on (a fork bomb stops at max_procs).
+                limit("rlimit_nproc", resource.RLIMIT_NPROC, spec["nproc"], spec["nproc"])
+                for path in spec["must_reach"]:
+                    if not os.access(path, os.R_OK | os.X_OK):
+                        raise PermissionError(
+                            f"the sandbox uid {uid} cannot reach {path} (the interpreter); make it readable, "
+                            "or allow a mount namespace, or set sandbox.uid_base to null (run as root)"
+                        )
+            else:
+                why = "disabled (sandbox.uid_base is null)" if root else "not started as root"
+                inactive += [
+                    f"sandbox_uid: {why}",
+                    "rlimit_nproc: counts per uid and root is exempt"
+                    if root
+                    else "rlimit_nproc: would count the caller's own processes",
+                ]
+
+            missing = [p for p in spec["required"] if p not in active and not (p == "subreaper" and subreaper)]
+            if missing:
+                say("setup_error", f"required protections not active: {', '.join(missing)} ({'; '.join(inactive)})")
+                os._exit(126)
+            say("active", ",".join(active))
+            for text in inactive:
+                say("inactive", text)
+        except BaseException as err:
+            say("setup_error", f"{step}: {type(err).__name__}: {err}")
+            os._exit(126)
+        try:
+            os.execv(spec["argv"][0], spec["argv"])
+        except BaseException as err:
+            say("setup_error", f"exec {spec['argv'][0]}: {type(err).__name__}: {err}")
+        os._exit(127)
+
+    if use_uid:
+        # A slot is held by one run at a time, but a crashed earlier holder may have left processes of this uid.
+        os.waitpid(kill_uid(), 0)
+    started = time.monotonic()
+    main = os.fork()
+    if main == 0:
+        child()
+    deadline = started + spec["timeout_s"]
+    outcome = None
+    while outcome is None:
+        while True:  # reap what ended: the program, or an orphan it left to us
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid = 0
+            if pid == 0:
+                break
+            if pid == main:
+                code = os.waitstatus_to_exitcode(status)
+                outcome = f"exit:{code}" if code >= 0 else f"signal:{-code}"
+                break
+        if outcome is not None:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            outcome = "timeout"
+            break
+        info = signal.sigtimedwait(watched, left)
+        if info is not None and info.si_signo == signal.SIGTERM:
+            outcome = "stopped"
+    say("wall_s", f"{time.monotonic() - started:.6f}")
+
+    main_alive = outcome in ("timeout", "stopped")
+    leftover, helper = 0, None
+    cleanup_started = time.monotonic()
+    while True:
+        # The kill helper is ours, not the program's: never counted, never killed, one at a time (a new one
+        # forked on every round kept the list non-empty for 2 s on a busy machine).
+        remaining = [pid for pid in children() if pid != helper]
+        if not remaining and subreaper:
+            break  # nothing left: every process of the program descends from us
+        if main_alive:
+            try:
+                os.kill(main, signal.SIGKILL)  # not reaped yet, so the pid is still ours
+            except ProcessLookupError:
+                pass
+        if use_uid and helper is None:
+            helper = kill_uid()
+        for pid in remaining:
+            try:
+                os.kill(pid, signal.SIGKILL)  # our unreaped children: the pids cannot have been reused
+            except ProcessLookupError:
+                pass
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid == main:
+                main_alive = False
+            elif pid == helper:
+                helper = None
+            else:
+                leftover += 1
+        if not subreaper:
+            break  # orphans went to pid 1: one round on what we can see (and the uid's kill(-1)) is all we can do
+        if time.monotonic() - cleanup_started > spec["cleanup_s"]:
+            say("unkilled", len([pid for pid in children() if pid != helper]))
+            break
+        signal.sigtimedwait({signal.SIGCHLD}, 0.005)
+    if helper is not None:
+        os.waitpid(helper, 0)  # it has only a kill(-1) to do
+    say("leftover", leftover)
+    say("cleanup_s", f"{time.monotonic() - cleanup_started:.6f}")
+    say("outcome", outcome)
+
+
+@functools.cache
+def _launcher_source() -> str:
+    return inspect.getsource(_launcher) + "\n_launcher()\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# This side: one thread per run starts the launcher, reads its pipes and turns its report into a result.
+
+
+class _Tail:
+    """The last `keep` bytes written to a stream, and how many were written in all."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.total = 0
+        self.buf = bytearray()
+
+    def add(self, data: bytes) -> None:
+        self.total += len(data)
+        self.buf += data
+        if len(self.buf) > 2 * self.keep + READ_CHUNK:  # trim now and then, not on every read
+            del self.buf[: len(self.buf) - self.keep]
+
+    def text(self) -> str:
+        data = self.buf[max(len(self.buf) - self.keep, 0) :] if self.keep else b""
+        return bytes(data).decode("utf-8", errors="replace")
+
+
+def _execute(workdir: Path, uid: int | None, cfg: SandboxConfig, args: list[str]) -> SandboxResult:
+    env = _clean_env(workdir)
+    status_r, status_w = os.pipe()
+    spec = {
+        "status_fd": status_w,
+        "timeout_s": cfg.timeout_s,
+        "cpu_s": cfg.cpu_s,
+        "memory_bytes": cfg.memory_mb * 2**20,
+        "fsize_bytes": cfg.max_file_mb * 2**20,
+        "nproc": cfg.max_procs,
+        "uid": uid,
+        "gid": uid,
+        "netns": cfg.network == "deny",
+        "mounts": _mount_plan(str(workdir), cfg, expose_interpreter=uid is not None) if os.geteuid() == 0 else [],
+        "must_reach": _interpreter_paths(),
+        "workdir": str(workdir),
+        "required": [p for p in cfg.required if p not in PARENT_PROTECTIONS],
+        "cleanup_s": CLEANUP_S,
+        "argv": [sys.executable, "-I", "-B", MAIN_FILE, *args],
+    }
+    # -S: the launcher needs no site-packages, which saves ~15 ms a run; the program gets them (no -S).
+    argv = [sys.executable, "-I", "-S", "-B", "-c", _launcher_source(), marshal.dumps(spec).hex()]
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=workdir,
+            env=env,
+            start_new_session=True,
+            pass_fds=(status_w,),
+        )
+    except OSError as err:
+        os.close(status_r)
+        return _error_result(f"cannot start the launcher: {err}")
+    finally:
+        os.close(status_w)
+    out, err, status = _Tail(cfg.tail_bytes), _Tail(cfg.tail_bytes), _Tail(STATUS_MAX_BYTES)
+    assert proc.stdout is not None and proc.stderr is not None
+    streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err, status_r: status}
+    stopped = backstop = False
+    try:
+        stopped, backstop = _pump(proc, streams, out, err, cfg)
+    finally:
+        # The launcher is not reaped yet (WNOWAIT), so its pid, which is its process group's id, is still ours.
+        _killpg(proc.pid)
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        os.close(status_r)
+    report = _parse_status(bytes(status.buf))
+    if uid is not None and ("outcome" not in report or report.get("unkilled")):
+        _kill_uid_processes(uid)  # the launcher died or gave up: kill what it could not
+    return _result(report, out, err, proc.returncode, stopped, backstop, cfg)
+
+
+def _pump(
+    proc: subprocess.Popen, streams: dict[int, _Tail], out: _Tail, err: _Tail, cfg: SandboxConfig
+) -> tuple[bool, bool]:
+    """Read the pipes until they close; stop the program at the output cap. (stopped, backstop hit)."""
+    poller = select.poll()  # not select.select: it fails on descriptors >= 1024
+    for fd in streams:
+        poller.register(fd, select.POLLIN)
+    open_fds = set(streams)
+    output_fds = {fd for fd, tail in streams.items() if tail is out or tail is err}
+    backstop_at = time.monotonic() + cfg.timeout_s + GRACE_S
+    drain_until: float | None = None
+    stopped = False
+    while open_fds:
+        now = time.monotonic()
+        if now >= backstop_at:
+            return stopped, True
+        if drain_until is not None and now >= drain_until:
+            break  # the launcher is gone; whatever still holds a pipe open is not worth waiting for
+        for fd, _ in poller.poll(min(backstop_at - now, 0.01 if stopped else 0.25) * 1000):
+            data = os.read(fd, READ_CHUNK)
+            if data:
+                streams[fd].add(data)
+            else:
+                poller.unregister(fd)
+                open_fds.discard(fd)
+        if not stopped and out.total + err.total > cfg.max_output_bytes:
+            stopped = True
+            _signal(proc.pid, signal.SIGTERM)  # the launcher ends the program and reports "stopped"
+            # Read no more until it has: with its pipe full, the program blocks instead of writing on (on 2 busy
+            # cores it wrote 20 MB past a 2 MB cap before the launcher got to kill it).
+            for fd in output_fds & open_fds:
+                poller.unregister(fd)
+        if drain_until is None and _exited(proc.pid):
+            drain_until = time.monotonic() + DRAIN_S
+            if stopped:
+                for fd in output_fds & open_fds:
+                    poller.register(fd, select.POLLIN)  # what is left: at most a pipe's capacity each
+    return stopped, False
+
+
+def _result(
+    report: dict[str, list[str]],
+    out: _Tail,
+    err: _Tail,
+    launcher_rc: int | None,
+    stopped: bool,
+    backstop: bool,
+    cfg: SandboxConfig,
+) -> SandboxResult:
+    active = set(PARENT_PROTECTIONS)
+    for line in report.get("active", []):
+        active.update(p for p in line.split(",") if p)
+    protections = tuple(p for p in PROTECTIONS if p in active)
+    inactive = tuple(report.get("inactive", []))
+    common = {
+        "stdout_tail": out.text(),
+        "stderr_tail": err.text(),
+        "stdout_bytes": out.total,
+        "stderr_bytes": err.total,
+        "wall_s": float(_last(report, "wall_s") or 0.0),
+        "protections": protections,
+        "inactive": inactive,
+        "leftover_procs": int(_last(report, "leftover") or 0),
+    }
+    outcome = _last(report, "outcome")
+    setup_error = _last(report, "setup_error")
+    if setup_error is not None:
+        return SandboxResult("error", None, None, None, error=setup_error, **common)
+    if outcome is None:
+        why = f"no report within {cfg.timeout_s + GRACE_S:g} s" if backstop else f"exit status {launcher_rc}"
+        return SandboxResult("error", None, None, None, error=f"the sandbox launcher failed ({why})", **common)
+    if unkilled := _last(report, "unkilled"):
+        common["error"] = f"{unkilled} of its processes survived {CLEANUP_S:g} s of kill attempts"
+    if outcome == "timeout":
+        return SandboxResult("timeout", None, None, "wall_time", **common)
+    if outcome == "stopped" or (stopped and outcome.startswith("signal:")):
+        return SandboxResult("killed", None, "SIGKILL", "output", **common)
+    kind, _, number = outcome.partition(":")
+    if kind == "signal":
+        name = _signal_name(int(number))
+        if name == "SIGXCPU":
+            return SandboxResult("timeout", None, name, "cpu_time", **common)
+        return SandboxResult("killed", None, name, "file_size" if name == "SIGXFSZ" else None, **common)
+    code = int(number)
+    if code == 0:
+        return SandboxResult("passed", 0, None, None, **common)
+    return SandboxResult("failed", code, None, _limit_from_traceback(common["stderr_tail"]), **common)
+
+
+def _limit_from_traceback(stderr_tail: str) -> str | None:
+    """The limit a Python program ran into, read off the last line of its traceback (the program wrote it)."""
+    lines = stderr_tail.strip().splitlines()
+    last = lines[-1] if lines else ""
+    if last.startswith("MemoryError"):
+        return "memory"
+    if "[Errno 27]" in last:  # EFBIG, File too large: Python ignores SIGXFSZ, so writes fail instead
+        return "file_size"
+    return None
+
+
+def _error_result(message: str) -> SandboxResult:
+    return SandboxResult("error", None, None, None, "", "", 0, 0, 0.0, (), (), 0, message)
+
+
+def _parse_status(data: bytes) -> dict[str, list[str]]:
+    report: dict[str, list[str]] = {}
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            report.setdefault(key, []).append(value)
+    return report
+
+
+def _last(report: dict[str, list[str]], key: str) -> str | None:
+    values = report.get(key)
+    return values[-1] if values else None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _exited(pid: int) -> bool:
+    """Whether the child `pid` has exited, without reaping it (so its pid cannot be reused meanwhile)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nobody left in the group, or only processes of the sandbox uid that the launcher already killed
+
+
+def _kill_uid_processes(uid: int) -> None:
+    """Kill every process of `uid` from a short-lived process that becomes it (kill(-1) spares only itself)."""
+    code = (
+        "import os, signal\n"
+        f"os.setgroups([]); os.setresgid({uid}, {uid}, {uid}); os.setresuid({uid}, {uid}, {uid})\n"
+        "try:\n    os.kill(-1, signal.SIGKILL)\nexcept ProcessLookupError:\n    pass\n"
+    )
+    # Started as root (it must reach the interpreter), it switches uid itself before killing.
+    subprocess.run([sys.executable, "-I", "-S", "-c", code], env={}, check=False, timeout=30)
+
+
+def _clean_env(workdir: Path) -> dict[str, str]:
+    """The program's whole environment. No PYTHON* variables: `-I` ignores them (hence -B for bytecode)."""
+    return {
+        "PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(workdir),
+        "TMPDIR": str(workdir),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        # One BLAS/OpenMP thread: parallel runs already fill the cores, and each thread counts for max_procs.
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+def _tmp_root(cfg: SandboxConfig) -> str:
+    if cfg.tmp_root is None:
+        return tempfile.gettempdir()
+    os.makedirs(cfg.tmp_root, exist_ok=True)
+    return cfg.tmp_root
+
+
+@functools.cache
+def _interpreter_paths() -> list[str]:
+    """Folders the program's interpreter must read: its binary's, the standard library's, the environment's."""
+    paths = {
+        os.path.dirname(os.path.realpath(sys.executable)),
+        os.path.realpath(sysconfig.get_paths()["stdlib"]),
+        os.path.realpath(sys.prefix),
+    }
+    return sorted(p for p in paths if os.path.isdir(p))
+
+
+@functools.cache
+def _interpreter_mounts() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(closed folder, interpreter folders under it) for each folder others may not enter above the interpreter.
+
+    Such a folder (pyenv under a 0700 /root) is replaced by an empty tmpfs in the program's mount namespace,
+    with only the interpreter's folders bound back, so the sandbox uid reaches the interpreter and nothing else.
+    """
+    closed: dict[str, set[str]] = {}
+    for path in _interpreter_paths() + [os.path.realpath(sys.base_prefix)]:
+        parts = Path(path).parts
+        for i in range(1, len(parts)):
+            folder = os.path.join(*parts[:i])
+            if not os.stat(folder).st_mode & stat.S_IXOTH:
+                closed.setdefault(folder, set()).add(path)
+                break
+    out = []
+    for folder, keeps in sorted(closed.items()):
+        # Bind the outermost ones only: a folder under another kept one comes with it.
+        outer = sorted(k for k in keeps if not any(k != o and k.startswith(o + os.sep) for o in keeps))
+        out.append((folder, tuple(outer)))
+    return tuple(out)
+
+
+def _mount_plan(workdir: str, cfg: SandboxConfig, expose_interpreter: bool) -> list[tuple[str, int, int, list[str]]]:
+    """(target, mode, size MiB, folders bound back) for each tmpfs of the program's mount namespace."""
+    plan: list[tuple[str, int, int, list[str]]] = []
+    seen: set[str] = set()
+    for folder in SHARED_TMP_DIRS:
+        real = os.path.realpath(folder)
+        if real in seen or not os.path.isdir(real):
+            continue
+        seen.add(real)
+        keeps = [workdir] if workdir.startswith(real + os.sep) else []
+        plan.append((real, 0o1777, cfg.max_file_mb, keeps))
+    for folder, keeps in _interpreter_mounts() if expose_interpreter else ():
+        extra = [workdir] if workdir.startswith(folder + os.sep) else []
+        plan.append((folder, 0o755, 1, [*keeps, *extra]))
+    return plan
+
+
+@contextmanager
+def _uid_slot(cfg: SandboxConfig) -> Iterator[int | None]:
+    """The uid this run uses, held exclusively (flock) until the run ends; None = no uid switch."""
+    if cfg.uid_base is None or os.geteuid() != 0:
+        yield None
+        return
+    SLOT_LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
+    if SLOT_LOCK_DIR.stat().st_uid != 0:
+        raise PermissionError(f"{SLOT_LOCK_DIR} is not owned by root: refusing its uid locks")
+    while True:
+        for slot in range(MAX_SLOTS):
+            uid = cfg.uid_base + slot
+            fd = os.open(SLOT_LOCK_DIR / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                yield uid
+            finally:
+                os.close(fd)  # releases the lock
+            return
+        time.sleep(0.01)  # every slot busy: wait for one
+
+
+def _sweep_shared_tmp(uid: int) -> None:
+    """Remove what `uid` left at the top of the world-writable folders (only it can have made those entries)."""
+    for folder in SHARED_TMP_DIRS:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, onerror=_force_remove)
+                else:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+
+
+def _force_remove(func: Callable[[str], object], path: str, exc_info: tuple) -> None:
+    """rmtree's error hook: a folder the program made unreadable is opened up and removed; others are logged."""
+    err = exc_info[1]
+    if isinstance(err, FileNotFoundError):
+        return
+    if isinstance(err, PermissionError):
+        try:
+            os.chmod(os.path.dirname(path), 0o700)
+            os.chmod(path, 0o700)
+            func(path)
+            return
+        except OSError:
+            pass
+    log.warning("sandbox: cannot remove %s: %s", path, err)
+
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_inactive(result: SandboxResult) -> None:
+    """Log each inactive protection once per process: recorded in every result, but said out loud once too."""
+    with _warned_lock:
+        for text in result.inactive:
+            name = text.split(":", 1)[0]
+            if name not in _warned:
+                _warned.add(name)
+                log.warning("sandbox protection not active: %s", text)

@@ -1,0 +1,311 @@
+"""The sandbox against hostile programs: each is contained and reported, the test process is unaffected, and no
+secret reaches a result. Everything runs for real (real processes, namespaces, uids, a real TCP listener); a
+test whose protection this machine cannot give skips itself and says which one and why (from the probe).
+
+Limits are kept small (a few processes, 256 MiB, 1-2 s) because the machine has 2 cores shared with others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from synth_core.config import ConfigError, SandboxConfig, parse_config
+from synth_core.sandbox import PARENT_PROTECTIONS, PROTECTIONS, probe_sandbox, run_program, run_programs
+
+SECRET = "scoder-test-secret-7f3a9c"
+
+
+@pytest.fixture(scope="module")
+def probe():
+    """What this machine gives: one empty run, read by the tests that need a given protection."""
+    result = probe_sandbox(SandboxConfig())
+    assert result.status == "passed", result
+    return result
+
+
+def needs(probe, *names: str) -> None:
+    missing = [n for n in names if n not in probe.protections]
+    if missing:
+        why = "; ".join(t for t in probe.inactive if t.split(":")[0] in missing)
+        pytest.skip(f"protection not active on this machine: {why}")
+
+
+def small(**kw) -> SandboxConfig:
+    base = {"timeout_s": 5.0, "cpu_s": 5, "memory_mb": 256, "max_procs": 8, "max_file_mb": 1}
+    return SandboxConfig(**{**base, **kw})
+
+
+def uid_processes(lo: int, hi: int) -> list[int]:
+    """Pids of every process (zombies included) whose uid is in [lo, hi)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if lo <= os.stat(f"/proc/{name}").st_uid < hi:
+                    pids.append(int(name))
+            except FileNotFoundError:
+                pass
+    return pids
+
+
+def test_probe_accounts_for_every_protection(probe):
+    """Each protection is either active or listed as inactive with a reason: nothing falls back unsaid."""
+    assert set(PARENT_PROTECTIONS) <= set(probe.protections)
+    inactive = {t.split(":")[0] for t in probe.inactive}
+    assert set(probe.protections) | inactive == set(PROTECTIONS)
+    assert not set(probe.protections) & inactive
+    assert all(": " in t and t.split(": ", 1)[1] for t in probe.inactive)
+
+
+def test_passing_program_and_args():
+    r = run_program("import sys\nprint('hello', sys.argv[1:])\nassert 2 + 2 == 4\n", small(), args=["a", "b c"])
+    assert r.status == "passed" and r.passed
+    assert r.exit_code == 0 and r.signal is None and r.limit is None and r.error is None
+    assert r.stdout_tail == "hello ['a', 'b c']\n" and r.stderr_tail == ""
+    assert 0 < r.wall_s < 5
+
+
+def test_failing_assert():
+    r = run_program("def add(a, b):\n    return a - b\n\nassert add(2, 2) == 4, 'add is wrong'\n", small())
+    assert r.status == "failed" and r.exit_code == 1
+    assert "AssertionError: add is wrong" in r.stderr_tail
+
+
+def test_syntax_error():
+    r = run_program("def f(:\n    pass\n", small())
+    assert r.status == "failed" and r.exit_code == 1
+    assert "SyntaxError" in r.stderr_tail
+
+
+def test_infinite_loop_times_out():
+    t0 = time.monotonic()
+    r = run_program("while True:\n    pass\n", small(timeout_s=1.0))
+    assert r.status == "timeout" and r.limit == "wall_time"
+    assert 1.0 <= r.wall_s < 2.0
+    assert time.monotonic() - t0 < 4.0
+
+
+def test_cpu_limit(probe):
+    needs(probe, "rlimit_cpu")
+    r = run_program("while True:\n    pass\n", small(cpu_s=1, timeout_s=10.0))
+    assert r.status == "timeout" and r.limit == "cpu_time" and r.signal == "SIGXCPU"
+    assert r.wall_s < 5
+
+
+def test_fork_bomb_is_contained_and_leaves_nothing(probe):
+    """Stopped at max_procs by RLIMIT_NPROC of the sandbox uid (root is exempt from it, hence the uid); its
+    processes that left the process group (setsid) are still killed: kill(-1) from that uid, and the
+    launcher adopts and reaps its orphans (subreaper)."""
+    needs(probe, "sandbox_uid", "rlimit_nproc", "subreaper")
+    cfg = small(timeout_s=1.5, max_procs=6, uid_base=63000)
+    bomb = (
+        "import os\n"
+        "while True:\n"
+        "    try:\n"
+        "        if os.fork() == 0:\n"
+        "            os.setsid()\n"
+        "    except OSError:\n"
+        "        pass\n"
+    )
+    r = run_program(bomb, cfg)
+    assert r.status == "timeout" and r.limit == "wall_time", r
+    assert 1 <= r.leftover_procs <= cfg.max_procs
+    assert r.error is None  # nothing survived the cleanup
+    assert uid_processes(63000, 63000 + 64) == []
+
+
+def test_process_left_running_is_killed():
+    code = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print(os.getpid(), flush=True)\n"
+        "time.sleep(0.2)\n"
+    )
+    r = run_program(code, small())
+    assert r.status == "passed", r
+    assert r.leftover_procs == 1
+    # The daemon was a child of the program's pid; no process of the program's session may be left.
+    program_pid = int(r.stdout_tail)
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            assert int(stat[1]) != program_pid, f"process {name} of the program is still alive"
+
+
+def test_memory_bomb():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = run_program("blocks = []\nwhile True:\n    blocks.append(bytearray(10**7))\n", small(memory_mb=256))
+    assert r.status == "failed" and r.limit == "memory", r
+    assert "MemoryError" in r.stderr_tail
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50 * 1024  # KiB: not in our memory
+
+
+def test_file_size_limit():
+    r = run_program("open('big.bin', 'wb').write(b'x' * (4 * 2**20))\n", small(max_file_mb=1))
+    assert r.status == "failed" and r.limit == "file_size", r
+
+
+def test_write_outside_its_folder(probe, tmp_path):
+    """To pytest's tmp_path (under /tmp): the private /tmp of its mount namespace does not even show it, and
+    tmp_path is root's 0700 folder, which the sandbox uid may not enter. To a folder it does see (the standard
+    library's, root's 0755): the sandbox uid's permissions stop it."""
+    target = tmp_path / "escaped.txt"
+    code = (
+        "import os, sys\n"
+        "path = sys.argv[1]\n"
+        "os.makedirs(os.path.dirname(path), exist_ok=True)\n"
+        "open(path, 'w').write('escaped')\n"
+    )
+    r = run_program(code, small(), args=[str(target)])
+    assert not target.exists()
+    if "private_tmp" not in r.protections and "sandbox_uid" not in r.protections:
+        pytest.fail(f"nothing stopped it? {r}")
+    assert r.status in ("passed", "failed")  # passed = it wrote into its own private /tmp, which is gone
+
+    needs(probe, "sandbox_uid")
+    visible = Path(os.__file__).parent / f"scoder-sandbox-escape-{os.getpid()}.txt"
+    try:
+        r = run_program(code, small(), args=[str(visible)])
+        assert r.status == "failed" and "PermissionError" in r.stderr_tail, r
+        assert not visible.exists()
+    finally:
+        visible.unlink(missing_ok=True)
+
+
+def test_private_tmp_does_not_outlive_the_run(probe):
+    needs(probe, "private_tmp")
+    name = f"scoder-sandbox-leak-{os.getpid()}"
+    r = run_program(f"open('/tmp/{name}', 'w').write('x')\nopen('/dev/shm/{name}', 'w').write('x')\n", small())
+    assert r.status == "passed", r
+    assert not Path("/tmp", name).exists() and not Path("/dev/shm", name).exists()
+
+
+def test_working_folder_is_fresh_and_removed(tmp_path):
+    root = tmp_path / "runs"
+    code = "import os\nprint(sorted(os.listdir('.')))\nopen('out.txt', 'w').write('x')\nos.mkdir('d')\n"
+    r = run_program(code, small(tmp_root=str(root)))
+    assert r.status == "passed", r
+    assert r.stdout_tail.strip() == "['main.py']"
+    assert list(root.iterdir()) == []
+
+
+def test_secret_environment_variable_is_not_seen(monkeypatch):
+    monkeypatch.setenv("SCODER_TEST_SECRET", SECRET)
+    code = (
+        "import json, os, sys\n"
+        "print(json.dumps(dict(os.environ)))\n"
+        "print(os.environ.get('SCODER_TEST_SECRET'))\n"
+        "for pid in (os.getppid(), int(sys.argv[1])):\n"
+        "    try:\n"
+        "        print(open(f'/proc/{pid}/environ', 'rb').read())\n"
+        "    except OSError as err:\n"
+        "        print(err, file=sys.stderr)\n"
+    )
+    r = run_program(code, small(), args=[str(os.getpid())])
+    assert r.status == "passed", r
+    assert "SCODER_TEST_SECRET" not in r.stdout_tail
+    assert SECRET not in repr(r)
+    env = json.loads(r.stdout_tail.splitlines()[0])
+    assert set(env) <= {
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "LANG",
+        "LC_ALL",
+        "OMP_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "LC_CTYPE",
+    }
+
+
+def test_socket_to_a_local_listener(probe):
+    """With netns the program has only a down loopback: even 127.0.0.1 is unreachable. The same program with
+    network='allow' connects, which shows that the test can fail."""
+    needs(probe, "netns")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(0.5)
+        port = server.getsockname()[1]
+        code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'hi')\n"
+        denied = run_program(code, small())
+        assert denied.status == "failed" and "OSError" in denied.stderr_tail, denied
+        with pytest.raises(TimeoutError):
+            server.accept()
+        allowed = run_program(code, small(network="allow"))
+        assert allowed.status == "passed", allowed
+        assert "netns" not in allowed.protections
+        conn, _ = server.accept()
+        conn.close()
+
+
+def test_killing_its_parent_or_us(probe):
+    """Its parent is the launcher, which stays root; we are root too: the sandbox uid may signal neither."""
+    needs(probe, "sandbox_uid")
+    code = (
+        "import os, signal, sys\n"
+        "for pid in (os.getppid(), int(sys.argv[1])):\n"
+        "    try:\n"
+        "        os.kill(pid, signal.SIGKILL)\n"
+        "    except OSError as err:\n"
+        "        print(type(err).__name__)\n"
+    )
+    r = run_program(code, small(), args=[str(os.getpid())])
+    assert r.status == "passed", r
+    assert r.stdout_tail.split() == ["PermissionError", "PermissionError"]
+
+
+def test_huge_stdout_is_capped():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code = "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n"
+    r = run_program(code, small(max_output_bytes=200_000, tail_bytes=1000))
+    assert r.status == "killed" and r.limit == "output", r
+    assert 200_000 < r.stdout_bytes < 20_000_000
+    assert r.stdout_tail == "x" * 1000
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50 * 1024
+
+
+def test_required_protection_missing_is_an_error():
+    r = run_program("print('ran')\n", small(network="allow", required=["netns"]))
+    assert r.status == "error" and "netns" in (r.error or "")
+    assert r.stdout_tail == ""
+
+
+def test_required_names_are_checked():
+    with pytest.raises(ConfigError, match="sandbox.required"):
+        parse_config({"sandbox": {"required": ["netnz"]}})
+
+
+def test_run_programs_in_order_and_in_parallel(probe):
+    codes = [f"import os, time\ntime.sleep(0.3)\nprint({i}, os.getuid())\nassert {i} % 3\n" for i in range(6)]
+    t0 = time.monotonic()
+    results = run_programs(codes, small(workers=3))
+    elapsed = time.monotonic() - t0
+    assert [r.status for r in results] == ["failed", "passed", "passed"] * 2
+    assert [int(r.stdout_tail.split()[0]) for r in results] == list(range(6))
+    assert elapsed < 6 * 0.3  # three at a time
+    if "sandbox_uid" in probe.protections:
+        uids = {int(r.stdout_tail.split()[1]) for r in results}
+        assert len(uids) >= 2 and all(u >= 64000 for u in uids)  # runs at once never share a uid
+
+
+def test_the_test_process_is_unaffected():
+    """After all of the above: we still run, and our own environment still holds what it held."""
+    assert os.getpid() > 0 and sys.executable
+    assert signal.getsignal(signal.SIGTERM) is not None
