@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             configs[f"{method} packed flex"] = TrainConfig(
                 method=method, packing=True, attn_implementation="flex_attention", **common
             )
+            configs[f"{method} packed flex compiled"] = TrainConfig(
+                method=method, packing=True, attn_implementation="flex_attention", torch_compile=True, **common
+            )
     if args.only:
         wanted = {w.strip() for w in args.only.split(",")}
         configs = {k: v for k, v in configs.items() if k in wanted}

@@ -217,6 +217,9 @@ class TrainConfig(StrictModel):
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
         "sdpa", description="transformers attention kernel used for training."
     )
+    torch_compile: bool = Field(
+        False, description="Compile the model with torch.compile (GPU; the first steps pay for compilation)."
+    )
     num_processes: int = Field(
         1,
         ge=1,
