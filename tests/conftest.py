@@ -219,6 +219,9 @@ def vllm_server(tiny_model, tmp_path_factory):
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model(tiny_model).path,
         "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
         "--enforce-eager", "--dtype", "float32", "--max-model-len", "1024", "--seed", "0",
+        # Whole prefills, as synth_core.generate does on the CPU: with chunked prefill, a seeded request whose
+        # prompt is split kills the CPU engine ("CPU Generator does not use offset"; seen with 16 requests at once).
+        "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096",
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
