@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--mean-tokens", type=int, default=512, help="Mean row length of synthetic rows (GPU mode).")
     ap.add_argument("--lora-r", type=int, default=None, help="LoRA rank; default 16 on a CPU, 128 on a GPU.")
     ap.add_argument("--only", default="", help="Comma-separated configuration names to run (default: all).")
+    ap.add_argument("--compile", action="store_true", help="Add torch.compile'd packed configurations.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-json", default=None)
     return ap.parse_args(argv)
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from synth_core.config import TrainConfig
     from synth_core.models import resolve_model, synthetic_chats
-    from synth_core.train import encode_chat, launch_training
+    from synth_core.train import attention_kernel, encode_chat, launch_training
 
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
@@ -152,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     configs: dict[str, TrainConfig] = {}
     for method in ("lora", "full"):
         configs[f"{method} padded"] = TrainConfig(method=method, packing=False, group_by_length=True, **common)
-        configs[f"{method} packed"] = TrainConfig(method=method, packing=True, **common)
-        if on_gpu:
+        configs[f"{method} packed"] = TrainConfig(method=method, packing=True, attn_implementation="sdpa", **common)
+        if on_gpu:  # the GPU default ('auto'): packed rows with flex_attention
             configs[f"{method} packed flex"] = TrainConfig(
                 method=method, packing=True, attn_implementation="flex_attention", **common
             )
-            configs[f"{method} packed flex compiled"] = TrainConfig(
-                method=method, packing=True, attn_implementation="flex_attention", torch_compile=True, **common
+        if args.compile:
+            configs[f"{method} packed compiled"] = TrainConfig(
+                method=method, packing=True, torch_compile=True, **common
             )
     if args.only:
         wanted = {w.strip() for w in args.only.split(",")}
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                     "config": name,
                     "method": cfg.method,
                     "packing": cfg.packing,
-                    "attn": cfg.attn_implementation,
+                    "attn": attention_kernel(cfg),
                     "steps": steps,
                     "tokens": res.train_tokens,
                     "wall_s": round(wall, 1),

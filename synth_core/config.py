@@ -214,8 +214,10 @@ class TrainConfig(StrictModel):
         description="Padding-free packing: a micro-batch's rows are concatenated into one sequence with "
         "positions restarting per row and attention kept within each row; no pad tokens are computed.",
     )
-    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
-        "sdpa", description="transformers attention kernel used for training."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
+        "auto",
+        description="transformers attention kernel for training; 'auto' = flex_attention for packed rows on a GPU "
+        "(it skips the blocks between packed rows: 2.2x LoRA tokens/s on an H200), else sdpa.",
     )
     torch_compile: bool = Field(
         False, description="Compile the model with torch.compile (GPU; the first steps pay for compilation)."

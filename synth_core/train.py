@@ -158,6 +158,21 @@ def _make_callback(out_dir: Path, save_at: list[int], trainable: dict[int, str],
     return SaveCheckpoints()
 
 
+def attention_kernel(cfg: TrainConfig) -> str:
+    """The attention implementation to train with: cfg's, or for 'auto' flex_attention on packed rows on a GPU.
+
+    sdpa sees a packed micro-batch as one long row with a dense block-diagonal mask and computes every block,
+    the ones between rows too; flex_attention compiles a block-sparse kernel that skips them (measured on an
+    H200, 1B Llama, LoRA r=128, rows of 512 tokens: 45k tokens/s vs 20k with sdpa). Its compilation costs
+    a minute or so at the start of a run, which long runs amortise. On a CPU sdpa stays.
+    """
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    import torch
+
+    return "flex_attention" if cfg.packing and torch.cuda.is_available() else "sdpa"
+
+
 def make_collator(cfg: TrainConfig, pad_id: int):
     """The batch builder: padding-free packing (cfg.packing) or right padding.
 
@@ -174,7 +189,7 @@ def make_collator(cfg: TrainConfig, pad_id: int):
         return_position_ids=True,
         separator_id=IGNORE_INDEX,
         # flash-attention's varlen kernel takes the row boundaries directly instead of a mask.
-        return_flash_attn_kwargs=cfg.attn_implementation == "flash_attention_2",
+        return_flash_attn_kwargs=attention_kernel(cfg) == "flash_attention_2",
     )
 
 
@@ -187,7 +202,7 @@ def load_model_for_training(base_path: str, cfg: TrainConfig, bf16: bool):
     # peft keeps the adapters in fp32. Full fine-tuning keeps fp32 master weights under bf16 autocast.
     load_dtype = torch.bfloat16 if bf16 and cfg.method == "lora" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        base_path, dtype=load_dtype, attn_implementation=cfg.attn_implementation
+        base_path, dtype=load_dtype, attn_implementation=attention_kernel(cfg)
     )
     # Without this the forward pass builds a KV cache, and transformers then ignores the position restarts
     # of packed rows: every row would attend to the rows packed before it (measured: a packed batch's loss
