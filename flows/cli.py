@@ -259,7 +259,9 @@ def train_cmd(
         ),
     ] = None,
     base: Annotated[str | None, typer.Option("--base", help="Model to fine-tune (default: the synthesizer).")] = None,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Local folder for the checkpoints.")] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Where to write the checkpoints (folder or s3:// URI).")
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -286,7 +288,9 @@ def bootstrap_cmd(
             help="Reference set: a JSONL/Parquet file or a dataset (scoder reference build); default: the built-in R.",
         ),
     ] = None,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Local folder for the checkpoints.")] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Where to write the checkpoints (folder or s3:// URI).")
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:

@@ -18,6 +18,9 @@ References:
   the weights' values, and every stage (training, sampling, gradients) runs on them as on a real model.
 - a local folder holding `config.json` (a full model) or `adapter_config.json` (a peft LoRA adapter;
   its base is the adapter's `base_model_name_or_path`, itself any reference, unless `base=` overrides).
+- a model or adapter folder in object storage (`s3://bucket/run/checkpoints/ckpt-1`, any fsspec URI): copied
+  once into the cache (keyed by the URI and the files' sizes and ETags, so a changed folder is fetched anew),
+  because vLLM and peft load local folders. The reference keeps its URI; the fingerprint is the content's.
 - a Hugging Face hub id (`org/name`): downloaded through huggingface_hub when online; offline
   (HF_HUB_OFFLINE=1, or no network) a clear error.
 
@@ -39,6 +42,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from synth_core.config import StorageConfig
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 BUILTIN_PREFIX = "builtin:"
@@ -309,12 +316,61 @@ def _resolve_hub(ref: str) -> Path:
         raise ModelError(f"cannot download model '{ref}' from the Hugging Face hub: {err}".splitlines()[0]) from None
 
 
-def _resolve_full(ref: str) -> tuple[Path, str]:
+def is_remote(ref: str) -> bool:
+    """Whether a reference names object storage (s3://, gs://, ...) rather than a local folder or a hub id."""
+    return "://" in ref and not ref.startswith("file://")
+
+
+def fetch_remote_folder(uri: str, storage: StorageConfig | None = None) -> Path:
+    """A model or adapter folder in object storage, copied into the cache; the local copy's path.
+
+    The copy's name hashes the URI with every file's relative path, size and ETag, so a folder rewritten
+    in place is fetched again and an unchanged one never is. A file lock makes concurrent workers fetch once.
+    """
+    from filelock import FileLock
+
+    from synth_core.storage import get_fs
+
+    fs, root = get_fs(uri, storage)
+    try:
+        listing = fs.find(root, detail=True)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model '{uri}': cannot list it: {type(err).__name__}: {err}") from None
+    files = {name[len(root.rstrip("/")) + 1 :]: info for name, info in listing.items() if name != root}
+    if not files:
+        raise ModelError(f"model '{uri}' not found: nothing is stored there")
+    h = hashlib.sha256(uri.encode())
+    for rel in sorted(files):
+        h.update(f"\0{rel}\0{files[rel].get('size')}\0{files[rel].get('ETag', '')}".encode())
+    remote_root = cache_dir() / "remote"
+    remote_root.mkdir(parents=True, exist_ok=True)
+    final = remote_root / h.hexdigest()[:20]
+    if final.is_dir():
+        return final
+    with FileLock(str(remote_root / f".{final.name}.lock")):
+        if final.is_dir():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=remote_root))
+        try:
+            for rel in files:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                fs.get(f"{root.rstrip('/')}/{rel}", str(tmp / rel))
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _local_folder(ref: str, storage: StorageConfig | None) -> Path:
+    return fetch_remote_folder(ref, storage) if is_remote(ref) else Path(ref).expanduser()
+
+
+def _resolve_full(ref: str, storage: StorageConfig | None = None) -> tuple[Path, str]:
     """A full (non-adapter) model reference -> (folder, fingerprint)."""
     if ref.startswith(BUILTIN_PREFIX):
         name = ref[len(BUILTIN_PREFIX) :]
         return _ensure_builtin(name), f"builtin-{name}-v{_BUILDER_VERSION}"
-    folder = Path(ref).expanduser()
+    folder = _local_folder(ref, storage)
     if folder.exists():
         if not (folder / "config.json").is_file():
             raise ModelError(f"model folder '{ref}' has no config.json (not a Hugging Face model folder)")
@@ -325,16 +381,17 @@ def _resolve_full(ref: str) -> tuple[Path, str]:
     raise ModelError(f"model '{ref}' not found: no such folder, not a builtin: name, not a hub id")
 
 
-def resolve_model(ref: str, base: str | None = None) -> ResolvedModel:
+def resolve_model(ref: str, base: str | None = None, storage: StorageConfig | None = None) -> ResolvedModel:
     """Resolve a model reference; a LoRA adapter folder resolves together with its base model.
 
     `base` overrides the adapter's own `base_model_name_or_path` (needed when the adapter was trained
-    on a base that lives elsewhere on this machine). Raises ModelError with a one-line reason.
+    on a base that lives elsewhere on this machine). `storage` reaches s3:// folders (endpoint, keys).
+    Raises ModelError with a one-line reason.
     """
     ref = str(ref).strip()
     if not ref:
         raise ModelError("empty model reference")
-    folder = Path(ref).expanduser()
+    folder = Path(ref).expanduser() if ref.startswith(BUILTIN_PREFIX) else _local_folder(ref, storage)
     adapter_cfg = folder / "adapter_config.json"
     if not ref.startswith(BUILTIN_PREFIX) and adapter_cfg.is_file():
         try:
@@ -348,7 +405,7 @@ def resolve_model(ref: str, base: str | None = None) -> ResolvedModel:
             raise ModelError(f"adapter '{ref}' names no base model; pass its base explicitly")
         if meta.get("peft_type", "LORA") != "LORA":
             raise ModelError(f"adapter '{ref}' is a {meta.get('peft_type')} adapter; only LoRA is supported")
-        base_path, base_fp = _resolve_full(str(base_ref))
+        base_path, base_fp = _resolve_full(str(base_ref), storage)
         return ResolvedModel(
             ref=ref,
             path=str(base_path),
@@ -356,7 +413,7 @@ def resolve_model(ref: str, base: str | None = None) -> ResolvedModel:
             base_ref=str(base_ref),
             fingerprint=f"{base_fp}+{_fingerprint_folder(folder)}",
         )
-    path, fp = _resolve_full(ref)
+    path, fp = _resolve_full(ref, storage)
     return ResolvedModel(ref=ref, path=str(path), fingerprint=fp)
 
 

@@ -110,7 +110,7 @@ def render_user_prompt(template: str, snippet: str, language: str | None) -> str
 def resolve_checkpoints(cfg: RunConfig) -> list[ResolvedModel]:
     """Every checkpoint of the config, resolved (ModelError on the first that does not exist)."""
     refs = cfg.sample.checkpoints or [cfg.models.synthesizer]
-    resolved = [resolve_model(r, base=cfg.sample.base) for r in refs]
+    resolved = [resolve_model(r, base=cfg.sample.base, storage=cfg.storage) for r in refs]
     seen: dict[str, str] = {}
     for m in resolved:
         if m.fingerprint in seen:

@@ -16,8 +16,8 @@ becomes the synthesizer's own task (the synthesis prompt with its seed snippet -
 that prompt asks for). `train_model` runs in a spawned process; the output is a folder holding the M
 checkpoints plus a dataset (one row per checkpoint) whose manifest records the loss curve, tokens/s and
 peak memory. Its location derives from the fingerprint of data, config and base model, so a finished
-run is not repeated. Not here yet: s3:// outputs (checkpoints are written to a local folder, where vLLM and
-peft load them).
+run is not repeated. An s3:// output is trained in a local staging folder (vLLM and peft load local folders)
+and its checkpoints uploaded; the checkpoint table then lists their URIs, which synth_core.models resolves.
 
 Packing (on by default) is padding-free: a micro-batch's rows are concatenated into one sequence whose
 positions restart per row (`make_collator`), so no compute goes to pad tokens and no row sees another.
@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -450,7 +451,7 @@ def run_train(cfg: RunConfig, data: Sequence[str], base_ref: str | None = None, 
     """Train the synthesizer on `data`; return the output folder (checkpoints + their dataset)."""
     import pyarrow as pa
 
-    from synth_core.models import resolve_model
+    from synth_core.models import cache_dir, is_remote, resolve_model
     from synth_core.sample import load_template
     from synth_core.schema import CHECKPOINT_SCHEMA
     from synth_core.storage import (
@@ -472,18 +473,23 @@ def run_train(cfg: RunConfig, data: Sequence[str], base_ref: str | None = None, 
         raise ConfigError("no training rows: every source is empty or has no kept rows")
     fp = fingerprint("train", STAGE_VERSION, data_fps, cfg.train, base.fingerprint, template)
     out = out or join_uri(cfg.storage.root, "train", fp)
-    if "://" in out:
-        raise ConfigError(f"train output '{out}' must be a local folder (checkpoints are loaded from disk)")
     if dataset_has_fingerprint(out, fp, cfg.storage):
         return out
     hide_stale_dataset(out, fp, cfg.storage)
-    result = launch_training(
-        base.path, training_chats(rows, template), cfg.train, str(Path(out) / "checkpoints"), base_ref
-    )
+    # Training writes local folders; an object-storage output is trained in a local staging folder and the
+    # checkpoints uploaded (the sample stage copies them back into its cache: synth_core.models).
+    remote = is_remote(out)
+    work = cache_dir() / "train-staging" / fp if remote else Path(out)
+    if remote:
+        shutil.rmtree(work, ignore_errors=True)  # what a crashed earlier attempt left
+    result = launch_training(base.path, training_chats(rows, template), cfg.train, str(work / "checkpoints"), base_ref)
+    states = [json.loads((Path(c) / "train_state.json").read_text(encoding="utf-8")) for c in result.checkpoints]
+    uris = [upload_folder(c, join_uri(out, "checkpoints", Path(c).name), cfg) for c in result.checkpoints]
+    if remote:
+        shutil.rmtree(work, ignore_errors=True)
     records = [
-        json.loads((Path(ckpt) / "train_state.json").read_text(encoding="utf-8"))
-        | {"checkpoint": ckpt, "base": base_ref, "reject_reason": None}
-        for ckpt in result.checkpoints
+        state | {"checkpoint": uri if remote else ckpt, "base": base_ref, "reject_reason": None}
+        for state, uri, ckpt in zip(states, uris, result.checkpoints, strict=True)
     ]
     table = pa.Table.from_pylist(records, schema=CHECKPOINT_SCHEMA)  # keeps the schema's fields only
     part = write_part(out, 0, table, fp, storage=cfg.storage)
@@ -509,6 +515,20 @@ def run_train(cfg: RunConfig, data: Sequence[str], base_ref: str | None = None, 
         storage=cfg.storage,
     )
     return out
+
+
+def upload_folder(local: str, uri: str, cfg: RunConfig) -> str:
+    """Copy a local checkpoint folder to `uri` when that is object storage (a local `uri` is the folder itself)."""
+    from synth_core.models import is_remote
+    from synth_core.storage import get_fs
+
+    if not is_remote(uri):
+        return local
+    fs, path = get_fs(uri, cfg.storage)
+    for f in sorted(Path(local).rglob("*")):
+        if f.is_file():
+            fs.put_file(str(f), f"{path}/{f.relative_to(local).as_posix()}")
+    return uri
 
 
 def checkpoints_of(train_out: str, cfg: RunConfig | None = None) -> list[str]:

@@ -133,8 +133,41 @@ def test_train_bad_inputs_are_clear_errors(tmp_path, cfg, tiny_loras):
         run_train(cfg, [str(tmp_path / "nothing")], base_ref="builtin:tiny-random-llama")
     with pytest.raises(ConfigError, match="is a LoRA adapter"):
         run_train(cfg, ["reference:builtin"], base_ref=tiny_loras[0])
-    with pytest.raises(ConfigError, match="must be a local folder"):
-        run_train(cfg, ["reference:builtin"], base_ref="builtin:tiny-random-llama", out="s3://bucket/x")
+
+
+def test_train_to_s3_then_sample_from_the_uris(tmp_path, cfg, tiny_model, s3_endpoint):
+    """An s3:// output holds the checkpoints; their URIs resolve (copied once into the cache) and sample."""
+    from synth_core import sample
+    from synth_core.models import ModelError
+    from synth_core.storage import read_dataset, read_manifest
+    from synth_core.train import BUILTIN_REFERENCE, checkpoints_of, run_train
+
+    cfg.storage.endpoint_url = s3_endpoint
+    cfg.models.synthesizer = tiny_model
+    cfg.train = TrainConfig(epochs=1, batch_size=16, max_seq_len=512, num_checkpoints=2, lora_r=4)
+    out = run_train(cfg, [BUILTIN_REFERENCE], out="s3://scoder/tests/train-s3")
+    ckpts = checkpoints_of(out, cfg)
+    assert ckpts == ["s3://scoder/tests/train-s3/checkpoints/ckpt-1", "s3://scoder/tests/train-s3/checkpoints/ckpt-2"]
+    first = resolve_model(ckpts[0], storage=cfg.storage)
+    assert first.is_lora and first.ref == ckpts[0] and first.path == resolve_model(tiny_model).path
+    assert (Path(first.adapter_path) / "optimizer_moments.pt").is_file()
+    again = resolve_model(ckpts[0], storage=cfg.storage)
+    assert again.adapter_path == first.adapter_path and again.fingerprint == first.fingerprint
+    assert resolve_model(ckpts[1], storage=cfg.storage).fingerprint != first.fingerprint
+    created = read_manifest(out, cfg.storage).created_at
+    assert run_train(cfg, [BUILTIN_REFERENCE], out=out) == out  # done: not retrained
+    assert read_manifest(out, cfg.storage).created_at == created
+    with pytest.raises(ModelError, match="nothing is stored there"):
+        resolve_model("s3://scoder/tests/no-such-checkpoint", storage=cfg.storage)
+
+    from conftest import SNIPPETS, write_pool
+
+    pool = write_pool(str(tmp_path / "pool"), SNIPPETS[:1])
+    cfg.sample.checkpoints = ckpts
+    cfg.sample.generation.backend = "transformers"
+    cfg.sample.generation.max_new_tokens = 4
+    rows = read_dataset(sample.build_samples(cfg, pool, str(tmp_path / "samples"))).to_pylist()
+    assert {r["checkpoint"] for r in rows} == set(ckpts)
 
 
 def test_same_seed_same_checkpoints(tmp_path, tiny_model):
