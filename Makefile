@@ -43,6 +43,8 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python bench/pool.py
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/sandbox.py
 
 clean:
 	rm -rf scoder-data .pytest_cache .ruff_cache
