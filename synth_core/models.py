@@ -271,6 +271,9 @@ def _build_random_llama(out: Path, shape: str, seed: int = 0) -> None:
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the caller's process goes on (to train in a child, say): give the memory back
 
 
 BUILTINS: dict[str, Callable[[Path], None]] = {
