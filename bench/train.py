@@ -3,8 +3,8 @@
 Every configuration runs `synth_core.train.launch_training`, the function the train stage runs, in its own
 spawned process, on the same rows; the table compares them in ONE run:
 - LoRA and full fine-tuning;
-- padding-free packing (the default) vs right padding with length grouping (the baseline: what Trainer does
-  without packing), and on a GPU packing with flex_attention as well.
+- padding-free packing (the GPU default) vs right padding with length grouping (the baseline and the CPU
+  default: what Trainer does without packing), and on a GPU packing with flex_attention as well.
 
 Throughput is steady-state: the first `--warmup-steps` optimiser steps (CUDA warm-up, allocator, compile)
 are left out, using the end time of every step that the training callback records. "tokens" are real

@@ -19,7 +19,7 @@ peak memory. Its location derives from the fingerprint of data, config and base 
 run is not repeated. An s3:// output is trained in a local staging folder (vLLM and peft load local folders)
 and its checkpoints uploaded; the checkpoint table then lists their URIs, which synth_core.models resolves.
 
-Packing (on by default) is padding-free: a micro-batch's rows are concatenated into one sequence whose
+Packing (on GPUs by default) is padding-free: a micro-batch's rows are concatenated into one sequence whose
 positions restart per row (`make_collator`), so no compute goes to pad tokens and no row sees another.
 Multi-GPU is data parallel under torchrun (`launch_training`, `train.num_processes`).
 """
@@ -171,18 +171,27 @@ def attention_kernel(cfg: TrainConfig) -> str:
         return cfg.attn_implementation
     import torch
 
-    return "flex_attention" if cfg.packing and torch.cuda.is_available() else "sdpa"
+    return "flex_attention" if uses_packing(cfg) and torch.cuda.is_available() else "sdpa"
+
+
+def uses_packing(cfg: TrainConfig) -> bool:
+    """cfg.packing, where None means: on a GPU yes, on a CPU no (bench/train.py measured both ways)."""
+    if cfg.packing is not None:
+        return cfg.packing
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def make_collator(cfg: TrainConfig, pad_id: int):
-    """The batch builder: padding-free packing (cfg.packing) or right padding.
+    """The batch builder: padding-free packing (`uses_packing`) or right padding.
 
     Packing is transformers' DataCollatorWithFlattening: the micro-batch's rows become one row, positions
     restart at 0 for each of them and transformers' masking turns the restarts into a block-diagonal
     causal mask, so no row attends to another and no pad token is computed. The loss is the same mean
     over answer tokens as with padding (tested).
     """
-    if not cfg.packing:
+    if not uses_packing(cfg):
         return _Collator(pad_id)
     from transformers import DataCollatorWithFlattening
 
@@ -274,7 +283,7 @@ def train_model(
         data_seed=cfg.seed,
         bf16=bf16,
         # Length grouping only pays where rows are padded; packed rows carry no padding.
-        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not uses_packing(cfg) else "random",
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
