@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lora-r", type=int, default=None, help="LoRA rank; default 16 on a CPU, 128 on a GPU.")
     ap.add_argument("--only", default="", help="Comma-separated configuration names to run (default: all).")
     ap.add_argument("--compile", action="store_true", help="Add torch.compile'd packed configurations.")
+    ap.add_argument(
+        "--profile", default=None, help="Profile one configuration (by name) in this process with torch.profiler."
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-json", default=None)
     return ap.parse_args(argv)
@@ -106,6 +109,45 @@ def lora_params(config, rank: int, targets: list[str]) -> int:
     in_dims = {k: d for k in out_dims} | {"o_proj": config.num_attention_heads * head_dim}
     in_dims["down_proj"] = config.intermediate_size
     return config.num_hidden_layers * sum(rank * (in_dims[t] + out_dims[t]) for t in targets)
+
+
+def profile_config(base_path: str, chats, cfg, out_dir: str, first: int, steps: int = 3) -> None:
+    """torch.profiler over optimiser steps first+1..first+steps of one configuration: the top kernels and ops,
+    and how much of each step the GPU was busy (a CPU-bound loop leaves it idle between kernels)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    from synth_core.train import train_model
+
+    class Profile(TrainerCallback):
+        def __init__(self) -> None:
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.t0 = 0.0
+            self.wall = 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == first:
+                torch.cuda.synchronize()
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == first + steps:
+                torch.cuda.synchronize()
+                self.wall = time.perf_counter() - self.t0
+                self.prof.__exit__(None, None, None)
+
+    cb = Profile()
+    train_model(base_path, chats, cfg, out_dir, extra_callbacks=[cb])
+    from torch.autograd import DeviceType
+
+    print(cb.prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=80))
+    kernels_us = sum(e.time_range.elapsed_us() for e in cb.prof.events() if e.device_type == DeviceType.CUDA)
+    print(
+        f"profiled {steps} steps: wall {cb.wall * 1e3:.0f} ms, GPU kernels {kernels_us / 1e3:.0f} ms "
+        f"({kernels_us / 1e6 / cb.wall:.0%} busy)"
+    )
 
 
 def reference_chats(n: int) -> list[list[dict[str, str]]]:
@@ -178,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{device}: measured matrix rate {rate / 1e12:.1f} TFLOP/s ({rate_how}); {len(chats)} rows, "
         f"{sum(lengths):,} tokens (mean {sum(lengths) / len(lengths):.0f}); matmul weights {n_mm / 1e6:.1f}M"
     )
+
+    if args.profile:
+        with tempfile.TemporaryDirectory(prefix="scoder-bench-train-") as tmp:
+            profile_config(base.path, chats, configs[args.profile], tmp, first=args.warmup_steps)
+        return 0
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="scoder-bench-train-") as tmp:

@@ -235,14 +235,20 @@ def load_model_for_training(base_path: str, cfg: TrainConfig, bf16: bool):
 
 
 def train_model(
-    base_path: str, chats: Sequence[Sequence[dict[str, str]]], cfg: TrainConfig, out_dir: str, base_ref: str = ""
+    base_path: str,
+    chats: Sequence[Sequence[dict[str, str]]],
+    cfg: TrainConfig,
+    out_dir: str,
+    base_ref: str = "",
+    extra_callbacks: Sequence[Any] = (),
 ) -> TrainResult | None:
     """Fine-tune `base_path` on chats (each ending with the assistant's answer); save M checkpoints in out_dir.
 
     LoRA adapters record `base_ref` (e.g. "builtin:smollm2-135m-instruct") as their base, so they resolve on
     their own (synth_core.models). Seeded: the same rows and config give the same checkpoints. Under torchrun
     (cfg.num_processes > 1, see `launch_training`) every process calls this; the first one saves the
-    checkpoints and returns the result, the others return None.
+    checkpoints and returns the result, the others return None. `extra_callbacks` are more transformers
+    TrainerCallbacks (a profiler, an experiment tracker).
     """
     import torch
     from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainingArguments, set_seed
@@ -301,7 +307,7 @@ def train_model(
         args=args,
         train_dataset=_ListDataset(rows),
         data_collator=make_collator(cfg, pad_id),
-        callbacks=[callback],
+        callbacks=[callback, *extra_callbacks],
     )
     # The loss curve goes into the manifest; Trainer's printing of every log dict to stdout is noise there.
     trainer.remove_callback(PrinterCallback)
