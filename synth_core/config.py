@@ -236,6 +236,38 @@ class TrainConfig(StrictModel):
     seed: int = Field(0, description="Seed of initialisation, shuffling and dropout.")
 
 
+class InfluenceConfig(StrictModel):
+    """Gradient-based influence (LESS-style): LoRA gradient features of candidates and targets, top fraction kept."""
+
+    proj_dim: int = Field(8192, ge=1, description="Dimension of the random projection of each gradient (features).")
+    seed: int = Field(0, description="Seed of the Rademacher projection; candidates and targets must share it.")
+    batch_size: int = Field(8, ge=1, description="Rows per forward/backward pass (padded, one backward per batch).")
+    max_seq_len: int = Field(
+        1024, ge=2, description="Longest row (tokens); longer rows are cut at the end and reported as truncated."
+    )
+    keep_fraction: float = Field(
+        0.5, gt=0, le=1, description="Share of candidates kept, the most influential first (0-1 of the rows)."
+    )
+    aggregate: Literal["mean", "max_group"] = Field(
+        "mean",
+        description="'mean': mean cosine over all targets; 'max_group': max over target groups of the group's mean.",
+    )
+    require_optimizer_state: bool = Field(
+        True,
+        description="A checkpoint without AdamW moments is an error; False = plain gradients for it, recorded.",
+    )
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto",
+        description="Dtype of the frozen base weights; 'auto' = bf16 on GPUs that support it, else fp32 (LoRA "
+        "weights, gradients and projection stay fp32).",
+    )
+    projector_cache_mb: int = Field(
+        1024,
+        ge=0,
+        description="Device memory that may keep projection blocks between batches (MiB); 0 = regenerate per batch.",
+    )
+
+
 SandboxProtection = Literal[
     "clean_env",
     "tmp_cwd",
@@ -366,6 +398,9 @@ class RunConfig(StrictModel):
     models: ModelsConfig = Field(default_factory=ModelsConfig, description="Model of each role.")
     sample: SampleConfig = Field(default_factory=SampleConfig, description="Multi-checkpoint sampling stage.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning stage.")
+    influence: InfluenceConfig = Field(
+        default_factory=InfluenceConfig, description="Gradient-based influence stage (LESS-style)."
+    )
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="Sandbox for untrusted code.")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="How flows run shard tasks.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="OpenAI-compatible teacher endpoint.")

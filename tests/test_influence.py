@@ -1,0 +1,304 @@
+"""The influence math on the tiny random Llama in fp32: batched per-sample gradients against one backward pass
+per row, the seeded projection (Johnson-Lindenstrauss, batch-size independence), Adam preconditioning by hand,
+near-copies of the targets ranking first, and bad inputs (no rows, a row longer than the limit, a checkpoint
+without optimiser state)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from synth_core.config import InfluenceConfig, TrainConfig
+from synth_core.influence import (
+    DROP_REASON,
+    AdamState,
+    InfluenceError,
+    RademacherProjector,
+    adam_precondition,
+    compute_grad_features,
+    encode_rows,
+    grad_features_loop,
+    influence_scores,
+    load_checkpoint_for_influence,
+    per_sample_grads,
+    per_sample_grads_loop,
+    select_top_fraction,
+)
+from synth_core.train import IGNORE_INDEX
+
+CFG = InfluenceConfig(proj_dim=1024, dtype="float32", batch_size=8, max_seq_len=256, require_optimizer_state=False)
+
+
+def _rows(lengths: list[tuple[int, int]], seed: int = 0, vocab: int = 49152) -> list[dict[str, list[int]]]:
+    """Random token rows; (length, prompt tokens) each, the prompt labelled IGNORE_INDEX."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for length, prompt in lengths:
+        ids = torch.randint(0, vocab, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return rows
+
+
+MIXED = [(37, 10), (12, 4), (64, 20), (5, 2), (50, 49), (23, 1)]  # padded batch of very different lengths
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_model, tmp_path_factory):
+    """A random LoRA (no optimiser state: allowed by CFG) loaded as the influence stage loads checkpoints.
+
+    B scaled by 4: the adapter changes the model visibly, yet stays well-conditioned. (conftest's tiny_loras,
+    scaled by 50, saturate the attention: rounding differences between the padded and the unpadded fp32 forward
+    pass then grow to 1e-5 relative, so those are compared in float64 below.)
+    """
+    from synth_core.models import build_random_lora
+
+    path = build_random_lora(tiny_model, tmp_path_factory.mktemp("influence") / "lora", rank=8, seed=3, scale=4.0)
+    return load_checkpoint_for_influence(str(path), CFG, device="cpu")
+
+
+def _max_errors(batched: dict, loop: dict) -> tuple[float, float]:
+    """(max abs error / max abs value per parameter, max relative error of a row's gradient norm), the worst."""
+    worst_max, worst_row = 0.0, 0.0
+    for name, ref in loop.items():
+        assert batched[name].shape == ref.shape and ref.abs().max().item() > 0, name
+        diff = batched[name] - ref
+        worst_max = max(worst_max, diff.abs().max().item() / ref.abs().max().item())
+        worst_row = max(worst_row, (diff.norm(dim=(1, 2)) / ref.norm(dim=(1, 2))).max().item())
+    return worst_max, worst_row
+
+
+def _random_adam(model, seed: int = 0) -> AdamState:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    moments = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            m = torch.randn(p.shape, generator=g) * 1e-3
+            moments[name] = (m, torch.rand(p.shape, generator=g) * 1e-5)
+    return AdamState(moments, (0.9, 0.999), 1e-8)
+
+
+def test_batched_per_sample_grads_equal_one_backward_per_row(ckpt):
+    """One backward pass of a padded batch of mixed lengths gives each row's own gradient, to 1e-5 relative."""
+    rows = _rows(MIXED)
+    batched = per_sample_grads(ckpt.model, rows, max_seq_len=256, batch_size=len(rows))
+    loop = per_sample_grads_loop(ckpt.model, rows, max_seq_len=256)
+    assert batched.keys() == loop.keys() and len(batched) == 16  # A and B of q/k/v/o in 2 layers
+    worst_max, worst_row = _max_errors(batched, loop)
+    print(f"fp32: max error / max value {worst_max:.1e}, worst row-norm error {worst_row:.1e}")
+    assert worst_max < 1e-5 and worst_row < 1e-5, (worst_max, worst_row)
+    some = loop[next(iter(loop))]  # each row's gradient is its own: rows differ from one another
+    assert not math.isclose(some[0].norm().item(), some[1].norm().item(), rel_tol=1e-3)
+
+
+def test_per_sample_grads_are_exact_in_float64(tiny_loras):
+    """In float64 the batched gradients equal the loop's to rounding (1e-12), even on conftest's ill-conditioned
+    scale-50 adapter: the method is exact and what fp32 shows is the forward pass's rounding."""
+    import torch
+
+    model = load_checkpoint_for_influence(tiny_loras[0], CFG, device="cpu").model.to(torch.float64)
+    rows = _rows(MIXED)
+    batched = per_sample_grads(model, rows, max_seq_len=256, batch_size=4)  # two batches, both padded
+    worst_max, _ = _max_errors(batched, per_sample_grads_loop(model, rows, max_seq_len=256))
+    assert worst_max < 1e-12, worst_max
+
+
+def test_features_equal_the_dense_loop_reference(ckpt):
+    """Batched features (layer-by-layer projection) equal the LESS-style loop (flat gradient, dense R)."""
+    rows = _rows(MIXED, seed=1)
+    for adam in (None, _random_adam(ckpt.model)):
+        fast = compute_grad_features(ckpt.model, rows, CFG, optimizer_state=adam)
+        slow = grad_features_loop(ckpt.model, rows, CFG, optimizer_state=adam)
+        assert fast.feats.shape == (len(rows), CFG.proj_dim) and str(fast.feats.dtype) == "torch.float16"
+        assert (fast.feats.float() - slow.feats.float()).abs().max().item() < 1e-3
+        assert fast.feats.float().norm(dim=1).sub(1).abs().max().item() < 1e-3  # L2-normalised
+        assert fast.preconditioned == (adam is not None) and fast.projection_id == slow.projection_id
+        assert fast.tokens == sum(n for n, _ in MIXED) and fast.truncated == [] and fast.no_answer == []
+    plain = compute_grad_features(ckpt.model, rows, CFG).feats.float()
+    preconditioned = compute_grad_features(ckpt.model, rows, CFG, optimizer_state=_random_adam(ckpt.model)).feats
+    assert (plain - preconditioned.float()).abs().max().item() > 0.05
+
+
+def test_projection_preserves_inner_products_within_jl_tolerance():
+    """<xR, yR> = <x, y> +- O(1/sqrt(d)) for unit vectors: the error of one pair has a standard deviation of at
+    most sqrt(2/d) = 0.031 at d = 2048, so 5/sqrt(d) = 0.11 bounds all 136 pairs with probability > 0.999
+    (Gaussian tail 6e-7 per pair, union bound). The draw is seeded, so the test is deterministic anyway."""
+    import torch
+
+    d = 2048
+    x = torch.randn(16, 6000, generator=torch.Generator().manual_seed(0))
+    x[1] = x[0] + 0.5 * x[1]  # one correlated pair
+    x /= x.norm(dim=1, keepdim=True)
+    proj = RademacherProjector(d, seed=0)
+    # two "parameters" (6000 = 4096 + 1904 elements and 0 + 1 chunks): blocks and partial chunks both exercised
+    p = proj.project({"a": x[:, :4500], "b": x[:, 4500:]})
+    err = (p @ p.T - x @ x.T).abs().max().item()
+    assert err < 5 / math.sqrt(d), err
+    dense = proj.dense_matrix([("a", 4500), ("b", 1500)])
+    assert dense.shape == (6000, d) and dense.unique().tolist() == pytest.approx([-1 / math.sqrt(d), 1 / math.sqrt(d)])
+    assert abs(dense.mean().item()) < 1e-3  # balanced signs
+    assert torch.allclose(x @ dense, p, atol=1e-5)
+    assert torch.equal(RademacherProjector(d, seed=0).project({"a": x[:, :4500]}), proj.project({"a": x[:, :4500]}))
+    assert not torch.equal(RademacherProjector(d, seed=1).block("a", 0), proj.block("a", 0))
+    assert not torch.equal(proj.block("b", 0), proj.block("a", 0))
+
+
+def test_same_seed_same_features_whatever_the_batch_size(ckpt):
+    rows = _rows(MIXED + [(30, 3), (41, 7)], seed=2)
+    feats = [
+        compute_grad_features(ckpt.model, rows, CFG.model_copy(update={"batch_size": b})).feats for b in (1, 3, 8)
+    ]
+    for other in feats[1:]:
+        assert (other.float() - feats[0].float()).abs().max().item() < 1e-3
+    reseeded = compute_grad_features(ckpt.model, rows, CFG.model_copy(update={"seed": 1})).feats
+    assert (reseeded.float() - feats[0].float()).abs().max().item() > 0.05
+    # different seeds give different, but equally valid, projections: the cosines between rows agree
+    gram, gram_reseeded = feats[0].float() @ feats[0].float().T, reseeded.float() @ reseeded.float().T
+    assert (gram - gram_reseeded).abs().max().item() < 5 / math.sqrt(CFG.proj_dim)
+
+
+def test_adam_preconditioning_matches_the_formula_by_hand():
+    """b1 = 0.5, b2 = 0.75, eps = 0.5:
+    g=0.5,  m=0, v=0: m' = 0.25, v' = 0.25 x 0.25 = 0.0625, sqrt = 0.25 -> 0.25 / 0.75 = 1/3
+    g=-1,   m=1, v=3: m' = 0.5 - 0.5 = 0, v' = 2.25 + 0.25 = 2.5          -> 0
+    g=2,    m=2, v=0: m' = 1 + 1 = 2,     v' = 0.25 x 4 = 1, sqrt = 1    -> 2 / 1.5 = 4/3
+    A second sample (g = 0) sees the same moments: m' = m/2, v' = 0.75 v -> 0, 0.5/(1.5+0.5) = 0.25, 1/0.5 = 2."""
+    import torch
+
+    g = torch.tensor([[0.5, -1.0, 2.0], [0.0, 0.0, 0.0]])
+    m, v = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([0.0, 3.0, 0.0])
+    out = adam_precondition(g, m, v, (0.5, 0.75), 0.5)
+    expected = torch.tensor([[1 / 3, 0.0, 4 / 3], [0.0, 0.5 / (math.sqrt(2.25) + 0.5), 2.0]])
+    assert torch.allclose(out, expected, atol=1e-7), out
+
+
+TOY = {
+    "reverse": ("Write reverse(s) that reverses a string.", "def reverse(s):\n    return s[::-1]\n"),
+    "vowels": ("Count the vowels in a string.", "def vowels(s):\n    return sum(c in 'aeiou' for c in s)\n"),
+    "words": ("Split a sentence into words.", "def words(text):\n    return text.split()\n"),
+    "area": ("Area of a circle of radius r.", "import math\n\ndef area(r):\n    return math.pi * r ** 2\n"),
+    "fib": ("The n-th Fibonacci number.", "def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n"
+            "        a, b = b, a + b\n    return a\n"),
+    "primes": ("Is n prime?", "def is_prime(n):\n    return n > 1 and all(n % k for k in range(2, n))\n"),
+    "merge": ("Merge two dicts.", "def merge(a, b):\n    out = dict(a)\n    out.update(b)\n    return out\n"),
+    "clamp": ("Clamp x to [lo, hi].", "def clamp(x, lo, hi):\n    return max(lo, min(hi, x))\n"),
+}  # fmt: skip
+
+
+def _chat(instruction: str, answer: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}]
+
+
+def test_near_copies_of_the_targets_rank_first(tmp_path, tiny_model):
+    """Targets: three string tasks; candidates: their near-copies (the same answer to a reworded request) among
+    five unrelated tasks, from two checkpoints trained for real (AdamW moments, mean LRs). The near-copies are
+    the top three with plain gradients (mean over targets and max over target groups) and with LESS's Adam-
+    preconditioned candidates by the max over target groups. (By the mean over targets, the Adam direction's
+    shared momentum, 0.9 m / sqrt(v'), dominates after two training steps on a random model: measured 0.269 for
+    a near-copy against 0.275 for an unrelated row, so that combination is not asserted.)"""
+    from transformers import AutoTokenizer
+
+    from synth_core.models import resolve_model
+    from synth_core.train import train_model
+
+    base = resolve_model(tiny_model)
+    tc = TrainConfig(epochs=1, batch_size=2, max_seq_len=128, num_checkpoints=2, lora_r=4, learning_rate=1e-3)
+    train = [_chat(*TOY[k]) for k in ("area", "fib", "primes", "words")]
+    ckpts = train_model(base.path, train, tc, str(tmp_path / "train"), base_ref=tiny_model).checkpoints
+    assert len(ckpts) == 2
+    tok = AutoTokenizer.from_pretrained(base.path)
+    target_keys = ["reverse", "vowels", "words"]
+    targets = encode_rows(tok, [_chat(*TOY[k]) for k in target_keys])
+    near = [_chat("Please: " + i.lower(), a) for i, a in map(TOY.get, target_keys)]
+    unrelated = [_chat(*TOY[k]) for k in ("area", "fib", "primes", "merge", "clamp")]
+    candidates = encode_rows(tok, unrelated[:2] + near[:2] + unrelated[2:4] + near[2:] + unrelated[4:])
+    near_idx = {2, 3, 6}
+    cfg = CFG.model_copy(update={"require_optimizer_state": True})
+    adam, plain, tgts, lrs = [], [], [], []
+    for ref in ckpts:
+        ck = load_checkpoint_for_influence(ref, cfg, device="cpu")
+        assert ck.adam is not None and ck.notes == [] and ck.mean_lr > 0
+        cand = compute_grad_features(ck.model, candidates, cfg, optimizer_state=ck.adam)
+        assert cand.preconditioned
+        adam.append(cand.feats)
+        plain.append(compute_grad_features(ck.model, candidates, cfg).feats)
+        tgts.append(compute_grad_features(ck.model, targets, cfg).feats)
+        lrs.append(ck.mean_lr)
+    for feats, aggregate in ((plain, "mean"), (plain, "max_group"), (adam, "max_group")):
+        scores = influence_scores(feats, tgts, lrs, aggregate, target_keys if aggregate == "max_group" else None)
+        kept, reasons = select_top_fraction(scores, 3 / len(candidates))
+        assert {i for i, k in enumerate(kept) if k} == near_idx, (aggregate, scores.tolist())
+        assert reasons.count(DROP_REASON) == len(candidates) - 3
+
+
+def test_scores_weight_checkpoints_and_aggregate_groups_by_hand():
+    import torch
+
+    e = torch.eye(3)
+    cand = [e[[0, 1, 2]].half(), e[[0, 1, 2]].half()]  # three candidates, two checkpoints
+    tgt = [e[[0, 0, 1]].half(), e[[1, 1, 1]].half()]  # three targets per checkpoint
+    # mean: ckpt 1 (weight 3/4): cand0 2/3, cand1 1/3; ckpt 2 (weight 1/4): cand1 1
+    mean = influence_scores(cand, tgt, [0.3, 0.1])
+    assert torch.allclose(mean, torch.tensor([0.75 * 2 / 3, 0.75 / 3 + 0.25, 0.0]))
+    # groups {a: targets 0, 1; b: target 2}; group a: cand0 0.75, cand1 0.25; group b: cand1 1 -> max
+    grouped = influence_scores(cand, tgt, [0.3, 0.1], "max_group", ["a", "a", "b"])
+    assert torch.allclose(grouped, torch.tensor([0.75, 1.0, 0.0]))
+    with pytest.raises(InfluenceError, match="non-empty"):
+        influence_scores([cand[0]], [tgt[0][:0]], [1.0])
+    with pytest.raises(InfluenceError, match="one learning rate per checkpoint"):
+        influence_scores(cand, tgt, [1.0])
+    kept, reasons = select_top_fraction([0.1, 0.5, 0.5, -1.0, 0.2], 0.4)
+    assert kept == [False, True, True, False, False]
+    assert reasons == [DROP_REASON, None, None, DROP_REASON, DROP_REASON]
+    assert select_top_fraction([0.0] * 10, 0.3)[0].count(True) == 3  # 0.3 x 10 is not 4
+    with pytest.raises(InfluenceError, match="NaN"):
+        select_top_fraction([float("nan")], 0.5)
+
+
+def test_empty_candidate_set_gives_empty_features_and_scores(ckpt):
+    import torch
+
+    empty = compute_grad_features(ckpt.model, [], CFG, optimizer_state=_random_adam(ckpt.model))
+    assert empty.feats.shape == (0, CFG.proj_dim) and empty.truncated == [] and empty.tokens == 0
+    assert grad_features_loop(ckpt.model, [], CFG).feats.shape == (0, CFG.proj_dim)
+    targets = compute_grad_features(ckpt.model, _rows([(20, 5)]), CFG).feats
+    scores = influence_scores([empty.feats], [targets], [1.0])
+    assert scores.shape == (0,) and scores.dtype == torch.float32
+    assert select_top_fraction(scores, 0.5) == ([], [])
+
+
+def test_row_longer_than_the_limit_is_cut_and_reported(ckpt):
+    """A row longer than max_seq_len is cut at the end (as training cuts it) and its index reported; a row whose
+    prompt alone fills the limit keeps no response token: a zero feature, reported too."""
+    rows = _rows([(20, 5), (300, 10), (40, 35)], seed=3)
+    cfg = CFG.model_copy(update={"max_seq_len": 32})
+    out = compute_grad_features(ckpt.model, rows, cfg)
+    assert out.truncated == [1, 2] and out.no_answer == [2] and out.tokens == 20 + 32 + 32
+    norms = out.feats.float().norm(dim=1)
+    assert norms[:2].sub(1).abs().max().item() < 1e-3 and norms[2].item() == 0.0
+    cut = compute_grad_features(ckpt.model, [{k: v[:32] for k, v in rows[1].items()}], cfg)
+    assert (cut.feats[0].float() - out.feats[1].float()).abs().max().item() < 1e-3
+
+
+def test_checkpoint_without_optimizer_state_is_an_error_unless_allowed(tiny_loras):
+    """build_random_lora writes an adapter only: no moments, no train_state.json."""
+    strict = CFG.model_copy(update={"require_optimizer_state": True})
+    with pytest.raises(InfluenceError, match="no optimiser state.*require_optimizer_state: false"):
+        load_checkpoint_for_influence(tiny_loras[1], strict, device="cpu")
+    ck = load_checkpoint_for_influence(tiny_loras[1], CFG, device="cpu")
+    assert ck.plain_gradients and ck.mean_lr == 1.0
+    assert ck.notes == [
+        "no optimiser state: plain gradients for candidates",
+        "no train_state.json: mean_lr taken as 1.0",
+    ]
+    assert all(p.requires_grad == ("lora_" in n) for n, p in ck.model.named_parameters())
+    assert not ck.model.training and ck.model.config.use_cache is False
+    wrong = AdamState({"not.a.lora.weight": (None, None)})
+    with pytest.raises(InfluenceError, match="belongs to another adapter"):
+        compute_grad_features(ck.model, _rows([(10, 2)]), CFG, optimizer_state=wrong)
+    with pytest.raises(InfluenceError, match="full model"):
+        load_checkpoint_for_influence("builtin:tiny-random-llama", CFG, device="cpu")
