@@ -193,22 +193,41 @@ def _chat(instruction: str, answer: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}]
 
 
-def test_near_copies_of_the_targets_rank_first(tmp_path, tiny_model):
+PLAIN_MEAN, PLAIN_MAX, ADAM_MEAN, ADAM_MAX = (
+    ("plain", "mean"),
+    ("plain", "max_group"),
+    ("adam", "mean"),
+    ("adam", "max_group"),
+)
+
+
+@pytest.mark.parametrize(
+    ("model", "combos"),
+    [
+        ("builtin:tiny-random-llama", [PLAIN_MEAN, PLAIN_MAX, ADAM_MAX]),
+        # The real model's gradients carry meaning: every combination ranks the near-copies first (about 2 min
+        # on 2 busy cores; measured mean/Adam: near-copies 0.126-0.154, unrelated rows 0.068-0.090).
+        pytest.param(
+            "builtin:smollm2-135m-instruct", [PLAIN_MEAN, PLAIN_MAX, ADAM_MEAN, ADAM_MAX], marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_near_copies_of_the_targets_rank_first(tmp_path, model, combos):
     """Targets: three string tasks; candidates: their near-copies (the same answer to a reworded request) among
     five unrelated tasks, from two checkpoints trained for real (AdamW moments, mean LRs). The near-copies are
     the top three with plain gradients (mean over targets and max over target groups) and with LESS's Adam-
-    preconditioned candidates by the max over target groups. (By the mean over targets, the Adam direction's
-    shared momentum, 0.9 m / sqrt(v'), dominates after two training steps on a random model: measured 0.269 for
-    a near-copy against 0.275 for an unrelated row, so that combination is not asserted.)"""
+    preconditioned candidates by the max over target groups. (On the random tiny model, by the mean over targets,
+    the Adam direction's shared momentum, 0.9 m / sqrt(v'), dominates after two training steps: measured 0.269
+    for a near-copy against 0.275 for an unrelated row, so that combination is asserted on the real model only.)"""
     from transformers import AutoTokenizer
 
     from synth_core.models import resolve_model
     from synth_core.train import train_model
 
-    base = resolve_model(tiny_model)
+    base = resolve_model(model)
     tc = TrainConfig(epochs=1, batch_size=2, max_seq_len=128, num_checkpoints=2, lora_r=4, learning_rate=1e-3)
     train = [_chat(*TOY[k]) for k in ("area", "fib", "primes", "words")]
-    ckpts = train_model(base.path, train, tc, str(tmp_path / "train"), base_ref=tiny_model).checkpoints
+    ckpts = train_model(base.path, train, tc, str(tmp_path / "train"), base_ref=model).checkpoints
     assert len(ckpts) == 2
     tok = AutoTokenizer.from_pretrained(base.path)
     target_keys = ["reverse", "vowels", "words"]
@@ -228,10 +247,11 @@ def test_near_copies_of_the_targets_rank_first(tmp_path, tiny_model):
         plain.append(compute_grad_features(ck.model, candidates, cfg).feats)
         tgts.append(compute_grad_features(ck.model, targets, cfg).feats)
         lrs.append(ck.mean_lr)
-    for feats, aggregate in ((plain, "mean"), (plain, "max_group"), (adam, "max_group")):
+    for kind, aggregate in combos:
+        feats = adam if kind == "adam" else plain
         scores = influence_scores(feats, tgts, lrs, aggregate, target_keys if aggregate == "max_group" else None)
         kept, reasons = select_top_fraction(scores, 3 / len(candidates))
-        assert {i for i, k in enumerate(kept) if k} == near_idx, (aggregate, scores.tolist())
+        assert {i for i, k in enumerate(kept) if k} == near_idx, (kind, aggregate, scores.tolist())
         assert reasons.count(DROP_REASON) == len(candidates) - 3
 
 
