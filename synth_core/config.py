@@ -266,6 +266,12 @@ class InfluenceConfig(StrictModel):
         ge=0,
         description="Device memory that may keep projection blocks between batches (MiB); 0 = regenerate per batch.",
     )
+    shard_rows: int = Field(
+        1024, ge=1, description="Candidate rows per influence shard (one task; one gradient process per checkpoint)."
+    )
+    parallel_shards: int = Field(
+        1, ge=1, description="Shard tasks running at once; raise it on multi-GPU hosts or a Ray cluster."
+    )
 
 
 SandboxProtection = Literal[

@@ -115,3 +115,38 @@ CHECKPOINT_SCHEMA = pa.schema(
         pa.field("reject_reason", pa.string()),
     ]
 )
+
+
+# The influence stage's output is its candidates' table (a samples or scored dataset, any schema with
+# instruction/response/snippet/language) with these columns appended; rows rejected for low influence get
+# reject_reason "influence_below_top_fraction" (synth_core.influence).
+INFLUENCE_FIELDS = [
+    pa.field("influence", pa.float32()),  # sum over checkpoints of LR weight x cosine to R; null = not scored
+    pa.field("influence_status", pa.string()),  # scored | truncated (scored on the cut row) | no_answer; null
+]
+
+
+def influence_schema(candidates: pa.Schema) -> pa.Schema:
+    """The influence output table: the candidates' schema plus INFLUENCE_FIELDS."""
+    out = candidates
+    for f in INFLUENCE_FIELDS:
+        if f.name in out.names:
+            out = out.remove(out.get_field_index(f.name))
+        out = out.append(f)
+    return out
+
+
+def feature_schema(proj_dim: int) -> pa.Schema:
+    """Gradient features of an influence run's rows (candidates or the reference set R), one row per input row:
+    `feats` holds one [proj_dim] float16 L2-normalised vector per checkpoint, in the stage's checkpoint order
+    (all zeros for a row without a response token); `influence` is null for targets."""
+    return pa.schema(
+        [
+            pa.field("row", pa.int64(), nullable=False),  # ordinal among the input's rows (all of them)
+            pa.field("row_id", pa.string()),  # sample_id of a candidate, ref_id of a target
+            pa.field("influence", pa.float32()),
+            pa.field("influence_status", pa.string()),  # scored | truncated | no_answer
+            pa.field("tokens", pa.int32()),  # tokens of the row as the gradient pass saw it (after the cut)
+            pa.field("feats", pa.list_(pa.list_(pa.float16(), proj_dim))),  # [checkpoints][proj_dim] float16
+        ]
+    )

@@ -322,3 +322,148 @@ def test_checkpoint_without_optimizer_state_is_an_error_unless_allowed(tiny_lora
         compute_grad_features(ck.model, _rows([(10, 2)]), CFG, optimizer_state=wrong)
     with pytest.raises(InfluenceError, match="full model"):
         load_checkpoint_for_influence("builtin:tiny-random-llama", CFG, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+def write_candidates(uri: str, pairs: list[tuple[str, str]], rejected: set[int] = frozenset()) -> str:
+    """A samples dataset (SAMPLE_SCHEMA) of these (instruction, response) pairs; rows in `rejected` are rejected
+    upstream (no_code_block)."""
+    import pyarrow as pa
+
+    from synth_core.schema import SAMPLE_SCHEMA, content_id
+    from synth_core.storage import commit_dataset, compute_funnel, fingerprint, write_part
+
+    rows = [
+        dict(
+            sample_id=content_id(f"{uri}:{i}"),
+            snippet_id=content_id(ins),
+            snippet="def f(s):\n    return s\n",
+            language="python",
+            checkpoint="ckpt",
+            checkpoint_id="ckpt",
+            iteration=0,
+            seed=i,
+            sample_index=0,
+            prompt_tokens=1,
+            output_tokens=1,
+            finish_reason="stop",
+            raw_output="...",
+            instruction=ins,
+            response=resp,
+            reject_reason="no_code_block" if i in rejected else None,
+            detail="no fenced code block" if i in rejected else None,
+        )
+        for i, (ins, resp) in enumerate(pairs)
+    ]
+    table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+    fp = fingerprint("test-candidates", pairs, sorted(rejected))
+    part = write_part(uri, 0, table, fp, compute_funnel(table)) if rows else None
+    commit_dataset(uri, [part] if part else [], SAMPLE_SCHEMA, fp, stage="sample", funnel=part.funnel if part else {})
+    return uri
+
+
+STAGE_PAIRS = [TOY[k] for k in ("reverse", "area", "vowels", "fib", "primes")] + [
+    ("Print many ones.", "```python\n" + "x = 1\n" * 400 + "```")  # longer than max_seq_len: truncated
+]
+
+
+@pytest.fixture(scope="module")
+def trained_ckpts(tmp_path_factory) -> list[str]:
+    """Two LoRA checkpoints of the tiny model, trained for 2 steps on synthesis chats (AdamW moments, mean LRs)."""
+    from synth_core.config import RunConfig
+    from synth_core.models import resolve_model
+    from synth_core.sample import load_template
+    from synth_core.train import train_model, training_chats
+
+    rows = [dict(snippet="x = 1\n", language="python", instruction=i, response=r) for i, r in TOY.values()][:4]
+    chats = training_chats(rows, load_template(RunConfig()))
+    tc = TrainConfig(epochs=1, batch_size=2, max_seq_len=512, num_checkpoints=2, lora_r=4, learning_rate=1e-3)
+    out = tmp_path_factory.mktemp("influence-train")
+    base = resolve_model("builtin:tiny-random-llama")
+    return train_model(base.path, chats, tc, str(out), base_ref="builtin:tiny-random-llama").checkpoints
+
+
+def stage_cfg(cfg):
+    cfg.influence = InfluenceConfig(proj_dim=256, dtype="float32", max_seq_len=512, shard_rows=16, keep_fraction=0.5)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def reference_file(tmp_path_factory) -> str:
+    import json
+
+    path = tmp_path_factory.mktemp("influence-ref") / "r.jsonl"
+    rows = [TOY[k] for k in ("reverse", "vowels", "words")]
+    path.write_text("".join(json.dumps({"instruction": i, "response": r}) + "\n" for i, r in rows))
+    return str(path)
+
+
+def test_stage_scores_every_row_keeps_the_top_fraction_and_reruns_free(cfg, tmp_path, trained_ckpts, reference_file):
+    """Every candidate row comes out: the upstream-rejected one unchanged, the scored ones with their influence and
+    the top half kept; the long row scored on its cut and recorded; features float16 per checkpoint; the manifest
+    has throughput and the score distribution; a second run is free (the same manifest)."""
+    import numpy as np
+
+    from synth_core.influence import NO_ANSWER_REASON, build_influence
+    from synth_core.storage import read_dataset, read_manifest
+
+    stage_cfg(cfg)
+    cands = write_candidates(str(tmp_path / "cands"), STAGE_PAIRS, rejected={2})
+    out = build_influence(cfg, cands, reference_file, trained_ckpts)
+    table = read_dataset(out, storage=cfg.storage)
+    rows = table.to_pylist()
+    assert len(rows) == len(STAGE_PAIRS) and [r["instruction"] for r in rows] == [p[0] for p in STAGE_PAIRS]
+    assert rows[2]["reject_reason"] == "no_code_block" and rows[2]["influence"] is None
+    assert rows[2]["detail"] == "no fenced code block" and rows[2]["influence_status"] is None
+    scored = [r for i, r in enumerate(rows) if i != 2]
+    assert all(r["influence"] is not None for r in scored)
+    assert [r["influence_status"] for r in scored] == ["scored"] * 4 + ["truncated"]
+    kept = [r for r in scored if r["reject_reason"] is None]
+    assert len(kept) == 3  # ceil(0.5 x 5)
+    assert min(r["influence"] for r in kept) >= max(r["influence"] for r in scored if r["reject_reason"])
+    assert {r["reject_reason"] for r in scored} == {None, DROP_REASON} and NO_ANSWER_REASON not in str(rows)
+    m = read_manifest(out, cfg.storage)
+    assert m.stage == "influence" and m.num_rows == len(STAGE_PAIRS)
+    assert m.funnel == {"rows_in": 6, "kept": 3, "rejected": {"no_code_block": 1, DROP_REASON: 2}}
+    s = m.stats
+    assert s["scored"] == 5 and s["kept"] == 3 and s["truncated"] == 1 and s["no_answer"] == 0
+    assert s["features_per_s"] > 0 and s["tokens"] > 0 and s["peak_memory_mb"] > 0 and s["notes"] == []
+    assert s["scores"]["min"] <= s["scores"]["p50"] <= s["scores"]["max"] and s["threshold"] is not None
+    assert [c["ref"] for c in s["checkpoints"]] == trained_ckpts and s["projection_id"].endswith("-cpu-c4096")
+    feats = read_dataset(s["features"], storage=cfg.storage)
+    assert feats.num_rows == 5 and feats.column("row").to_pylist() == [0, 1, 3, 4, 5]
+    vec = np.asarray(feats.column("feats").to_pylist()[0], dtype=np.float32)
+    ftype = feats.schema.field("feats").type.value_type  # [checkpoints] of fixed_size_list<float16>[proj_dim]
+    assert ftype.list_size == 256 and str(ftype.value_type) == "halffloat"
+    assert vec.shape == (2, 256) and np.allclose(np.linalg.norm(vec, axis=1), 1, atol=1e-2)
+    assert build_influence(cfg, cands, reference_file, trained_ckpts) == out
+    assert read_manifest(out, cfg.storage).created_at == m.created_at
+
+
+def test_stage_bad_inputs(cfg, tmp_path, trained_ckpts, tiny_loras, reference_file):
+    """No candidate rows: an empty output (no model is loaded); a checkpoint without optimiser state, a full model,
+    no checkpoint, a dataset without instruction/response: one-line InfluenceErrors before any gradient."""
+    from synth_core.influence import build_influence
+    from synth_core.storage import read_dataset, read_manifest
+
+    stage_cfg(cfg)
+    empty = write_candidates(str(tmp_path / "empty"), [])
+    out = build_influence(cfg, empty, reference_file, trained_ckpts)
+    assert read_dataset(out, storage=cfg.storage).num_rows == 0
+    m = read_manifest(out, cfg.storage)
+    assert m.stats["scored"] == 0 and m.stats["scores"] is None and "influence" in m.arrow().names
+    cands = write_candidates(str(tmp_path / "cands"), STAGE_PAIRS[:2])
+    with pytest.raises(InfluenceError, match="no optimiser state.*require_optimizer_state: false") as err:
+        build_influence(cfg, cands, reference_file, [trained_ckpts[0], tiny_loras[0]])
+    assert "\n" not in str(err.value)
+    with pytest.raises(InfluenceError, match="full model"):
+        build_influence(cfg, cands, reference_file, ["builtin:tiny-random-llama"])
+    with pytest.raises(InfluenceError, match="no checkpoint given"):
+        build_influence(cfg, cands, reference_file, [])
+    from conftest import write_pool
+
+    pool = write_pool(str(tmp_path / "pool"), ["x = 1\n"])
+    with pytest.raises(InfluenceError, match="no column 'instruction'"):
+        build_influence(cfg, pool, reference_file, trained_ckpts)
