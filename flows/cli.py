@@ -38,13 +38,23 @@ SetOpt = Annotated[
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from synth_core.config import ConfigError
     from synth_core.decontam import BenchmarkError
+    from synth_core.influence import InfluenceError
     from synth_core.models import ModelError
     from synth_core.pool import SourceError
     from synth_core.reference import ReferenceSetError
     from synth_core.storage import DatasetError
     from synth_core.teacher import TeacherError
 
-    return (ConfigError, SourceError, BenchmarkError, DatasetError, ModelError, ReferenceSetError, TeacherError)
+    return (
+        ConfigError,
+        SourceError,
+        BenchmarkError,
+        DatasetError,
+        ModelError,
+        ReferenceSetError,
+        TeacherError,
+        InfluenceError,
+    )
 
 
 def _fail(message: str) -> None:
@@ -144,6 +154,59 @@ def sample_cmd(
         from flows.sample import sample_flow
 
         uri = run_flow(sample_flow, cfg, snippets=snippets, config=cfg.model_dump(mode="json"), out=out)
+        _print_dataset(uri, cfg.storage, rows=False)
+    except _expected_errors() as err:
+        _fail(str(err))
+    typer.echo(uri)
+
+
+@app.command("influence")
+def influence_cmd(
+    candidates: Annotated[
+        str, typer.Option("--candidates", help="Samples (or scored) dataset whose kept rows are scored (path or URI).")
+    ],
+    checkpoint: Annotated[
+        list[str],
+        typer.Option(
+            "--checkpoint",
+            "-k",
+            help="LoRA checkpoint folder (with optimiser state) or a train output (all its checkpoints); repeatable.",
+        ),
+    ],
+    reference: Annotated[
+        str | None,
+        typer.Option("--reference", "-r", help="reference:builtin (default), a JSONL/Parquet file or a dataset."),
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Where to write the scored rows (path or s3:// URI).")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Score candidates by gradient influence on R (LESS-style) and keep the top fraction. Prints the funnel."""
+    try:
+        cfg = _load(config, set_, {})
+        from synth_core.influence import resolve_influence_checkpoints
+        from synth_core.reference import load_reference
+        from synth_core.storage import read_manifest
+        from synth_core.train import BUILTIN_REFERENCE
+
+        # Fail before any server or model starts: a bad checkpoint, R or candidate set is one line.
+        resolve_influence_checkpoints(checkpoint, cfg)
+        load_reference(None if reference in (None, BUILTIN_REFERENCE) else reference, cfg.storage)
+        read_manifest(candidates, cfg.storage)
+        from flows.influence import influence_flow
+        from flows.runtime import run_flow
+
+        uri = run_flow(
+            influence_flow,
+            cfg,
+            candidates=candidates,
+            checkpoints=list(checkpoint),
+            reference=reference,
+            config=cfg.model_dump(mode="json"),
+            out=out,
+        )
         _print_dataset(uri, cfg.storage, rows=False)
     except _expected_errors() as err:
         _fail(str(err))
