@@ -720,6 +720,14 @@ def _interpreter_paths() -> list[str]:
 
 
 @functools.cache
+def _interpreter_entry_paths() -> list[str]:
+    """The interpreter's folders as the program names them (sys.executable's folder, sys.prefix), unresolved:
+    a virtualenv's `bin/python` is a link, and the program starts through the link's own folder."""
+    paths = {os.path.dirname(os.path.abspath(sys.executable)), os.path.abspath(sys.prefix), *_interpreter_paths()}
+    return sorted(p for p in paths if os.path.isdir(p))
+
+
+@functools.cache
 def _interpreter_mounts() -> tuple[tuple[str, tuple[str, ...]], ...]:
     """(closed folder, interpreter folders under it) for each folder others may not enter above the interpreter.
 
@@ -751,7 +759,11 @@ def _mount_plan(workdir: str, cfg: SandboxConfig, expose_interpreter: bool) -> l
         if real in seen or not os.path.isdir(real):
             continue
         seen.add(real)
-        keeps = [workdir] if workdir.startswith(real + os.sep) else []
+        # The program's folder, and the interpreter when it lives there (a virtualenv made in /tmp, as a CI
+        # checkout may be), are bound back; everything else of the shared folder is hidden.
+        inside = [workdir, *_interpreter_entry_paths()]
+        keeps = [k for k in inside if k.startswith(real + os.sep)]
+        keeps = [k for k in keeps if not any(k != o and k.startswith(o + os.sep) for o in keeps)]
         plan.append((real, 0o1777, cfg.max_file_mb, keeps))
     for folder, keeps in _interpreter_mounts() if expose_interpreter else ():
         extra = [workdir] if workdir.startswith(folder + os.sep) else []
