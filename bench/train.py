@@ -38,7 +38,17 @@ import tempfile
 import time
 from typing import Any
 
-from common import RESULTS_DIR, cpu_name, fmt_num, package_version, print_table, write_json
+from common import (
+    RESULTS_DIR,
+    cpu_name,
+    fmt_num,
+    lora_params,
+    matmul_params,
+    measure_matmul_rate,
+    package_version,
+    print_table,
+    write_json,
+)
 
 GOAL_LORA_MFU = 0.40
 
@@ -60,55 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-json", default=None)
     return ap.parse_args(argv)
-
-
-def measure_matmul_rate(device: str) -> tuple[float, str]:
-    """The device's dense matrix rate in FLOP/s: bf16 8192^2 on a GPU, fp32 2048^2 on a CPU (best of 5)."""
-    import torch
-
-    n, dtype, reps = (8192, torch.bfloat16, 20) if device == "cuda" else (2048, torch.float32, 3)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(6):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / reps)
-    del a, b
-    if device == "cuda":
-        torch.cuda.empty_cache()  # the configurations train in child processes: leave them the whole card
-    return 2 * n**3 / best, f"{str(dtype).removeprefix('torch.')} mm {n}^3"
-
-
-def matmul_params(config) -> int:
-    """Weights of every matrix multiply of one token's forward pass (projections, MLP, LM head)."""
-    d, ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    q_o = 2 * d * config.num_attention_heads * head_dim
-    k_v = 2 * d * config.num_key_value_heads * head_dim
-    return layers * (q_o + k_v + 3 * d * ff) + d * config.vocab_size
-
-
-def lora_params(config, rank: int, targets: list[str]) -> int:
-    d = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    out_dims = {
-        "q_proj": config.num_attention_heads * head_dim,
-        "k_proj": config.num_key_value_heads * head_dim,
-        "v_proj": config.num_key_value_heads * head_dim,
-        "o_proj": d,
-        "gate_proj": config.intermediate_size,
-        "up_proj": config.intermediate_size,
-        "down_proj": d,
-    }
-    in_dims = {k: d for k in out_dims} | {"o_proj": config.num_attention_heads * head_dim}
-    in_dims["down_proj"] = config.intermediate_size
-    return config.num_hidden_layers * sum(rank * (in_dims[t] + out_dims[t]) for t in targets)
 
 
 def profile_config(base_path: str, chats, cfg, out_dir: str, first: int, steps: int = 3) -> None:

@@ -1,0 +1,302 @@
+"""Benchmark of the influence math (issue 5): the batched path against the LESS-style loop, in ONE run.
+
+Both compute Adam-preconditioned, randomly projected LoRA gradient features of the same candidate rows at the same
+checkpoint, with the same Rademacher matrix (same seed and blocks), and score them against the same targets:
+- batched: `compute_grad_features` (one backward pass per padded batch, per-sample gradients from layer inputs x
+  output gradients, projected layer by layer; what the influence stage runs);
+- loop: `grad_features_loop` (LESS: batch 1, autograd per row, the flat gradient projected by the dense matrix).
+Reported: samples/s of each, the speed-up, the agreement of the influence scores (Spearman rank correlation,
+computed with torch: scipy is not guaranteed), peak memory, and on a GPU the achieved TFLOP/s against the card's
+measured bf16 matmul rate (bench/common.py). The checkpoint is a real one: LoRA trained for 2 steps by
+synth_core.train (AdamW moments, mean LR).
+
+The loop materialises R [num_lora_params, proj_dim] float32: the projection dimension is the largest power of two
+up to --proj-dim whose dense matrix fits --dense-budget-gib, used for both paths (the table says which); the
+batched path is timed at the full --proj-dim as well.
+
+Model FLOPs per row of T tokens: forward 2 N T + activation backward 2 N T (N: weights of every matrix multiply;
+no weight gradient is formed by autograd), LoRA 6 N_lora T (its forward, backward and the per-sample outer
+products), attention 12 layers x hidden x T^2, and the projection 2 N_lora proj_dim.
+
+Modes:
+- CPU (default): the built-in model on rows of the built-in reference set (the synthesizer's task), LoRA r=16.
+- GPU (`--model builtin:random-llama-1b`): a random Llama of Llama-3.2-1B's shape with a synthetic tokenizer,
+  rows of --mean-tokens (512) tokens, LoRA r=128 on q/k/v/o. Goal: >= 10x the loop, rank correlation >= 0.99,
+  >= 30% of the card's bf16 rate.
+
+    python bench/influence.py [--rows 16] [--loop-rows 16]
+    python bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 16 --batch-size 16
+    python bench/influence.py --model builtin:random-llama-150m --rows 8 --loop-rows 4 --mean-tokens 64  (code path)
+
+Results are printed as a table and written as JSON (bench/results/influence.json or influence_<model>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from typing import Any
+
+from common import (
+    RESULTS_DIR,
+    cpu_name,
+    fmt_num,
+    matmul_params,
+    measure_matmul_rate,
+    package_version,
+    print_table,
+    write_json,
+)
+
+GOAL_SPEEDUP, GOAL_SPEARMAN, GOAL_MFU = 10.0, 0.99, 0.30
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="builtin:smollm2-135m-instruct", help="Base model reference.")
+    ap.add_argument("--rows", type=int, default=16, help="Candidate rows of the batched path.")
+    ap.add_argument("--loop-rows", type=int, default=16, help="Candidate rows of the loop (the first of them).")
+    ap.add_argument("--targets", type=int, default=8, help="Target rows (plain gradients, batched path).")
+    ap.add_argument("--batch-size", type=int, default=8, help="Rows per padded batch (batched path).")
+    ap.add_argument("--proj-dim", type=int, default=8192, help="Projection dimension (features).")
+    ap.add_argument("--dense-budget-gib", type=float, default=None, help="Largest dense R of the loop (GiB).")
+    ap.add_argument("--max-seq-len", type=int, default=1024, help="Token limit of a row.")
+    ap.add_argument("--mean-tokens", type=int, default=512, help="Row length of synthetic rows (random models).")
+    ap.add_argument("--lora-r", type=int, default=None, help="LoRA rank; default 16 on a CPU, 128 on a GPU.")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-json", default=None)
+    return ap.parse_args(argv)
+
+
+def reference_chats(n: int, offset: int = 0) -> list[list[dict[str, str]]]:
+    """The synthesizer's real task: built-in reference rows as synthesis prompt -> answer, cycled from `offset`."""
+    from synth_core.config import RunConfig
+    from synth_core.reference import load_reference
+    from synth_core.sample import load_template
+    from synth_core.train import training_chats
+
+    rows = load_reference().to_pylist()
+    return training_chats([rows[(offset + i) % len(rows)] for i in range(n)], load_template(RunConfig()))
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation of two [n] tensors (ranks by argsort; ties are not averaged)."""
+    import torch
+
+    def ranks(x):
+        r = torch.empty(len(x), dtype=torch.float64)
+        r[torch.argsort(x.double())] = torch.arange(len(x), dtype=torch.float64)
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / (ra.norm() * rb.norm()))
+
+
+def memory_peak(device: str):
+    """A context manager measuring the peak memory of what runs inside: GPU allocation or process-tree PSS (MiB)."""
+    import contextlib
+
+    import torch
+
+    from synth_core.procs import TreeMemorySampler
+
+    @contextlib.contextmanager
+    def run():
+        box: dict[str, float] = {}
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            yield box
+            torch.cuda.synchronize()
+            box["mb"] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            with TreeMemorySampler(interval_s=0.05, include_self=True) as mem:
+                yield box
+            box["mb"] = mem.peak_mb
+
+    return run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from synth_core.config import InfluenceConfig, TrainConfig
+    from synth_core.influence import (
+        compute_grad_features,
+        encode_rows,
+        grad_features_loop,
+        influence_scores,
+        load_checkpoint_for_influence,
+        lora_linears,
+    )
+    from synth_core.models import resolve_model, synthetic_chats
+    from synth_core.procs import run_in_subprocess
+    from synth_core.train import train_model
+
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    t_start = time.perf_counter()
+    rate, rate_how = measure_matmul_rate(device) if on_gpu else (None, "—")
+    base = resolve_model(args.model)
+    config = AutoConfig.from_pretrained(base.path)
+    synthetic = args.model.startswith("builtin:random-llama")
+    rank = args.lora_r or (128 if on_gpu else 16)
+    n_chats = args.rows + args.targets
+    if synthetic:
+        chats = synthetic_chats(n_chats, args.mean_tokens, config.vocab_size, seed=args.seed)
+    else:
+        chats = reference_chats(args.rows) + reference_chats(args.targets, offset=args.rows)
+    tc = TrainConfig(lora_r=rank, lora_alpha=2 * rank, epochs=1, batch_size=2, num_checkpoints=1)
+    tc.max_seq_len = args.max_seq_len
+    with tempfile.TemporaryDirectory() as tmp:
+        # A real checkpoint: 2 AdamW steps on 4 rows, in its own process (its memory is gone afterwards).
+        trained = run_in_subprocess(train_model, base.path, chats[:4], tc, f"{tmp}/train", args.model)
+        cfg = InfluenceConfig(
+            proj_dim=args.proj_dim, batch_size=args.batch_size, max_seq_len=args.max_seq_len, seed=args.seed
+        )
+        ckpt = load_checkpoint_for_influence(trained.checkpoints[-1], cfg, device=device)
+        tok = AutoTokenizer.from_pretrained(base.path)
+        rows = encode_rows(tok, chats)
+        cands, targets = rows[: args.rows], rows[args.rows :]
+        n_lora = sum(lin.weight.numel() for lin in lora_linears(ckpt.model).values())
+        budget = args.dense_budget_gib
+        if budget is None:
+            budget = (torch.cuda.mem_get_info()[0] / 2**30 * 0.5) if on_gpu else _available_gib() * 0.35
+        dim = args.proj_dim
+        while dim > 16 and n_lora * dim * 4 / 2**30 > budget:
+            dim //= 2
+        small = cfg.model_copy(update={"proj_dim": dim})
+        note = (
+            f"dense R at d={args.proj_dim} is {n_lora * args.proj_dim * 4 / 2**30:.1f} GiB > {budget:.1f} GiB budget: "
+            f"both paths compared at d={dim}"
+            if dim != args.proj_dim
+            else f"both paths at d={dim}"
+        )
+        print(note)
+        compute_grad_features(ckpt.model, cands[: min(2, len(cands))], small, optimizer_state=ckpt.adam)  # warm-up
+        tgt = compute_grad_features(ckpt.model, targets, small)
+        results: list[dict[str, Any]] = []
+
+        def timed(name: str, fn, rows_, c):
+            with memory_peak(device) as mem:
+                t0 = time.perf_counter()
+                out = fn(ckpt.model, rows_, c, optimizer_state=ckpt.adam)
+                if on_gpu:
+                    torch.cuda.synchronize()
+                secs = time.perf_counter() - t0
+            tokens = sum(min(len(r["input_ids"]), args.max_seq_len) for r in rows_)
+            sq = sum(min(len(r["input_ids"]), args.max_seq_len) ** 2 for r in rows_)
+            flops = 4 * matmul_params(config) * tokens + 6 * n_lora * tokens
+            flops += 12 * config.num_hidden_layers * config.hidden_size * sq + 2 * n_lora * c.proj_dim * len(rows_)
+            res = {
+                "name": name,
+                "proj_dim": c.proj_dim,
+                "rows": len(rows_),
+                "tokens": tokens,
+                "seconds": round(secs, 3),
+                "samples_per_s": len(rows_) / secs,
+                "tokens_per_s": tokens / secs,
+                "tflops": flops / secs / 1e12,
+                "mfu": flops / secs / rate if rate else None,
+                "peak_memory_mb": round(mem["mb"], 1),
+            }
+            results.append(res)
+            print(f"{name}: {res['samples_per_s']:.2f} samples/s, peak {res['peak_memory_mb']:.0f} MiB", flush=True)
+            return out
+
+        fast = timed(f"batched (batch {args.batch_size})", compute_grad_features, cands, small)
+        slow = timed("LESS loop (batch 1, dense R)", grad_features_loop, cands[: args.loop_rows], small)
+        if dim != args.proj_dim:
+            timed(f"batched (batch {args.batch_size})", compute_grad_features, cands, cfg)
+        k = args.loop_rows
+        s_fast = influence_scores([fast.feats[:k]], [tgt.feats], [1.0])
+        s_slow = influence_scores([slow.feats], [tgt.feats], [1.0])
+        rho = spearman(s_fast, s_slow)
+        max_diff = float((s_fast - s_slow).abs().max())
+    speedup = results[0]["samples_per_s"] / results[1]["samples_per_s"]
+    headers = [
+        "path",
+        "proj_dim",
+        "rows",
+        "tokens",
+        "s",
+        "samples/s",
+        "tokens/s",
+        "TFLOP/s",
+        "of bf16 rate",
+        "peak MiB",
+    ]
+    table = [
+        [
+            r["name"],
+            str(r["proj_dim"]),
+            str(r["rows"]),
+            str(r["tokens"]),
+            fmt_num(r["seconds"], 1),
+            fmt_num(r["samples_per_s"], 2),
+            fmt_num(r["tokens_per_s"], 0),
+            fmt_num(r["tflops"], 3),
+            "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+            fmt_num(r["peak_memory_mb"], 0),
+        ]
+        for r in results
+    ]
+    title = (
+        f"influence: {args.model}, LoRA r={rank} q/k/v/o ({n_lora / 1e6:.2f}M params), {device} "
+        f"({torch.cuda.get_device_name() if on_gpu else cpu_name()}); speed-up {speedup:.1f}x, "
+        f"Spearman {rho:.4f} over {k} rows (max |score diff| {max_diff:.1e}); {note}"
+    )
+    try:
+        import rich  # noqa: F401
+
+        use_rich = True
+    except ImportError:
+        use_rich = False
+    print_table(title, headers, table, set(), use_rich)
+    goals = f"goals: speed-up >= {GOAL_SPEEDUP:g}x: {speedup:.1f}x; Spearman >= {GOAL_SPEARMAN}: {rho:.4f}"
+    if rate:
+        goals += (
+            f"; >= {100 * GOAL_MFU:.0f}% of {rate / 1e12:.0f} TFLOP/s ({rate_how}): {100 * results[0]['mfu']:.1f}%"
+        )
+    print(goals)
+    name = (
+        "influence.json"
+        if args.model == "builtin:smollm2-135m-instruct"
+        else f"influence_{args.model.split(':')[-1]}.json"
+    )
+    write_json(
+        __import__("pathlib").Path(args.out_json) if args.out_json else RESULTS_DIR / name,
+        {
+            "model": args.model,
+            "device": device,
+            "device_name": torch.cuda.get_device_name() if on_gpu else cpu_name(),
+            "lora_r": rank,
+            "lora_params": n_lora,
+            "matmul_rate_flops": rate,
+            "matmul_rate_how": rate_how,
+            "speedup": speedup,
+            "spearman": rho,
+            "max_score_diff": max_diff,
+            "note": note,
+            "results": results,
+            "torch": package_version("torch"),
+            "transformers": package_version("transformers"),
+            "wall_s": round(time.perf_counter() - t_start, 1),
+        },
+    )
+    return 0
+
+
+def _available_gib() -> float:
+    for line in open("/proc/meminfo", encoding="utf-8"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return 8.0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
