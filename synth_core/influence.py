@@ -251,18 +251,10 @@ def _cut_rows(rows: Sequence[Row], limit: int) -> tuple[list[Row], list[int], li
 
 def _pad(rows: Sequence[Row], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, labels, attention_mask), each [b, t] int64 on the device."""
-    import torch
+    from synth_core.train import pad_batch
 
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)  # pad id 0: masked everywhere, any id would do
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    return ids.to(device), labels.to(device), mask.to(device)
+    batch = pad_batch(rows, pad_id=0)  # pad id 0: masked everywhere, any id would do
+    return batch["input_ids"].to(device), batch["labels"].to(device), batch["attention_mask"].to(device)
 
 
 def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
