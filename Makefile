@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/sandbox.py
+	$(BIN)/python bench/influence.py
 
 clean:
 	rm -rf scoder-data .pytest_cache .ruff_cache
