@@ -286,19 +286,23 @@ BUILTINS: dict[str, Callable[[Path], None]] = {
 def _ensure_builtin(name: str) -> Path:
     if name not in BUILTINS:
         raise ModelError(f"unknown builtin model '{name}'; known: {', '.join(sorted(BUILTINS))}")
+    return _fill_once(cache_dir() / "models" / f"{name}-v{_BUILDER_VERSION}", BUILTINS[name])
+
+
+def _fill_once(final: Path, fill: Callable[[Path], None]) -> Path:
+    """`final`, made by `fill(folder)` unless it exists: filled in a temporary folder and renamed into place under
+    a file lock, so concurrent workers fill it once and nobody ever sees half of it."""
     from filelock import FileLock
 
-    root = cache_dir() / "models"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{name}-v{_BUILDER_VERSION}"
-    if (final / "config.json").is_file():
+    if final.is_dir():
         return final
-    with FileLock(str(root / f".{name}.lock")):
-        if (final / "config.json").is_file():  # another worker built it while we waited
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / f".{final.name}.lock")):
+        if final.is_dir():  # another worker filled it while we waited
             return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
-            BUILTINS[name](tmp)
+            fill(tmp)
             tmp.rename(final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -330,8 +334,6 @@ def fetch_remote_folder(uri: str, storage: StorageConfig | None = None) -> Path:
     The copy's name hashes the URI with every file's relative path, size and ETag, so a folder rewritten
     in place is fetched again and an unchanged one never is. A file lock makes concurrent workers fetch once.
     """
-    from filelock import FileLock
-
     from synth_core.storage import get_fs
 
     fs, root = get_fs(uri, storage)
@@ -345,23 +347,13 @@ def fetch_remote_folder(uri: str, storage: StorageConfig | None = None) -> Path:
     h = hashlib.sha256(uri.encode())
     for rel in sorted(files):
         h.update(f"\0{rel}\0{files[rel].get('size')}\0{files[rel].get('ETag', '')}".encode())
-    remote_root = cache_dir() / "remote"
-    remote_root.mkdir(parents=True, exist_ok=True)
-    final = remote_root / h.hexdigest()[:20]
-    if final.is_dir():
-        return final
-    with FileLock(str(remote_root / f".{final.name}.lock")):
-        if final.is_dir():
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=remote_root))
-        try:
-            for rel in files:
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                fs.get(f"{root.rstrip('/')}/{rel}", str(tmp / rel))
-            tmp.rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    def fetch(folder: Path) -> None:
+        for rel in files:
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.get(f"{root.rstrip('/')}/{rel}", str(folder / rel))
+
+    return _fill_once(cache_dir() / "remote" / h.hexdigest()[:20], fetch)
 
 
 def _local_folder(ref: str, storage: StorageConfig | None) -> Path:
