@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +77,6 @@ def encode_chat(tokenizer, messages: Sequence[dict[str, str]], max_seq_len: int)
     input_ids = (prompt_ids + answer_ids)[:max_seq_len]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_seq_len]
     return {"input_ids": input_ids, "labels": labels}
-
-
-class _Collator:
-    """Right-pads a batch; padding is masked in the attention and in the labels."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
-        return pad_batch(rows, self.pad_id)
 
 
 def pad_batch(rows: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
@@ -198,7 +189,7 @@ def make_collator(cfg: TrainConfig, pad_id: int):
     over answer tokens as with padding (tested).
     """
     if not uses_packing(cfg):
-        return _Collator(pad_id)
+        return partial(pad_batch, pad_id=pad_id)
     from transformers import DataCollatorWithFlattening
 
     return DataCollatorWithFlattening(
@@ -335,7 +326,7 @@ def train_model(
         for ckpt in callback.saved:
             tok.save_pretrained(ckpt)
     tokens_per_epoch = sum(len(r["input_ids"]) for r in rows)
-    tokens = int(tokens_per_epoch * total_steps / (steps_per_epoch))
+    tokens = int(tokens_per_epoch * total_steps / steps_per_epoch)
     curve = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
     return TrainResult(
         checkpoints=list(callback.saved),
@@ -509,8 +500,8 @@ def run_train(cfg: RunConfig, data: Sequence[str], base_ref: str | None = None, 
     if remote:
         shutil.rmtree(work, ignore_errors=True)
     records = [
-        state | {"checkpoint": uri if remote else ckpt, "base": base_ref, "reject_reason": None}
-        for state, uri, ckpt in zip(states, uris, result.checkpoints, strict=True)
+        state | {"checkpoint": uri, "base": base_ref, "reject_reason": None}
+        for state, uri in zip(states, uris, strict=True)
     ]
     table = pa.Table.from_pylist(records, schema=CHECKPOINT_SCHEMA)  # keeps the schema's fields only
     part = write_part(out, 0, table, fp, storage=cfg.storage)

@@ -193,7 +193,7 @@ def test_packed_batch_gives_the_padded_batch_loss_and_no_row_sees_another():
     import torch
     from transformers import AutoTokenizer
 
-    from synth_core.train import _Collator, load_model_for_training, make_collator
+    from synth_core.train import load_model_for_training, make_collator, pad_batch
 
     base = resolve_model("builtin:smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(base.path)
@@ -205,7 +205,7 @@ def test_packed_batch_gives_the_padded_batch_loss_and_no_row_sees_another():
     assert packed["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
     leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
     with torch.no_grad():
-        padded_loss = model(**_Collator(tok.pad_token_id)(rows)).loss.item()
+        padded_loss = model(**pad_batch(rows, tok.pad_token_id)).loss.item()
         packed_loss = model(**packed).loss.item()
         leaky_loss = model(**leaky).loss.item()
     assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
