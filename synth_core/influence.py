@@ -546,6 +546,7 @@ def load_checkpoint_for_influence(
     from transformers import AutoModelForCausalLM
 
     from synth_core.models import resolve_model
+    from synth_core.train import wants_bf16
 
     resolved = resolve_model(ckpt_ref, base=base, storage=storage)
     if not resolved.is_lora:
@@ -564,7 +565,7 @@ def load_checkpoint_for_influence(
         notes.append("no train_state.json: mean_lr taken as 1.0")
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = dev.type == "cuda"
-    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and on_gpu and torch.cuda.is_bf16_supported())
+    bf16 = wants_bf16(cfg.dtype, on_gpu)
     model = AutoModelForCausalLM.from_pretrained(
         resolved.path, dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation="sdpa"
     )

@@ -200,6 +200,15 @@ def make_collator(cfg: TrainConfig, pad_id: int):
     )
 
 
+def wants_bf16(dtype: str, on_gpu: bool) -> bool:
+    """Whether a dtype setting ('auto' | 'bfloat16' | 'float32') computes in bf16: 'auto' = on GPUs that have it."""
+    if dtype != "auto":
+        return dtype == "bfloat16"
+    import torch
+
+    return on_gpu and torch.cuda.is_bf16_supported()
+
+
 def load_model_for_training(base_path: str, cfg: TrainConfig, bf16: bool):
     """The model as training sees it: dtype, attention kernel, no KV cache, LoRA adapters when asked."""
     import torch
@@ -262,7 +271,7 @@ def train_model(
     if not rows:
         raise ValueError("no training row keeps an answer token (empty data, or every prompt exceeds max_seq_len)")
     on_gpu = torch.cuda.is_available()
-    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and on_gpu and torch.cuda.is_bf16_supported())
+    bf16 = wants_bf16(cfg.dtype, on_gpu)
     model = load_model_for_training(base_path, cfg, bf16)
     trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     world = int(os.environ.get("WORLD_SIZE", "1"))
