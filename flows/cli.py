@@ -38,6 +38,7 @@ SetOpt = Annotated[
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from synth_core.config import ConfigError
     from synth_core.decontam import BenchmarkError
+    from synth_core.evaluate import EvalError
     from synth_core.influence import InfluenceError
     from synth_core.models import ModelError
     from synth_core.pool import SourceError
@@ -54,6 +55,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         ReferenceSetError,
         TeacherError,
         InfluenceError,
+        EvalError,
     )
 
 
@@ -376,6 +378,92 @@ def bootstrap_cmd(
             typer.echo(ckpt)
     except _expected_errors() as err:
         _fail(str(err))
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Annotated[
+        str | None,
+        typer.Option("--data", "-d", help="Dataset (kept instruction/response rows) to fine-tune the student on."),
+    ] = None,
+    student: Annotated[
+        str | None, typer.Option("--student", help="Model to fine-tune and evaluate (default: evaluation.student).")
+    ] = None,
+    benchmark: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--benchmark", "-b", help="humaneval, humaneval+, mbpp+ (evalplus override files) or a JSONL; repeatable."
+        ),
+    ] = None,
+    max_problems: Annotated[
+        int | None, typer.Option("--max-problems", help="Use only the first N problems of each benchmark.")
+    ] = None,
+    samples: Annotated[
+        int | None, typer.Option("--samples", help="Completions sampled per problem for pass@k (0 = greedy only).")
+    ] = None,
+    fine_tune: Annotated[
+        bool | None, typer.Option("--fine-tune/--no-fine-tune", help="Fine-tune on --data first (default: yes).")
+    ] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="vllm (default) or transformers.")] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Where to write the per-completion results (path or s3:// URI).")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Fine-tune a student on a dataset (none: evaluate it as is), then measure pass@1 / pass@k in the sandbox."""
+    extra = {
+        "evaluation.student": student,
+        "evaluation.benchmarks": benchmark,
+        "evaluation.max_problems": max_problems,
+        "evaluation.samples": samples,
+        "evaluation.fine_tune": fine_tune,
+        "evaluation.generation.backend": backend,
+    }
+    try:
+        cfg = _load(config, set_, extra)
+        from synth_core.evaluate import load_problems
+        from synth_core.models import resolve_model
+        from synth_core.storage import read_manifest
+
+        # Fail before any server or engine starts: a bad student, benchmark or dataset is one line.
+        resolve_model(cfg.evaluation.student, storage=cfg.storage)
+        for spec in cfg.evaluation.benchmarks:
+            load_problems(spec, cfg.evaluation.max_problems)
+        if data is not None:
+            read_manifest(data, cfg.storage)
+        from flows.evaluate import evaluate_flow
+        from flows.runtime import run_flow
+
+        uri = run_flow(evaluate_flow, cfg, config=cfg.model_dump(mode="json"), data=data, out=out)
+        _print_dataset(uri, cfg.storage, rows=False)
+        _print_eval(uri, cfg.storage)
+    except _expected_errors() as err:
+        _fail(str(err))
+    typer.echo(uri)
+
+
+def _print_eval(uri: str, storage) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from synth_core.evaluate import leakage_rows, summary_rows
+    from synth_core.storage import read_manifest
+
+    stats = read_manifest(uri, storage).stats
+    console = Console()
+    for title, records in (
+        (f"evaluation of {stats.get('model')}", summary_rows(stats)),
+        ("leakage: n-gram overlap of the training data with each benchmark", leakage_rows(stats)),
+    ):
+        if not records:
+            continue
+        table = Table(title=title)
+        for key in records[0]:
+            table.add_column(key, justify="left" if key == "benchmark" else "right")
+        for rec in records:
+            table.add_row(*["—" if v is None else str(v) for v in rec.values()])
+        console.print(table)
 
 
 def _print_dataset(uri: str, storage, rows: bool = True, limit: int = 3) -> None:
