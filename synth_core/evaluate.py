@@ -40,15 +40,17 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from synth_core.config import GenerationConfig, RunConfig
+from synth_core.config import GenerationConfig, RunConfig, SandboxConfig
 from synth_core.generate import Completion, GenRequest
 from synth_core.models import ResolvedModel
+from synth_core.sandbox import SandboxResult
 
 STAGE_VERSION = 1
 PROMPT_TOO_LONG = "prompt_too_long"
@@ -325,7 +327,48 @@ def build_program(problem: Problem, code: str, how: Extraction) -> str:
         )
     else:
         test = "\n\n" + problem.test
-    return program.rstrip("\n") + "\n" + test + "\n"
+    # `from __future__` must open a file, and the marker's line comes first: such imports go.
+    program = _FUTURE_RE.sub("", program)
+    return _MARKER_HEAD + program.rstrip("\n") + "\n" + test.rstrip("\n") + "\n" + _MARKER_TAIL
+
+
+# The completion marker: a random token, given as the program's last argument, taken out of argv before the
+# candidate runs and printed only after the test returned. A candidate that exits with status 0 before its
+# test ends (sys.exit(0), os._exit(0) inside the function: a known way to "pass" HumanEval) has no marker and
+# fails. It stops accidents and reward hacks of a model, not code written to find the marker in memory.
+_MARKER_HEAD = "import sys as _scoder_sys\n_scoder_done = _scoder_sys.argv.pop()\ndel _scoder_sys\n"
+_MARKER_TAIL = "print('\\n' + _scoder_done, flush=True)\n"
+_FUTURE_RE = re.compile(r"^from\s+__future__\s+import[^\n]*$", re.M)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How one program ended, read with the completion marker: passed only if its test ran to the end."""
+
+    status: str  # passed | failed | timeout | killed | error
+    detail: str | None  # why it did not pass (the last line of stderr, a limit, the sandbox's error)
+    result: SandboxResult
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+def run_checks(programs: list[str], cfg: SandboxConfig) -> list[Verdict]:
+    """Run programs made by build_program in the sandbox (in parallel, run_programs); their verdicts, in order."""
+    from synth_core.sandbox import run_programs
+
+    if cfg.tail_bytes < 64:
+        raise EvalError(f"sandbox.tail_bytes is {cfg.tail_bytes}: the completion marker needs at least 64")
+    marker = secrets.token_hex(16)
+    verdicts = []
+    for res in run_programs(programs, cfg, args=[marker]):
+        status = res.status
+        detail = None if res.passed else (res.error or _last_line(res.stderr_tail) or res.limit or res.signal)
+        if res.passed and marker not in res.stdout_tail.split():
+            status, detail = "failed", "exited with status 0 before its test finished (no completion marker)"
+        verdicts.append(Verdict(status, detail, res))
+    return verdicts
 
 
 # ------------------------------------------------------------------------------------------------ pass@k
@@ -467,7 +510,6 @@ def evaluate_model(plan: EvalPlan, cfg: RunConfig) -> str:
     from synth_core.models import adapter_rank, context_length
     from synth_core.procs import run_in_subprocess
     from synth_core.sample import _encode_prompts
-    from synth_core.sandbox import run_programs
     from synth_core.schema import EVAL_SCHEMA
     from synth_core.storage import commit_dataset, compute_funnel, hide_stale_dataset, write_part
 
@@ -528,17 +570,17 @@ def evaluate_model(plan: EvalPlan, cfg: RunConfig) -> str:
                 pending.append(row)
                 programs.append(build_program(problem, code, how))
     t_exec = time.perf_counter()
-    results = run_programs(programs, cfg.sandbox)
+    verdicts = run_checks(programs, cfg.sandbox)
     exec_s = time.perf_counter() - t_exec
-    for row, res in zip(pending, results, strict=True):
+    for row, v in zip(pending, verdicts, strict=True):
         row.update(
-            status=res.status,
-            passed=res.passed,
-            exit_code=res.exit_code,
-            stderr_tail=res.stderr_tail[-2000:] if res.stderr_tail else None,
-            exec_s=res.wall_s,
-            reject_reason=None if res.passed else res.status,
-            detail=None if res.passed else (res.error or _last_line(res.stderr_tail) or res.limit or res.signal),
+            status=v.status,
+            passed=v.passed,
+            exit_code=v.result.exit_code,
+            stderr_tail=v.result.stderr_tail[-2000:] or None,
+            exec_s=v.result.wall_s,
+            reject_reason=None if v.passed else v.status,
+            detail=v.detail,
         )
     rows += pending
     rows.sort(key=lambda r: (r["benchmark"], r["task_id"], r["mode"], r["sample_index"]))
