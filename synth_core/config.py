@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -150,6 +150,10 @@ class GenerationConfig(StrictModel):
         None, description="vLLM eager mode (no CUDA graphs / compile); None = eager on CPU, graphs on GPU."
     )
     progress_bar: bool = Field(False, description="Show vLLM's own per-request progress bar.")
+    enable_prefix_caching: bool | None = Field(
+        None,
+        description="vLLM automatic prefix caching (prompts sharing a prefix compute it once); None = vLLM's default.",
+    )
 
 
 class ModelsConfig(StrictModel):
@@ -272,6 +276,106 @@ class InfluenceConfig(StrictModel):
     parallel_shards: int = Field(
         1, ge=1, description="Shard tasks running at once; raise it on multi-GPU hosts or a Ray cluster."
     )
+
+
+class AspectConfig(StrictModel):
+    """One aspect a candidate is scored on (0-9): a question to the judge model, or an execution check."""
+
+    name: str = Field(
+        "aspect", pattern=r"^[a-z][a-z0-9_]*$", description="Identifier of the aspect (a column key; unique)."
+    )
+    kind: Literal["judge", "parses", "asserts"] = Field(
+        "judge",
+        description="'judge': the judge model answers `question`; 'parses': 9 if the solution's code parses, else 0; "
+        "'asserts': 9 if the code with its own asserts runs clean in the sandbox, 0 if not, untested_score if it "
+        "has no assert.",
+    )
+    question: str = Field("", description="What the judge is asked (judge aspects); it is put after the candidate.")
+    weight: float = Field(1.0, ge=0, description="Weight of the aspect in the overall score (sum of weight x score).")
+
+
+def _default_aspects() -> list[AspectConfig]:
+    # Weights sum to 1, so the overall score stays on the 0-9 scale of the aspects.
+    judge = {
+        "quality": "How clear, self-contained and well-specified is the problem statement?",
+        "correctness": "How likely is the solution to be correct and to solve the problem completely?",
+        "consistency": "How well do the problem and the solution match (the solution solves exactly this problem)?",
+        "relevance": "How closely is the problem inspired by the seed snippet?",
+        "difficulty": "How challenging is the problem for a skilled programmer (0 = trivial, 9 = very hard)?",
+    }
+    aspects = [AspectConfig(name=k, question=q, weight=0.15) for k, q in judge.items()]
+    aspects.append(AspectConfig(name="parses", kind="parses", weight=0.1))
+    aspects.append(AspectConfig(name="asserts", kind="asserts", weight=0.15))
+    return aspects
+
+
+class ScoreConfig(StrictModel):
+    """Multi-aspect scoring of candidates by a judge model plus execution checks, then initial selection."""
+
+    judge: str = Field(
+        "builtin:smollm2-135m-instruct",
+        description="Judge model: builtin:NAME, a model folder, a hub id, or a LoRA scorer (scoder score "
+        "train-scorer) on judge_base.",
+    )
+    judge_base: str | None = Field(None, description="Base model of a LoRA judge; None = the adapter's own.")
+    aspects: list[AspectConfig] = Field(
+        default_factory=_default_aspects, description="Aspects scored 0-9; overall = sum of weight x aspect score."
+    )
+    answer_prefix: str = Field(
+        "Rating: ",
+        description="Text the judge's answer starts with (prefilled); the next token's digit probabilities are read. "
+        "Mind the trailing space: tokenizers that split digits (SmolLM2, Qwen, Llama-3) put the space apart.",
+    )
+    max_candidate_tokens: int = Field(
+        1536, ge=16, description="Problem + solution longer than this (judge tokens) are cut before judging, recorded."
+    )
+    unreliable_mass: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="A judge score whose probability mass on the digits is below this is flagged unreliable (0-1).",
+    )
+    untested_score: float = Field(
+        4.5, ge=0, le=9, description="Score of an 'asserts' aspect for code without any assert (0-9)."
+    )
+    require_parse: bool = Field(
+        True, description="Reject candidates whose solution code does not parse as Python (code_does_not_parse)."
+    )
+    min_score: float = Field(
+        0.0, description="Candidates with a lower overall score are rejected (score_below_threshold); 0-9 scale."
+    )
+    top_k_per_seed: int | None = Field(
+        1,
+        ge=1,
+        description="Keep the best this many candidates of each seed snippet; None = every one above min_score.",
+    )
+    shard_rows: int = Field(
+        512, ge=1, description="Candidate rows per score shard (one task, one judge engine); a seed never spans two."
+    )
+    parallel_shards: int = Field(1, ge=1, description="Shard tasks running at once.")
+    wave_candidates: int = Field(
+        64,
+        ge=1,
+        description="Candidates judged per engine call; their prefixes must fit the KV cache to be reused "
+        "across aspects (vLLM prefix caching).",
+    )
+    engine: GenerationConfig = Field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=1, temperature=0.0, samples_per_prompt=1),
+        description="Judge engine settings (backend, dtype, max_model_len, memory, prefix caching); the sampling "
+        "fields are not used (one greedy token).",
+    )
+
+    @field_validator("aspects")
+    @classmethod
+    def _check_aspects(cls, aspects: list[AspectConfig]) -> list[AspectConfig]:
+        names = [a.name for a in aspects]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"aspect names must be unique, repeated: {', '.join(dupes)}")
+        for a in aspects:
+            if a.kind == "judge" and not a.question.strip():
+                raise ValueError(f"judge aspect '{a.name}' needs a question")
+        return aspects
 
 
 SandboxProtection = Literal[
@@ -443,6 +547,7 @@ class RunConfig(StrictModel):
     reference: ReferenceBuildConfig = Field(
         default_factory=ReferenceBuildConfig, description="Building R with the teacher."
     )
+    score: ScoreConfig = Field(default_factory=ScoreConfig, description="Multi-aspect scoring and initial selection.")
     evaluation: EvalConfig = Field(
         default_factory=EvalConfig, description="Evaluation of a student on benchmarks (scoder eval)."
     )

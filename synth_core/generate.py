@@ -19,6 +19,7 @@ stopped. This module knows nothing of snippets, prompts or parsing.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,11 +45,31 @@ class Completion:
     finish_reason: str  # "stop" (end of sequence or stop string) or "length" (hit max_new_tokens)
 
 
+@dataclass(frozen=True)
+class NextTokenProbs:
+    """What a model would write next after one prompt, summed over groups of token ids (a judge's digits)."""
+
+    probs: list[float]  # per group: P(next token in the group); vLLM sees only its top TOP_LOGPROBS tokens
+    cached_tokens: int = 0  # prompt tokens served from vLLM's prefix cache (0 for transformers)
+
+
+# Top next-token log-probabilities vLLM returns per request (its default max_logprobs): a token outside them
+# counts as probability 0, so the groups' total mass is a lower bound there (exact with transformers).
+TOP_LOGPROBS = 20
+
+
 class Generator(Protocol):
     """A generation engine over one base model and its LoRA adapters."""
 
     def generate(self, requests: Sequence[GenRequest]) -> list[list[Completion]]:
         """For each request, its `n` completions (n = GenerationConfig.samples_per_prompt)."""
+        ...
+
+    def next_token_probs(
+        self, requests: Sequence[GenRequest], groups: Sequence[Sequence[int]]
+    ) -> list[NextTokenProbs]:
+        """For each request, the probability that its next token falls in each group: one forward pass, no
+        sampling (the seed and max_new_tokens of a request are not used)."""
         ...
 
     def close(self) -> None:
@@ -85,6 +106,8 @@ class VLLMGenerator:
             enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not on_gpu,
             tensor_parallel_size=cfg.tensor_parallel_size,
         )
+        if cfg.enable_prefix_caching is not None:
+            kwargs["enable_prefix_caching"] = cfg.enable_prefix_caching
         if on_gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         else:
@@ -138,6 +161,28 @@ class VLLMGenerator:
             for out in outputs
         ]
 
+    def next_token_probs(
+        self, requests: Sequence[GenRequest], groups: Sequence[Sequence[int]]
+    ) -> list[NextTokenProbs]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not requests:
+            return []
+        # Greedy, one token: the logprobs are those of the raw next-token distribution (vLLM's default mode).
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=1, logprobs=TOP_LOGPROBS)
+        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
+        loras = [self.lora[r.adapter] if r.adapter is not None else None for r in requests]
+        outputs = self.llm.generate(
+            prompts, params, lora_request=loras if self.lora else None, use_tqdm=self.cfg.progress_bar
+        )
+        results = []
+        for out in outputs:
+            top = out.outputs[0].logprobs[0] if out.outputs and out.outputs[0].logprobs else {}
+            probs = [sum(math.exp(top[t].logprob) for t in group if t in top) for group in groups]
+            results.append(NextTokenProbs(probs, out.num_cached_tokens or 0))
+        return results
+
     def close(self) -> None:
         import gc
 
@@ -184,19 +229,36 @@ class HFGenerator:
 
     def generate(self, requests: Sequence[GenRequest]) -> list[list[Completion]]:
         results: list[list[Completion] | None] = [None] * len(requests)
-        # Group by adapter (peft serves one active adapter per forward), then sort by length so a batch
-        # holds prompts of similar length and padding stays small.
-        order = sorted(range(len(requests)), key=lambda i: (requests[i].adapter or "", len(requests[i].prompt_ids)))
-        bs = self.cfg.batch_size
-        batch: list[int] = []
-        for i in order:
-            if batch and (len(batch) == bs or requests[batch[0]].adapter != requests[i].adapter):
-                self._run_batch(requests, batch, results)
-                batch = []
-            batch.append(i)
-        if batch:
+        for batch in self._batches(requests):
             self._run_batch(requests, batch, results)
         return [r or [] for r in results]
+
+    def _batches(self, requests: Sequence[GenRequest]) -> list[list[int]]:
+        """Request indices in batches of one adapter each (peft serves one active adapter per forward), sorted
+        by length so a batch holds prompts of similar length and padding stays small."""
+        order = sorted(range(len(requests)), key=lambda i: (requests[i].adapter or "", len(requests[i].prompt_ids)))
+        batches: list[list[int]] = []
+        for i in order:
+            if (
+                not batches
+                or len(batches[-1]) == self.cfg.batch_size
+                or requests[batches[-1][0]].adapter != requests[i].adapter
+            ):
+                batches.append([])
+            batches[-1].append(i)
+        return batches
+
+    def _left_pad(self, requests: Sequence[GenRequest], batch: list[int], width: int):
+        """ids, attention mask: [len(batch), width] long, prompts right-aligned (left padding)."""
+        import torch
+
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            p = requests[i].prompt_ids
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        return ids, mask
 
     def _run_batch(
         self, requests: Sequence[GenRequest], batch: list[int], results: list[list[Completion] | None]
@@ -213,12 +275,7 @@ class HFGenerator:
             width = -(-width // _STATIC_WIDTH_STEP) * _STATIC_WIDTH_STEP
         # One generate call has one length cap: the tightest of the batch's requests.
         max_new = min(requests[i].max_new_tokens or cfg.max_new_tokens for i in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            p = requests[i].prompt_ids
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
+        ids, mask = self._left_pad(requests, batch, width)
         # One seed per batch, derived from its requests' seeds: same requests, same samples.
         torch.manual_seed(hash(tuple(requests[i].seed for i in batch)) & 0x7FFFFFFF)
         sampling = cfg.temperature > 0
@@ -248,6 +305,34 @@ class HFGenerator:
                 text = self.tok.decode(kept, skip_special_tokens=True)
                 comps.append(Completion(text, len(kept), reason))
             results[i] = comps
+
+    def next_token_probs(
+        self, requests: Sequence[GenRequest], groups: Sequence[Sequence[int]]
+    ) -> list[NextTokenProbs]:
+        import torch
+
+        results: list[NextTokenProbs | None] = [None] * len(requests)
+        index = [torch.tensor(list(g), dtype=torch.long) for g in groups]
+        for batch in self._batches(requests):
+            adapter = requests[batch[0]].adapter
+            if adapter is not None:
+                self.model.set_adapter(adapter)
+            width = max(len(requests[i].prompt_ids) for i in batch)
+            ids, mask = self._left_pad(requests, batch, width)
+            # Left padding: positions count real tokens only, so a padded row sees what it would see alone.
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            ctx = self.model.disable_adapter() if adapter is None and self.adapters else contextlib.nullcontext()
+            with torch.inference_mode(), ctx:
+                logits = self.model(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=positions.to(self.device),
+                    logits_to_keep=1,
+                ).logits[:, -1]
+            probs = logits.float().softmax(-1).cpu()
+            for row, i in enumerate(batch):
+                results[i] = NextTokenProbs([float(probs[row, g].sum()) for g in index])
+        return [r for r in results if r is not None]
 
     def close(self) -> None:
         import gc

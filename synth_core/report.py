@@ -6,6 +6,7 @@ the terminal and the UI show the same numbers. Plain rich renderables and markdo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -103,3 +104,32 @@ def sample_rows(table: pa.Table, kept: int = 3, per_reason: int = 1) -> list[dic
             seen[r] = seen.get(r, 0) + 1
             rows.append(table.slice(i, 1).to_pylist()[0])
     return rows
+
+
+def score_histogram(values: Sequence[float], bins: int = 10) -> list[dict[str, Any]]:
+    """Equal-width bins from the lowest to the highest score: [{"from", "to", "rows"}] (empty for no scores)."""
+    if not values:
+        return []
+    lo, hi = min(values), max(values)
+    width = (hi - lo) / bins or 1.0
+    counts = [0] * bins
+    for v in values:
+        counts[min(int((v - lo) / width), bins - 1)] += 1
+    return [{"from": lo + i * width, "to": lo + (i + 1) * width, "rows": n} for i, n in enumerate(counts)]
+
+
+def histogram_markdown(pairs: Sequence[tuple[float | None, str | None]], label: str, bins: int = 10) -> str:
+    """A markdown histogram of (value, reject_reason) pairs: bins, rows, how many of them were kept, a bar.
+    Rows without a value are left out."""
+    scored = [(v, r) for v, r in pairs if v is not None]
+    hist = score_histogram([v for v, _ in scored], bins)
+    if not hist:
+        return "No row was scored."
+    lines = [f"| {label} | rows | kept | |", "|---|---:|---:|---|"]
+    top = max(h["rows"] for h in hist)
+    for i, h in enumerate(hist):
+        last = i == len(hist) - 1
+        kept = sum(1 for v, r in scored if r is None and h["from"] <= v and (v < h["to"] or last))
+        bar = "█" * round(20 * h["rows"] / top)
+        lines.append(f"| {h['from']:.4f} – {h['to']:.4f} | {h['rows']} | {kept} | {bar} |")
+    return "\n".join(lines)

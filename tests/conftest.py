@@ -251,3 +251,43 @@ def vllm_server(tiny_model, tmp_path_factory):
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def write_samples(uri: str, candidates: list[dict], storage=None) -> str:
+    """A samples dataset (the sample stage's schema) holding these candidates: each a dict with at least
+    snippet, instruction, response; reject_reason optional. Rows are grouped by snippet, as the stage writes."""
+    import pyarrow as pa
+
+    from synth_core.schema import SAMPLE_SCHEMA, content_id
+    from synth_core.storage import commit_dataset, compute_funnel, fingerprint, write_part
+
+    rows = []
+    for i, c in enumerate(candidates):
+        snippet_id = content_id(c["snippet"])
+        rows.append(
+            dict(
+                sample_id=content_id(f"{snippet_id}:{i}"),
+                snippet_id=snippet_id,
+                snippet=c["snippet"],
+                language="python",
+                checkpoint="builtin:test",
+                checkpoint_id="test",
+                iteration=0,
+                seed=i,
+                sample_index=i,
+                prompt_tokens=10,
+                output_tokens=10,
+                finish_reason="stop",
+                raw_output=f"{c['instruction']}\n{c['response']}",
+                instruction=c["instruction"],
+                response=c["response"],
+                reject_reason=c.get("reject_reason"),
+                detail=c.get("detail"),
+            )
+        )
+    rows.sort(key=lambda r: r["snippet_id"])
+    table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+    fp = fingerprint("test-samples", rows)
+    part = write_part(uri, 0, table, fp, compute_funnel(table), storage)
+    commit_dataset(uri, [part], SAMPLE_SCHEMA, fp, stage="sample", funnel=part.funnel, storage=storage)
+    return uri

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
@@ -61,9 +62,9 @@ def _models(model: type[StrictModel], seen: set) -> list[type[StrictModel]]:
     out = [model]
     seen.add(model)
     for f in model.model_fields.values():
-        ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, StrictModel) and ann not in seen:
-            out += _models(ann, seen)
+        for ann in (f.annotation, *typing.get_args(f.annotation)):  # a section, or a list of them
+            if isinstance(ann, type) and issubclass(ann, StrictModel) and ann not in seen:
+                out += _models(ann, seen)
     return out
 
 

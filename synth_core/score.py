@@ -1,0 +1,634 @@
+"""The score stage: every kept candidate rated 0-9 on several aspects, an overall score, initial selection.
+
+plan_score -> score_shard (one per shard of candidates) -> commit_score, or build_score for all three in one
+call. The orchestrator (flows/score.py) runs the shards as tasks.
+
+- Judge aspects (config `score.aspects`, kind 'judge'): the judge model reads the candidate (seed snippet,
+  problem, solution) and then the aspect's question, and its answer starts with `answer_prefix` (prefilled).
+  The aspect's score is the probability-weighted mean of the digits 0-9 as the next token, from ONE forward
+  pass (synth_core.generate `next_token_probs`: vLLM logprobs with max_tokens=1, or transformers logits); no
+  text is parsed. The probability mass on the digits is recorded: below `unreliable_mass` the aspect is
+  flagged unreliable (a judge that does not answer with a digit has not rated anything).
+- The candidate comes first and the question last, and a candidate's aspects are sent one after the other,
+  so vLLM's prefix cache computes the candidate once for all its aspects; the manifest's stats give the
+  share of prompt tokens served from the cache (bench/score.py measures with and without).
+- Execution aspects: 'parses' (the solution's code parses: ast, in this process, nothing runs) and
+  'asserts' (the code with its own asserts exits cleanly; it runs ONLY in synth_core.sandbox).
+- Overall = sum of weight x aspect score (the default weights sum to 1: the overall stays on the 0-9 scale).
+  A judge aspect with no digit mass at all has no score; then the other aspects' weights are scaled up to
+  the same total, so a missing answer neither rewards nor punishes.
+- Initial selection: per seed snippet, the best `top_k_per_seed` candidates whose overall score reaches
+  `min_score`; the others get score_below_threshold / not_best_of_seed. A seed's candidates are always in
+  one shard (the plan cuts shards between seeds), so selection is exact.
+- Bad input is recorded, never dropped: an empty response is rejected (empty_response); code that does not
+  parse is rejected (code_does_not_parse, unless `require_parse` is off); a problem + solution longer than
+  `max_candidate_tokens` is cut before judging (score_status 'truncated'). Rows rejected by an earlier stage
+  pass through unscored.
+
+Teacher judgements, weight fitting and a dedicated scorer live in synth_core/score_fit.py. This module knows
+nothing of Prefect; the judge engine runs in a spawned process (synth_core.procs) so its memory is freed.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from synth_core.config import AspectConfig, ConfigError, RunConfig, ScoreConfig
+from synth_core.generate import GenRequest, NextTokenProbs, open_generator
+from synth_core.models import ResolvedModel, adapter_rank, context_length, resolve_model
+from synth_core.procs import TreeMemorySampler, run_in_subprocess
+from synth_core.storage import (
+    Manifest,
+    PartInfo,
+    ShardResult,
+    commit_dataset,
+    compute_funnel,
+    dataset_has_fingerprint,
+    fingerprint,
+    finished_shard,
+    hide_stale_dataset,
+    join_uri,
+    merge_funnels,
+    read_manifest,
+    read_part,
+    write_part,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE_VERSION = 1
+EMPTY_RESPONSE = "empty_response"
+NO_PARSE = "code_does_not_parse"
+BELOW_THRESHOLD = "score_below_threshold"
+NOT_BEST = "not_best_of_seed"
+REASONS = (EMPTY_RESPONSE, NO_PARSE, BELOW_THRESHOLD, NOT_BEST)
+DIGITS = "0123456789"
+_CODE_BLOCK = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
+_EXEC_DETAIL_CHARS = 1000  # tail of a failed execution's stderr kept in the row
+
+
+class ScoreError(ValueError):
+    """The judge cannot score (no single-token digits in its vocabulary, an input without the needed columns)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The math and the prompts (pure; no model).
+
+
+def digit_token_groups(tokenizer: Any) -> list[list[int]]:
+    """For each digit 0-9, the ids of every token that is that digit alone, with or without a leading space
+    ("7" and " 7" are different tokens in most BPE vocabularies; the judge may write either)."""
+    groups: list[list[int]] = [[] for _ in DIGITS]
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        stripped = text.strip()
+        if len(stripped) == 1 and stripped in DIGITS and text in (stripped, " " + stripped):
+            groups[int(stripped)].append(token_id)
+    missing = [d for d, g in zip(DIGITS, groups, strict=True) if not g]
+    if missing:
+        raise ScoreError(f"the judge's tokenizer has no single token for the digits {', '.join(missing)}")
+    return groups
+
+
+def expected_digit(probs: Sequence[float]) -> tuple[float | None, float]:
+    """(score, mass): the probability-weighted mean digit, renormalised over the digits, and the digits' total
+    probability. score is None when the mass is 0 (no digit among the tokens seen)."""
+    mass = float(sum(probs))
+    if mass <= 0:
+        return None, 0.0
+    return sum(d * p for d, p in enumerate(probs)) / mass, mass
+
+
+def overall_score(scores: dict[str, float | None], aspects: Sequence[AspectConfig]) -> float | None:
+    """sum of weight x score; aspects without a score are left out and the others' weights scaled to the same
+    total (None when no weighted aspect has a score)."""
+    total = sum(a.weight for a in aspects)
+    present = [(a.weight, scores[a.name]) for a in aspects if scores.get(a.name) is not None]
+    have = sum(w for w, _ in present)
+    if have <= 0:
+        return None
+    return sum(w * s for w, s in present) * total / have
+
+
+def extract_code(response: str) -> str:
+    """The solution's code: its fenced code blocks joined, or the whole response when it has none."""
+    blocks = _CODE_BLOCK.findall(response)
+    return "\n\n".join(b.rstrip() for b in blocks) if blocks else response
+
+
+def parse_error(code: str) -> str | None:
+    """Why `code` is not valid Python (None if it parses). ast only: nothing is executed."""
+    try:
+        ast.parse(code)
+    except SyntaxError as err:
+        return f"SyntaxError: {err.msg} (line {err.lineno})"
+    except (ValueError, RecursionError, MemoryError) as err:  # null bytes; absurd nesting
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def has_asserts(code: str) -> bool:
+    """True when the (parsing) code holds at least one assert statement: a check it makes of itself."""
+    try:
+        return any(isinstance(node, ast.Assert) for node in ast.walk(ast.parse(code)))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+
+
+def judge_user_prompt(snippet: str | None, instruction: str, response: str, question: str) -> str:
+    """The judge's question about one candidate. Everything before the question is the same for all aspects of
+    a candidate (the prefix vLLM caches); the question comes last."""
+    return (
+        "You are reviewing a programming exercise that was written from a seed code snippet.\n\n"
+        f"[Seed snippet]\n```\n{(snippet or '').rstrip()}\n```\n\n"
+        f"[Problem]\n{instruction.strip()}\n\n"
+        f"[Solution]\n{response.strip()}\n\n"
+        f"[Question]\n{question.strip()}\n"
+        "Rate it from 0 (worst) to 9 (best). Answer with a single digit."
+    )
+
+
+def encode_judge_prompt(tokenizer: Any, user_prompt: str, answer_prefix: str) -> list[int]:
+    """Token ids of the chat (user turn, then the assistant's turn opened with `answer_prefix`)."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer(text + answer_prefix, add_special_tokens=False)["input_ids"]
+    return tokenizer(f"{user_prompt}\n{answer_prefix}")["input_ids"]
+
+
+def cut_candidate(tokenizer: Any, instruction: str, response: str, max_tokens: int) -> tuple[str, str, int | None]:
+    """Cut problem + solution to `max_tokens` judge tokens; returns (instruction, response, tokens before the cut
+    or None when nothing was cut). The problem keeps at least half the budget when both are long."""
+    ins = tokenizer(instruction, add_special_tokens=False)["input_ids"]
+    res = tokenizer(response, add_special_tokens=False)["input_ids"]
+    total = len(ins) + len(res)
+    if total <= max_tokens:
+        return instruction, response, None
+    keep_ins = min(len(ins), max(max_tokens - len(res), max_tokens // 2))
+    keep_res = max_tokens - keep_ins
+    return tokenizer.decode(ins[:keep_ins]), tokenizer.decode(res[:keep_res]), total
+
+
+def select_per_seed(
+    snippet_ids: Sequence[str], sample_ids: Sequence[str], scores: Sequence[float | None], cfg: ScoreConfig
+) -> list[str | None]:
+    """Initial selection over scored candidates: the reject reason of each (None = kept). Per seed snippet the
+    best `top_k_per_seed` with a score >= min_score are kept; ties go to the smaller sample_id (deterministic)."""
+    reasons: list[str | None] = [None] * len(scores)
+    by_seed: dict[str, list[int]] = {}
+    for i, (sid, s) in enumerate(zip(snippet_ids, scores, strict=True)):
+        if s is None or s < cfg.min_score:
+            reasons[i] = BELOW_THRESHOLD
+        else:
+            by_seed.setdefault(sid, []).append(i)
+    if cfg.top_k_per_seed is not None:
+        for members in by_seed.values():
+            members.sort(key=lambda i: (-scores[i], sample_ids[i]))
+            for i in members[cfg.top_k_per_seed :]:
+                reasons[i] = NOT_BEST
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The judge engine (runs in its own process).
+
+
+def judge_in_engine(
+    base_path: str,
+    adapter_path: str | None,
+    prompts: list[list[int]],
+    groups: list[list[int]],
+    engine: Any,
+    max_rank: int,
+    per_candidate: int = 1,
+    wave_candidates: int = 64,
+    prefix_waves: bool = True,
+) -> tuple[list[NextTokenProbs], dict[str, Any]]:
+    """Open the judge, read the digit probabilities after every prompt, report timings and peak memory.
+
+    `prompts` hold `per_candidate` consecutive prompts per candidate (its aspects, sharing the candidate as
+    prefix); they are sent `wave_candidates` candidates at a time, first aspects first (see below)."""
+    t0 = time.perf_counter()
+    with TreeMemorySampler(include_self=True) as mem:
+        judge = open_generator(base_path, {"judge": adapter_path} if adapter_path else {}, engine, max_rank)
+        t1 = time.perf_counter()
+        adapter = "judge" if adapter_path else None
+        requests = [GenRequest(p, 0, adapter) for p in prompts]
+        probs: list[NextTokenProbs] = []
+        step = per_candidate * wave_candidates
+        for start in range(0, len(requests), step):
+            wave = requests[start : start + step]
+            if per_candidate > 1 and prefix_waves:
+                # Requests scheduled in the same engine step cannot reuse each other's blocks: the first aspect
+                # of each candidate goes first and fills the prefix cache, its other aspects then hit it.
+                firsts = judge.next_token_probs(wave[::per_candidate], groups)
+                rest_idx = [i for i in range(len(wave)) if i % per_candidate]
+                rest = judge.next_token_probs([wave[i] for i in rest_idx], groups)
+                merged: list[NextTokenProbs | None] = [None] * len(wave)
+                merged[::per_candidate] = firsts
+                for i, r in zip(rest_idx, rest, strict=True):
+                    merged[i] = r
+                probs.extend(r for r in merged if r is not None)
+            else:
+                probs.extend(judge.next_token_probs(wave, groups))
+        t2 = time.perf_counter()
+        judge.close()
+    return probs, {
+        "engine_load_s": round(t1 - t0, 3),
+        "judge_s": round(t2 - t1, 3),
+        "prompts": len(prompts),
+        "prompt_tokens": sum(len(p) for p in prompts),
+        "cached_tokens": sum(p.cached_tokens for p in probs),
+        "peak_memory_mb": round(mem.peak_mb, 1),
+    }
+
+
+def open_judge_tokenizer(judge: ResolvedModel) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(judge.adapter_path or judge.path)
+
+
+def judge_prompts(
+    judge: ResolvedModel,
+    prompts: list[list[int]],
+    groups: list[list[int]],
+    scfg: ScoreConfig,
+    per_candidate: int = 1,
+) -> tuple[list[NextTokenProbs], dict[str, Any]]:
+    """Digit probabilities after each prompt from the configured judge, in a spawned process (`per_candidate`
+    consecutive prompts share a candidate: judge_in_engine)."""
+    if not prompts:
+        return [], {"prompts": 0, "prompt_tokens": 0, "cached_tokens": 0}
+    ctx = context_length(judge)
+    longest = max(len(p) for p in prompts)
+    # A whole prompt plus the one answer token must fit: the cut candidate guarantees it for sane settings.
+    engine = scfg.engine.model_copy(update={"max_model_len": min(scfg.engine.max_model_len or ctx, ctx)})
+    if longest + 1 > engine.max_model_len:
+        raise ScoreError(
+            f"a judge prompt has {longest} tokens, more than the judge's context ({engine.max_model_len}): "
+            "lower score.max_candidate_tokens"
+        )
+    return run_in_subprocess(
+        judge_in_engine,
+        judge.path,
+        judge.adapter_path,
+        prompts,
+        groups,
+        engine,
+        adapter_rank(judge),
+        per_candidate,
+        scfg.wave_candidates,
+        engine.backend == "vllm" and engine.enable_prefix_caching is not False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage.
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [start, end) of one part of the candidates."""
+
+    part: PartInfo
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class ScoreShard:
+    """The rows of whole seed snippets: one or more segments (one for a dataset grouped by snippet)."""
+
+    segments: tuple[Segment, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(s.end - s.start for s in self.segments)
+
+
+@dataclass
+class ScorePlan:
+    """A score run: input, judge, output location and fingerprint, shards. Small."""
+
+    samples_uri: str
+    out_uri: str
+    fp: str
+    judge: ResolvedModel
+    schema_in: Any  # pa.Schema of the candidates
+    shards: list[ScoreShard] = field(default_factory=list)
+    rows: int = 0
+
+
+_NEEDED = ("snippet_id", "sample_id", "instruction", "response", "reject_reason")
+
+
+def score_schema(candidates: Any, aspects: Sequence[AspectConfig]) -> Any:
+    """The score output: the candidates' columns, then the score columns (defined here, once)."""
+    import pyarrow as pa
+
+    judge_names = [a.name for a in aspects if a.kind == "judge"]
+    fields = [
+        pa.field("score", pa.float32()),  # overall: sum of weight x aspect score; null = not scored
+        pa.field("aspect_scores", pa.struct([pa.field(a.name, pa.float32()) for a in aspects])),  # 0-9 each
+        pa.field("digit_mass", pa.struct([pa.field(n, pa.float32()) for n in judge_names])),  # P(digit) per aspect
+        pa.field("unreliable", pa.list_(pa.string())),  # judge aspects whose digit mass < unreliable_mass
+        pa.field("score_status", pa.string()),  # scored | truncated (judged on the cut candidate); null
+        pa.field("exec_status", pa.string()),  # sandbox status of the asserts, or no_asserts / not_run
+        pa.field("exec_detail", pa.string()),  # tail of stderr (or the parse error)
+    ]
+    out = candidates
+    for f in fields:
+        if f.name in out.names:
+            out = out.remove(out.get_field_index(f.name))
+        out = out.append(f)
+    return out
+
+
+def resolve_judge(cfg: RunConfig) -> ResolvedModel:
+    return resolve_model(cfg.score.judge, base=cfg.score.judge_base, storage=cfg.storage)
+
+
+def plan_score(cfg: RunConfig, samples_uri: str, out: str | None = None) -> ScorePlan:
+    """Resolve the judge, read the candidates' manifest and snippet ids, cut shards between seeds."""
+    judge = resolve_judge(cfg)
+    manifest = read_manifest(samples_uri, cfg.storage)
+    schema = manifest.arrow()
+    missing = [c for c in _NEEDED if c not in schema.names]
+    if missing:
+        raise ScoreError(f"{samples_uri}: the candidates lack the columns {', '.join(missing)}")
+    fp = fingerprint(
+        "score",
+        STAGE_VERSION,
+        manifest.fingerprint,
+        cfg.score.model_dump(mode="json", exclude={"judge", "judge_base", "parallel_shards"}),
+        cfg.sandbox.model_dump(mode="json", include={"timeout_s", "cpu_s", "memory_mb", "max_procs", "network"}),
+        judge.fingerprint,
+    )
+    plan = ScorePlan(samples_uri, out or join_uri(cfg.storage.root, "scored", fp), fp, judge, schema)
+    # Contiguous runs of one snippet, grouped by snippet in order of first appearance.
+    groups: dict[str, list[Segment]] = {}
+    for part in manifest.parts:
+        ids = read_part(samples_uri, part, columns=["snippet_id"], storage=cfg.storage).column(0).to_pylist()
+        start = 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or ids[i] != ids[start]:
+                groups.setdefault(ids[start], []).append(Segment(part, start, i))
+                start = i
+        plan.rows += len(ids)
+    current: list[Segment] = []
+    size = 0
+    for segs in groups.values():
+        for seg in segs:
+            last = current[-1] if current else None
+            if last is not None and last.part.name == seg.part.name and last.end == seg.start:
+                current[-1] = Segment(seg.part, last.start, seg.end)  # adjacent: one read
+            else:
+                current.append(seg)
+            size += seg.end - seg.start
+        if size >= cfg.score.shard_rows:
+            plan.shards.append(ScoreShard(tuple(current)))
+            current, size = [], 0
+    if current:
+        plan.shards.append(ScoreShard(tuple(current)))
+    return plan
+
+
+def score_done(plan: ScorePlan, cfg: RunConfig) -> bool:
+    return dataset_has_fingerprint(plan.out_uri, plan.fp, cfg.storage)
+
+
+def prepare_output(plan: ScorePlan, cfg: RunConfig) -> None:
+    hide_stale_dataset(plan.out_uri, plan.fp, cfg.storage)
+
+
+def _reason_order(plan: ScorePlan, cfg: RunConfig) -> list[str]:
+    upstream = read_manifest(plan.samples_uri, cfg.storage).funnel.get("rejected", {})
+    return [*upstream, *REASONS]
+
+
+def score_shard(plan: ScorePlan, shard: ScoreShard, index: int, cfg: RunConfig) -> ShardResult:
+    """Execute, judge, score and select one shard's candidates; write part `index` (at once if it is done)."""
+    import pyarrow as pa
+
+    from synth_core.sandbox import run_programs
+
+    done = finished_shard(plan.out_uri, index, plan.fp, cfg.storage)
+    if done is not None:
+        return done
+    t0 = time.perf_counter()
+    scfg = cfg.score
+    table = pa.concat_tables(
+        [
+            read_part(plan.samples_uri, s.part, storage=cfg.storage).slice(s.start, s.end - s.start)
+            for s in shard.segments
+        ]
+    )
+    rows = table.to_pylist()
+    judge_aspects = [a for a in scfg.aspects if a.kind == "judge"]
+    todo: list[int] = []  # rows to judge
+    codes: dict[int, str] = {}
+    for i, row in enumerate(rows):
+        row.update(
+            score=None, aspect_scores=None, digit_mass=None, unreliable=None, score_status=None,
+            exec_status=None, exec_detail=None,
+        )  # fmt: skip
+        if row["reject_reason"] is not None:
+            continue
+        response = row["response"] or ""
+        if not response.strip():
+            row["reject_reason"], row["detail"] = EMPTY_RESPONSE, "the solution is empty"
+            continue
+        code = extract_code(response)
+        error = parse_error(code)
+        row["aspect_scores"] = {a.name: None for a in scfg.aspects}
+        if error is not None:
+            row["exec_status"], row["exec_detail"] = "does_not_parse", error
+            if scfg.require_parse:
+                row["reject_reason"], row["detail"] = NO_PARSE, error
+                continue
+        else:
+            codes[i] = code
+        todo.append(i)
+
+    # Execution aspects: the code with its own asserts runs in the sandbox, never here.
+    t_exec = time.perf_counter()
+    with_asserts = [i for i in todo if i in codes and has_asserts(codes[i])]
+    wants_exec = any(a.kind == "asserts" for a in scfg.aspects)
+    results = run_programs([codes[i] for i in with_asserts], cfg.sandbox) if wants_exec and with_asserts else []
+    exec_s = time.perf_counter() - t_exec
+    by_row = dict(zip(with_asserts, results, strict=True))
+    for i in todo:
+        row = rows[i]
+        if i in codes:
+            res = by_row.get(i)
+            if res is not None:
+                row["exec_status"] = res.status
+                if not res.passed:
+                    row["exec_detail"] = (res.error or res.stderr_tail or "")[-_EXEC_DETAIL_CHARS:] or None
+            elif row["exec_status"] is None:
+                row["exec_status"] = "no_asserts" if wants_exec else "not_run"
+        for a in scfg.aspects:
+            if a.kind == "parses":
+                row["aspect_scores"][a.name] = 9.0 if i in codes else 0.0
+            elif a.kind == "asserts":
+                res = by_row.get(i)
+                if i not in codes:
+                    row["aspect_scores"][a.name] = 0.0
+                elif res is None:
+                    row["aspect_scores"][a.name] = scfg.untested_score
+                else:
+                    row["aspect_scores"][a.name] = 9.0 if res.passed else 0.0
+
+    # Judge aspects: one prompt per (candidate, aspect), a candidate's aspects adjacent (prefix cache).
+    stats: dict[str, Any] = {"candidates": len(todo), "executions": len(results), "exec_s": round(exec_s, 3)}
+    if judge_aspects and todo:
+        tok = open_judge_tokenizer(plan.judge)
+        groups = digit_token_groups(tok)
+        prompts: list[list[int]] = []
+        for i in todo:
+            row = rows[i]
+            ins, res_text, cut = cut_candidate(
+                tok, row["instruction"] or "", row["response"], scfg.max_candidate_tokens
+            )
+            row["score_status"] = "scored" if cut is None else "truncated"
+            if cut is not None:
+                row["detail"] = f"problem + solution of {cut} tokens cut to {scfg.max_candidate_tokens} for judging"
+            for a in judge_aspects:
+                user = judge_user_prompt(row.get("snippet"), ins, res_text, a.question)
+                prompts.append(encode_judge_prompt(tok, user, scfg.answer_prefix))
+        probs, judge_stats = judge_prompts(plan.judge, prompts, groups, scfg, len(judge_aspects))
+        stats.update(judge_stats)
+        k = 0
+        for i in todo:
+            row = rows[i]
+            row["digit_mass"], row["unreliable"] = {}, []
+            for a in judge_aspects:
+                score, mass = expected_digit(probs[k].probs)
+                k += 1
+                row["aspect_scores"][a.name] = score
+                row["digit_mass"][a.name] = mass
+                if mass < scfg.unreliable_mass:
+                    row["unreliable"].append(a.name)
+    else:
+        for i in todo:
+            rows[i]["score_status"] = "scored"
+    for i in todo:
+        rows[i]["score"] = overall_score(rows[i]["aspect_scores"], scfg.aspects)
+
+    # Initial selection among this shard's scored candidates (whole seeds: see plan_score).
+    reasons = select_per_seed(
+        [rows[i]["snippet_id"] for i in todo],
+        [rows[i]["sample_id"] for i in todo],
+        [rows[i]["score"] for i in todo],
+        scfg,
+    )
+    for i, reason in zip(todo, reasons, strict=True):
+        if reason is not None:
+            rows[i]["reject_reason"] = reason
+            rows[i]["detail"] = (
+                f"overall score {_fmt(rows[i]['score'])} is below {scfg.min_score}"
+                if reason == BELOW_THRESHOLD
+                else f"overall score {_fmt(rows[i]['score'])}: not among the best {scfg.top_k_per_seed} of its seed"
+            )
+    out = pa.Table.from_pylist(rows, schema=score_schema(plan.schema_in, scfg.aspects))
+    funnel = compute_funnel(out, _reason_order(plan, cfg))
+    info = write_part(plan.out_uri, index, out, plan.fp, funnel, cfg.storage)
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    return ShardResult(info, time.perf_counter() - t0, stats=stats)
+
+
+def _fmt(x: float | None) -> str:
+    return "none" if x is None else f"{x:.2f}"
+
+
+def score_stats(results: list[ShardResult], wall_s: float) -> dict[str, Any]:
+    """Throughput of a score run: candidates, (candidate, aspect) judgements per second, prefix-cache share,
+    executions per second, engine load time, peak memory."""
+    live = [r.stats for r in results if not r.cached]
+
+    def total(key: str) -> float:
+        return sum(s.get(key, 0) or 0 for s in live)
+
+    judge_s, exec_s, prompt_tokens = total("judge_s"), total("exec_s"), total("prompt_tokens")
+    return {
+        "shards": len(results),
+        "cached_shards": sum(r.cached for r in results),
+        "rows": sum(r.rows for r in results),
+        "wall_s": round(wall_s, 3),
+        "candidates": int(total("candidates")),
+        "judgements": int(total("prompts")),
+        "judge_s": round(judge_s, 3),
+        "judgements_per_s": round(total("prompts") / judge_s, 2) if judge_s > 0 else None,
+        "prompt_tokens": int(prompt_tokens),
+        "prefix_cache_hit_rate": round(total("cached_tokens") / prompt_tokens, 4) if prompt_tokens else None,
+        "engine_load_s": round(total("engine_load_s"), 3),
+        "executions": int(total("executions")),
+        "exec_s": round(exec_s, 3),
+        "executions_per_s": round(total("executions") / exec_s, 2) if exec_s > 0 else None,
+        "peak_memory_mb": max((s.get("peak_memory_mb", 0) for s in live), default=None) or None,
+    }
+
+
+def commit_score(plan: ScorePlan, results: list[ShardResult], cfg: RunConfig, wall_s: float) -> Manifest:
+    """Write the manifest (with the funnel, score quantiles and throughput): the scored dataset exists."""
+    return commit_dataset(
+        plan.out_uri,
+        [r.part for r in results],
+        score_schema(plan.schema_in, cfg.score.aspects),
+        plan.fp,
+        stage="score",
+        funnel=merge_funnels([r.funnel for r in results], _reason_order(plan, cfg)),
+        inputs=[plan.samples_uri, plan.judge.ref],
+        config=cfg.model_dump(mode="json", include={"score"}),
+        stats=score_stats(results, wall_s),
+        storage=cfg.storage,
+    )
+
+
+def build_score(cfg: RunConfig, samples_uri: str, out: str | None = None) -> str:
+    """The whole stage in this process, shard after shard (no orchestrator); returns the output URI."""
+    t0 = time.perf_counter()
+    plan = plan_score(cfg, samples_uri, out)
+    if score_done(plan, cfg):
+        return plan.out_uri
+    prepare_output(plan, cfg)
+    results = [score_shard(plan, shard, i, cfg) for i, shard in enumerate(plan.shards)]
+    commit_score(plan, results, cfg, time.perf_counter() - t0)
+    return plan.out_uri
+
+
+def score_histogram_markdown(out_uri: str, cfg: RunConfig, bins: int = 10) -> str:
+    """The overall-score histogram of a scored dataset as a markdown table, and the mean of every aspect."""
+    from synth_core.report import histogram_markdown
+    from synth_core.storage import read_dataset
+
+    table = read_dataset(out_uri, columns=["score", "aspect_scores", "reject_reason"], storage=cfg.storage)
+    scores = table.column("score").to_pylist()
+    reasons = table.column("reject_reason").to_pylist()
+    text = histogram_markdown(list(zip(scores, reasons, strict=True)), "overall score", bins)
+    aspects = [a for a in table.column("aspect_scores").to_pylist() if a]
+    if aspects:
+        lines = ["", "| aspect | mean | rated |", "|---|---:|---:|"]
+        for name in aspects[0]:
+            vals = [a[name] for a in aspects if a.get(name) is not None]
+            mean = sum(vals) / len(vals) if vals else math.nan
+            lines.append(f"| {name} | {mean:.2f} | {len(vals)} |")
+        text += "\n".join(lines)
+    return text
+
+
+def check_score_config(cfg: RunConfig) -> None:
+    """Fail before any engine starts: a judge that does not resolve or a config that cannot select."""
+    if not cfg.score.aspects:
+        raise ConfigError("score.aspects: at least one aspect is needed")
+    resolve_judge(cfg)
