@@ -55,9 +55,9 @@ if TYPE_CHECKING:
     from synth_core.config import StorageConfig
 
 # Flat elements of one parameter per projection block. Part of the projection's definition (features computed
-# with another value are different features), so a constant: 4096 x 8192 fp32 entries = 128 MiB per block.
+# with another value are different features), so a constant: 4096 x 8192 signs = 4 MiB packed per block.
 CHUNK_ELEMS = 4096
-PROJECTION_VERSION = "1"  # bump when the way R is generated changes: old features become incomparable
+PROJECTION_VERSION = "2"  # bump when the way R is generated changes: old features become incomparable
 DROP_REASON = "influence_below_top_fraction"
 
 Row = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]} with prompt tokens labelled IGNORE_INDEX
@@ -102,6 +102,7 @@ class GradFeatures:
     projection_id: str  # rows are comparable only with features of the same projection_id
     seconds: float = 0.0
     tokens: int = 0  # tokens through the model (padding not counted)
+    projection_rows: int = 0  # rows whose gradients were projected in one pass (R drawn once per pass)
 
     @property
     def rows_per_s(self) -> float:
@@ -112,9 +113,13 @@ class RademacherProjector:
     """x -> x @ R with R [num_params, proj_dim] of entries +-1/sqrt(proj_dim), generated in seeded blocks.
 
     Block c of parameter `name` holds the rows of R for that parameter's flat elements [c*C, (c+1)*C) (C =
-    CHUNK_ELEMS), drawn on `device` by a generator seeded with a hash of (seed, name, c); a last partial chunk
-    uses the first rows of its full block. Blocks are kept between calls while they fit in `cache_mb`.
-    E[<xR, yR>] = <x, y>: inner products are preserved within the Johnson-Lindenstrauss tolerance
+    CHUNK_ELEMS); a last partial chunk uses the first rows of its full block. Its signs are drawn on `device` as
+    packed bits: C x ceil(proj_dim/8) random bytes (torch.randint into uint8) from a generator seeded with a hash
+    of (seed, name, c), bit k of byte j giving the sign of column 8j+k (1: +, 0: -). One random byte gives 8 signs
+    (3.2 G signs/s on 2 CPU cores against 0.25 G/s for randint into float32), and a packed block is 32x smaller
+    than a float32 one: packed blocks are kept between calls while they fit in `cache_mb`. They are unpacked
+    into +-1 (exact in any float dtype) by a 256 x 8 lookup table, and the 1/sqrt(proj_dim) is applied to the
+    product. E[<xR, yR>] = <x, y>: inner products are preserved within the Johnson-Lindenstrauss tolerance
     (standard deviation about sqrt((|x|^2 |y|^2 + <x, y>^2) / proj_dim)).
     """
 
@@ -125,9 +130,13 @@ class RademacherProjector:
         self.seed = seed
         self.device = torch.device(device)
         self.cache_bytes = cache_mb * 2**20
+        self.scale = 1 / math.sqrt(proj_dim)
+        self._packed_cols = math.ceil(proj_dim / 8)
         self._cache: dict[tuple[str, int], torch.Tensor] = {}
         self._cached_bytes = 0
         self._generator = torch.Generator(device=self.device)
+        self._tables: dict[torch.dtype, torch.Tensor] = {}
+        self.blocks_drawn = 0  # blocks generated from their seed (cache misses), for tests and benchmarks
 
     @property
     def projection_id(self) -> str:
@@ -137,40 +146,108 @@ class RademacherProjector:
         digest = hashlib.blake2b(f"{self.seed}\0{name}\0{chunk}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") & (2**63 - 1)
 
-    def block(self, name: str, chunk: int) -> torch.Tensor:
-        """Rows of R for chunk `chunk` of parameter `name`: [CHUNK_ELEMS, proj_dim] float32 on the device."""
+    def packed_signs(self, name: str, chunk: int) -> torch.Tensor:
+        """The signs of block `chunk` of parameter `name`, packed: [CHUNK_ELEMS, ceil(proj_dim/8)] uint8."""
         import torch
 
         key = (name, chunk)
         if key in self._cache:
             return self._cache[key]
         self._generator.manual_seed(self._block_seed(name, chunk))
-        r = torch.randint(
-            0, 2, (CHUNK_ELEMS, self.proj_dim), generator=self._generator, device=self.device, dtype=torch.float32
+        packed = torch.randint(
+            0, 256, (CHUNK_ELEMS, self._packed_cols), generator=self._generator, device=self.device, dtype=torch.uint8
         )
-        r.mul_(2).sub_(1).mul_(1 / math.sqrt(self.proj_dim))  # exact: +-1 scaled by one constant
-        size = r.numel() * r.element_size()
-        if self._cached_bytes + size <= self.cache_bytes:
-            self._cache[key] = r
-            self._cached_bytes += size
-        return r
+        self.blocks_drawn += 1
+        if self._cached_bytes + packed.numel() <= self.cache_bytes:
+            self._cache[key] = packed
+            self._cached_bytes += packed.numel()
+        return packed
+
+    def _table(self, dtype: torch.dtype) -> torch.Tensor:
+        """[256, 8] of +-1: row v holds the signs of the bits of byte v, lowest bit first."""
+        import torch
+
+        if dtype not in self._tables:
+            bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+            self._tables[dtype] = (bits * 2 - 1).to(device=self.device, dtype=dtype)
+        return self._tables[dtype]
+
+    def _unpack_into(self, packed: torch.Tensor, out: torch.Tensor) -> None:
+        """out [rows, 8 ceil(proj_dim/8)] (contiguous) = the +-1 signs of packed [rows, ceil(proj_dim/8)] uint8."""
+        import torch
+
+        table = self._table(out.dtype)
+        torch.index_select(table, 0, packed.reshape(-1).long(), out=out.view(-1, 8))
+
+    def block(self, name: str, chunk: int) -> torch.Tensor:
+        """Rows of R for chunk `chunk` of parameter `name`: [CHUNK_ELEMS, proj_dim] float32 (+-1/sqrt(proj_dim))."""
+        import torch
+
+        out = torch.empty(CHUNK_ELEMS, 8 * self._packed_cols, dtype=torch.float32, device=self.device)
+        self._unpack_into(self.packed_signs(name, chunk), out)
+        return out[:, : self.proj_dim].mul_(self.scale)  # exact: +-1 scaled by one constant
+
+    def project_flat(
+        self,
+        flat: torch.Tensor,
+        layout: Sequence[tuple[str, int]],
+        out: torch.Tensor | None = None,
+        group_bytes: int | None = None,
+    ) -> torch.Tensor:
+        """out += flat @ R for flat [b, sum numel] (parameters (name, numel) side by side, in `layout` order).
+
+        flat's dtype is the matmul's (float32, or bfloat16 on a GPU: +-1 is exact in it, the product is added to
+        the float32 `out` [b, proj_dim], created if None). Consecutive blocks are unpacked into one buffer of
+        about `group_bytes` (default 256 MiB, 1 GiB on a GPU) and multiplied at once: R is drawn once per call
+        whatever b is, so callers gather many rows before calling (compute_grad_features' projection_rows).
+        """
+        import torch
+
+        if out is None:
+            out = torch.zeros(flat.shape[0], self.proj_dim, dtype=torch.float32, device=self.device)
+        if sum(n for _, n in layout) != flat.shape[1]:
+            raise ValueError(f"layout covers {sum(n for _, n in layout)} elements, flat has {flat.shape[1]}")
+        width = 8 * self._packed_cols
+        if group_bytes is None:
+            group_bytes = 2**30 if self.device.type == "cuda" else 2**28
+        group_rows = max(1, group_bytes // (width * flat.element_size() * CHUNK_ELEMS)) * CHUNK_ELEMS
+        group_rows = min(group_rows, max(CHUNK_ELEMS, flat.shape[1]))  # a block's rows always fit
+        buf = torch.empty(group_rows, width, dtype=flat.dtype, device=self.device)
+        filled, first = 0, 0  # rows of buf in use; flat column of buf's first row
+
+        def flush() -> None:
+            part = flat[:, first : first + filled]
+            r = buf[:filled, : self.proj_dim]
+            if flat.dtype == torch.float32:
+                out.addmm_(part, r, alpha=self.scale)
+            else:
+                out.add_(part @ r, alpha=self.scale)
+
+        column = 0
+        for name, numel in layout:
+            for chunk in range(math.ceil(numel / CHUNK_ELEMS)):
+                rows = min(CHUNK_ELEMS, numel - chunk * CHUNK_ELEMS)
+                if filled + rows > group_rows:
+                    flush()
+                    first, filled = column, 0
+                self._unpack_into(self.packed_signs(name, chunk)[:rows], buf[filled : filled + rows])
+                filled += rows
+                column += rows
+        if filled:
+            flush()
+        return out
 
     def accumulate(self, name: str, grads: torch.Tensor, out: torch.Tensor) -> None:
         """out += flat(grads) @ R[name]; grads: [b, *param shape] float32, out: [b, proj_dim] float32."""
         flat = grads.reshape(grads.shape[0], -1)
-        for chunk in range(math.ceil(flat.shape[1] / CHUNK_ELEMS)):
-            part = flat[:, chunk * CHUNK_ELEMS : (chunk + 1) * CHUNK_ELEMS]
-            out.addmm_(part, self.block(name, chunk)[: part.shape[1]])
+        self.project_flat(flat, [(name, flat.shape[1])], out)
 
     def project(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
         """Projection of the concatenation of named tensors [b, *shape_i] float32 -> [b, proj_dim] float32."""
         import torch
 
-        first = next(iter(named.values()))
-        out = torch.zeros(first.shape[0], self.proj_dim, dtype=torch.float32, device=self.device)
-        for name, grads in named.items():
-            self.accumulate(name, grads.to(self.device, torch.float32), out)
-        return out
+        flat = torch.cat([g.reshape(g.shape[0], -1).to(self.device, torch.float32) for g in named.values()], dim=1)
+        return self.project_flat(flat, [(n, g[0].numel()) for n, g in named.items()])
 
     def dense_matrix(self, shapes: Sequence[tuple[str, int]]) -> torch.Tensor:
         """R for parameters (name, numel) in this order, whole: [sum numel, proj_dim] float32 (reference only)."""
@@ -369,6 +446,46 @@ def per_sample_grads(
     return out
 
 
+def projection_dtype(model: Any, device: torch.device) -> torch.dtype:
+    """The dtype of the projection's matmul: bfloat16 on a GPU when the base model runs in bf16, else float32.
+
+    Per-sample gradients and their Adam preconditioning are always float32; on a bf16 GPU they are rounded to bf16
+    for the matmul with R (+-1 exact), whose products are summed in float32. A relative rounding of 2^-9 per
+    element moves a unit feature by about 2^-9 in a random direction (cosines by ~1e-5), and bf16 runs the H100's
+    tensor cores at twice tf32's rate with half the gradient buffer.
+    """
+    import torch
+
+    if device.type == "cuda" and model.get_input_embeddings().weight.dtype == torch.bfloat16:
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_projection_rows(num_params: int, batch_size: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows whose per-sample gradients are gathered before one projection pass: a multiple of batch_size whose
+    buffer [rows, num_params] fits a quarter of the device's free memory (CPU: of MemAvailable), at most 2 GiB on
+    a CPU and 32 GiB on a GPU. R is drawn once per pass, so more rows per pass = less drawing per row."""
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(free // 4, 32 * 2**30)
+    else:
+        budget = min(_available_bytes() // 4, 2 * 2**30)
+    per_row = num_params * torch.empty((), dtype=dtype).element_size()
+    return max(batch_size, budget // per_row // batch_size * batch_size)
+
+
+def _available_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
 def compute_grad_features(
     model: Any,
     rows: Sequence[Row],
@@ -377,6 +494,7 @@ def compute_grad_features(
     optimizer_state: AdamState | None = None,
     device: torch.device | str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    projection_rows: int | None = None,
 ) -> GradFeatures:
     """Gradient features of rows: [n, proj_dim] float16, L2-normalised, in the order given.
 
@@ -385,6 +503,11 @@ def compute_grad_features(
     gradients). Rows longer than cfg.max_seq_len (or the model's context) are cut and reported. Rows are
     batched longest first (similar lengths pad little, and an out-of-memory error shows on the first batch);
     `progress(done, total)` is called after each batch.
+
+    The per-sample gradients of `projection_rows` rows (several batches; None = `default_projection_rows`) are
+    gathered in one buffer [rows, num_lora_params] and projected in one pass, so R's blocks are drawn (or read
+    from the cache) once per pass instead of once per batch. A row's feature does not depend on how rows are
+    grouped (batches or passes).
     """
     import torch
 
@@ -399,23 +522,34 @@ def compute_grad_features(
         return result
     linears = lora_linears(model)
     adam = _adam_on(optimizer_state, list(linears), dev) if optimizer_state is not None else None
+    layout = [(name, lin.weight.numel()) for name, lin in linears.items()]
+    offsets = dict(zip(linears, [sum(n for _, n in layout[:i]) for i in range(len(layout))], strict=True))
+    dtype = projection_dtype(model, dev)
+    if projection_rows is None:
+        projection_rows = default_projection_rows(sum(n for _, n in layout), cfg.batch_size, dtype, dev)
+    pass_rows = min(len(cut), max(1, projection_rows))
+    grads = torch.empty(pass_rows, sum(n for _, n in layout), dtype=dtype, device=dev)  # [rows, num_params]
+    result.projection_rows = pass_rows
     order = sorted(range(len(cut)), key=lambda i: -len(cut[i]["input_ids"]))
-    for start in range(0, len(order), cfg.batch_size):
-        idx = order[start : start + cfg.batch_size]
-        acc = torch.zeros(len(idx), cfg.proj_dim, dtype=torch.float32, device=dev)
+    for pass_start in range(0, len(order), pass_rows):
+        in_pass = order[pass_start : pass_start + pass_rows]
+        for start in range(0, len(in_pass), cfg.batch_size):
+            idx = in_pass[start : start + cfg.batch_size]
+            slot = slice(start, start + len(idx))
 
-        def project(name: str, g: torch.Tensor, acc: torch.Tensor = acc) -> None:
-            if adam is not None:
-                g = adam_precondition(g, *adam[name], optimizer_state.betas, optimizer_state.eps)
-            projector.accumulate(name, g, acc)
+            def keep(name: str, g: torch.Tensor, slot: slice = slot) -> None:
+                if adam is not None:
+                    g = adam_precondition(g, *adam[name], optimizer_state.betas, optimizer_state.eps)
+                grads[slot, offsets[name] : offsets[name] + g[0].numel()] = g.reshape(g.shape[0], -1)
 
-        _backward_per_sample(model, linears, *_pad([cut[i] for i in idx], dev), project)
+            _backward_per_sample(model, linears, *_pad([cut[i] for i in idx], dev), keep)
+            result.tokens += sum(len(cut[i]["input_ids"]) for i in idx)
+            if progress is not None:
+                progress(pass_start + start + len(idx), len(order))
+        acc = projector.project_flat(grads[: len(in_pass)], layout)
         # A zero gradient (no response token) stays a zero feature instead of 0/0.
         acc /= acc.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        feats[idx] = acc.to(torch.float16).cpu()
-        result.tokens += sum(len(cut[i]["input_ids"]) for i in idx)
-        if progress is not None:
-            progress(min(start + cfg.batch_size, len(order)), len(order))
+        feats[in_pass] = acc.to(torch.float16).cpu()
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -161,6 +161,80 @@ def test_same_seed_same_features_whatever_the_batch_size(ckpt):
     assert (gram - gram_reseeded).abs().max().item() < 5 / math.sqrt(CFG.proj_dim)
 
 
+def test_packed_signs_unpack_bit_by_bit_for_any_proj_dim():
+    """Block entries are +-1/sqrt(d) from the bits of the packed bytes (bit k of byte j: column 8j+k, 1 = +),
+    also for a proj_dim that is not a multiple of 8 (the last byte's spare bits are dropped)."""
+    import torch
+
+    for d in (64, 100):
+        proj = RademacherProjector(d, seed=5)
+        packed = proj.packed_signs("w", 0)
+        assert packed.dtype == torch.uint8 and packed.shape == (4096, math.ceil(d / 8))
+        bits = ((packed[:, :, None].long() >> torch.arange(8)) & 1).reshape(4096, -1)[:, :d]
+        assert torch.equal(proj.block("w", 0), (bits * 2 - 1).float() / math.sqrt(d))
+
+
+def test_cached_and_uncached_blocks_give_identical_features(ckpt):
+    """The packed-block cache only saves drawing: features are bit-identical with and without it, and with a cache
+    large enough, a second projection pass draws no block."""
+    import torch
+
+    rows = _rows(MIXED, seed=4)
+    adam = _random_adam(ckpt.model)
+    cached = compute_grad_features(
+        ckpt.model, rows, CFG.model_copy(update={"projector_cache_mb": 64}), optimizer_state=adam
+    )
+    uncached = compute_grad_features(
+        ckpt.model, rows, CFG.model_copy(update={"projector_cache_mb": 0}), optimizer_state=adam
+    )
+    assert torch.equal(cached.feats, uncached.feats)
+    x = torch.randn(3, 9000, generator=torch.Generator().manual_seed(0))
+    layout = [("a", 5000), ("b", 4000)]
+    proj = RademacherProjector(256, seed=0, cache_mb=1)
+    first = proj.project_flat(x, layout)
+    drawn = proj.blocks_drawn
+    assert drawn == 3 and torch.equal(proj.project_flat(x, layout), first) and proj.blocks_drawn == drawn
+    fresh = RademacherProjector(256, seed=0)
+    assert torch.equal(fresh.project_flat(x, layout), first) and fresh.blocks_drawn == 3
+    fresh.project_flat(x, layout)
+    assert fresh.blocks_drawn == 6  # no cache: drawn again
+
+
+def test_projection_passes_and_groups_do_not_change_features(ckpt):
+    """Gathering the gradients of 1, 3 or all rows per projection pass, and unpacking R in groups of one block or
+    of many, give the same features (up to float32 summation order)."""
+    import torch
+
+    rows = _rows(MIXED + [(30, 3)], seed=6)
+    feats = [
+        compute_grad_features(ckpt.model, rows, CFG.model_copy(update={"batch_size": 2}), projection_rows=k)
+        for k in (1, 3, None)
+    ]
+    assert [f.projection_rows for f in feats] == [1, 3, len(rows)]
+    for other in feats[1:]:
+        assert (other.feats.float() - feats[0].feats.float()).abs().max().item() < 1e-3
+    x = torch.randn(4, 20000, generator=torch.Generator().manual_seed(1))
+    proj = RademacherProjector(512, seed=2)
+    layout = [("a", 9000), ("b", 11000)]
+    one_block = proj.project_flat(x, layout, group_bytes=1)
+    assert torch.allclose(proj.project_flat(x, layout), one_block, atol=1e-5)
+    assert torch.allclose(x @ proj.dense_matrix(layout), one_block, atol=1e-5)
+
+
+def test_bfloat16_projection_stays_close_to_float32():
+    """The GPU's bf16 matmul (gradients rounded to bf16, R exact, products summed in float32) moves unit-norm
+    projections by about 2^-9 relative: checked on the CPU's bf16 matmul."""
+    import torch
+
+    x = torch.randn(4, 9000, generator=torch.Generator().manual_seed(3))
+    proj = RademacherProjector(1024, seed=0)
+    layout = [("a", 9000)]
+    exact = proj.project_flat(x, layout)
+    rounded = proj.project_flat(x.to(torch.bfloat16), layout)
+    assert rounded.dtype == torch.float32
+    assert ((rounded - exact).norm(dim=1) / exact.norm(dim=1)).max().item() < 1e-2
+
+
 def test_adam_preconditioning_matches_the_formula_by_hand():
     """b1 = 0.5, b2 = 0.75, eps = 0.5:
     g=0.5,  m=0, v=0: m' = 0.25, v' = 0.25 x 0.25 = 0.0625, sqrt = 0.25 -> 0.25 / 0.75 = 1/3
