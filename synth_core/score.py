@@ -340,7 +340,12 @@ def score_schema(candidates: Any, aspects: Sequence[AspectConfig]) -> Any:
     fields = [
         pa.field("score", pa.float32()),  # overall: sum of weight x aspect score; null = not scored
         pa.field("aspect_scores", pa.struct([pa.field(a.name, pa.float32()) for a in aspects])),  # 0-9 each
-        pa.field("digit_mass", pa.struct([pa.field(n, pa.float32()) for n in judge_names])),  # P(digit) per aspect
+        # P(next token is a digit) per judge aspect; no column without judge aspects (Parquet has no empty struct)
+        *(
+            [pa.field("digit_mass", pa.struct([pa.field(n, pa.float32()) for n in judge_names]))]
+            if judge_names
+            else []
+        ),
         pa.field("unreliable", pa.list_(pa.string())),  # judge aspects whose digit mass < unreliable_mass
         pa.field("score_status", pa.string()),  # scored | truncated (judged on the cut candidate); null
         pa.field("exec_status", pa.string()),  # sandbox status of the asserts, or no_asserts / not_run
@@ -462,9 +467,9 @@ def score_shard(plan: ScorePlan, shard: ScoreShard, index: int, cfg: RunConfig) 
 
     # Execution aspects: the code with its own asserts runs in the sandbox, never here.
     t_exec = time.perf_counter()
-    with_asserts = [i for i in todo if i in codes and has_asserts(codes[i])]
     wants_exec = any(a.kind == "asserts" for a in scfg.aspects)
-    results = run_programs([codes[i] for i in with_asserts], cfg.sandbox) if wants_exec and with_asserts else []
+    with_asserts = [i for i in todo if wants_exec and i in codes and has_asserts(codes[i])]
+    results = run_programs([codes[i] for i in with_asserts], cfg.sandbox) if with_asserts else []
     exec_s = time.perf_counter() - t_exec
     by_row = dict(zip(with_asserts, results, strict=True))
     for i in todo:
