@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/sandbox.py
 	$(BIN)/python bench/influence.py
+	$(BIN)/python bench/evaluate.py
 
 clean:
 	rm -rf scoder-data .pytest_cache .ruff_cache
