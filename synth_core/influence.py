@@ -177,7 +177,9 @@ class RademacherProjector:
         import torch
 
         table = self._table(out.dtype)
-        torch.index_select(table, 0, packed.reshape(-1).long(), out=out.view(-1, 8))
+        # int32 indices halve the index traffic on a GPU; the CPU kernel is as fast with int64 (measured)
+        index = packed.reshape(-1).to(torch.int32 if packed.is_cuda else torch.int64)
+        torch.index_select(table, 0, index, out=out.view(-1, 8))
 
     def block(self, name: str, chunk: int) -> torch.Tensor:
         """Rows of R for chunk `chunk` of parameter `name`: [CHUNK_ELEMS, proj_dim] float32 (+-1/sqrt(proj_dim))."""
@@ -250,14 +252,21 @@ class RademacherProjector:
         return self.project_flat(flat, [(n, g[0].numel()) for n, g in named.items()])
 
     def dense_matrix(self, shapes: Sequence[tuple[str, int]]) -> torch.Tensor:
-        """R for parameters (name, numel) in this order, whole: [sum numel, proj_dim] float32 (reference only)."""
+        """R for parameters (name, numel) in this order, whole: [sum numel, proj_dim] float32 (reference only).
+
+        Filled in place (the matrix is the only large allocation: the loop benchmark sizes it to its memory)."""
         import torch
 
-        parts = []
+        out = torch.empty(sum(n for _, n in shapes), self.proj_dim, dtype=torch.float32, device=self.device)
+        block = torch.empty(CHUNK_ELEMS, 8 * self._packed_cols, dtype=torch.float32, device=self.device)
+        row = 0
         for name, numel in shapes:
             for chunk in range(math.ceil(numel / CHUNK_ELEMS)):
-                parts.append(self.block(name, chunk)[: min(CHUNK_ELEMS, numel - chunk * CHUNK_ELEMS)])
-        return torch.cat(parts)
+                rows = min(CHUNK_ELEMS, numel - chunk * CHUNK_ELEMS)
+                self._unpack_into(self.packed_signs(name, chunk)[:rows], block[:rows])
+                out[row : row + rows] = block[:rows, : self.proj_dim]
+                row += rows
+        return out.mul_(self.scale)
 
 
 def adam_precondition(
