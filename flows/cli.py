@@ -25,6 +25,11 @@ pool_app = typer.Typer(help="The seed-snippet pool.", no_args_is_help=True)
 app.add_typer(pool_app, name="pool")
 reference_app = typer.Typer(help="The reference set R.", no_args_is_help=True)
 app.add_typer(reference_app, name="reference")
+score_app = typer.Typer(
+    help="Score candidates (scoder score --samples URI), or fit the scoring to a teacher (subcommands).",
+    invoke_without_command=True,
+)
+app.add_typer(score_app, name="score")
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML run config; omitted = the embedded default.")
@@ -43,6 +48,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from synth_core.models import ModelError
     from synth_core.pool import SourceError
     from synth_core.reference import ReferenceSetError
+    from synth_core.score import ScoreError
     from synth_core.storage import DatasetError
     from synth_core.teacher import TeacherError
 
@@ -56,6 +62,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         TeacherError,
         InfluenceError,
         EvalError,
+        ScoreError,
     )
 
 
@@ -160,6 +167,141 @@ def sample_cmd(
     except _expected_errors() as err:
         _fail(str(err))
     typer.echo(uri)
+
+
+@score_app.callback()
+def score_cmd(
+    ctx: typer.Context,
+    samples: Annotated[
+        str | None, typer.Option("--samples", help="Candidates: a samples dataset (path or s3:// URI).")
+    ] = None,
+    judge: Annotated[
+        str | None,
+        typer.Option("--judge", help="Judge model: builtin:NAME, a folder, a hub id or a trained scorer (LoRA)."),
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option("--backend", help="Judge engine: vllm (default) or transformers.")
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Where to write the scored rows (path or s3:// URI).")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Rate every kept candidate 0-9 on each aspect (judge + sandboxed execution), keep the best per seed."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if samples is None:
+        typer.echo(ctx.get_help())
+        _fail("scoder score needs --samples URI (or a subcommand)")
+    try:
+        cfg = _load(config, set_, {"score.judge": judge, "score.engine.backend": backend})
+        from synth_core.score import check_score_config
+        from synth_core.storage import read_manifest
+
+        # Fail before any server or engine starts: a missing judge or candidate set is one line.
+        check_score_config(cfg)
+        read_manifest(samples, cfg.storage)
+        from flows.runtime import run_flow
+        from flows.score import score_flow
+
+        uri = run_flow(score_flow, cfg, samples=samples, config=cfg.model_dump(mode="json"), out=out)
+        _print_dataset(uri, cfg.storage, rows=False)
+    except _expected_errors() as err:
+        _fail(str(err))
+    typer.echo(uri)
+
+
+@score_app.command("teacher-judge")
+def score_teacher_judge_cmd(
+    scored: Annotated[str, typer.Option("--scored", help="A scored dataset (scoder score).")],
+    endpoint: Annotated[
+        str | None, typer.Option("--endpoint", "-e", help="OpenAI-compatible base URL of the teacher.")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name the endpoint serves.")] = None,
+    max_candidates: Annotated[
+        int | None, typer.Option("--max-candidates", help="Judge at most this many scored candidates.")
+    ] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Where to write the judgements.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Ask a teacher endpoint the judge's questions (every aspect + overall) about scored candidates."""
+    try:
+        cfg = _load(config, set_, {"teacher.endpoint": endpoint, "teacher.model": model})
+        from synth_core.score_fit import teacher_judgements
+
+        uri = teacher_judgements(cfg, scored, out, max_candidates)
+        _print_dataset(uri, cfg.storage, rows=False)
+    except _expected_errors() as err:
+        _fail(str(err))
+    typer.echo(uri)
+
+
+@score_app.command("fit-weights")
+def score_fit_weights_cmd(
+    judgements: Annotated[str, typer.Option("--judgements", help="Teacher judgements (scoder score teacher-judge).")],
+    write: Annotated[Path, typer.Option("--write", "-w", help="Config file to write with the fitted weights.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Fit the aspect weights to the teacher's overall judgement (non-negative least squares); write a config."""
+    try:
+        cfg = _load(config, set_, {})
+        from rich.console import Console
+        from rich.table import Table
+
+        from synth_core.score_fit import fit_weights, write_weights
+
+        fit = fit_weights(cfg, judgements)
+        table = Table(title=f"fitted weights ({fit['candidates']} candidates, R^2 {fit['r2']:.3f})")
+        table.add_column("aspect")
+        table.add_column("before", justify="right")
+        table.add_column("fitted", justify="right")
+        for a in cfg.score.aspects:
+            table.add_row(a.name, f"{a.weight:.4f}", f"{fit['weights'][a.name]:.4f}")
+        Console().print(table)
+        typer.echo(f"Spearman with the teacher: before {fit['spearman_before']}, fitted {fit['spearman_fitted']}")
+        write_weights(str(config) if config else None, fit["weights"], str(write), cfg)
+    except _expected_errors() as err:
+        _fail(str(err))
+    typer.echo(str(write))
+
+
+@score_app.command("train-scorer")
+def score_train_scorer_cmd(
+    judgements: Annotated[str, typer.Option("--judgements", help="Teacher judgements (scoder score teacher-judge).")],
+    base: Annotated[
+        str | None, typer.Option("--base", help="Model the scorer is fine-tuned from (default: score.judge).")
+    ] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Where to write the scorer's checkpoints.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Fine-tune a dedicated scorer on teacher judgements; print its held-out agreement (Spearman per aspect)."""
+    try:
+        cfg = _load(config, set_, {})
+        from rich.console import Console
+        from rich.table import Table
+
+        from synth_core.score_fit import train_scorer
+
+        report = train_scorer(cfg, judgements, base, out)
+        table = Table(title=f"agreement with the teacher on {report['held_out_judgements']} held-out judgements")
+        for col in ("aspect", "n", "scorer Spearman", "base judge Spearman"):
+            table.add_column(col)
+        for name, agr in report["scorer_agreement"].items():
+            base_agr = report["base_agreement"].get(name, {})
+            table.add_row(name, str(agr["n"]), _fmt_corr(agr["spearman"]), _fmt_corr(base_agr.get("spearman")))
+        Console().print(table)
+        typer.echo(f"use it: --set score.judge={report['scorer']}")
+    except _expected_errors() as err:
+        _fail(str(err))
+    typer.echo(report["scorer"])
+
+
+def _fmt_corr(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 @app.command("influence")
@@ -384,7 +526,9 @@ def bootstrap_cmd(
 def eval_cmd(
     data: Annotated[
         str | None,
-        typer.Option("--data", "-d", help="Dataset (kept instruction/response rows) to fine-tune the student on."),
+        typer.Option(
+            "--data", "-d", help="Dataset (its kept rows), reference JSONL/Parquet or reference:builtin to train on."
+        ),
     ] = None,
     student: Annotated[
         str | None, typer.Option("--student", help="Model to fine-tune and evaluate (default: evaluation.student).")
@@ -422,16 +566,15 @@ def eval_cmd(
     }
     try:
         cfg = _load(config, set_, extra)
-        from synth_core.evaluate import load_problems
+        from synth_core.evaluate import load_problems, training_data
         from synth_core.models import resolve_model
-        from synth_core.storage import read_manifest
 
         # Fail before any server or engine starts: a bad student, benchmark or dataset is one line.
         resolve_model(cfg.evaluation.student, storage=cfg.storage)
         for spec in cfg.evaluation.benchmarks:
             load_problems(spec, cfg.evaluation.max_problems)
         if data is not None:
-            read_manifest(data, cfg.storage)
+            training_data(cfg, data)
         from flows.evaluate import evaluate_flow
         from flows.runtime import run_flow
 

@@ -431,14 +431,14 @@ class EvalPlan:
 def plan_eval(cfg: RunConfig, model_ref: str, out: str | None = None, trained_on: str | None = None) -> EvalPlan:
     """Resolve the model, load the problems, derive the output from their fingerprint (nothing runs)."""
     from synth_core.models import resolve_model
-    from synth_core.storage import fingerprint, join_uri, read_manifest
+    from synth_core.storage import fingerprint, join_uri
 
     ecfg = cfg.evaluation
     if not ecfg.greedy and ecfg.samples == 0:
         raise EvalError("evaluation.greedy is false and evaluation.samples is 0: nothing to generate")
     model = resolve_model(model_ref, storage=cfg.storage)
     problems = [p for spec in ecfg.benchmarks for p in load_problems(spec, ecfg.max_problems)]
-    data_fp = read_manifest(trained_on, cfg.storage).fingerprint if trained_on else None
+    data_fp = training_data(cfg, trained_on)[1] if trained_on else None
     fp = fingerprint(
         "eval",
         STAGE_VERSION,
@@ -702,25 +702,26 @@ def last_checkpoint(train_out: str, cfg: RunConfig) -> str:
 # ------------------------------------------------------------------------------------------------ leakage
 
 
+def training_data(cfg: RunConfig, data: str) -> tuple[list[tuple[str, str]], str]:
+    """(instruction, response) pairs of what a student trains on (a dataset's kept rows, a reference file or
+    reference:builtin, as synth_core.train reads them) and their fingerprint."""
+    from synth_core.train import load_training_rows
+
+    rows, fps = load_training_rows([data], cfg)
+    return [(r["instruction"] or "", r["response"] or "") for r in rows], fps[0]
+
+
 def leakage_report(cfg: RunConfig, data_uri: str) -> dict[str, dict[str, Any]]:
-    """N-gram overlap of a dataset's kept rows (instruction, response) with each evaluation benchmark.
+    """N-gram overlap of training data's rows (instruction, response) with each evaluation benchmark.
 
     Per benchmark: rows whose instruction or response the decontamination index matches (exact substring or
     n-gram overlap >= decontam.ngram_threshold of the smaller side), the benchmark items they hit, and the
     coverage of each item (share of its prompt + solution n-grams found anywhere in the dataset).
     """
     from synth_core.decontam import BenchmarkIndex, load_benchmark
-    from synth_core.storage import read_dataset
     from synth_core.text import token_ngrams, tokenize_code
 
-    table = read_dataset(data_uri, storage=cfg.storage)
-    missing = {"instruction", "response"} - set(table.column_names)
-    if missing:
-        raise EvalError(f"{data_uri}: no {' / '.join(sorted(missing))} column: not an instruction dataset")
-    if "reject_reason" in table.column_names:
-        table = table.filter(table.column("reject_reason").is_null())
-    instructions, responses = table.column("instruction").to_pylist(), table.column("response").to_pylist()
-    texts = [(i or "", r or "") for i, r in zip(instructions, responses, strict=True)]
+    texts, _ = training_data(cfg, data_uri)
     n = cfg.decontam.ngram_size
     data_grams = {hash(g) for i, r in texts for t in (i, r) for g in token_ngrams(tokenize_code(t), n)}
     report: dict[str, dict[str, Any]] = {}

@@ -375,4 +375,4 @@ def test_cli_eval_errors_are_one_line(tmp_path, monkeypatch):
     r = runner.invoke(app, ["eval", "--student", str(tmp_path / "no-model")])
     assert r.exit_code == 2 and "error: model" in r.output
     r = runner.invoke(app, ["eval", "--data", str(tmp_path / "no-data")])
-    assert r.exit_code == 2 and "no dataset at" in r.output
+    assert r.exit_code == 2 and "error: training data" in r.output
