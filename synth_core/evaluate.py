@@ -807,3 +807,75 @@ def results_markdown(uri: str, stats: dict[str, Any]) -> str:
     if leak:
         text += "\n\n## Leakage (n-gram overlap of the training data with each benchmark)\n\n" + records_markdown(leak)
     return text + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ comparisons
+
+
+def comparison_records(evals: dict[str, str], cfg: RunConfig | None = None) -> list[dict[str, Any]]:
+    """One record per (run, benchmark) from evaluation outputs named by label (an iteration, an ablation), in
+    the order given: the table of a round's report and the input of plot_pass_at_1."""
+    from synth_core.storage import read_manifest
+
+    records = []
+    for label, uri in evals.items():
+        stats = read_manifest(uri, cfg.storage if cfg else None).stats
+        for bench, entry in stats.get("benchmarks", {}).items():
+            records.append(
+                {"run": label, "benchmark": bench, "problems": entry["problems"]}
+                | {k: v for k, v in entry.items() if k.startswith("pass@")}
+            )
+    return records
+
+
+def plot_pass_at_1(
+    records: list[dict[str, Any]],
+    out: str,
+    metric: str = "pass@1",
+    kind: Literal["line", "bar"] = "line",
+    title: str | None = None,
+    cfg: RunConfig | None = None,
+) -> str:
+    """Draw `metric` per run (x, in record order) and benchmark (one series each) as a PNG at `out` (a path or
+    URI): a line for iterations, bars for ablations. Returns `out`."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    from synth_core.storage import get_fs
+
+    runs = list(dict.fromkeys(r["run"] for r in records))
+    benches = list(dict.fromkeys(r["benchmark"] for r in records))
+    if not runs:
+        raise EvalError("plot_pass_at_1: no records")
+    value = {(r["run"], r["benchmark"]): r.get(metric) for r in records}
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(runs) + 2), 3.5), dpi=120)
+    width = 0.8 / max(len(benches), 1)
+    for j, bench in enumerate(benches):
+        ys = [value.get((run, bench)) for run in runs]
+        ys = [float("nan") if y is None else 100.0 * y for y in ys]
+        if kind == "bar":
+            xs = [i + (j - (len(benches) - 1) / 2) * width for i in range(len(runs))]
+            ax.bar(xs, ys, width=width, label=bench)
+        else:
+            ax.plot(range(len(runs)), ys, marker="o", label=bench)
+    ax.set_xticks(range(len(runs)), runs, rotation=20 if len(runs) > 4 else 0)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title(title or f"{metric} per run")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    fs, path = get_fs(out, cfg.storage if cfg else None)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return out

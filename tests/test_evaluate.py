@@ -376,3 +376,39 @@ def test_cli_eval_errors_are_one_line(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "error: model" in r.output
     r = runner.invoke(app, ["eval", "--data", str(tmp_path / "no-data")])
     assert r.exit_code == 2 and "error: training data" in r.output
+
+
+def test_plot_pass_at_1_per_run(tmp_path):
+    """The round report's plot: pass@1 per iteration (line) or ablation (bars), one series per benchmark."""
+    records = [
+        {"run": run, "benchmark": bench, "problems": 164, "pass@1": value}
+        for run, bench, value in [
+            ("iter 1", "humaneval", 0.10),
+            ("iter 1", "mbpp", 0.20),
+            ("iter 2", "humaneval", 0.15),
+            ("iter 2", "mbpp", 0.22),
+            ("iter 3", "humaneval", 0.18),
+        ]
+    ]
+    for kind in ("line", "bar"):
+        out = evaluate.plot_pass_at_1(records, str(tmp_path / "report" / f"{kind}.png"), kind=kind)
+        data = Path(out).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    with pytest.raises(EvalError, match="no records"):
+        evaluate.plot_pass_at_1([], str(tmp_path / "none.png"))
+
+
+def test_comparison_records_read_evaluations(tmp_path):
+    from synth_core.storage import commit_dataset
+
+    uris = {}
+    for label, value in (("full", 0.2), ("no scorer", 0.1)):
+        uri = str(tmp_path / label.replace(" ", "-"))
+        stats = {"benchmarks": {"humaneval": {"problems": 2, "pass@1": value, "greedy_passed": 1}}}
+        commit_dataset(uri, [], pa.schema([("x", pa.int64())]), label, stage="eval", stats=stats)
+        uris[label] = uri
+    records = evaluate.comparison_records(uris)
+    assert records == [
+        {"run": "full", "benchmark": "humaneval", "problems": 2, "pass@1": 0.2},
+        {"run": "no scorer", "benchmark": "humaneval", "problems": 2, "pass@1": 0.1},
+    ]
