@@ -353,6 +353,14 @@ class ScoreConfig(StrictModel):
         512, ge=1, description="Candidate rows per score shard (one task, one judge engine); a seed never spans two."
     )
     parallel_shards: int = Field(1, ge=1, description="Shard tasks running at once.")
+    teacher_logprobs: bool = Field(
+        True,
+        description="Ask the teacher for top logprobs and read its score as the judge's (probability-weighted "
+        "digit); False for endpoints that refuse logprobs (then the first digit of its answer).",
+    )
+    scorer_holdout_fraction: float = Field(
+        0.2, ge=0, lt=1, description="Share of candidates held out of scorer training to measure its agreement (0-1)."
+    )
     wave_candidates: int = Field(
         64,
         ge=1,
@@ -432,13 +440,28 @@ class SandboxConfig(StrictModel):
 
 
 class ExecutionConfig(StrictModel):
-    """How the flows run their shard tasks on this machine (a Ray cluster comes with the round flows)."""
+    """How the flows run their shard tasks: on this machine (processes, threads) or on a Ray cluster."""
 
-    task_runner: Literal["processes", "threads"] = Field(
+    task_runner: Literal["processes", "threads", "ray"] = Field(
         "processes",
-        description="'processes': shards in parallel worker processes (CPU-bound Python); 'threads': one process.",
+        description="'processes': shards in parallel worker processes (CPU-bound Python); 'threads': one process; "
+        "'ray': shards as Ray tasks on a cluster (prefect-ray; `pip install .[ray]`).",
     )
-    max_workers: int | None = Field(None, ge=1, description="Parallel shard tasks; None = the number of CPU cores.")
+    max_workers: int | None = Field(
+        None, ge=1, description="Parallel shard tasks; None = the number of CPU cores (ray: the local Ray's CPUs)."
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster address (ray://HOST:10001, HOST:6379 or 'auto'); None = start a local Ray for the run.",
+    )
+    ray_gpus_per_shard: float = Field(
+        1.0, ge=0, description="GPUs each task tagged 'gpu' asks Ray for (fractions share a GPU; 0 = none)."
+    )
+    ray_cpus_per_shard: float = Field(1.0, ge=0, description="CPUs each shard task asks Ray for.")
+    ray_runtime_env: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Ray runtime_env of the run (e.g. env_vars, working_dir) when the cluster's workers need it.",
+    )
 
 
 class TeacherConfig(StrictModel):

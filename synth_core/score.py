@@ -255,7 +255,7 @@ def judge_in_engine(
 def open_judge_tokenizer(judge: ResolvedModel) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(judge.adapter_path or judge.path)
+    return AutoTokenizer.from_pretrained(judge.path)  # a LoRA judge (a trained scorer) keeps its base's tokenizer
 
 
 def judge_prompts(

@@ -1,0 +1,339 @@
+"""Teacher judgements of scored candidates, aspect weights fitted to them, and a dedicated scorer trained on them.
+
+- `teacher_judgements`: a teacher (any OpenAI-compatible endpoint, synth_core.teacher) answers the judge's own
+  questions (synth_core.score.judge_user_prompt) about scored candidates, one request per (candidate, aspect), plus
+  an overall question. Its 0-9 answer is read from its top logprobs when the endpoint returns them (the same
+  probability-weighted digit as the judge's), else from the first digit of its text; an answer without a digit is
+  kept with a reject reason, never dropped. Written as a dataset (JUDGEMENT_SCHEMA) next to nothing else.
+- `fit_weights`: non-negative least squares (scipy.optimize.nnls: a well-kept Lawson-Hanson solver) of the
+  teacher's overall judgement on our aspect scores, so the overall score ranks candidates as the teacher would;
+  `write_weights` puts them into a config file.
+- `train_scorer`: the paper's dedicated scorer: fine-tune a small model on (judge prompt -> the teacher's digit)
+  through the train stage, then measure its agreement with the teacher on held-out candidates (Spearman per
+  aspect), next to the untrained judge's. The config can then name the scorer as `score.judge`.
+
+Knows nothing of Prefect; the CLI (flows/cli.py `scoder score ...`) calls these directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from synth_core.config import ConfigError, RunConfig
+from synth_core.score import expected_digit, judge_user_prompt
+from synth_core.storage import join_uri
+
+OVERALL = "overall"
+OVERALL_QUESTION = (
+    "Overall, how valuable is this problem and solution as training data for a code model "
+    "(clear, correct, consistent, non-trivial)?"
+)
+TEACHER_FAILED = "teacher_failed"
+NO_DIGIT = "no_digit"
+STAGE_VERSION = 1
+_DIGIT = re.compile(r"(?<![0-9.])([0-9])(?![0-9])")
+
+
+def judgement_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field("sample_id", pa.string(), nullable=False),
+            pa.field("aspect", pa.string(), nullable=False),  # an aspect name, or "overall"
+            pa.field("prompt", pa.string()),  # the judge prompt's user text (what the scorer learns from)
+            pa.field("teacher_score", pa.float32()),  # 0-9; null = no usable answer
+            pa.field("teacher_mass", pa.float32()),  # digit probability mass when read from logprobs, else null
+            pa.field("teacher_text", pa.string()),
+            pa.field("judge_score", pa.float32()),  # our judge's score of the same aspect (overall: our overall)
+            pa.field("reject_reason", pa.string()),
+            pa.field("detail", pa.string()),
+        ]
+    )
+
+
+def teacher_digit(text: str | None, logprobs: list[dict[str, Any]] | None) -> tuple[float | None, float | None]:
+    """(score, mass) of a teacher's answer: the probability-weighted digit at the first digit's position when top
+    logprobs came back, else (first digit of the text, None); (None, None) when there is no digit."""
+    if logprobs:
+        for position in logprobs:
+            if position.get("token", "").strip() in "0123456789" and position.get("token", "").strip():
+                probs = [0.0] * 10
+                for alt in position.get("top_logprobs") or [position]:
+                    tok = alt.get("token", "").strip()
+                    if len(tok) == 1 and tok.isdigit():
+                        probs[int(tok)] += math.exp(alt["logprob"])
+                score, mass = expected_digit(probs)
+                if score is not None:
+                    return score, mass
+    m = _DIGIT.search(text or "")
+    return (float(m.group(1)), None) if m else (None, None)
+
+
+def _scored_rows(cfg: RunConfig, scored_uri: str, max_candidates: int | None) -> list[dict[str, Any]]:
+    from synth_core.storage import read_dataset
+
+    cols = ["sample_id", "snippet", "instruction", "response", "score", "aspect_scores", "score_status"]
+    rows = [
+        r for r in read_dataset(scored_uri, columns=cols, storage=cfg.storage).to_pylist() if r["score"] is not None
+    ]
+    # A deterministic choice that does not favour any score: ordered by a hash of the sample id.
+    rows.sort(key=lambda r: hashlib.sha256(r["sample_id"].encode()).hexdigest())
+    return rows[:max_candidates] if max_candidates is not None else rows
+
+
+def teacher_judgements(
+    cfg: RunConfig,
+    scored_uri: str,
+    out: str | None = None,
+    max_candidates: int | None = None,
+    on_result: Callable[[Any], None] | None = None,
+) -> str:
+    """Ask the teacher every judge aspect and the overall question about scored candidates; returns the URI."""
+    import pyarrow as pa
+
+    from synth_core.storage import (
+        commit_dataset,
+        compute_funnel,
+        dataset_has_fingerprint,
+        fingerprint,
+        hide_stale_dataset,
+        read_manifest,
+        write_part,
+    )
+    from synth_core.teacher import run_chats
+
+    if not cfg.teacher.model:
+        raise ConfigError("teacher.model: name the model the endpoint serves (--model)")
+    rows = _scored_rows(cfg, scored_uri, max_candidates)
+    if not rows:
+        raise ConfigError(f"{scored_uri}: no scored candidate to judge")
+    questions = [(a.name, a.question) for a in cfg.score.aspects if a.kind == "judge"] + [(OVERALL, OVERALL_QUESTION)]
+    fp = fingerprint(
+        "judgements",
+        STAGE_VERSION,
+        read_manifest(scored_uri, cfg.storage).fingerprint,
+        questions,
+        max_candidates,
+        cfg.teacher.model_dump(mode="json", exclude={"api_key_env", "max_concurrency"}),
+    )
+    out = out or join_uri(cfg.storage.root, "judgements", fp)
+    if dataset_has_fingerprint(out, fp, cfg.storage):
+        return out
+    hide_stale_dataset(out, fp, cfg.storage)
+    slots, chats = [], []
+    for r in rows:
+        for name, question in questions:
+            prompt = judge_user_prompt(r["snippet"], r["instruction"] or "", r["response"] or "", question)
+            slots.append((r, name, prompt))
+            chats.append([{"role": "user", "content": prompt}])
+    params: dict[str, Any] = {"logprobs": True, "top_logprobs": 20} if cfg.score.teacher_logprobs else {}
+    results, stats = run_chats(cfg.teacher, chats, on_result=on_result, **params)
+    records = []
+    for (r, name, prompt), res in zip(slots, results, strict=True):
+        ours = r["score"] if name == OVERALL else (r["aspect_scores"] or {}).get(name)
+        rec = dict(sample_id=r["sample_id"], aspect=name, prompt=prompt, judge_score=ours, teacher_text=res.text)
+        if not res.ok:
+            rec.update(reject_reason=TEACHER_FAILED, detail=f"{res.error}: {res.detail}")
+        else:
+            s, mass = teacher_digit(res.text, res.logprobs)
+            rec.update(teacher_score=s, teacher_mass=mass)
+            if s is None:
+                rec.update(reject_reason=NO_DIGIT, detail="the answer holds no digit 0-9")
+        records.append(rec)
+    table = pa.Table.from_pylist(records, schema=judgement_schema())
+    part = write_part(out, 0, table, fp, compute_funnel(table, (TEACHER_FAILED, NO_DIGIT)), cfg.storage)
+    commit_dataset(
+        out,
+        [part],
+        judgement_schema(),
+        fp,
+        stage="judgements",
+        funnel=part.funnel,
+        inputs=[scored_uri, cfg.teacher.endpoint],
+        config=cfg.model_dump(mode="json", include={"score", "teacher"}),
+        stats={"candidates": len(rows), "questions": [q for q, _ in questions], "teacher": stats.as_dict()},
+        storage=cfg.storage,
+    )
+    return out
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman rank correlation (scipy); None with fewer than 3 pairs or a constant side."""
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+        return None
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def nnls_weights(features: Sequence[Sequence[float]], target: Sequence[float]) -> tuple[list[float], float]:
+    """Non-negative least squares: w >= 0 minimising ||X w - y||; returns (w, R^2 of the fit)."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(target, dtype=np.float64)
+    w, _ = nnls(x, y)
+    resid = y - x @ w
+    total = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float((resid**2).sum()) / total if total > 0 else float("nan")
+    return [float(v) for v in w], r2
+
+
+def _read_judgements(cfg: RunConfig, judgements_uri: str) -> tuple[list[dict[str, Any]], str]:
+    from synth_core.storage import read_dataset, read_manifest
+
+    rows = read_dataset(judgements_uri, kept_only=True, storage=cfg.storage).to_pylist()
+    if not rows:
+        raise ConfigError(f"{judgements_uri}: no usable teacher judgement")
+    return rows, read_manifest(judgements_uri, cfg.storage).inputs[0]
+
+
+def fit_weights(cfg: RunConfig, judgements_uri: str) -> dict[str, Any]:
+    """Aspect weights (NNLS) that make the overall score track the teacher's overall judgement, and how well."""
+    from synth_core.score import overall_score
+    from synth_core.storage import read_dataset
+
+    rows, scored_uri = _read_judgements(cfg, judgements_uri)
+    teacher = {r["sample_id"]: r["teacher_score"] for r in rows if r["aspect"] == OVERALL}
+    table = read_dataset(scored_uri, columns=["sample_id", "aspect_scores"], storage=cfg.storage).to_pylist()
+    names = [a.name for a in cfg.score.aspects]
+    xs, ys, skipped = [], [], 0
+    for r in table:
+        if r["sample_id"] not in teacher or not r["aspect_scores"]:
+            continue
+        vals = [r["aspect_scores"].get(n) for n in names]
+        if any(v is None for v in vals):
+            skipped += 1  # an aspect without a score cannot enter a linear fit
+            continue
+        xs.append(vals)
+        ys.append(teacher[r["sample_id"]])
+    if len(xs) < len(names):
+        raise ConfigError(
+            f"{judgements_uri}: {len(xs)} candidates with a teacher overall and every aspect scored; "
+            f"fitting {len(names)} weights needs at least as many"
+        )
+    weights, r2 = nnls_weights(xs, ys)
+    fitted = [sum(w * v for w, v in zip(weights, x, strict=True)) for x in xs]
+    before = [overall_score(dict(zip(names, x, strict=True)), cfg.score.aspects) for x in xs]
+    return {
+        "weights": dict(zip(names, weights, strict=True)),
+        "candidates": len(xs),
+        "skipped": skipped,
+        "r2": r2,
+        "spearman_fitted": spearman(fitted, ys),
+        "spearman_before": spearman(before, ys),
+    }
+
+
+def write_weights(config_path: str | None, weights: dict[str, float], out_path: str, cfg: RunConfig) -> None:
+    """Write `out_path`: the user's config file (or an empty one) with score.aspects carrying the fitted weights."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if config_path:
+        data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+    aspects = [a.model_dump(mode="json") | {"weight": round(weights.get(a.name, 0.0), 6)} for a in cfg.score.aspects]
+    data.setdefault("score", {})["aspects"] = aspects
+    Path(out_path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def _held_out(sample_id: str, fraction: float) -> bool:
+    return int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def scorer_training_data(cfg: RunConfig, judgements_uri: str, out: str) -> tuple[str, list[dict[str, Any]]]:
+    """Write the scorer's training rows (judge prompt -> "<answer_prefix><teacher digit>") as a dataset; return it
+    and the held-out judgements (split by candidate, so no candidate is on both sides)."""
+    import pyarrow as pa
+
+    from synth_core.storage import commit_dataset, fingerprint, write_part
+
+    rows, _ = _read_judgements(cfg, judgements_uri)
+    rows = [r for r in rows if r["aspect"] != OVERALL]
+    frac = cfg.score.scorer_holdout_fraction
+    train = [r for r in rows if not _held_out(r["sample_id"], frac)]
+    held = [r for r in rows if _held_out(r["sample_id"], frac)]
+    if not train:
+        raise ConfigError(f"{judgements_uri}: no judgement left to train on after holding out {frac:.0%}")
+    schema = pa.schema(
+        [
+            pa.field("snippet", pa.string()),
+            pa.field("language", pa.string()),
+            pa.field("instruction", pa.string()),
+            pa.field("response", pa.string()),
+            pa.field("reject_reason", pa.string()),
+        ]
+    )
+    records = [
+        dict(
+            snippet="",
+            language="text",
+            instruction=r["prompt"],
+            response=f"{cfg.score.answer_prefix}{round(r['teacher_score'])}",
+            reject_reason=None,
+        )
+        for r in train
+    ]
+    table = pa.Table.from_pylist(records, schema=schema)
+    fp = fingerprint("scorer-data", records)
+    part = write_part(out, 0, table, fp, storage=cfg.storage)
+    commit_dataset(out, [part], schema, fp, stage="scorer-data", inputs=[judgements_uri], storage=cfg.storage)
+    return out, held
+
+
+def agreement(cfg: RunConfig, judge_ref: str, held: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Spearman between a judge's scores and the teacher's on held-out judgements, per aspect."""
+    from synth_core.models import resolve_model
+    from synth_core.score import digit_token_groups, encode_judge_prompt, judge_prompts, open_judge_tokenizer
+
+    judge = resolve_model(judge_ref, base=cfg.score.judge_base, storage=cfg.storage)
+    tok = open_judge_tokenizer(judge)
+    prompts = [encode_judge_prompt(tok, r["prompt"], cfg.score.answer_prefix) for r in held]
+    probs, _ = judge_prompts(judge, prompts, digit_token_groups(tok), cfg.score)
+    by_aspect: dict[str, tuple[list[float], list[float]]] = {}
+    for r, p in zip(held, probs, strict=True):
+        s, _ = expected_digit(p.probs)
+        if s is not None:
+            mine, theirs = by_aspect.setdefault(r["aspect"], ([], []))
+            mine.append(s)
+            theirs.append(r["teacher_score"])
+    return {name: {"n": len(m), "spearman": spearman(m, t)} for name, (m, t) in by_aspect.items()}
+
+
+def train_scorer(
+    cfg: RunConfig, judgements_uri: str, base_ref: str | None = None, out: str | None = None
+) -> dict[str, Any]:
+    """Fine-tune a scorer on the teacher's aspect judgements (the train stage, LoRA by default); report its and the
+    base judge's Spearman agreement with the teacher on held-out candidates. Returns the report."""
+    import json
+
+    from synth_core.models import resolve_model
+    from synth_core.storage import fingerprint, get_fs
+    from synth_core.train import checkpoints_of, run_train
+
+    base_ref = base_ref or cfg.score.judge
+    base = resolve_model(base_ref, storage=cfg.storage)
+    if base.is_lora:
+        raise ConfigError(f"scorer base '{base_ref}' is a LoRA adapter; name its base model (--base)")
+    data_uri = join_uri(cfg.storage.root, "scorer-data", fingerprint(judgements_uri, cfg.score.answer_prefix))
+    data_uri, held = scorer_training_data(cfg, judgements_uri, data_uri)
+    train_out = run_train(cfg, [data_uri], base_ref, out, chat_format="instruction")
+    scorer = checkpoints_of(train_out, cfg)[-1]
+    report = {
+        "scorer": scorer,
+        "train_output": train_out,
+        "held_out_judgements": len(held),
+        "scorer_agreement": agreement(cfg, scorer, held) if held else {},
+        "base_agreement": agreement(cfg, base_ref, held) if held else {},
+    }
+    fs, root = get_fs(train_out, cfg.storage)
+    with fs.open(f"{root}/scorer_report.json", "w") as f:
+        f.write(json.dumps(report, indent=2))
+    return report
