@@ -642,6 +642,44 @@ def _print_dataset(uri: str, storage, rows: bool = True, limit: int = 3) -> None
                 )
 
 
+@app.command("deploy")
+def deploy_cmd(
+    name: Annotated[
+        list[str] | None,
+        typer.Option("--name", "-n", help="Deployment of the project file to register; repeatable. Default: all."),
+    ] = None,
+    file: Annotated[Path, typer.Option("--file", "-f", help="Prefect project file (Prefect 3 prefect.yaml).")] = Path(
+        "deployments/prefect.yaml"
+    ),
+    source: Annotated[
+        str | None,
+        typer.Option(help="Folder where workers find this repository; default: the file's pull step (/opt/scoder)."),
+    ] = None,
+    cron: Annotated[str | None, typer.Option(help="Replace the schedules' cron, e.g. '0 2 * * *'.")] = None,
+    timezone: Annotated[str | None, typer.Option(help="Replace the schedules' time zone, e.g. Europe/Berlin.")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="The deployments' `out` parameter (URI).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Register the nightly round (and the project file's other deployments) on the Prefect server at
+    PREFECT_API_URL, creating missing work pools. --config/--set become the runs' `config` parameter."""
+    from flows.deploy import DeployError, deploy_project
+
+    try:
+        params: dict[str, Any] = {}
+        if config is not None or set_:
+            # Only what differs from the defaults travels: the run re-validates it (flow parameters max 512 KiB).
+            params["config"] = _load(config, set_, {}).model_dump(mode="json", exclude_defaults=True)
+        if out is not None:
+            params["out"] = out
+        deployed = deploy_project(file, names=name, source=source, cron=cron, timezone=timezone, parameters=params)
+    except (*_expected_errors(), DeployError) as err:
+        _fail(str(err))
+    for d in deployed:
+        when = "; ".join(f"{s.cron} ({s.timezone or 'UTC'})" for s in d.schedules) or "no schedule"
+        typer.echo(f"{d.full_name}  pool={d.work_pool}  {when}  id={d.id}")
+
+
 @app.command("inspect")
 def inspect(
     uri: Annotated[str, typer.Argument(help="A dataset's folder or s3:// URI.")],
