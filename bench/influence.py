@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Rows gathered per projection pass (batched path); default: what a quarter of free memory holds.",
     )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="Only profile the batched path (two batches, one pass at --proj-dim): top kernels, then exit.",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-json", default=None)
     return ap.parse_args(argv)
@@ -187,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         batched = functools.partial(compute_grad_features, projection_rows=args.projection_rows)
         for c in {dim: small, args.proj_dim: cfg}.values():  # warm-up (kernels, cuBLAS heuristics per shape)
             batched(ckpt.model, cands[: min(2, len(cands))], c, optimizer_state=ckpt.adam)
+        if args.profile:
+            profile_batched(batched, ckpt, cands[: 2 * args.batch_size], cfg, device)
+            return 0
         tgt = batched(ckpt.model, targets, small)
         results: list[dict[str, Any]] = []
 
@@ -305,6 +313,49 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     return 0
+
+
+def profile_batched(batched, ckpt, rows, cfg, device: str) -> None:
+    """torch.profiler over the batched path on `rows` (top operators by device time), and the projection's parts
+    timed alone on one block: drawing the packed signs and unpacking them."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from synth_core.influence import CHUNK_ELEMS, RademacherProjector
+
+    on_gpu = device == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=acts) as prof:
+        out = batched(ckpt.model, rows, cfg, optimizer_state=ckpt.adam)
+        if on_gpu:
+            torch.cuda.synchronize()
+    print(f"profiled {len(rows)} rows in {out.seconds:.2f} s, {out.projection_rows} rows per pass")
+    sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+    proj = RademacherProjector(cfg.proj_dim, cfg.seed, device)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    buf = torch.empty(CHUNK_ELEMS, cfg.proj_dim, dtype=dtype, device=device)
+
+    def per_block(fn, n: int = 20) -> float:
+        fn(0)
+        if on_gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(n):
+            fn(i)
+        if on_gpu:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / n * 1e3
+
+    packed = proj.packed_signs("w", 0)
+    timings = {
+        "draw": per_block(lambda i: proj.packed_signs("w", i)),
+        **{
+            f"unpack by {m}": per_block(lambda i, m=m: proj._unpack_into(packed, buf, method=m))
+            for m in ("table", "bits")
+        },
+    }
+    print(f"per block of {CHUNK_ELEMS} x {cfg.proj_dim}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in timings.items()))
 
 
 def _available_gib() -> float:

@@ -172,6 +172,10 @@ def test_packed_signs_unpack_bit_by_bit_for_any_proj_dim():
         assert packed.dtype == torch.uint8 and packed.shape == (4096, math.ceil(d / 8))
         bits = ((packed[:, :, None].long() >> torch.arange(8)) & 1).reshape(4096, -1)[:, :d]
         assert torch.equal(proj.block("w", 0), (bits * 2 - 1).float() / math.sqrt(d))
+        by_table, by_bits = (torch.empty(4096, 8 * packed.shape[1]) for _ in range(2))
+        proj._unpack_into(packed, by_table, method="table")
+        proj._unpack_into(packed, by_bits, method="bits")  # the GPU's way, checked here on the CPU
+        assert torch.equal(by_table, by_bits) and torch.equal(by_bits[:, :d], (bits * 2 - 1).float())
 
 
 def test_cached_and_uncached_blocks_give_identical_features(ckpt):
