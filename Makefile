@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/sandbox.py
+	$(BIN)/python bench/score.py
 	$(BIN)/python bench/influence.py
 	$(BIN)/python bench/evaluate.py
 
