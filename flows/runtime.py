@@ -6,11 +6,15 @@ Shared by every flow's CLI entry. Flows themselves stay wiring only.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 from synth_core.config import ConfigError, RunConfig
 from synth_core.storage import ShardResult
+
+# Seconds between two updates of a stage's progress artifact (an API call each).
+PROGRESS_INTERVAL_S = 1.0
 
 
 def make_task_runner(cfg: RunConfig):
@@ -82,6 +86,9 @@ def run_shards(
 
     The window keeps engine-heavy stages (one vLLM engine per shard task) from starting more engines
     than the machine holds; CPU-bound stages submit everything at once (window None).
+
+    The progress artifact is updated at most every PROGRESS_INTERVAL_S and after the last shard: one API call per
+    shard cost 8 ms a shard (bench/prefect_overhead.py: 27.7 vs 19.6 ms per task run with 1,000 shards).
     """
     from prefect.artifacts import update_progress_artifact
     from prefect.futures import as_completed
@@ -90,6 +97,7 @@ def run_shards(
     limit = window or len(submits) or 1
     pending: dict[Any, int] = {}
     next_i = done = 0
+    last_update = time.monotonic()
     while next_i < len(submits) or pending:
         while next_i < len(submits) and len(pending) < limit:
             pending[submits[next_i]()] = next_i
@@ -97,6 +105,9 @@ def run_shards(
         f = next(as_completed(list(pending)))
         results[pending.pop(f)] = f.result()
         done += 1
+        if done < len(submits) and time.monotonic() - last_update < PROGRESS_INTERVAL_S:
+            continue
+        last_update = time.monotonic()
         update_progress_artifact(
             progress_id,
             progress=100.0 * (done_before + done) / total,
