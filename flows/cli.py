@@ -680,6 +680,44 @@ def deploy_cmd(
         typer.echo(f"{d.full_name}  pool={d.work_pool}  {when}  id={d.id}")
 
 
+@app.command("run")
+def run_cmd(
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Where to write the released dataset (path or s3:// URI).")
+    ] = None,
+    checkpoints: Annotated[
+        str | None,
+        typer.Option("--checkpoints", help="Start from this train output (its checkpoints) instead of a bootstrap."),
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run a whole round: pool, bootstrap, the iterations, the released dataset with its data card.
+
+    With no arguments: the embedded default (built-in model, stdlib pool, built-in R, local storage)."""
+    try:
+        cfg = _load(config, set_, {})
+        from synth_core.models import resolve_model
+        from synth_core.pool import preflight
+        from synth_core.reference import load_reference
+        from synth_core.score import check_score_config
+
+        # Fail before any server or engine starts: a bad source, R, model or judge is one line.
+        preflight(cfg)
+        load_reference(cfg.round.reference, cfg.storage)
+        resolve_model(cfg.models.synthesizer)
+        if cfg.round.use_scorer:
+            check_score_config(cfg)
+        from flows.round import round_flow
+        from flows.runtime import run_flow
+
+        uri = run_flow(round_flow, cfg, config=cfg.model_dump(mode="json"), out=out, checkpoints=checkpoints)
+        _print_dataset(uri, cfg.storage, rows=True, limit=2)
+    except _expected_errors() as err:
+        _fail(str(err))
+    typer.echo(uri)
+
+
 @app.command("inspect")
 def inspect(
     uri: Annotated[str, typer.Argument(help="A dataset's folder or s3:// URI.")],

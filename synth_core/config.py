@@ -186,6 +186,9 @@ class SampleConfig(StrictModel):
         1, ge=1, description="Shard tasks (engines) running at once; raise it on multi-GPU hosts or a Ray cluster."
     )
     max_snippets: int | None = Field(None, ge=0, description="Use only the first this many kept snippets; None = all.")
+    first_snippet: int = Field(
+        0, ge=0, description="Skip this many kept snippets first (successive iterations sample different seeds)."
+    )
     min_instruction_chars: int = Field(40, ge=0, description="Shorter problem statements are rejected (characters).")
     max_instruction_chars: int = Field(6000, ge=1, description="Longer problem statements are rejected as too_long.")
     max_response_chars: int = Field(12000, ge=1, description="Longer solutions are rejected as too_long.")
@@ -551,6 +554,35 @@ class EvalConfig(StrictModel):
     )
 
 
+class RoundConfig(StrictModel):
+    """A whole self-distillation round (scoder run): pool, bootstrap, T iterations, the released dataset.
+
+    The defaults are demo-sized (a few snippets per iteration) so that `scoder run` with no config finishes on a
+    laptop; a nightly GPU run raises snippets_per_iteration and synthesize_snippets (None = every kept snippet).
+    """
+
+    iterations: int = Field(1, ge=0, description="Self-distillation iterations (T) after the bootstrap.")
+    reference: str | None = Field(
+        None, description="The reference set R: a JSONL/Parquet file or dataset; None = the built-in R."
+    )
+    snippets_per_iteration: int | None = Field(
+        16, ge=1, description="Seed snippets sampled per iteration (each iteration takes the next ones); None = all."
+    )
+    synthesize_snippets: int | None = Field(
+        16,
+        ge=1,
+        description="Seed snippets of the released dataset (after the iterations' ones); None = all the rest.",
+    )
+    multi_checkpoint: bool = Field(
+        True, description="Sample from every checkpoint of the previous training; False = its last one (ablation)."
+    )
+    use_scorer: bool = Field(True, description="Run the score stage and its selection; False = skip it (ablation).")
+    use_influence: bool = Field(
+        True, description="Run the influence filter; False = keep what scoring kept (ablation)."
+    )
+    release_name: str = Field("scoder-synthetic", description="Name of the released dataset (its data card title).")
+
+
 class RunConfig(StrictModel):
     """The whole configuration of a run; every section has a default."""
 
@@ -571,6 +603,7 @@ class RunConfig(StrictModel):
         default_factory=ReferenceBuildConfig, description="Building R with the teacher."
     )
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="Multi-aspect scoring and initial selection.")
+    round: RoundConfig = Field(default_factory=RoundConfig, description="A whole round (scoder run).")
     evaluation: EvalConfig = Field(
         default_factory=EvalConfig, description="Evaluation of a student on benchmarks (scoder eval)."
     )

@@ -140,14 +140,17 @@ def plan_sample(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> Sa
         template=template,
     )
     budget = cfg.sample.max_snippets
+    skip = cfg.sample.first_snippet
     for part in manifest.parts:
         reasons = read_part(snippets_uri, part, columns=["reject_reason"], storage=cfg.storage).column(0)
-        kept = reasons.null_count
+        first = min(skip, reasons.null_count)
+        skip -= first
+        end = reasons.null_count
         if budget is not None:
-            kept = min(kept, budget)
-            budget -= kept
-        for start in range(0, kept, cfg.sample.shard_rows):
-            plan.shards.append(SampleShard(part, start, min(start + cfg.sample.shard_rows, kept)))
+            end = min(end, first + budget)
+            budget -= end - first
+        for start in range(first, end, cfg.sample.shard_rows):
+            plan.shards.append(SampleShard(part, start, min(start + cfg.sample.shard_rows, end)))
     return plan
 
 
