@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sandbox.py
 	$(BIN)/python bench/score.py
 	$(BIN)/python bench/influence.py
+	$(BIN)/python bench/prefect_overhead.py
 	$(BIN)/python bench/evaluate.py
 
 clean:
