@@ -131,13 +131,15 @@ def build_release(
             {"role": "assistant", "content": r["response"]},
         ]
         rows.append(rec)
-    part = write_part(out, 0, pa.Table.from_pylist(rows, schema=schema), fp, storage=cfg.storage)
+    # No part for an empty release: readers of Parquet (datasets) refuse a file without a row group.
+    parts = [write_part(out, 0, pa.Table.from_pylist(rows, schema=schema), fp, storage=cfg.storage)] if rows else []
     fs, root = get_fs(out, cfg.storage)
+    fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root}/{CARD_NAME}", "w") as f:
         f.write(data_card(cfg.round.release_name, len(rows), stages, cfg, extra_card))
     commit_dataset(
         out,
-        [part],
+        parts,
         schema,
         fp,
         stage="release",

@@ -330,7 +330,11 @@ def train_model(
             meta_path = Path(ckpt) / "adapter_config.json"
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             meta["base_model_name_or_path"] = base_ref
-            meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            # peft writes target_modules from a set, in an order that changes with the process's hash seed; the
+            # checkpoint's fingerprint hashes this file, so the same training must write the same bytes.
+            if isinstance(meta.get("target_modules"), list):
+                meta["target_modules"] = sorted(meta["target_modules"])
+            meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
     if cfg.method == "full":
         for ckpt in callback.saved:
             tok.save_pretrained(ckpt)
