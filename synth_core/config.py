@@ -266,7 +266,13 @@ class InfluenceConfig(StrictModel):
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto",
         description="Dtype of the frozen base weights; 'auto' = bf16 on GPUs that support it, else fp32 (LoRA "
-        "weights, gradients and projection stay fp32).",
+        "weights and gradients stay fp32; with bf16 on a GPU the projection multiplies in bf16, summing in fp32).",
+    )
+    projection_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Rows whose per-sample gradients are projected in one pass (the random matrix is drawn once "
+        "per pass); None = sized to a quarter of free memory.",
     )
     projector_cache_mb: int = Field(
         1024,
@@ -455,7 +461,7 @@ class ExecutionConfig(StrictModel):
     )
     ray_address: str | None = Field(
         None,
-        description="Ray cluster address (ray://HOST:10001, HOST:6379 or 'auto'); None = start a local Ray for the run.",
+        description="Ray cluster address (ray://HOST:10001, HOST:6379 or 'auto'); None = a local Ray for the run.",
     )
     ray_gpus_per_shard: float = Field(
         1.0, ge=0, description="GPUs each task tagged 'gpu' asks Ray for (fractions share a GPU; 0 = none)."

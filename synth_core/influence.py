@@ -561,6 +561,8 @@ def compute_grad_features(
     offsets = dict(zip(linears, [sum(n for _, n in layout[:i]) for i in range(len(layout))], strict=True))
     dtype = projection_dtype(model, dev)
     if projection_rows is None:
+        projection_rows = cfg.projection_rows
+    if projection_rows is None:
         projection_rows = default_projection_rows(sum(n for _, n in layout), cfg.batch_size, dtype, dev)
     pass_rows = min(len(cut), max(1, projection_rows))
     grads = torch.empty(pass_rows, sum(n for _, n in layout), dtype=dtype, device=dev)  # [rows, num_params]
@@ -954,7 +956,7 @@ def plan_influence(
         manifest.fingerprint,
         ref_fp,
         [m.fingerprint for m in resolved],
-        cfg.influence.model_dump(mode="json", exclude={"parallel_shards", "projector_cache_mb"}),
+        cfg.influence.model_dump(mode="json", exclude={"parallel_shards", "projector_cache_mb", "projection_rows"}),
         template,
         [PROJECTION_VERSION, CHUNK_ELEMS, device_type],
     )
