@@ -268,6 +268,12 @@ class InfluenceConfig(StrictModel):
         description="Dtype of the frozen base weights; 'auto' = bf16 on GPUs that support it, else fp32 (LoRA "
         "weights and gradients stay fp32; with bf16 on a GPU the projection multiplies in bf16, summing in fp32).",
     )
+    max_targets: int | None = Field(
+        64,
+        ge=1,
+        description="Rows of R used as targets (a seeded choice; LESS's targets are a few-shot set); None = all of R. "
+        "Target gradients cost as much per row as a candidate's, per checkpoint.",
+    )
     projection_rows: int | None = Field(
         None,
         ge=1,

@@ -970,7 +970,7 @@ def plan_influence(
         device_type=device_type,
         candidate_columns=columns,
         scorable_rows=0,
-        reference_rows=ref_table.num_rows,
+        reference_rows=min(ref_table.num_rows, cfg.influence.max_targets or ref_table.num_rows),
         notes=notes,
     )
     first = 0
@@ -1078,6 +1078,16 @@ def _feature_table(
     )
 
 
+def choose_targets(rows: list[dict[str, Any]], cfg: InfluenceConfig) -> list[dict[str, Any]]:
+    """R's rows used as targets: all of them, or `max_targets` chosen by a seeded hash of their ref_id (the same
+    rows on every checkpoint and every run), kept in R's order."""
+    if cfg.max_targets is None or len(rows) <= cfg.max_targets:
+        return rows
+    rank = sorted(range(len(rows)), key=lambda i: hashlib.sha256(f"{cfg.seed}:{rows[i]['ref_id']}".encode()).digest())
+    chosen = set(rank[: cfg.max_targets])
+    return [r for i, r in enumerate(rows) if i in chosen]
+
+
 def target_features(plan: InfluencePlan, checkpoint: int, cfg: Any) -> str:
     """R's gradient features at one checkpoint (plain gradients), as the dataset plan.target_uri(checkpoint);
     returns at once if it exists. Its manifest's stats hold the checkpoint's mean LR and projection_id."""
@@ -1099,7 +1109,7 @@ def target_features(plan: InfluencePlan, checkpoint: int, cfg: Any) -> str:
         return uri
     hide_stale_dataset(uri, fp, cfg.storage)
     ref = load_reference(None if plan.reference == BUILTIN_REFERENCE else plan.reference, cfg.storage)
-    rows = ref.select([*_TEXT_COLUMNS, "ref_id"]).to_pylist()
+    rows = choose_targets(ref.select([*_TEXT_COLUMNS, "ref_id"]).to_pylist(), cfg.influence)
     ckpt = plan.checkpoints[checkpoint]
     res = run_in_subprocess(
         features_in_process,

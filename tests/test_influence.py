@@ -545,3 +545,16 @@ def test_stage_bad_inputs(cfg, tmp_path, trained_ckpts, tiny_loras, reference_fi
     pool = write_pool(str(tmp_path / "pool"), ["x = 1\n"])
     with pytest.raises(InfluenceError, match="no column 'instruction'"):
         build_influence(cfg, pool, reference_file, trained_ckpts)
+
+
+def test_choose_targets_is_a_seeded_subset_in_r_order():
+    from synth_core.config import InfluenceConfig
+    from synth_core.influence import choose_targets
+
+    rows = [{"ref_id": f"r{i}"} for i in range(100)]
+    picked = choose_targets(rows, InfluenceConfig(max_targets=10, seed=3))
+    assert len(picked) == 10 and picked == sorted(picked, key=lambda r: int(r["ref_id"][1:]))
+    assert picked == choose_targets(rows, InfluenceConfig(max_targets=10, seed=3))
+    assert picked != choose_targets(rows, InfluenceConfig(max_targets=10, seed=4))
+    assert choose_targets(rows, InfluenceConfig(max_targets=None)) == rows
+    assert choose_targets(rows[:5], InfluenceConfig(max_targets=10)) == rows[:5]
