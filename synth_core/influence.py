@@ -1388,33 +1388,12 @@ def build_influence(
     return plan.out_uri
 
 
-def score_histogram(values: Sequence[float], bins: int = 10) -> list[dict[str, Any]]:
-    """Equal-width bins from the lowest to the highest score: [{"from", "to", "rows"}] (empty for no scores)."""
-    if not values:
-        return []
-    lo, hi = min(values), max(values)
-    width = (hi - lo) / bins or 1.0
-    counts = [0] * bins
-    for v in values:
-        counts[min(int((v - lo) / width), bins - 1)] += 1
-    return [{"from": lo + i * width, "to": lo + (i + 1) * width, "rows": n} for i, n in enumerate(counts)]
-
-
 def histogram_markdown(out_uri: str, cfg: Any, bins: int = 10) -> str:
     """The influence histogram of an output as a markdown table (bins, rows, bar, how many of them were kept)."""
+    from synth_core.report import histogram_markdown as markdown
     from synth_core.storage import read_dataset
 
     table = read_dataset(out_uri, columns=["influence", "reject_reason"], storage=cfg.storage)
-    pairs = [(v, r) for v, r in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True)]
-    scored = [(v, r) for v, r in pairs if v is not None]
-    hist = score_histogram([v for v, _ in scored], bins)
-    if not hist:
-        return "No row was scored."
-    lines = ["| influence | rows | kept | |", "|---|---:|---:|---|"]
-    top = max(h["rows"] for h in hist)
-    for i, h in enumerate(hist):
-        last = i == len(hist) - 1
-        kept = sum(1 for v, r in scored if r is None and h["from"] <= v and (v < h["to"] or last))
-        bar = "█" * round(20 * h["rows"] / top)
-        lines.append(f"| {h['from']:.4f} – {h['to']:.4f} | {h['rows']} | {kept} | {bar} |")
-    return "\n".join(lines)
+    return markdown(
+        list(zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True)), "influence", bins
+    )
