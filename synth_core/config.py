@@ -209,7 +209,9 @@ class TrainConfig(StrictModel):
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming up the LR.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    epochs: float = Field(3.0, gt=0, description="Passes over the training rows.")
+    epochs: float = Field(
+        1.0, gt=0, description="Passes over the training rows (CPU-sized default; the paper's runs use 3)."
+    )
     batch_size: int = Field(8, ge=1, description="Sequences per device per micro-batch (packed into one row).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
     max_seq_len: int = Field(1024, ge=16, description="Longest training sequence (tokens); longer rows are cut.")
@@ -236,7 +238,9 @@ class TrainConfig(StrictModel):
         description="Data-parallel training processes under torchrun, one per GPU; on a machine without CUDA "
         "they share the CPU (gloo), which is only useful for testing.",
     )
-    num_checkpoints: int = Field(3, ge=1, description="Checkpoints (M) saved evenly along training.")
+    num_checkpoints: int = Field(
+        2, ge=1, description="Checkpoints (M) saved evenly along training (CPU-sized default; 3 on a GPU)."
+    )
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="Training dtype; 'auto' = bf16 on GPUs that support it, else fp32."
     )
@@ -269,10 +273,10 @@ class InfluenceConfig(StrictModel):
         "weights and gradients stay fp32; with bf16 on a GPU the projection multiplies in bf16, summing in fp32).",
     )
     max_targets: int | None = Field(
-        64,
+        8,
         ge=1,
         description="Rows of R used as targets (a seeded choice; LESS's targets are a few-shot set); None = all of R. "
-        "Target gradients cost as much per row as a candidate's, per checkpoint.",
+        "A target costs a gradient pass per checkpoint: the default is CPU-sized (configs/gpu-round.yaml: 512).",
     )
     projection_rows: int | None = Field(
         None,
@@ -578,10 +582,10 @@ class RoundConfig(StrictModel):
         None, description="The reference set R: a JSONL/Parquet file or dataset; None = the built-in R."
     )
     snippets_per_iteration: int | None = Field(
-        16, ge=1, description="Seed snippets sampled per iteration (each iteration takes the next ones); None = all."
+        8, ge=1, description="Seed snippets sampled per iteration (each iteration takes the next ones); None = all."
     )
     synthesize_snippets: int | None = Field(
-        16,
+        8,
         ge=1,
         description="Seed snippets of the released dataset (after the iterations' ones); None = all the rest.",
     )
@@ -591,6 +595,24 @@ class RoundConfig(StrictModel):
     use_scorer: bool = Field(True, description="Run the score stage and its selection; False = skip it (ablation).")
     use_influence: bool = Field(
         True, description="Run the influence filter; False = keep what scoring kept (ablation)."
+    )
+    random_selection: bool = Field(
+        False,
+        description="Keep a seeded random choice among the parsed candidates, as many as the filters kept, instead "
+        "of the filters' choice (ablation; synth_core.random_selection).",
+    )
+    holdout_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of R held out of every training (a seeded split by ref_id); each iteration's synthesizer "
+        "is scored by its loss on it (convergence); 0 = none.",
+    )
+    seed: int = Field(0, description="Seed of the round's own random choices: the held-out split, random selection.")
+    evaluate: bool = Field(
+        False,
+        description="After the release, fine-tune and evaluate a student on R, each iteration's kept data and the "
+        "release (the evaluation section), and write report.md + pass_at_1.png next to the data card.",
     )
     release_name: str = Field("scoder-synthetic", description="Name of the released dataset (its data card title).")
 
