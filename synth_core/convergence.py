@@ -1,0 +1,261 @@
+"""Has the self-distillation loop settled? Per iteration: the share of candidates that survive each filter and the
+synthesizer's loss on a held-out part of the reference set R (issue 8).
+
+- `split_reference`: a seeded split of R by ref_id. The output is R as a dataset whose held-out rows carry the
+  reject reason `holdout`, so every stage that reads R through it (the bootstrap's and the iterations' training,
+  the influence targets: synth_core.reference reads a dataset's kept rows) never sees them, and nothing is dropped
+  silently. Content-addressed: the same R, fraction and seed give the same dataset.
+- `heldout_loss`: the mean loss of a train output's last checkpoint on the held-out rows, in the synthesizer's own
+  task (seed snippet -> problem + solution, synth_core.train.training_chats, response tokens only), computed by one
+  forward pass per batch in a spawned process (padded with synth_core.train.pad_batch, per-row losses by
+  synth_core.influence.per_sample_losses). Written as a one-row dataset, so a re-run is free.
+- `convergence_records` / `convergence_markdown`: per iteration, from the stages' manifests (their funnels) and
+  those losses; the round flow stores the records in the release's manifest and renders the table in the data card.
+
+Knows nothing of Prefect or of how a round is wired (flows/round.py calls this).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from synth_core.config import RunConfig
+from synth_core.random_selection import choose_random
+
+STAGE_VERSION = 1
+HOLDOUT = "holdout"
+# Filter stages of an iteration, in pipeline order: the share of each one's input that it keeps.
+FILTER_STAGES = ("sample", "score", "influence", "random_selection")
+_LOSS_SCHEMA_FIELDS = (("checkpoint", "string"), ("rows", "int64"), ("mean_loss", "float64"))
+
+
+def holdout_ids(ref_ids: Sequence[str], fraction: float, seed: int) -> set[str]:
+    """The ref_ids held out: round(fraction x n) of them (at least one, and at least one left to train on, when
+    fraction > 0 and R has two rows or more), a seeded choice independent of the rows' order."""
+    n = len(ref_ids)
+    if fraction <= 0 or n < 2:
+        return set()
+    return choose_random(list(ref_ids), min(n - 1, max(1, round(n * fraction))), seed)
+
+
+def split_reference(reference: str | None, fraction: float, seed: int, cfg: RunConfig, out: str | None = None) -> str:
+    """R (None or 'reference:builtin' = the built-in set, a file or a dataset) as a dataset whose held-out rows are
+    rejected with reason `holdout`; returns its URI (default `<storage.root>/reference_split/<fingerprint>`)."""
+    import pyarrow as pa
+
+    from synth_core.reference import REFERENCE_SCHEMA, load_reference
+    from synth_core.storage import (
+        commit_dataset,
+        compute_funnel,
+        dataset_has_fingerprint,
+        fingerprint,
+        hide_stale_dataset,
+        join_uri,
+        write_part,
+    )
+    from synth_core.train import BUILTIN_REFERENCE
+
+    table = load_reference(None if reference in (None, BUILTIN_REFERENCE) else reference, cfg.storage)
+    rows = table.to_pylist()
+    fp = fingerprint("reference_split", STAGE_VERSION, rows, fraction, seed)
+    out = out or join_uri(cfg.storage.root, "reference_split", fp)
+    if dataset_has_fingerprint(out, fp, cfg.storage):
+        return out
+    hide_stale_dataset(out, fp, cfg.storage)
+    held = holdout_ids([r["ref_id"] for r in rows], fraction, seed)
+    schema = REFERENCE_SCHEMA.append(pa.field("reject_reason", pa.string()))
+    for r in rows:
+        r["reject_reason"] = HOLDOUT if r["ref_id"] in held else None
+    out_table = pa.Table.from_pylist(rows, schema=schema)
+    funnel = compute_funnel(out_table)
+    part = write_part(out, 0, out_table, fp, funnel, cfg.storage)
+    commit_dataset(
+        out,
+        [part],
+        schema,
+        fp,
+        stage="reference_split",
+        funnel=funnel,
+        inputs=[reference or BUILTIN_REFERENCE],
+        config={"holdout_fraction": fraction, "seed": seed},
+        stats={"rows": len(rows), "holdout": len(held)},
+        storage=cfg.storage,
+    )
+    return out
+
+
+def heldout_rows(split: str, cfg: RunConfig) -> list[dict[str, Any]]:
+    """The held-out rows of a split (snippet, language, instruction, response, ref_id)."""
+    from synth_core.storage import read_dataset
+
+    table = read_dataset(split, storage=cfg.storage)
+    return [r for r in table.to_pylist() if r["reject_reason"] == HOLDOUT]
+
+
+def losses_in_process(
+    model_ref: str, chats: list[list[dict[str, str]]], cfg: RunConfig, batch_size: int = 8
+) -> dict[str, Any]:
+    """Mean response-token loss of each chat under `model_ref` (a full model or a LoRA checkpoint), no gradients.
+    Runs in its own process (synth_core.procs). Returns losses (one per chat that keeps an answer token after the
+    cut to train.max_seq_len), no_answer (the others' count), tokens and seconds."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from synth_core.influence import per_sample_losses
+    from synth_core.models import resolve_model
+    from synth_core.train import IGNORE_INDEX, encode_chat, pad_batch, wants_bf16
+
+    t0 = time.perf_counter()
+    resolved = resolve_model(model_ref, storage=cfg.storage)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if wants_bf16(cfg.train.dtype, dev.type == "cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, attn_implementation="sdpa")
+    if resolved.is_lora:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, resolved.adapter_path)
+    model = model.to(dev).eval()
+    tok = AutoTokenizer.from_pretrained(resolved.path)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows = [encode_chat(tok, c, cfg.train.max_seq_len) for c in chats]
+    # The label of position 0 is never a target (per_sample_losses shifts by one).
+    rows = [r for r in rows if any(lab != IGNORE_INDEX for lab in r["labels"][1:])]
+    losses: list[float] = []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = {k: v.to(dev) for k, v in pad_batch(rows[i : i + batch_size], pad_id).items()}
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits
+            losses += per_sample_losses(logits, batch["labels"]).tolist()
+    return {
+        "losses": losses,
+        "no_answer": len(chats) - len(rows),
+        "tokens": sum(len(r["input_ids"]) for r in rows),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def heldout_loss(cfg: RunConfig, train_out: str, split: str, out: str | None = None) -> str:
+    """The loss of the last checkpoint of `train_out` on the held-out rows of `split`, as a one-row dataset
+    (checkpoint, rows, mean_loss; mean_loss null without held-out rows); returns its URI."""
+    import pyarrow as pa
+
+    from synth_core.procs import run_in_subprocess
+    from synth_core.sample import load_template
+    from synth_core.storage import (
+        commit_dataset,
+        dataset_has_fingerprint,
+        fingerprint,
+        hide_stale_dataset,
+        join_uri,
+        read_manifest,
+        write_part,
+    )
+    from synth_core.train import checkpoints_of, training_chats
+
+    template = load_template(cfg)
+    ckpt = checkpoints_of(train_out, cfg)[-1]
+    fp = fingerprint(
+        "heldout_loss",
+        STAGE_VERSION,
+        read_manifest(train_out, cfg.storage).fingerprint,
+        read_manifest(split, cfg.storage).fingerprint,
+        template,
+        cfg.train.max_seq_len,
+        cfg.train.dtype,
+    )
+    out = out or join_uri(cfg.storage.root, "heldout_loss", fp)
+    if dataset_has_fingerprint(out, fp, cfg.storage):
+        return out
+    hide_stale_dataset(out, fp, cfg.storage)
+    rows = heldout_rows(split, cfg)
+    res = {"losses": [], "no_answer": 0, "tokens": 0, "seconds": 0.0}
+    if rows:
+        res = run_in_subprocess(losses_in_process, ckpt, training_chats(rows, template), cfg, cfg.train.batch_size)
+    losses = res["losses"]
+    mean = sum(losses) / len(losses) if losses else None
+    schema = pa.schema([pa.field(n, t) for n, t in _LOSS_SCHEMA_FIELDS]).append(pa.field("reject_reason", pa.string()))
+    table = pa.Table.from_pylist(
+        [{"checkpoint": ckpt, "rows": len(losses), "mean_loss": mean, "reject_reason": None}], schema=schema
+    )
+    part = write_part(out, 0, table, fp, storage=cfg.storage)
+    commit_dataset(
+        out,
+        [part],
+        schema,
+        fp,
+        stage="heldout_loss",
+        inputs=[train_out, split],
+        stats={
+            "mean_loss": mean,
+            "rows": len(losses),
+            "checkpoint": ckpt,
+            **{k: v for k, v in res.items() if k != "losses"},
+        },
+        storage=cfg.storage,
+    )
+    return out
+
+
+def survival(stages: Mapping[str, str], cfg: RunConfig) -> dict[str, float | None]:
+    """Per filter stage present in `stages` (name -> dataset URI): the share of its input rows it keeps."""
+    from synth_core.storage import read_manifest
+
+    out: dict[str, float | None] = {}
+    for name in FILTER_STAGES:
+        if name in stages:
+            f = read_manifest(stages[name], cfg.storage).funnel
+            rows_in = f.get("rows_in", 0)
+            out[name] = round(f.get("kept", 0) / rows_in, 4) if rows_in else None
+    return out
+
+
+def convergence_record(
+    iteration: int, stages: Mapping[str, str], loss_uri: str | None, cfg: RunConfig
+) -> dict[str, Any]:
+    """One iteration's record (0 = the bootstrap, which has no filters): candidates sampled, the share kept by
+    each filter, the rows kept for training, and the held-out loss of the checkpoints it trained."""
+    from synth_core.storage import read_manifest
+
+    filters = [n for n in FILTER_STAGES if n in stages]
+    candidates = kept = None
+    if filters:
+        candidates = read_manifest(stages["sample"], cfg.storage).funnel.get("rows_in") if "sample" in stages else None
+        kept = read_manifest(stages[filters[-1]], cfg.storage).funnel.get("kept")
+    loss = read_manifest(loss_uri, cfg.storage).stats if loss_uri else {}
+    return {
+        "iteration": iteration,
+        "candidates": candidates,
+        "survival": survival(stages, cfg),
+        "kept": kept,
+        "heldout_loss": None if loss.get("mean_loss") is None else round(loss["mean_loss"], 4),
+        "heldout_rows": loss.get("rows", 0),
+        "checkpoint": loss.get("checkpoint"),
+    }
+
+
+def convergence_markdown(records: Sequence[Mapping[str, Any]]) -> str:
+    """The records as a markdown table: one row per iteration, a column per filter's survival share."""
+    names = [n for n in FILTER_STAGES if any(n in r["survival"] for r in records)]
+    labels = {"sample": "parsed", "random_selection": "random sel."}
+    head = ["iteration", "candidates", *[f"{labels.get(n, n)} kept" for n in names], "kept", "held-out loss"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in records:
+        shares = [r["survival"].get(n) for n in names]
+        cells = [
+            "bootstrap" if r["iteration"] == 0 else str(r["iteration"]),
+            _cell(r["candidates"]),
+            *["" if s is None else f"{100 * s:.1f}%" for s in shares],
+            _cell(r["kept"]),
+            "" if r["heldout_loss"] is None else f"{r['heldout_loss']:.4f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(v: Any) -> str:
+    return "" if v is None else str(v)

@@ -1,0 +1,86 @@
+"""The "random selection of the same size" ablation (issue 8): keep as many candidates as the filters kept, but
+chosen at random among every candidate the sample stage parsed.
+
+The paper's ablation table asks whether the scorer and the influence filter choose better rows than chance: with
+`round.random_selection` on, an iteration still runs its filters (they decide how many rows survive), then this
+step replaces their choice by a seeded random one of the same count. The output holds every row of the samples
+dataset (nothing dropped silently): rows the sample stage rejected keep their reason, parsed rows not drawn get
+`random_selection_dropped`. Its location derives from the fingerprint of the samples, the count and the seed, so
+a re-run is free. Knows nothing of Prefect or of rounds (flows/iteration.py calls it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from synth_core.config import StorageConfig
+
+STAGE_VERSION = 1
+DROPPED = "random_selection_dropped"
+
+
+def choose_random(ids: list[str], count: int, seed: int) -> set[str]:
+    """`count` of `ids` chosen by a seeded hash of each id: the same seed and ids give the same choice whatever
+    their order, and a different seed a different one."""
+    rank = sorted(ids, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).digest())
+    return set(rank[:count])
+
+
+def select_random(
+    samples: str, filtered: str, seed: int, storage: StorageConfig | None = None, out: str | None = None
+) -> str:
+    """Keep a seeded random choice, among the kept rows of `samples` (a samples dataset), of as many rows as
+    `filtered` (the last filter's output) keeps; returns the URI of the output dataset (samples' schema).
+
+    `out` defaults to `<storage.root>/random_selection/<fingerprint>`."""
+    import pyarrow as pa
+
+    from synth_core.config import StorageConfig
+    from synth_core.storage import (
+        commit_dataset,
+        compute_funnel,
+        dataset_has_fingerprint,
+        fingerprint,
+        hide_stale_dataset,
+        join_uri,
+        read_dataset,
+        read_manifest,
+        write_part,
+    )
+
+    storage = storage or StorageConfig()
+    manifest = read_manifest(samples, storage)
+    fmanifest = read_manifest(filtered, storage)
+    count = int(fmanifest.funnel.get("kept", fmanifest.num_rows)) if fmanifest.funnel else fmanifest.num_rows
+    fp = fingerprint("random_selection", STAGE_VERSION, manifest.fingerprint, count, seed)
+    out = out or join_uri(storage.root, "random_selection", fp)
+    if dataset_has_fingerprint(out, fp, storage):
+        return out
+    hide_stale_dataset(out, fp, storage)
+    table = read_dataset(samples, storage=storage)
+    reasons = table.column("reject_reason").to_pylist()
+    ids = table.column("sample_id").to_pylist()
+    parsed = [i for i, r in zip(ids, reasons, strict=True) if r is None]
+    if count > len(parsed):  # a filter cannot keep more than it was given; a mismatch means wrong inputs
+        raise ValueError(f"{filtered} keeps {count} rows but {samples} has only {len(parsed)} kept rows")
+    chosen = choose_random(parsed, count, seed)
+    new = [r if r is not None else (None if i in chosen else DROPPED) for i, r in zip(ids, reasons, strict=True)]
+    col = table.schema.get_field_index("reject_reason")
+    table = table.set_column(col, table.schema.field(col), pa.array(new, pa.string()))
+    funnel = compute_funnel(table)
+    parts = [write_part(out, 0, table, fp, funnel, storage)] if table.num_rows else []
+    commit_dataset(
+        out,
+        parts,
+        table.schema,
+        fp,
+        stage="random_selection",
+        funnel=funnel,
+        inputs=[samples, filtered],
+        config={"seed": seed, "count": count},
+        stats={"candidates": len(parsed), "kept": count, "filtered_by": fmanifest.stage},
+        storage=storage,
+    )
+    return out

@@ -1,0 +1,53 @@
+"""The held-out split of R (seeded, by ref_id, disjoint from what training reads) and the convergence table.
+The held-out loss of real checkpoints is checked on a whole round (tests/test_round_report.py)."""
+
+from __future__ import annotations
+
+from synth_core.convergence import HOLDOUT, convergence_markdown, heldout_rows, holdout_ids, split_reference
+from synth_core.reference import load_reference
+from synth_core.storage import read_manifest
+from synth_core.train import load_training_rows
+
+
+def test_holdout_split_is_seeded_and_disjoint_from_training_rows(cfg):
+    all_ids = load_reference(None).column("ref_id").to_pylist()
+    split = split_reference(None, 0.1, 0, cfg)
+    m = read_manifest(split, cfg.storage)
+    held = round(0.1 * len(all_ids))
+    assert m.stage == "reference_split" and m.funnel == {
+        "rows_in": len(all_ids),
+        "kept": len(all_ids) - held,
+        "rejected": {HOLDOUT: held},
+    }
+    held_rows = heldout_rows(split, cfg)
+    held_ids = {r["ref_id"] for r in held_rows}
+    train_ids = set(load_reference(split, cfg.storage).column("ref_id").to_pylist())  # what training/influence read
+    assert len(held_ids) == held and not held_ids & train_ids and held_ids | train_ids == set(all_ids)
+    rows, _ = load_training_rows([split], cfg)  # the train stage's own reader
+    assert len(rows) == len(all_ids) - held
+    assert not {r["instruction"] for r in rows} & {r["instruction"] for r in held_rows}
+
+    # Seeded and content-addressed: the same split again is the same dataset; another seed holds out other rows.
+    assert split_reference(None, 0.1, 0, cfg) == split and read_manifest(split, cfg.storage).created_at == m.created_at
+    assert holdout_ids(all_ids, 0.1, 0) == held_ids
+    assert holdout_ids(list(reversed(all_ids)), 0.1, 0) == held_ids
+    assert holdout_ids(all_ids, 0.1, 1) != held_ids
+    assert holdout_ids(all_ids, 0.0, 0) == set() and len(holdout_ids(all_ids[:3], 0.1, 0)) == 1
+    assert holdout_ids(all_ids[:1], 0.5, 0) == set()  # one row: nothing left to train on if held out
+
+
+def test_convergence_markdown_has_a_row_per_iteration():
+    records = [
+        {"iteration": 0, "candidates": None, "survival": {}, "kept": None, "heldout_loss": 2.5},
+        {
+            "iteration": 1,
+            "candidates": 8,
+            "survival": {"sample": 0.5, "score": 0.5, "influence": 0.5},
+            "kept": 1,
+            "heldout_loss": 2.25,
+        },
+    ]
+    md = convergence_markdown(records).splitlines()
+    assert md[0] == "| iteration | candidates | parsed kept | score kept | influence kept | kept | held-out loss |"
+    assert md[2] == "| bootstrap |  |  |  |  |  | 2.5000 |"
+    assert md[3] == "| 1 | 8 | 50.0% | 50.0% | 50.0% | 1 | 2.2500 |"
