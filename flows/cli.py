@@ -586,6 +586,44 @@ def eval_cmd(
     typer.echo(uri)
 
 
+@app.command("report")
+def report_cmd(
+    run: Annotated[
+        list[str],
+        typer.Option(
+            "--run",
+            "-r",
+            help="LABEL=URI: a release of a round run with round.evaluate on, or an evaluation output; repeatable.",
+        ),
+    ],
+    label: Annotated[
+        str, typer.Option("--label", help="Which evaluation of each round's report to compare (e.g. 'iteration 1').")
+    ] = "release",
+    title: Annotated[str, typer.Option("--title", help="Title of the report and its plot.")] = "Ablations",
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Folder for report.md, pass_at_1.png, report.json.")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Compare rounds (one per ablation flag): pass@1 of each one's release evaluation as one table and bar plot."""
+    from synth_core.round_report import REPORT_MD, ReportError, compare_rounds
+    from synth_core.storage import fingerprint, join_uri
+
+    try:
+        cfg = _load(config, None, {})
+        runs = {}
+        for spec in run:
+            name, sep, uri = spec.partition("=")
+            if not sep or not name or not uri:
+                raise ReportError(f"--run '{spec}': expected LABEL=URI")
+            runs[name] = uri
+        out = out or join_uri(cfg.storage.root, "reports", fingerprint(runs, label))
+        typer.echo(compare_rounds(runs, out, cfg, label=label, title=title))
+    except (*_expected_errors(), ReportError) as err:
+        _fail(str(err))
+    typer.echo(join_uri(out, REPORT_MD))
+
+
 def _print_eval(uri: str, storage) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -708,6 +746,12 @@ def run_cmd(
         resolve_model(cfg.models.synthesizer)
         if cfg.round.use_scorer:
             check_score_config(cfg)
+        if cfg.round.evaluate:
+            from synth_core.evaluate import load_problems
+
+            resolve_model(cfg.evaluation.student, storage=cfg.storage)
+            for spec in cfg.evaluation.benchmarks:
+                load_problems(spec, cfg.evaluation.max_problems)
         from flows.round import round_flow
         from flows.runtime import run_flow
 

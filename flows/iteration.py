@@ -20,6 +20,7 @@ from flows.score import score_flow
 from synth_core.config import RunConfig, parse_config
 from synth_core.round_plan import stage_config
 from synth_core.train import BUILTIN_REFERENCE
+from tasks.round import select_random
 from tasks.train import train_task
 
 
@@ -32,8 +33,9 @@ def as_subflow(flow_fn: Any, cfg: RunConfig) -> Any:
 def filter_stages(
     cfg: RunConfig, samples: str, checkpoints: str, reference: str | None, stages: dict[str, str]
 ) -> str:
-    """Score (with its initial selection) and influence-filter `samples` as the round config says; records each
-    stage's output in `stages`; returns the last one (what training or the release reads)."""
+    """Score (with its initial selection) and influence-filter `samples` as the round config says (or, with
+    round.random_selection, keep as many parsed samples at random); records each stage's output in `stages`; returns
+    the last one (what training or the release reads)."""
     current = samples
     if cfg.round.use_scorer:
         current = as_subflow(score_flow, cfg)(samples=current, config=cfg.model_dump(mode="json"))
@@ -43,6 +45,9 @@ def filter_stages(
             candidates=current, checkpoints=[checkpoints], reference=reference, config=cfg.model_dump(mode="json")
         )
         stages["influence"] = current
+    if cfg.round.random_selection:  # ablation: as many rows as the filters kept, chosen at random among the parsed
+        current = select_random(cfg, samples, current)
+        stages["random_selection"] = current
     return current
 
 

@@ -16,12 +16,17 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.bootstrap import bootstrap_flow
+from flows.evaluate import evaluate_flow
 from flows.iteration import as_subflow, filter_stages, iteration_flow
 from flows.pool import pool_flow
 from flows.sample import sample_flow
-from synth_core.config import parse_config
+from synth_core.config import RunConfig, parse_config
+from synth_core.convergence import FILTER_STAGES, convergence_markdown, convergence_record
 from synth_core.release import build_release, funnel_section
 from synth_core.round_plan import stage_config
+from synth_core.storage import dataset_exists, read_manifest
+from synth_core.train import BUILTIN_REFERENCE
+from tasks import round as round_tasks
 
 
 @flow(name="round", log_prints=True)
@@ -36,28 +41,84 @@ def round_flow(config: dict[str, Any] | None = None, out: str | None = None, che
     stages: list[tuple[str, str]] = []
     pool = as_subflow(pool_flow, cfg)(config=data)
     stages.append(("pool", pool))
+    # R with its held-out rows marked: every training and the influence targets read its other rows only.
+    split = round_tasks.split_reference(cfg, rc.reference) if rc.holdout_fraction > 0 else None
+    reference = split or rc.reference
     if checkpoints is None:
-        checkpoints = as_subflow(bootstrap_flow, cfg)(config=data, reference=rc.reference)
+        checkpoints = as_subflow(bootstrap_flow, cfg)(config=data, reference=reference)
         stages.append(("bootstrap", checkpoints))
+    iterations: list[dict[str, str]] = [{"train": checkpoints}]  # 0: the starting synthesizer, no filters
     for t in range(1, rc.iterations + 1):
         outs = iteration_flow.with_options(flow_run_name=f"iteration-{t}")(
-            snippets=pool, checkpoints=checkpoints, iteration=t, reference=rc.reference, config=data
+            snippets=pool, checkpoints=checkpoints, iteration=t, reference=reference, config=data
         )
         stages += [(f"iteration {t}: {stage}", uri) for stage, uri in outs.items()]
         checkpoints = outs["train"]
+        iterations.append(outs)
+    convergence = [
+        convergence_record(t, outs, round_tasks.heldout_loss(cfg, outs["train"], split) if split else None, cfg)
+        for t, outs in enumerate(iterations)
+    ]
+    conv_md = convergence_section(convergence, split)
+    create_markdown_artifact(
+        key="round-convergence", markdown=conv_md, description="Per iteration: filter survival, held-out loss"
+    )
     # The release: the final synthesizer on seed snippets no iteration has used, through the same filters.
     scfg = stage_config(cfg, checkpoints, rc.iterations + 1)
     synth: dict[str, str] = {
         "sample": as_subflow(sample_flow, scfg)(snippets=pool, config=scfg.model_dump(mode="json"))
     }
-    final = filter_stages(scfg, synth["sample"], checkpoints, rc.reference, synth)
+    final = filter_stages(scfg, synth["sample"], checkpoints, reference, synth)
     stages += [(f"synthesize: {stage}", uri) for stage, uri in synth.items()]
-    release = build_release(cfg, final, stages, out)
+    release = build_release(
+        cfg, final, stages, out, extra_card=conv_md + "\n", extra_stats={"convergence": convergence, "split": split}
+    )
     stages.append(("release", release))
     create_markdown_artifact(
         key="round-summary",
         markdown=f"# Round: {release}\n\n{funnel_section(stages, cfg)}",
         description=f"Every stage of the round, its funnel and its dataset; the release is {release}",
     )
+    if rc.evaluate:
+        evaluate_round(cfg, reference, iterations, release)
     logger.info("round done in %.1f s: the release is %s", time.perf_counter() - t0, release)
     return release
+
+
+def convergence_section(records: list[dict[str, Any]], split: str | None) -> str:
+    """The data card's (and the artifact's) convergence section."""
+    held = f"{records[0]['heldout_rows']} held-out rows of R (`{split}`)" if split else "no held-out rows (off)"
+    return (
+        "## Convergence\n\nPer iteration (bootstrap: the synthesizer it starts from): candidates sampled, the "
+        "share of its input each filter kept, the rows kept for training, and the mean loss of the iteration's "
+        f"last checkpoint on {held}.\n\n{convergence_markdown(records)}\n"
+    )
+
+
+def kept_data(outs: dict[str, str]) -> str:
+    """What an iteration trained on besides R: the output of its last filter."""
+    return next(outs[s] for s in reversed(FILTER_STAGES) if s in outs)
+
+
+def _has_rows(uri: str, cfg: RunConfig) -> bool:
+    if not dataset_exists(uri, cfg.storage):
+        return True  # a reference file: its rows are checked when read
+    m = read_manifest(uri, cfg.storage)
+    return bool(m.funnel.get("kept", m.num_rows) if m.funnel else m.num_rows)
+
+
+def evaluate_round(cfg: RunConfig, reference: str | None, iterations: list[dict[str, str]], release: str) -> str:
+    """A student fine-tuned and evaluated on R, each iteration's kept data and the release (one evaluation flow
+    each); the report (table + PNG) next to the data card and as an artifact. Returns the report's markdown."""
+    data = cfg.model_dump(mode="json")
+    runs = [("bootstrap (R)", reference or BUILTIN_REFERENCE)]
+    runs += [(f"iteration {t}", kept_data(outs)) for t, outs in enumerate(iterations) if t]
+    runs.append(("release", release))
+    evals: dict[str, str | None] = {}
+    for label, uri in runs:
+        name = "evaluate-" + label.replace(" (R)", "").replace(" ", "-")
+        run = as_subflow(evaluate_flow, cfg).with_options(flow_run_name=name)
+        evals[label] = run(config=data, data=uri) if _has_rows(uri, cfg) else None
+    md = round_tasks.write_report(cfg, evals, release, f"Round report: {cfg.round.release_name}")
+    create_markdown_artifact(key="round-report", markdown=md, description=f"pass@1 per iteration; files in {release}")
+    return md

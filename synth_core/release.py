@@ -108,11 +108,13 @@ def build_release(
     stages: Sequence[tuple[str, str]],
     out: str | None = None,
     extra_card: str = "",
+    extra_stats: dict[str, Any] | None = None,
 ) -> str:
     """Write the kept rows of `final_uri` as the release (messages + lineage) with its data card; returns the URI.
 
-    `stages`: (label, dataset URI) of every stage of the round, in order, for the card's funnel. Free when a release
-    of the same final dataset and config is already there."""
+    `stages`: (label, dataset URI) of every stage of the round, in order, for the card's funnel; `extra_card` (a
+    markdown section) and `extra_stats` (the manifest's) add what the round knows besides (its convergence). Free
+    when a release of the same final dataset and config is already there."""
     import pyarrow as pa
 
     manifest = read_manifest(final_uri, cfg.storage)
@@ -146,7 +148,8 @@ def build_release(
         funnel={"rows_in": manifest.funnel.get("rows_in", manifest.num_rows), "kept": len(rows), "rejected": {}},
         inputs=[final_uri],
         config=cfg.model_dump(mode="json"),
-        stats={"rows": len(rows), "stages": [{"stage": label, "uri": uri} for label, uri in stages]},
+        stats={"rows": len(rows), "stages": [{"stage": label, "uri": uri} for label, uri in stages]}
+        | (extra_stats or {}),
         storage=cfg.storage,
     )
     return out

@@ -449,9 +449,15 @@ def load_training_rows(data: Sequence[str], cfg: RunConfig) -> tuple[list[dict[s
             part = table.select(_TRAIN_COLUMNS).to_pylist()
             fps.append(fingerprint("reference", part))
         elif dataset_exists(src, cfg.storage):
-            table = read_dataset(src, columns=[*_TRAIN_COLUMNS, "reject_reason"], kept_only=True, storage=cfg.storage)
-            part = table.select(_TRAIN_COLUMNS).to_pylist()
-            fps.append(read_manifest(src, cfg.storage).fingerprint)
+            manifest = read_manifest(src, cfg.storage)
+            names = {f["name"] for f in manifest.schema}
+            if not {"instruction", "response"} <= names:
+                raise ConfigError(f"training data '{src}': a '{manifest.stage}' dataset without instruction/response")
+            # A release has no reject_reason (every row is kept) and may lack the seed snippet's columns.
+            wanted = [c for c in (*_TRAIN_COLUMNS, "reject_reason") if c in names]
+            table = read_dataset(src, columns=wanted, kept_only="reject_reason" in names, storage=cfg.storage)
+            part = [{c: r.get(c) for c in _TRAIN_COLUMNS} for r in table.to_pylist()]
+            fps.append(manifest.fingerprint)
         else:
             raise ConfigError(f"training data '{src}': not reference:builtin, a reference file or a dataset")
         rows.extend(part)

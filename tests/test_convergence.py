@@ -51,3 +51,19 @@ def test_convergence_markdown_has_a_row_per_iteration():
     assert md[0] == "| iteration | candidates | parsed kept | score kept | influence kept | kept | held-out loss |"
     assert md[2] == "| bootstrap |  |  |  |  |  | 2.5000 |"
     assert md[3] == "| 1 | 8 | 50.0% | 50.0% | 50.0% | 1 | 2.2500 |"
+
+
+def test_heldout_losses_use_the_checkpoint_adapter(cfg, tiny_model, tiny_loras):
+    """The loss is the checkpoint's, not its base model's: a random LoRA (scale 50) moves it; rows are scored in
+    batches with the same result as one by one."""
+    from synth_core.convergence import losses_in_process
+    from synth_core.sample import load_template
+    from synth_core.train import training_chats
+
+    chats = training_chats(load_reference(None).to_pylist()[:3], load_template(cfg))
+    base = losses_in_process(tiny_model, chats, cfg, batch_size=3)
+    lora = losses_in_process(tiny_loras[0], chats, cfg, batch_size=3)
+    one_by_one = losses_in_process(tiny_loras[0], chats, cfg, batch_size=1)
+    assert len(base["losses"]) == len(lora["losses"]) == 3 and base["no_answer"] == 0
+    assert all(abs(a - b) > 1e-3 for a, b in zip(base["losses"], lora["losses"], strict=True))
+    assert all(abs(a - b) < 1e-4 for a, b in zip(lora["losses"], one_by_one["losses"], strict=True))
