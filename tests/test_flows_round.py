@@ -5,10 +5,12 @@ uninterrupted round without recomputing the shards that had finished."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from conftest import SNIPPETS
 from synth_core.storage import read_dataset, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("prefect_api")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _config(tmp_path: Path, name: str) -> Path:
@@ -43,19 +45,48 @@ def _config(tmp_path: Path, name: str) -> Path:
     return path
 
 
-def _scoder_run(config: Path) -> subprocess.Popen:
-    from prefect.settings import PREFECT_API_URL
-
-    env = os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value()}
+def _scoder_run(config: Path, api_url: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", "--config", str(config)],
         cwd=ROOT,
-        env=env,
+        env=os.environ | {"PREFECT_API_URL": api_url},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group: the kill takes its engine subprocesses too
     )
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` (API and UI, SQLite) for this module: the harness of the other flow tests
+    serves no UI."""
+    from conftest import free_port
+
+    port = free_port()
+    home = tmp_path_factory.mktemp("prefect-home")
+    api = f"http://127.0.0.1:{port}/api"
+    # The UI it serves calls the API at PREFECT_API_URL (else at the default port 4200).
+    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": api}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{api}/health", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("prefect server start did not answer in 120 s") from None
+            time.sleep(0.5)
+    yield api
+    server.terminate()
+    server.wait(timeout=30)
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -73,9 +104,15 @@ def _stage_fingerprints(release: str) -> list[str]:
     return [read_manifest(s["uri"]).fingerprint for s in read_manifest(release).stats["stages"]]
 
 
-def test_round_release_and_resume_after_sigkill(tmp_path):
-    # An uninterrupted round.
-    release = _finish(_scoder_run(_config(tmp_path, "a")))
+@pytest.fixture(scope="module")
+def tiny_round(tmp_path_factory, prefect_server) -> tuple[Path, str]:
+    """One uninterrupted tiny round (its work folder and release), shared by the tests of this module."""
+    tmp_path = tmp_path_factory.mktemp("round")
+    return tmp_path, _finish(_scoder_run(_config(tmp_path, "a"), prefect_server))
+
+
+def test_round_release_and_resume_after_sigkill(tiny_round, prefect_server):
+    tmp_path, release = tiny_round
     card = (Path(release) / "README.md").read_text()
     assert card.startswith("---\nlicense:") and "## Funnel" in card and "iteration 1: influence" in card
     stages = [s["stage"] for s in read_manifest(release).stats["stages"]]
@@ -100,7 +137,7 @@ def test_round_release_and_resume_after_sigkill(tmp_path):
 
     # The same round, killed once the first shard of iteration 1's sample stage has finished.
     config_b = _config(tmp_path, "b")
-    proc = _scoder_run(config_b)
+    proc = _scoder_run(config_b, prefect_server)
     deadline = time.monotonic() + 300
     marker = None
     while marker is None and time.monotonic() < deadline and proc.poll() is None:
@@ -113,10 +150,44 @@ def test_round_release_and_resume_after_sigkill(tmp_path):
     killed_mid_stage = not (marker.parent.parent / "_manifest.json").exists()
     before = marker.stat().st_mtime_ns
 
-    resumed = _finish(_scoder_run(config_b))
+    resumed = _finish(_scoder_run(config_b, prefect_server))
     assert marker.stat().st_mtime_ns == before  # the finished shard was not recomputed
     assert killed_mid_stage  # (the kill landed inside the stage: its manifest was not written yet)
     assert _stage_fingerprints(resumed) == _stage_fingerprints(release)
     final_a, final_b = read_manifest(release).inputs[0], read_manifest(resumed).inputs[0]
     assert _rows(final_b) == _rows(final_a)
     assert _rows(resumed) == _rows(release)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt install chromium)")
+def test_the_prefect_ui_shows_the_stages_and_the_funnel(tiny_round, prefect_server):
+    """The round as a user sees it: the flow run page in headless Chromium (driven by playwright) lists the stages
+    as subflow runs and the round's funnel artifact; the screenshots stay in the test's temp folder."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright (the dev extra)")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    tmp_path, release = tiny_round
+    with temporary_settings({PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as client:
+        run = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["round"])), sort=FlowRunSort.START_TIME_DESC, limit=1
+        )[0]
+    ui = prefect_server.removesuffix("/api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{ui}/runs/flow-run/{run.id}")
+        page.screenshot(path=str(tmp_path / "round-page.png"))
+        page.get_by_text("Subflow Runs", exact=True).first.click()
+        for stage in ("pool-build", "bootstrap", "iteration", "sample", "score", "influence"):
+            page.get_by_text(stage, exact=False).first.wait_for(timeout=30_000)
+        page.screenshot(path=str(tmp_path / "round-subflows.png"))
+        page.get_by_text("Artifacts", exact=True).first.click()
+        page.get_by_text("round-summary", exact=False).first.wait_for(timeout=30_000)
+        page.screenshot(path=str(tmp_path / "round-artifacts.png"))
+        browser.close()
+    assert (tmp_path / "round-subflows.png").stat().st_size > 10_000
+    assert (tmp_path / "round-artifacts.png").stat().st_size > 10_000
