@@ -126,14 +126,19 @@ INFLUENCE_FIELDS = [
 ]
 
 
-def influence_schema(candidates: pa.Schema) -> pa.Schema:
-    """The influence output table: the candidates' schema plus INFLUENCE_FIELDS."""
-    out = candidates
-    for f in INFLUENCE_FIELDS:
+def with_fields(base: pa.Schema, fields: list[pa.Field]) -> pa.Schema:
+    """`base` with `fields` appended; a field `base` already has is replaced (a stage run on its own output)."""
+    out = base
+    for f in fields:
         if f.name in out.names:
             out = out.remove(out.get_field_index(f.name))
         out = out.append(f)
     return out
+
+
+def influence_schema(candidates: pa.Schema) -> pa.Schema:
+    """The influence output table: the candidates' schema plus INFLUENCE_FIELDS."""
+    return with_fields(candidates, INFLUENCE_FIELDS)
 
 
 def feature_schema(proj_dim: int) -> pa.Schema:

@@ -336,6 +336,8 @@ def score_schema(candidates: Any, aspects: Sequence[AspectConfig]) -> Any:
     """The score output: the candidates' columns, then the score columns (defined here, once)."""
     import pyarrow as pa
 
+    from synth_core.schema import with_fields
+
     judge_names = [a.name for a in aspects if a.kind == "judge"]
     fields = [
         pa.field("score", pa.float32()),  # overall: sum of weight x aspect score; null = not scored
@@ -351,12 +353,7 @@ def score_schema(candidates: Any, aspects: Sequence[AspectConfig]) -> Any:
         pa.field("exec_status", pa.string()),  # sandbox status of the asserts, or no_asserts / not_run
         pa.field("exec_detail", pa.string()),  # tail of stderr (or the parse error)
     ]
-    out = candidates
-    for f in fields:
-        if f.name in out.names:
-            out = out.remove(out.get_field_index(f.name))
-        out = out.append(f)
-    return out
+    return with_fields(candidates, fields)
 
 
 def resolve_judge(cfg: RunConfig) -> ResolvedModel:

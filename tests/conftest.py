@@ -291,3 +291,12 @@ def write_samples(uri: str, candidates: list[dict], storage=None) -> str:
     part = write_part(uri, 0, table, fp, compute_funnel(table), storage)
     commit_dataset(uri, [part], SAMPLE_SCHEMA, fp, stage="sample", funnel=part.funnel, storage=storage)
     return uri
+
+
+def task_runs_of(flow_run_id):
+    """The task runs of one flow run, from the Prefect API the test talks to."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))

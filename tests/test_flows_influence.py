@@ -4,6 +4,7 @@ the funnel and histogram artifacts, a free re-run; and the CLI's one-line errors
 from __future__ import annotations
 
 import pytest
+from conftest import task_runs_of
 from prefect.client.orchestration import get_client
 from test_influence import STAGE_PAIRS, reference_file, stage_cfg, trained_ckpts, write_candidates  # noqa: F401
 from typer.testing import CliRunner
@@ -11,13 +12,6 @@ from typer.testing import CliRunner
 from synth_core.storage import read_dataset, read_manifest
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-
-
-def _task_runs_of(flow_run_id):
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
 def test_influence_flow_targets_once_then_one_task_per_shard(cfg, tmp_path, trained_ckpts, reference_file):  # noqa: F811
@@ -30,7 +24,7 @@ def test_influence_flow_targets_once_then_one_task_per_shard(cfg, tmp_path, trai
     state = influence_flow(**params, config=cfg.model_dump(mode="json"), return_state=True)
     assert state.is_completed()
     out = state.result()
-    names = sorted(t.name for t in _task_runs_of(state.state_details.flow_run_id))
+    names = sorted(t.name for t in task_runs_of(state.state_details.flow_run_id))
     assert names == ["influence-shard-0", "influence-shard-1", "influence-targets-ckpt-0"]
     table = read_dataset(out, storage=cfg.storage)
     assert table.num_rows == 4 and table.column("reject_reason").to_pylist().count(None) == 2  # ceil(0.5 x 3)
@@ -42,7 +36,7 @@ def test_influence_flow_targets_once_then_one_task_per_shard(cfg, tmp_path, trai
     assert histogram.startswith("| influence | rows | kept |") and histogram.count("\n") == 11  # 10 bins
 
     again = influence_flow(**params, config=cfg.model_dump(mode="json"), return_state=True)
-    assert again.result() == out and _task_runs_of(again.state_details.flow_run_id) == []
+    assert again.result() == out and task_runs_of(again.state_details.flow_run_id) == []
 
 
 def test_cli_influence_errors_are_one_line(tmp_path, tiny_loras, reference_file):  # noqa: F811

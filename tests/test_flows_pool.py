@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from conftest import task_runs_of
 from prefect.client.orchestration import get_client
 
 from synth_core.storage import read_dataset, read_manifest
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-
-
-def _task_runs_of(flow_run_id):
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
 def test_flow_builds_the_pool_with_one_task_per_shard(tmp_path, cfg, source_tree):
@@ -28,7 +22,7 @@ def test_flow_builds_the_pool_with_one_task_per_shard(tmp_path, cfg, source_tree
     state = pool_flow(config=cfg.model_dump(mode="json"), out=out, return_state=True)
     assert state.is_completed()
     assert state.result() == out
-    names = sorted(t.name for t in _task_runs_of(state.state_details.flow_run_id))
+    names = sorted(t.name for t in task_runs_of(state.state_details.flow_run_id))
     assert [n for n in names if n.startswith("ingest-shard-")] == [f"ingest-shard-{i}" for i in range(3)]
     assert "decontaminate-shard-0" in names
     m = read_manifest(out)
@@ -40,7 +34,7 @@ def test_flow_builds_the_pool_with_one_task_per_shard(tmp_path, cfg, source_tree
     # Same inputs, same config: the re-run finds the manifest and runs no task.
     again = pool_flow(config=cfg.model_dump(mode="json"), out=out, return_state=True)
     assert again.result() == out and read_manifest(out).created_at == m.created_at
-    assert _task_runs_of(again.state_details.flow_run_id) == []
+    assert task_runs_of(again.state_details.flow_run_id) == []
 
 
 def test_resume_redoes_only_missing_shards(tmp_path, cfg, source_tree):

@@ -4,20 +4,13 @@ re-runs, and the CLI's clear errors."""
 from __future__ import annotations
 
 import pytest
-from conftest import SNIPPETS, write_pool
+from conftest import SNIPPETS, task_runs_of, write_pool
 from prefect.client.orchestration import get_client
 from typer.testing import CliRunner
 
 from synth_core.storage import read_dataset, read_manifest
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-
-
-def _task_runs_of(flow_run_id):
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
 def test_sample_flow_on_s3_one_task_per_shard(cfg, tiny_loras, s3_endpoint):
@@ -34,7 +27,7 @@ def test_sample_flow_on_s3_one_task_per_shard(cfg, tiny_loras, s3_endpoint):
     assert state.is_completed()
     out = state.result()
     assert out.startswith("s3://scoder/work/samples/")
-    names = sorted(t.name for t in _task_runs_of(state.state_details.flow_run_id))
+    names = sorted(t.name for t in task_runs_of(state.state_details.flow_run_id))
     assert names == ["sample-shard-0", "sample-shard-1"]
     m = read_manifest(out, cfg.storage)
     assert m.num_rows == read_dataset(out, storage=cfg.storage).num_rows == 4 * 2 * 2
@@ -43,7 +36,7 @@ def test_sample_flow_on_s3_one_task_per_shard(cfg, tiny_loras, s3_endpoint):
     assert {"sample-funnel", "sample-progress"} <= keys
 
     again = sample_flow(snippets=pool, config=cfg.model_dump(mode="json"), return_state=True)
-    assert again.result() == out and _task_runs_of(again.state_details.flow_run_id) == []
+    assert again.result() == out and task_runs_of(again.state_details.flow_run_id) == []
 
 
 def test_cli_sample_errors_are_one_line(tmp_path, snippet_pool):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import write_samples
+from conftest import task_runs_of, write_samples
 from prefect.client.orchestration import get_client
 
 from synth_core.config import AspectConfig
@@ -12,13 +12,6 @@ from synth_core.storage import read_dataset, read_manifest
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 CODE = "```python\ndef inc(x):\n    return x + 1\n\nassert inc(1) == 2\n```"
-
-
-def _task_runs_of(flow_run_id):
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
 def test_score_flow_on_s3_one_task_per_shard(cfg, tiny_model, s3_endpoint):
@@ -42,7 +35,7 @@ def test_score_flow_on_s3_one_task_per_shard(cfg, tiny_model, s3_endpoint):
     assert state.is_completed()
     out = state.result()
     assert out.startswith("s3://scoder/work/scored/")
-    names = sorted(t.name for t in _task_runs_of(state.state_details.flow_run_id))
+    names = sorted(t.name for t in task_runs_of(state.state_details.flow_run_id))
     assert names == ["score-shard-0", "score-shard-1", "score-shard-2"]
     rows = read_dataset(out, storage=cfg.storage).to_pylist()
     assert len(rows) == 6 and all(r["exec_status"] == "passed" for r in rows)
@@ -53,4 +46,4 @@ def test_score_flow_on_s3_one_task_per_shard(cfg, tiny_model, s3_endpoint):
     assert {"score-funnel", "score-histogram", "score-progress"} <= keys
 
     again = score_flow(samples=samples, config=cfg.model_dump(mode="json"), return_state=True)
-    assert again.result() == out and _task_runs_of(again.state_details.flow_run_id) == []
+    assert again.result() == out and task_runs_of(again.state_details.flow_run_id) == []
