@@ -212,10 +212,10 @@ class TrainConfig(StrictModel):
     epochs: float = Field(
         1.0, gt=0, description="Passes over the training rows (CPU-sized default; the paper's runs use 3)."
     )
-    # 4 x 2 = 8 sequences per step: a micro-batch of 8 rows of ~800 tokens held 13-16 GB of activations and
-    # logits for the 135M built-in model on a CPU (measured), too much next to a vLLM engine on a 24 GB machine.
+    # A micro-batch of 8 rows of ~800 tokens held 13-16 GB of activations and logits for the 135M built-in model
+    # on a CPU (measured), too much next to a vLLM engine on a 24 GB machine; raise it (or grad_accum) on a GPU.
     batch_size: int = Field(4, ge=1, description="Sequences per device per micro-batch (packed into one row).")
-    grad_accum: int = Field(2, ge=1, description="Micro-batches per optimiser step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
     max_seq_len: int = Field(1024, ge=16, description="Longest training sequence (tokens); longer rows are cut.")
     group_by_length: bool = Field(
         True, description="Batch rows of similar length so padding stays small (used when packing is off)."
