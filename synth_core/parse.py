@@ -36,7 +36,7 @@ _SOLUTION_HEADER = re.compile(
     rf"^{_DECOR}(?:solution|answer|implementation)[ \t*_\]):]*(?:\n|$|(?<=:)[ \t]*|(?<=:\*\*)[ \t]*)",
     re.IGNORECASE | re.MULTILINE,
 )
-_CODE_BLOCK = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
+CODE_BLOCK = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)  # a fenced block; group 1 = its code
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def parse_synthesis(
             instruction,
             response,
         )
-    if not _CODE_BLOCK.search(response):
+    if not CODE_BLOCK.search(response):
         return _reject(NO_CODE, "the solution has no closed ``` code block", instruction, response)
     if len(instruction) > max_instruction_chars:
         return _reject(
@@ -110,5 +110,5 @@ def _strip_section(s: str) -> str:
 
 def extract_code(response: str) -> str | None:
     """The first fenced code block of a response (without its fences), or None."""
-    m = _CODE_BLOCK.search(response or "")
+    m = CODE_BLOCK.search(response or "")
     return m.group(1) if m else None

@@ -34,7 +34,6 @@ from __future__ import annotations
 import ast
 import logging
 import math
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from typing import Any
 from synth_core.config import AspectConfig, ConfigError, RunConfig, ScoreConfig
 from synth_core.generate import GenRequest, NextTokenProbs, open_generator
 from synth_core.models import ResolvedModel, adapter_rank, context_length, resolve_model
+from synth_core.parse import CODE_BLOCK
 from synth_core.procs import TreeMemorySampler, run_in_subprocess
 from synth_core.storage import (
     Manifest,
@@ -70,7 +70,6 @@ BELOW_THRESHOLD = "score_below_threshold"
 NOT_BEST = "not_best_of_seed"
 REASONS = (EMPTY_RESPONSE, NO_PARSE, BELOW_THRESHOLD, NOT_BEST)
 DIGITS = "0123456789"
-_CODE_BLOCK = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
 _EXEC_DETAIL_CHARS = 1000  # tail of a failed execution's stderr kept in the row
 
 
@@ -119,7 +118,7 @@ def overall_score(scores: dict[str, float | None], aspects: Sequence[AspectConfi
 
 def extract_code(response: str) -> str:
     """The solution's code: its fenced code blocks joined, or the whole response when it has none."""
-    blocks = _CODE_BLOCK.findall(response)
+    blocks = CODE_BLOCK.findall(response)
     return "\n\n".join(b.rstrip() for b in blocks) if blocks else response
 
 
