@@ -14,6 +14,7 @@ answering (killed, out of memory, segfault) is a SubprocessError naming its exit
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import pickle
 import traceback
 from collections.abc import Callable
@@ -26,7 +27,28 @@ class SubprocessError(RuntimeError):
     """The child process failed without a picklable exception, or died."""
 
 
-def _child(conn, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies.
+
+    A flow process killed mid-stage (SIGKILL, OOM, a lost worker) would otherwise leave its engine or training
+    process running, holding gigabytes of RAM or a GPU that the re-run then lacks (seen here: an orphaned
+    training process of a killed `scoder run` kept 8 GB and a core busy). vLLM's own processes below this one
+    shut down when this one goes.
+    """
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _child(conn, parent_pid: int, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    _die_with_parent(parent_pid)
     try:
         result = fn(*args, **kwargs)
         conn.send((True, result))
@@ -46,7 +68,7 @@ def run_in_subprocess(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """fn(*args, **kwargs) in a fresh spawned process; its result, or its exception re-raised here."""
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, fn, args, kwargs), name=f"scoder-{fn.__name__}")
+    proc = ctx.Process(target=_child, args=(send, os.getpid(), fn, args, kwargs), name=f"scoder-{fn.__name__}")
     proc.start()
     send.close()
     try:

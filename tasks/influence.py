@@ -14,13 +14,13 @@ from prefect.cache_policies import NO_CACHE
 from synth_core import influence
 from synth_core.config import RunConfig
 from synth_core.storage import ShardResult
+from tasks.retry import RETRY
 
 
 @task(
     name="influence-targets",
     task_run_name="influence-targets-ckpt-{checkpoint}",
-    retries=1,
-    retry_delay_seconds=10,
+    **RETRY,
     cache_policy=NO_CACHE,
     tags=["gpu"],
 )
@@ -32,8 +32,7 @@ def target_features(plan: influence.InfluencePlan, checkpoint: int, cfg: RunConf
 @task(
     name="influence-shard",
     task_run_name="influence-shard-{index}",
-    retries=1,
-    retry_delay_seconds=10,
+    **RETRY,
     cache_policy=NO_CACHE,
     tags=["gpu"],
 )

@@ -13,13 +13,13 @@ from prefect.cache_policies import NO_CACHE
 from synth_core import pool
 from synth_core.config import RunConfig
 from synth_core.storage import PartInfo
+from tasks.retry import RETRY
 
 
 @task(
     name="pool-ingest-shard",
     task_run_name="ingest-shard-{index}",
-    retries=2,
-    retry_delay_seconds=5,
+    **RETRY,
     cache_policy=NO_CACHE,
 )
 def ingest_shard(
@@ -35,7 +35,7 @@ def commit_ingest(targets: pool.PoolTargets, results: list[pool.ShardResult], cf
     return targets.ingest_uri
 
 
-@task(name="pool-dedup", retries=1, cache_policy=NO_CACHE)
+@task(name="pool-dedup", **RETRY, cache_policy=NO_CACHE)
 def dedup(targets: pool.PoolTargets, cfg: RunConfig) -> list[PartInfo]:
     """Global exact + near dedup (needs every signature, so one task); returns the re-partitioned parts."""
     return pool.dedup_pool(targets, cfg)
@@ -44,8 +44,7 @@ def dedup(targets: pool.PoolTargets, cfg: RunConfig) -> list[PartInfo]:
 @task(
     name="pool-decontaminate-shard",
     task_run_name="decontaminate-shard-{index}",
-    retries=2,
-    retry_delay_seconds=5,
+    **RETRY,
     cache_policy=NO_CACHE,
 )
 def decontaminate_shard(targets: pool.PoolTargets, part: PartInfo, index: int, cfg: RunConfig) -> pool.ShardResult:

@@ -12,27 +12,28 @@ from prefect.cache_policies import NO_CACHE
 
 from synth_core import convergence, random_selection, round_report
 from synth_core.config import RunConfig
+from tasks.retry import RETRY
 
 
-@task(name="split-reference", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="split-reference", **RETRY, cache_policy=NO_CACHE)
 def split_reference(cfg: RunConfig, reference: str | None) -> str:
     """R with round.holdout_fraction of its rows rejected as `holdout`; returns the split's URI."""
     return convergence.split_reference(reference, cfg.round.holdout_fraction, cfg.round.seed, cfg)
 
 
-@task(name="heldout-loss", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE, tags=["gpu"])
+@task(name="heldout-loss", **RETRY, cache_policy=NO_CACHE, tags=["gpu"])
 def heldout_loss(cfg: RunConfig, train_out: str, split: str) -> str:
     """Loss of the train output's last checkpoint on the held-out rows of R; returns its one-row dataset."""
     return convergence.heldout_loss(cfg, train_out, split)
 
 
-@task(name="random-selection", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="random-selection", **RETRY, cache_policy=NO_CACHE)
 def select_random(cfg: RunConfig, samples: str, filtered: str) -> str:
     """As many of the parsed samples as `filtered` keeps, chosen at random (ablation); returns the dataset."""
     return random_selection.select_random(samples, filtered, cfg.round.seed, cfg.storage)
 
 
-@task(name="round-report", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="round-report", **RETRY, cache_policy=NO_CACHE)
 def write_report(cfg: RunConfig, evals: dict[str, str | None], folder: str, title: str) -> str:
     """report.md + pass_at_1.png + report.json in `folder` from evaluation outputs; returns the report's markdown."""
     return round_report.write_report(evals, folder, cfg, title=title)

@@ -15,13 +15,13 @@ from prefect.cache_policies import NO_CACHE
 from synth_core import sample
 from synth_core.config import RunConfig
 from synth_core.storage import ShardResult
+from tasks.retry import RETRY
 
 
 @task(
     name="sample-shard",
     task_run_name="sample-shard-{index}",
-    retries=1,
-    retry_delay_seconds=10,
+    **RETRY,
     cache_policy=NO_CACHE,
     tags=["gpu"],
 )

@@ -12,9 +12,10 @@ from prefect.cache_policies import NO_CACHE
 
 from synth_core import train
 from synth_core.config import RunConfig
+from tasks.retry import RETRY
 
 
-@task(name="train", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE, tags=["gpu"])
+@task(name="train", **RETRY, cache_policy=NO_CACHE, tags=["gpu"])
 def train_task(cfg: RunConfig, data: list[str], base: str | None = None, out: str | None = None) -> str:
     """Fine-tune the synthesizer on `data`; return the train output (its checkpoints dataset)."""
     return train.run_train(cfg, data, base, out)
