@@ -257,7 +257,7 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
     m = args.loras
     rows: list[dict[str, Any]] = []
     raw: dict[str, list] = {}
-    steps = 3 + m + (0 if args.skip_transformers else 1)
+    steps = 4 + m + (0 if args.skip_transformers else 1)
     step = 0
 
     def progress(what: str) -> None:
@@ -303,6 +303,15 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
         raw["multi"] = r["completions"]
         rows.append(summarize(f"{m} LoRA ckpts, 1 engine (multi-LoRA)", "vllm", m, [r], n))
 
+        progress(f"vLLM, {m} LoRA checkpoints in one engine, vLLM's own CPU LoRA ops (SCODER_VLLM_CPU_LORA=0)")
+        os.environ["SCODER_VLLM_CPU_LORA"] = "0"  # the spawned engine inherits it; synth_core.vllm_cpu_lora
+        try:
+            r = run_engine(base.path, paths, multi_reqs, gen, max_rank)
+        finally:
+            del os.environ["SCODER_VLLM_CPU_LORA"]
+        raw["multi_vllm_ops"] = r["completions"]
+        vllm_ops = summarize(f"{m} LoRA ckpts, 1 engine, vLLM's CPU LoRA ops", "vllm", m, [r], n)
+
         reload_runs = []
         reload_comps: list = [None] * n
         for j in range(m):
@@ -323,6 +332,7 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
 
     vllm_base, one, multi, reload = rows[0], rows[1], rows[2], rows[3]
     hf = rows[4] if not args.skip_transformers else None
+    rows.append(vllm_ops)  # last, so that the rows above keep their places
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return round(a / b, 3) if a is not None and b else None
@@ -346,6 +356,7 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
         "reload_vs_multi_generate_s": ratio(reload["generate_s"], multi["generate_s"]),
         "reload_vs_one_generate_s": ratio(reload["generate_s"], one["generate_s"]),
         "reload_vs_one_wall_s": ratio(reload["wall_s"], one["wall_s"]),
+        "grouped_vs_vllm_lora_ops_tokens_per_s": ratio(multi["tokens_per_s"], vllm_ops["tokens_per_s"]),
     }
     n0 = [i for i in range(len(seeds)) if i % m == 0]
     checks = {
@@ -354,6 +365,7 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
             [raw["multi"][i] for i in n0], [raw["one_ckpt"][i] for i in n0]
         ),
         "lora0_vs_base_identical": same_texts(raw["one_ckpt"], raw["vllm_base"]),
+        "grouped_vs_vllm_lora_ops_identical": same_texts(raw["multi"], raw["multi_vllm_ops"]),
     }
     return {
         "model": {"ref": base.ref, "path": base.path, "fingerprint": base.fingerprint},
@@ -384,7 +396,8 @@ def report_cpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
 
     rows, ratios = res["rows"], res["ratios"]
     vllm_base, one, multi, reload = rows[:4]
-    hf = rows[4] if len(rows) > 4 else None
+    hf = rows[4] if len(rows) > 5 else None
+    vllm_ops = rows[-1]
     show_gpu = any(r["peak_gpu_mb"] for r in rows)
     headers = [
         "configuration",
@@ -445,6 +458,10 @@ def report_cpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
             f"gen {x(ratios['reload_vs_one_generate_s'])}, wall {x(ratios['reload_vs_one_wall_s'])}",
         )
     )
+    sections.add(len(table) - 1)
+    table.append(
+        cells(vllm_ops, f"grouped ops (multi-LoRA row): {x(ratios['grouped_vs_vllm_lora_ops_tokens_per_s'])} tok/s")
+    )
     p = res["prompts"]
     g = res["generation"]
     title = (
@@ -483,7 +500,9 @@ def report_cpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         f"{c['multi_vs_reload_identical'][0]}/{c['multi_vs_reload_identical'][1]}; multi-LoRA vs 1-ckpt on lora0's "
         f"prompts {c['multi_vs_one_identical_on_lora0_prompts'][0]}/{c['multi_vs_one_identical_on_lora0_prompts'][1]}"
         f"; lora0 vs base {c['lora0_vs_base_identical'][0]}/{c['lora0_vs_base_identical'][1]} (should be low: "
-        "the adapters change the outputs)"
+        "the adapters change the outputs); grouped vs vLLM's CPU LoRA ops "
+        f"{c['grouped_vs_vllm_lora_ops_identical'][0]}/{c['grouped_vs_vllm_lora_ops_identical'][1]} (the same "
+        "products summed in another order: bf16 rounding moves a sampled token now and then, and the text diverges)"
     )
     hit = ", ".join(f"{r['backend']} {r['name']}: {r['finished_by_length']}/{r['completions']}" for r in rows)
     console.print(f"Completions that hit max_new_tokens: {hit}")

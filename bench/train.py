@@ -164,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             configs[f"{method} packed flex"] = TrainConfig(
                 method=method, packing=True, attn_implementation="flex_attention", **common
             )
+        if not on_gpu:  # the CPU default ('auto'): bf16 where the CPU has bf16 dot products (avx512_bf16, AMX)
+            configs[f"{method} padded bf16"] = TrainConfig(
+                method=method, packing=False, group_by_length=True, dtype="bfloat16", **common
+            )
         if args.compile:
             configs[f"{method} packed compiled"] = TrainConfig(
                 method=method, packing=True, torch_compile=True, **common
