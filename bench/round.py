@@ -98,7 +98,7 @@ def analyse(runs: dict[str, Any]) -> dict[str, Any]:
         s = span(fr)
         if name == "round" or s is None:
             continue
-        stages.append({"stage": f"{fr.name} ({name})", "flow": name, "wall_s": round(s[1] - s[0], 1)})
+        stages.append({"stage": f"{name} ({fr.name})", "flow": name, "wall_s": round(s[1] - s[0], 1)})
     for tr in runs["task_runs"]:
         s = span(tr)
         if s and tr.name.split("-")[0] in ("train", "heldout"):
@@ -116,6 +116,11 @@ def analyse(runs: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    tmp = tempfile.TemporaryDirectory(prefix="scoder-bench-round-") if args.root is None else None
+    root = Path(tmp.name) if tmp else args.root
+    # A server of its own (a fresh database, set before Prefect is imported): its record is this round alone.
+    os.environ["PREFECT_HOME"] = str(root / "prefect-home")
+    os.environ.pop("PREFECT_API_URL", None)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from flows.runtime import prefect_env
 
@@ -127,8 +132,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from flows.runtime import run_flow
 
     load_start = os.getloadavg()
-    tmp = tempfile.TemporaryDirectory(prefix="scoder-bench-round-") if args.root is None else None
-    root = Path(tmp.name) if tmp else args.root
     cfg = _load(args.config, [*args.sets, f"storage.root={root / 'store'}"], {})
     server = SubprocessASGIServer()
     server.start()
