@@ -727,6 +727,14 @@ def run_cmd(
         str | None,
         typer.Option("--checkpoints", help="Start from this train output (its checkpoints) instead of a bootstrap."),
     ] = None,
+    date: Annotated[
+        str | None,
+        typer.Option(
+            "--date",
+            help="The round of this date (YYYY-MM-DD or 'today'): new seed snippets and samples per date, the same "
+            "on a re-run; omitted = the config alone decides.",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -742,6 +750,10 @@ def run_cmd(
 
         # Fail before any server or engine starts: a bad source, R, model or judge is one line.
         preflight(cfg)
+        if date is not None:
+            from synth_core.round_plan import parse_run_date
+
+            parse_run_date(date)
         load_reference(cfg.round.reference, cfg.storage)
         resolve_model(cfg.models.synthesizer)
         if cfg.round.use_scorer:
@@ -755,7 +767,9 @@ def run_cmd(
         from flows.round import round_flow
         from flows.runtime import run_flow
 
-        uri = run_flow(round_flow, cfg, config=cfg.model_dump(mode="json"), out=out, checkpoints=checkpoints)
+        uri = run_flow(
+            round_flow, cfg, config=cfg.model_dump(mode="json"), out=out, checkpoints=checkpoints, run_date=date
+        )
         _print_dataset(uri, cfg.storage, rows=True, limit=2)
     except _expected_errors() as err:
         _fail(str(err))

@@ -23,24 +23,45 @@ from flows.sample import sample_flow
 from synth_core.config import RunConfig, parse_config
 from synth_core.convergence import FILTER_STAGES, convergence_markdown, convergence_record
 from synth_core.release import build_release, funnel_section
-from synth_core.round_plan import stage_config
-from synth_core.storage import dataset_exists, read_manifest
+from synth_core.round_plan import dated_config, parse_run_date, stage_config
+from synth_core.storage import dataset_exists, kept_rows
 from synth_core.train import BUILTIN_REFERENCE
 from tasks import round as round_tasks
 
 
 @flow(name="round", log_prints=True)
-def round_flow(config: dict[str, Any] | None = None, out: str | None = None, checkpoints: str | None = None) -> str:
+def round_flow(
+    config: dict[str, Any] | None = None,
+    out: str | None = None,
+    checkpoints: str | None = None,
+    run_date: str | None = None,
+) -> str:
     """Pool -> bootstrap (unless `checkpoints`, a train output, is given) -> T iterations -> the released dataset
-    (written to `out`, or a location derived from its content). Returns the release's URI."""
+    (written to `out`, or a location derived from its content). Returns the release's URI.
+
+    `run_date` (YYYY-MM-DD, 'today', or 'scheduled' = the flow run's scheduled date; the nightly deployment's
+    setting) gives that date's round: new seed snippets and samples each night, the same on a re-run of the night
+    (synth_core.round_plan.dated_config). None = the config alone decides, so a re-run recomputes nothing."""
     logger = get_run_logger()
     cfg = parse_config(config)
     t0 = time.perf_counter()
-    rc = cfg.round
     data = cfg.model_dump(mode="json")
     stages: list[tuple[str, str]] = []
     pool = as_subflow(pool_flow, cfg)(config=data)
     stages.append(("pool", pool))
+    if run_date is not None:
+        from prefect.runtime import flow_run
+
+        date = parse_run_date(run_date, flow_run.scheduled_start_time if run_date == "scheduled" else None)
+        cfg = dated_config(cfg, date, kept_rows(pool, cfg.storage))
+        data = cfg.model_dump(mode="json")
+        logger.info(
+            "round of %s: seed snippets from #%d, generation seed %d",
+            date,
+            cfg.round.first_snippet,
+            cfg.sample.generation.seed,
+        )
+    rc = cfg.round
     # R with its held-out rows marked: every training and the influence targets read its other rows only.
     split = round_tasks.split_reference(cfg, rc.reference) if rc.holdout_fraction > 0 else None
     reference = split or rc.reference
@@ -103,8 +124,7 @@ def kept_data(outs: dict[str, str]) -> str:
 def _has_rows(uri: str, cfg: RunConfig) -> bool:
     if not dataset_exists(uri, cfg.storage):
         return True  # a reference file: its rows are checked when read
-    m = read_manifest(uri, cfg.storage)
-    return bool(m.funnel.get("kept", m.num_rows) if m.funnel else m.num_rows)
+    return kept_rows(uri, cfg.storage) > 0
 
 
 def evaluate_round(cfg: RunConfig, reference: str | None, iterations: list[dict[str, str]], release: str) -> str:

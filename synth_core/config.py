@@ -591,6 +591,12 @@ class RoundConfig(StrictModel):
         ge=1,
         description="Seed snippets of the released dataset (after the iterations' ones); None = all the rest.",
     )
+    first_snippet: int = Field(
+        0,
+        ge=0,
+        description="Kept snippets skipped before the first iteration's seeds (a dated run, scoder run --date, "
+        "moves its window along the pool night by night).",
+    )
     multi_checkpoint: bool = Field(
         True, description="Sample from every checkpoint of the previous training; False = its last one (ablation)."
     )

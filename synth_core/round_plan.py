@@ -1,20 +1,69 @@
 """How a round configures its stages: which checkpoints each iteration samples from and which seed snippets it takes.
 
 Iteration t (1..T) samples `round.snippets_per_iteration` kept snippets starting after those of iterations 1..t-1,
-and the release takes the next `round.synthesize_snippets`, so no seed is used twice in a round. Pure config
+and the release takes the next `round.synthesize_snippets`, so no seed is used twice in a round; a dated run (a
+nightly schedule) moves that window along the pool and reseeds sampling by date (`dated_config`). Pure config
 arithmetic, shared by the iteration and round flows (flows/iteration.py, flows/round.py), which only wire stages.
 """
 
 from __future__ import annotations
 
-from synth_core.config import RunConfig
+import datetime
+import hashlib
+
+from synth_core.config import ConfigError, RunConfig
 from synth_core.train import checkpoints_of
+
+# Day 0 of dated runs: night N of a nightly schedule takes the N-th window of seed snippets (modulo the pool).
+EPOCH = datetime.date(2025, 1, 1)
 
 
 def first_snippet(cfg: RunConfig, iteration: int) -> int:
     """Kept snippets used before iteration `iteration` (T + 1 = the release)."""
     n = cfg.round.snippets_per_iteration
-    return (iteration - 1) * n if n else 0
+    return cfg.round.first_snippet + ((iteration - 1) * n if n else 0)
+
+
+def snippets_per_round(cfg: RunConfig) -> int | None:
+    """Seed snippets one round takes (its iterations' and the release's); None = every kept snippet."""
+    rc = cfg.round
+    if rc.synthesize_snippets is None or (rc.iterations and rc.snippets_per_iteration is None):
+        return None
+    return rc.iterations * (rc.snippets_per_iteration or 0) + rc.synthesize_snippets
+
+
+def dated_config(cfg: RunConfig, date: datetime.date, kept_snippets: int) -> RunConfig:
+    """The round of one date (a nightly run): new seed snippets and new samples each night, the same ones on a
+    re-run of that night (so it resumes), from one unchanged config.
+
+    - Seeds: the window of `snippets_per_round` kept snippets moves by one window per day since EPOCH, wrapping
+      around the pool (`kept_snippets`, the pool's kept rows); consecutive nights share no seed until it wraps.
+    - Samples: the generation seed is mixed with the date, so even a wrapped window gets new completions.
+    What stays: the bootstrap (its inputs do not depend on the date, so every night reuses it), the held-out split
+    of R and the projection seed (nights stay comparable), the training seed.
+    """
+    out = cfg.model_copy(deep=True)
+    day = (date - EPOCH).days
+    window = snippets_per_round(cfg)
+    if window and kept_snippets > window:
+        out.round.first_snippet = (cfg.round.first_snippet + day * window) % (kept_snippets - window + 1)
+    digest = hashlib.sha256(f"{cfg.sample.generation.seed}:{date.isoformat()}".encode()).digest()
+    out.sample.generation.seed = int.from_bytes(digest[:4], "little")
+    return out
+
+
+def parse_run_date(value: str, scheduled: datetime.datetime | None = None) -> datetime.date:
+    """A run date: YYYY-MM-DD, 'today' (UTC), or 'scheduled' (the flow run's scheduled start; `scheduled`)."""
+    if value == "today":
+        return datetime.datetime.now(datetime.UTC).date()
+    if value == "scheduled":
+        if scheduled is None:
+            raise ConfigError("run date 'scheduled' needs a scheduled flow run (a deployment's run)")
+        return scheduled.date()
+    try:
+        return datetime.date.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"run date {value!r}: expected YYYY-MM-DD, 'today' or 'scheduled'") from None
 
 
 def stage_config(cfg: RunConfig, checkpoints: str, iteration: int) -> RunConfig:

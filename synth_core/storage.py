@@ -342,6 +342,12 @@ def read_manifest(dataset_uri: str, storage: StorageConfig | None = None) -> Man
         raise DatasetError(f"{dataset_uri}: corrupt {MANIFEST_NAME}: {err}") from None
 
 
+def kept_rows(dataset_uri: str, storage: StorageConfig | None = None) -> int:
+    """Rows of a complete dataset that its stage kept (its funnel's `kept`; every row when it has no funnel)."""
+    m = read_manifest(dataset_uri, storage)
+    return int(m.funnel.get("kept", m.num_rows)) if m.funnel else m.num_rows
+
+
 def read_part(
     dataset_uri: str, part: PartInfo, *, columns: Sequence[str] | None = None, storage: StorageConfig | None = None
 ) -> pa.Table:

@@ -38,7 +38,7 @@ def test_project_file_declares_the_nightly_round_and_both_pools():
     assert round_.entrypoint == "flows/round.py:round_flow"
     assert round_.work_pool == "scoder-gpu" and round_.concurrency_limit == 1
     assert [(s.cron, s.timezone, s.active) for s in round_.schedules] == [("0 2 * * *", "Europe/Berlin", True)]
-    assert round_.parameters == {"config": None, "out": None}
+    assert round_.parameters == {"config": None, "out": None, "run_date": "scheduled"}
     assert by_name["pool-refresh"].entrypoint == "flows/pool.py:pool_flow"
     assert by_name["pool-refresh"].work_pool == "scoder-cpu"
     assert {p.name: p.type for p in project.pools} == {"scoder-cpu": "process", "scoder-gpu": "process"}

@@ -4,6 +4,7 @@ uninterrupted round without recomputing the shards that had finished."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import signal
@@ -17,7 +18,9 @@ import pytest
 import yaml
 from conftest import SNIPPETS
 
-from synth_core.storage import read_dataset, read_manifest
+from synth_core.config import parse_config
+from synth_core.round_plan import dated_config
+from synth_core.storage import kept_rows, read_dataset, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -45,9 +48,14 @@ def _config(tmp_path: Path, name: str) -> Path:
     return path
 
 
+# Both rounds of the resume test are the round of one date (the nightly deployment's mode): a re-run of that date
+# must resume it exactly like an undated one.
+DATE = "2026-11-26"
+
+
 def _scoder_run(config: Path, api_url: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(config)],
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--date", DATE],
         cwd=ROOT,
         env=os.environ | {"PREFECT_API_URL": api_url},
         stdout=subprocess.PIPE,
@@ -134,6 +142,15 @@ def test_round_release_and_resume_after_sigkill(tiny_round, prefect_server):
     it1 = read_dataset(samples["iteration 1: sample"]).column("snippet_id").to_pylist()
     syn = read_dataset(samples["synthesize: sample"]).column("snippet_id").to_pylist()
     assert len(it1) == len(syn) == 8 and not set(it1) & set(syn)
+    # The date's round: its seed-snippet window and sampling seed (synth_core.round_plan.dated_config).
+    dated = dated_config(
+        parse_config(yaml.safe_load(_config(tmp_path, "a").read_text())),
+        datetime.date.fromisoformat(DATE),
+        kept_rows(samples["pool"]),
+    )
+    sample_cfg = read_manifest(samples["iteration 1: sample"]).config["sample"]
+    assert sample_cfg["generation"]["seed"] == dated.sample.generation.seed != 0
+    assert sample_cfg["first_snippet"] == dated.round.first_snippet
 
     # The same round, killed once the first shard of iteration 1's sample stage has finished.
     config_b = _config(tmp_path, "b")

@@ -1,0 +1,50 @@
+"""synth_core.round_plan: the seed-snippet windows of a round's iterations, and dated (nightly) rounds."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+from synth_core.config import ConfigError, RunConfig
+from synth_core.round_plan import EPOCH, dated_config, first_snippet, parse_run_date, snippets_per_round
+
+
+def _cfg(**round_) -> RunConfig:
+    return RunConfig.model_validate({"round": {"iterations": 2, "snippets_per_iteration": 8, **round_}})
+
+
+def test_iterations_and_release_take_consecutive_windows():
+    cfg = _cfg(synthesize_snippets=5, first_snippet=3)
+    assert [first_snippet(cfg, t) for t in (1, 2, 3)] == [3, 11, 19]
+    assert snippets_per_round(cfg) == 21
+    assert snippets_per_round(_cfg(synthesize_snippets=None)) is None
+
+
+def test_dated_rounds_move_along_the_pool_and_reseed_sampling():
+    cfg = _cfg(synthesize_snippets=5)
+    day = EPOCH + datetime.timedelta(days=10)
+    a, again, b = (dated_config(cfg, d, 1000) for d in (day, day, day + datetime.timedelta(days=1)))
+    assert a.model_dump() == again.model_dump(), "a re-run of the same night must be the same round"
+    assert (a.round.first_snippet, b.round.first_snippet) == (210, 231), "one window of 21 snippets per night"
+    assert a.sample.generation.seed != b.sample.generation.seed != cfg.sample.generation.seed
+    # What keeps nights comparable and the bootstrap shared stays as configured.
+    for key in ("train", "influence", "models"):
+        assert getattr(a, key) == getattr(cfg, key)
+    assert a.round.seed == cfg.round.seed and a.round.holdout_fraction == cfg.round.holdout_fraction
+    # The window wraps around a small pool and never runs past its end.
+    wrapped = [dated_config(cfg, EPOCH + datetime.timedelta(days=d), 50).round.first_snippet for d in range(8)]
+    assert all(0 <= f <= 50 - 21 for f in wrapped) and len(set(wrapped)) > 1
+    # A pool smaller than one round: every night uses all of it, with new samples.
+    assert dated_config(cfg, day, 20).round.first_snippet == 0
+
+
+def test_run_dates():
+    assert parse_run_date("2026-11-26") == datetime.date(2026, 11, 26)
+    assert parse_run_date("today") == datetime.datetime.now(datetime.UTC).date()
+    sched = datetime.datetime(2026, 11, 26, 1, 0, tzinfo=datetime.UTC)
+    assert parse_run_date("scheduled", sched) == datetime.date(2026, 11, 26)
+    with pytest.raises(ConfigError, match="expected YYYY-MM-DD"):
+        parse_run_date("26/11/2026")
+    with pytest.raises(ConfigError, match="scheduled flow run"):
+        parse_run_date("scheduled")
