@@ -20,6 +20,7 @@ The functions keep the originals' signatures and output semantics (tests/test_vl
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -76,60 +77,26 @@ def bgmv_expand_slice(
         output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
 
 
-def _token_indices(lora_indices_tensor, seq_len_tensor):
-    import torch
+def _per_sequence(bgmv, last_default: Any = None, arity: int = 1):
+    """vLLM's prefill (sgmv_*) form of a `bgmv` op: one adapter index per sequence (with its length) instead of one
+    per token, plus batch metadata it does not need; `arity` trailing arguments, the last one defaulting to
+    `last_default` as in vLLM's signatures."""
 
-    return torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
+    def op(inputs, weights, output, b_seq_start_loc, seq_len_tensor, lora_indices_tensor, batches, max_len, tokens,
+           *rest):  # fmt: skip
+        import torch
 
+        indices = torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
+        rest = rest if len(rest) == arity else (*rest, last_default)
+        bgmv(inputs, weights, output, indices, *rest)
 
-def sgmv_shrink(
-    inputs,
-    lora_a_weights,
-    output_tensor,
-    b_seq_start_loc,
-    seq_len_tensor,
-    lora_indices_tensor,
-    batches,
-    max_seq_length,
-    token_nums,
-    scaling,
-):
-    indices = _token_indices(lora_indices_tensor, seq_len_tensor)
-    bgmv_shrink(inputs, lora_a_weights, output_tensor, indices, scaling)
+    op.__name__ = bgmv.__name__.replace("bgmv", "sgmv")
+    return op
 
 
-def sgmv_expand(
-    inputs,
-    lora_b_weights,
-    output_tensor,
-    b_seq_start_loc,
-    seq_len_tensor,
-    lora_indices_tensor,
-    batches,
-    max_seq_length,
-    token_nums,
-    add_inputs=False,
-):
-    indices = _token_indices(lora_indices_tensor, seq_len_tensor)
-    bgmv_expand(inputs, lora_b_weights, output_tensor, indices, add_inputs)
-
-
-def sgmv_expand_slice(
-    inputs,
-    lora_b_weights,
-    output_tensor,
-    b_seq_start_loc,
-    seq_len_tensor,
-    lora_indices_tensor,
-    batches,
-    max_seq_length,
-    token_nums,
-    slice_offset,
-    slice_size,
-    add_inputs=False,
-):
-    indices = _token_indices(lora_indices_tensor, seq_len_tensor)
-    bgmv_expand_slice(inputs, lora_b_weights, output_tensor, indices, slice_offset, slice_size, add_inputs)
+sgmv_shrink = _per_sequence(bgmv_shrink)  # (..., scaling)
+sgmv_expand = _per_sequence(bgmv_expand, last_default=False)  # (..., add_inputs=False)
+sgmv_expand_slice = _per_sequence(bgmv_expand_slice, last_default=False, arity=3)  # (..., offset, size, add_inputs)
 
 
 OPS = {
