@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tmp = tempfile.TemporaryDirectory(prefix="scoder-bench-round-") if args.root is None else None
     root = Path(tmp.name) if tmp else args.root
     # A server of its own (a fresh database, set before Prefect is imported): its record is this round alone.
+    (root / "prefect-home").mkdir(parents=True, exist_ok=True)
     os.environ["PREFECT_HOME"] = str(root / "prefect-home")
     os.environ.pop("PREFECT_API_URL", None)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
