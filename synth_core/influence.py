@@ -10,11 +10,14 @@ over checkpoints) x cosine to the targets, aggregated as the mean over targets o
 How it is fast: per-sample gradients of a whole padded batch come from ONE backward pass. For a linear map
 y = W x the gradient of sample b's loss is sum over tokens t of g_bt x_bt^T, where x is the layer's input and g
 the gradient of the summed per-sample losses at its output (each sample's loss depends only on its own
-activations, so the sum's gradient at sample b's positions is sample b's own). Forward hooks on every LoRA
-linear (lora_A: x -> A x, lora_B: h -> B h) keep the inputs, tensor hooks on their outputs receive g during the
-backward pass, and each layer's per-sample gradients [b, out, in] are preconditioned and projected as soon as
-they exist, so at most one layer's are in memory. Autograd itself computes no weight gradient at all: the
-LoRA weights are frozen during the pass and the graph is rooted at the input embeddings.
+activations, so the sum's gradient at sample b's positions is sample b's own). During the pass each LoRA
+branch runs as one autograd function (`_lora_function`, in the model's dtype: bf16 on a bf16 GPU model) whose
+backward forms the per-sample gradients of A and B with one batched matmul each and hands them on to be
+preconditioned and gathered for the projection, so at most one layer's are in memory besides the gathered ones.
+Autograd itself computes no weight gradient at all: the LoRA weights are frozen during the pass and the graph is
+rooted at the input embeddings. No attention mask (right padding under the causal mask is exact) and logits only
+at the positions that carry a loss, chunked (`_backward_per_sample` says why both are exact). On a GPU the sign
+unpacking and the Adam preconditioning are Triton kernels (synth_core.influence_kernels).
 
 The projection matrix R [num_params, proj_dim] never exists whole: it is cut into chunks of CHUNK_ELEMS flat
 elements of each parameter, each drawn on the device as packed sign bits by a torch.Generator seeded from (seed,
@@ -38,6 +41,7 @@ the checkpoints (synth_core.train writes the adapter, `optimizer_moments.pt` and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -59,7 +63,9 @@ if TYPE_CHECKING:
 # Flat elements of one parameter per projection block. Part of the projection's definition (features computed
 # with another value are different features), so a constant: 4096 x 8192 signs = 4 MiB packed per block.
 CHUNK_ELEMS = 4096
-PROJECTION_VERSION = "2"  # bump when the way R is generated changes: old features become incomparable
+# Bump when the way R is generated changes: old features become incomparable. 3: the GPU's signs are Philox words
+# drawn in a Triton kernel (the CPU's are v2's).
+PROJECTION_VERSION = "3"
 DROP_REASON = "influence_below_top_fraction"
 
 Row = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]} with prompt tokens labelled IGNORE_INDEX
@@ -104,6 +110,7 @@ class GradFeatures:
     projection_id: str  # rows are comparable only with features of the same projection_id
     seconds: float = 0.0
     tokens: int = 0  # tokens through the model (padding not counted)
+    projection_seconds: float = 0.0  # of `seconds`, in projection passes (on a GPU: device time, synchronised)
     projection_rows: int = 0  # rows whose gradients were projected in one pass (R drawn once per pass)
 
     @property
@@ -115,14 +122,19 @@ class RademacherProjector:
     """x -> x @ R with R [num_params, proj_dim] of entries +-1/sqrt(proj_dim), generated in seeded blocks.
 
     Block c of parameter `name` holds the rows of R for that parameter's flat elements [c*C, (c+1)*C) (C =
-    CHUNK_ELEMS); a last partial chunk uses the first rows of its full block. Its signs are drawn on `device` as
-    packed bits: C x ceil(proj_dim/8) random bytes (torch.randint into uint8) from a generator seeded with a hash
-    of (seed, name, c), bit k of byte j giving the sign of column 8j+k (1: +, 0: -). One random byte gives 8 signs
-    (3.2 G signs/s on 2 CPU cores against 0.25 G/s for randint into float32), and a packed block is 32x smaller
-    than a float32 one: packed blocks are kept between calls while they fit in `cache_mb`. They are unpacked
-    into +-1 (exact in any float dtype) by a 256 x 8 lookup table, and the 1/sqrt(proj_dim) is applied to the
-    product. E[<xR, yR>] = <x, y>: inner products are preserved within the Johnson-Lindenstrauss tolerance
-    (standard deviation about sqrt((|x|^2 |y|^2 + <x, y>^2) / proj_dim)).
+    CHUNK_ELEMS); a last partial chunk uses the first rows of its full block. Its signs come from a random stream
+    seeded with a hash of (seed, name, c), so a block never depends on which other blocks are drawn with it:
+    - on a CPU, packed bits: C x ceil(proj_dim/8) random bytes (torch.randint into uint8) from a torch.Generator,
+      bit k of byte j giving the sign of column 8j+k (1: +, 0: -). One random byte gives 8 signs (3.2 G signs/s
+      on 2 CPU cores against 0.25 G/s for randint into float32), and a packed block is 32x smaller than a float32
+      one: packed blocks are kept between calls while they fit in `cache_mb`. They are unpacked into +-1 (exact
+      in any float dtype) by a 256 x 8 lookup table;
+    - on a GPU, Philox words drawn and unpacked in one Triton kernel for many blocks at once
+      (influence_kernels.rademacher_signs: bit k of word w of row r gives column 32w+k): no packed block, no
+      cache, one launch per group of blocks instead of two per block.
+    The two devices give different (equally valid) matrices: projection_id names the device type. The
+    1/sqrt(proj_dim) is applied to the product. E[<xR, yR>] = <x, y>: inner products are preserved within the
+    Johnson-Lindenstrauss tolerance (standard deviation about sqrt((|x|^2 |y|^2 + <x, y>^2) / proj_dim)).
     """
 
     def __init__(self, proj_dim: int, seed: int, device: torch.device | str = "cpu", cache_mb: int = 0):
@@ -139,6 +151,9 @@ class RademacherProjector:
         self._generator = torch.Generator(device=self.device)
         self._tables: dict[torch.dtype, torch.Tensor] = {}
         self.blocks_drawn = 0  # blocks generated from their seed (cache misses), for tests and benchmarks
+        self.fused = self.device.type == "cuda"  # signs drawn and unpacked by one Triton kernel (see above)
+        # rows of a buffer of signs: a multiple of 32 columns on a GPU (Philox words), of 8 on a CPU (bytes)
+        self.width = 32 * math.ceil(proj_dim / 32) if self.fused else 8 * self._packed_cols
 
     @property
     def projection_id(self) -> str:
@@ -178,9 +193,9 @@ class RademacherProjector:
         """out [rows, 8 ceil(proj_dim/8)] (contiguous) = the +-1 signs of packed [rows, ceil(proj_dim/8)] uint8.
 
         Two ways to the same signs, each the faster where it is used (method None): on a GPU, bit operations on
-        uint8 then one conversion ("bits": 0.28 ms per 4096 x 8192 block on an H100 in four passes, where the
-        table's gather took 2.5 ms); on a CPU, the table lookup ("table": 20 ms per 4096 x 1024 block on 2 cores,
-        bit operations 55 ms)."""
+        uint8 then one conversion ("bits": 0.23 ms per 4096 x 8192 block on an H100, where the table's gather took
+        2.5 ms; the features themselves no longer unpack on a GPU, see fill_rows); on a CPU, the table lookup
+        ("table": 20 ms per 4096 x 1024 block on 2 cores, bit operations 55 ms)."""
         import torch
 
         method = method or ("bits" if packed.is_cuda else "table")
@@ -192,12 +207,29 @@ class RademacherProjector:
         else:
             torch.index_select(self._table(out.dtype), 0, packed.reshape(-1).long(), out=out.view(-1, 8))
 
+    def fill_rows(self, blocks: Sequence[tuple[str, int, int]], out: torch.Tensor) -> None:
+        """out[:sum rows] (columns contiguous, at least proj_dim of them) = the +-1 signs of blocks (name, chunk,
+        rows) one after the other (rows <= CHUNK_ELEMS: a partial block's first rows); columns past proj_dim hold
+        anything. One kernel launch on a GPU, a draw (or cache hit) and an unpack per block on a CPU."""
+        if self.fused:
+            from synth_core.influence_kernels import rademacher_signs
+
+            rademacher_signs(
+                [self._block_seed(n, c) for n, c, _ in blocks], [r for _, _, r in blocks], out, self.proj_dim
+            )
+            self.blocks_drawn += len(blocks)
+            return
+        row = 0
+        for name, chunk, rows in blocks:
+            self._unpack_into(self.packed_signs(name, chunk)[:rows], out[row : row + rows, : 8 * self._packed_cols])
+            row += rows
+
     def block(self, name: str, chunk: int) -> torch.Tensor:
         """Rows of R for chunk `chunk` of parameter `name`: [CHUNK_ELEMS, proj_dim] float32 (+-1/sqrt(proj_dim))."""
         import torch
 
-        out = torch.empty(CHUNK_ELEMS, 8 * self._packed_cols, dtype=torch.float32, device=self.device)
-        self._unpack_into(self.packed_signs(name, chunk), out)
+        out = torch.empty(CHUNK_ELEMS, self.width, dtype=torch.float32, device=self.device)
+        self.fill_rows([(name, chunk, CHUNK_ELEMS)], out)
         return out[:, : self.proj_dim].mul_(self.scale)  # exact: +-1 scaled by one constant
 
     def project_flat(
@@ -220,15 +252,17 @@ class RademacherProjector:
             out = torch.zeros(flat.shape[0], self.proj_dim, dtype=torch.float32, device=self.device)
         if sum(n for _, n in layout) != flat.shape[1]:
             raise ValueError(f"layout covers {sum(n for _, n in layout)} elements, flat has {flat.shape[1]}")
-        width = 8 * self._packed_cols
+        width = self.width
         if group_bytes is None:
             group_bytes = 2**30 if self.device.type == "cuda" else 2**28
         group_rows = max(1, group_bytes // (width * flat.element_size() * CHUNK_ELEMS)) * CHUNK_ELEMS
         group_rows = min(group_rows, max(CHUNK_ELEMS, flat.shape[1]))  # a block's rows always fit
         buf = torch.empty(group_rows, width, dtype=flat.dtype, device=self.device)
         filled, first = 0, 0  # rows of buf in use; flat column of buf's first row
+        pending: list[tuple[str, int, int]] = []  # the blocks of buf's rows
 
         def flush() -> None:
+            self.fill_rows(pending, buf)
             part = flat[:, first : first + filled]
             r = buf[:filled, : self.proj_dim]
             if flat.dtype == torch.float32:
@@ -242,8 +276,8 @@ class RademacherProjector:
                 rows = min(CHUNK_ELEMS, numel - chunk * CHUNK_ELEMS)
                 if filled + rows > group_rows:
                     flush()
-                    first, filled = column, 0
-                self._unpack_into(self.packed_signs(name, chunk)[:rows], buf[filled : filled + rows])
+                    first, filled, pending = column, 0, []
+                pending.append((name, chunk, rows))
                 filled += rows
                 column += rows
         if filled:
@@ -269,12 +303,12 @@ class RademacherProjector:
         import torch
 
         out = torch.empty(sum(n for _, n in shapes), self.proj_dim, dtype=torch.float32, device=self.device)
-        block = torch.empty(CHUNK_ELEMS, 8 * self._packed_cols, dtype=torch.float32, device=self.device)
+        block = torch.empty(CHUNK_ELEMS, self.width, dtype=torch.float32, device=self.device)
         row = 0
         for name, numel in shapes:
             for chunk in range(math.ceil(numel / CHUNK_ELEMS)):
                 rows = min(CHUNK_ELEMS, numel - chunk * CHUNK_ELEMS)
-                self._unpack_into(self.packed_signs(name, chunk)[:rows], block[:rows])
+                self.fill_rows([(name, chunk, rows)], block)
                 out[row : row + rows] = block[:rows, : self.proj_dim]
                 row += rows
         return out.mul_(self.scale)
@@ -346,12 +380,14 @@ def _cut_rows(rows: Sequence[Row], limit: int) -> tuple[list[Row], list[int], li
     return cut, truncated, no_answer
 
 
-def _pad(rows: Sequence[Row], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, labels, attention_mask), each [b, t] int64 on the device."""
+def _pad(rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, labels), each [b, t] int64 on the CPU (labels IGNORE_INDEX on padding).
+
+    Right padding is what lets the batched pass run without an attention mask (see _backward_per_sample)."""
     from synth_core.train import pad_batch
 
-    batch = pad_batch(rows, pad_id=0)  # pad id 0: masked everywhere, any id would do
-    return batch["input_ids"].to(device), batch["labels"].to(device), batch["attention_mask"].to(device)
+    batch = pad_batch(rows, pad_id=0)  # pad id 0: never attended to by a real position, any id would do
+    return batch["input_ids"], batch["labels"]
 
 
 def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -369,58 +405,231 @@ def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return ce.sum(dim=1) / counts.clamp_min(1)
 
 
-def _backward_per_sample(
-    model: Any,
-    linears: dict[str, torch.nn.Linear],
-    ids: torch.Tensor,
-    labels: torch.Tensor,
-    mask: torch.Tensor,
-    on_grad: Callable[[str, torch.Tensor], None],
-) -> None:
-    """One forward and one backward pass of a padded batch; on_grad(name, [b, out, in] float32) per LoRA weight.
+@dataclass(frozen=True)
+class LoraLayer:
+    """One peft LoRA linear as the batched pass computes it: y = base(x) + scaling B A x."""
 
-    The per-sample gradient of W is einsum('bto,bti->boi', g, x): g the gradient of the summed per-sample losses
-    at the layer's output, x its input. on_grad is called during the backward pass, layer by layer (last first).
+    module: Any  # peft lora.Linear (its base_layer, lora_A[adapter], lora_B[adapter])
+    name_a: str  # weight names as in model.named_parameters() (keys of lora_linears)
+    name_b: str
+    adapter: str
+    scaling: float
+
+
+def lora_layers(model: Any) -> list[LoraLayer]:
+    """The peft LoRA linears of a model, each with its one active adapter; they cover every lora_linears weight.
+
+    The batched pass replaces their forward (see `_lora_function`), so it accepts only what that forward computes
+    exactly: plain LoRA (no DoRA or other variant), one active adapter, not merged, adapters enabled, weights not
+    transposed (fan_in_fan_out), an nn.Linear base. Anything else is an InfluenceError, never a silent fallback.
     """
     import torch
 
-    keep = mask[..., None].to(torch.float32)  # [b, t, 1]: padding positions contribute nothing
+    linears = lora_linears(model)
+    weight_name = {id(lin): name for name, lin in linears.items()}
+    layers = []
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or not len(lora_a):
+            continue
+        active = [a for a in getattr(module, "active_adapters", []) if a in lora_a]
+        problem = None
+        if len(active) != 1:
+            problem = f"{len(active)} active adapters (one is supported)"
+        elif getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+            problem = "merged or disabled adapters"
+        elif active[0] in getattr(module, "lora_variant", {}):
+            problem = f"a LoRA variant ({type(module.lora_variant[active[0]]).__name__})"
+        elif getattr(module, "fan_in_fan_out", False) or not isinstance(module.base_layer, torch.nn.Linear):
+            problem = "a base layer that is not a plain nn.Linear"
+        if problem:
+            raise InfluenceError(f"LoRA layer '{name}' has {problem}: per-sample gradients cover plain LoRA only")
+        ad = active[0]
+        layers.append(
+            LoraLayer(
+                module,
+                weight_name[id(module.lora_A[ad])],
+                weight_name[id(module.lora_B[ad])],
+                ad,
+                float(module.scaling[ad]),
+            )
+        )
+    covered = {n for layer in layers for n in (layer.name_a, layer.name_b)}
+    if covered != set(linears):
+        raise InfluenceError(f"LoRA weights outside an active adapter: {sorted(set(linears) - covered)[:3]}")
+    return layers
 
-    def capture(name: str):
-        def forward_hook(module, args, output):
-            x = args[0].detach()
 
-            def grad_hook(g: torch.Tensor) -> None:
-                dtype = torch.promote_types(g.dtype, torch.float32)  # fp32, or fp64 for a float64 reference
-                on_grad(name, torch.einsum("bto,bti->boi", g.to(dtype) * keep.to(dtype), x.to(dtype)))
+@functools.cache
+def _lora_function() -> Any:
+    """The autograd function of a LoRA branch that hands out per-sample weight gradients during the backward pass.
 
-            output.register_hook(grad_hook)
+    forward(x [b, t, in], A [r, in], sB [out, r] (B times the LoRA scaling s), s) = (x A^T) (sB)^T, in x's dtype
+    (bf16 on a bf16 GPU model: peft would cast x to the fp32 adapter weights, which made every LoRA matmul and
+    the per-sample outer products run in fp32, and multiply the [b, t, out] output by s). backward(gy [b, t, out]):
+    with gh = gy sB, the per-sample gradients are dB_b = s sum_t gy_bt h_bt^T [out, r] (h = x A^T, kept from the
+    forward pass) and dA_b = sum_t gh_bt x_bt^T [r, in], one batched matmul each, handed to on_grad(name,
+    [b, *shape]); the input's gradient gh A goes on down the graph. x itself is not copied: the base layer keeps
+    the same tensor for its backward.
+    """
+    import torch
 
-        return forward_hook
+    class LoraPerSampleGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, a, sb, scaling, layer, on_grad):
+            h = x @ a.T
+            ctx.save_for_backward(x, h, a, sb)
+            ctx.scaling, ctx.layer, ctx.on_grad = scaling, layer, on_grad
+            return h @ sb.T
 
+        @staticmethod
+        def backward(ctx, gy):
+            x, h, a, sb = ctx.saved_tensors
+            gh = gy @ sb
+            grad_b = torch.bmm(gy.transpose(1, 2), h)
+            ctx.on_grad(ctx.layer.name_b, grad_b.mul_(ctx.scaling) if ctx.scaling != 1 else grad_b)
+            ctx.on_grad(ctx.layer.name_a, torch.bmm(gh.transpose(1, 2), x))
+            return (gh @ a if ctx.needs_input_grad[0] else None), None, None, None, None, None
+
+    return LoraPerSampleGrad
+
+
+# Positions of the LM head's fused cross-entropy per chunk: chunk x vocab fp32 logits stay under 2^28 elements
+# (1 GiB; a 128k vocabulary gives chunks of 2,093 positions).
+HEAD_CHUNK_ELEMS = 2**28
+
+
+@functools.cache
+def _head_ce_function() -> Any:
+    """The autograd function of sum_i w_i CE(h_i W^T, y_i) over selected positions, chunked, with its gradient.
+
+    forward(h [n, hidden], W [vocab, hidden], y [n] int64, w [n]) -> a float32 scalar. Each chunk's
+    logits are computed (in h's dtype, as the model's head would, then fp32), reduced to the loss and turned at
+    once into the gradient (w (softmax - onehot)) W: only grad_h [n, hidden] is kept for the backward pass, where
+    autograd's cross-entropy would keep the logits, their fp32 copy and the log-softmax ([n, vocab] each; 12 GB
+    for 7k positions of Llama 3's 128k vocabulary). The head's weight is frozen: no gradient for it.
+    """
+    import torch
+
+    class HeadCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, weight, targets, weights):
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            weights = weights.to(torch.float32)
+            grad_h = torch.empty_like(h)
+            chunk = max(1, HEAD_CHUNK_ELEMS // weight.shape[0])
+            for s in range(0, h.shape[0], chunk):
+                e = min(s + chunk, h.shape[0])
+                # fp32 whatever h's dtype, with torch's own cross-entropy kernels: what transformers' loss computes
+                # (it upcasts with .float(), even from float64), so the loop reference agrees to rounding
+                logits = (h[s:e] @ weight.T).float().requires_grad_(True)  # [c, vocab]
+                with torch.enable_grad():
+                    loss = (
+                        torch.nn.functional.cross_entropy(logits, targets[s:e], reduction="none") * weights[s:e]
+                    ).sum()
+                    (grad_logits,) = torch.autograd.grad(loss, logits)
+                total += loss.detach()
+                del logits
+                grad_h[s:e] = grad_logits.to(h.dtype) @ weight
+            ctx.save_for_backward(grad_h)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_total):
+            (grad_h,) = ctx.saved_tensors
+            return grad_h * grad_total.to(grad_h.dtype), None, None, None
+
+    return HeadCrossEntropy
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on the device without waiting for the device's queue (pinned memory, asynchronous copy)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _backward_per_sample(
+    model: Any,
+    layers: Sequence[LoraLayer],
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    on_grad: Callable[[str, torch.Tensor], None],
+    device: torch.device,
+) -> None:
+    """One forward and one backward pass of a right-padded batch (ids, labels: [b, t] int64 on the CPU);
+    on_grad(name, [b, *shape]) per LoRA weight, in the model's compute dtype (x's: bf16 on a bf16 GPU model, else
+    that of the fp32/fp64 model), layer by layer (last first).
+
+    What the pass leaves out, and why it stays exact:
+    - The attention mask: rows are right-padded, so under the causal mask a real position attends only to real
+      positions; padding positions feed only later (padding) positions, carry no loss, and get a gradient of
+      exactly 0, so they add nothing to the outer products. Without a mask SDPA takes its causal flash kernel.
+    - Logits where no loss is taken: the decoder's hidden states of the positions whose next token is a response
+      token ([n, hidden], about half the tokens) go through the LM head and the fp32 cross-entropy, chunked
+      (`_head_ce_function`); the other positions' logits would get a zero gradient. Models that post-process
+      their logits (soft-capping, a logit scale) are refused rather than silently computed without it.
+    - Weight gradients: the LoRA weights are frozen during the pass and the graph is rooted at the input
+      embeddings; each LoRA branch runs as `_lora_function`, which forms the per-sample gradients instead.
+    The positions and weights are computed on the CPU, so the pass never waits for the device.
+    """
+    import torch
+
+    config = model.config
+    post = [a for a in ("final_logit_softcapping", "logit_scale") if getattr(config, a, None) not in (None, 1.0)]
+    head = model.get_output_embeddings()
+    if post or not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        raise InfluenceError(f"the model's LM head is not a plain linear map ({post or type(head).__name__})")
+    b, t = ids.shape
+    selected = labels[:, 1:] != IGNORE_INDEX  # [b, t-1]: position j predicts token j+1
+    rows, cols = selected.nonzero(as_tuple=True)
+    counts = selected.sum(dim=1)
+    # position i's weight 1/count(its row): the weighted sum over positions is the sum of per-row mean losses
+    position_weights = _to_device((1.0 / counts.clamp_min(1).to(torch.float64))[rows], device)
+    positions = _to_device(rows * t + cols, device)  # flat indices into [b * t]
+    targets = _to_device(labels[:, 1:][selected], device)
+    fn = _lora_function()
     roots: list[torch.Tensor] = []
 
     def root_graph(module, args, output):
-        # With every weight frozen, the graph starts here: the backward pass reaches each LoRA output (whose
-        # gradient the hooks need) and computes no weight gradient, which the hooks compute per sample instead.
         output.requires_grad_(True)
         roots.append(output)
 
-    lora_weights = [lin.weight for lin in linears.values()]
+    def lean_forward(layer: LoraLayer):
+        base = layer.module.base_layer
+        lin_a, lin_b = layer.module.lora_A[layer.adapter], layer.module.lora_B[layer.adapter]
+
+        def forward(x, *args, **kwargs):
+            if x.dim() != 3:
+                raise InfluenceError(f"LoRA input of shape {tuple(x.shape)}: [batch, tokens, features] expected")
+            a, sb = lin_a.weight.detach().to(x.dtype), (lin_b.weight.detach() * layer.scaling).to(x.dtype)
+            return base(x, *args, **kwargs) + fn.apply(x, a, sb, layer.scaling, layer, on_grad)
+
+        return forward
+
+    decoder = (model.get_base_model() if hasattr(model, "get_base_model") else model).get_decoder()
+    handle = model.get_input_embeddings().register_forward_hook(root_graph)
+    lora_weights = [m[layer.adapter].weight for layer in layers for m in (layer.module.lora_A, layer.module.lora_B)]
     was_trainable = [w.requires_grad for w in lora_weights]
-    handles = [model.get_input_embeddings().register_forward_hook(root_graph)]
-    handles += [lin.register_forward_hook(capture(name)) for name, lin in linears.items()]
     try:
+        for layer in layers:
+            layer.module.forward = lean_forward(layer)  # an instance attribute shadows peft's forward
         for w in lora_weights:
             w.requires_grad_(False)
-        with torch.enable_grad(), _attention_kernels(ids.device):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            total = per_sample_losses(logits, labels).sum()  # sum of per-sample means: each row keeps its own
-            del logits
+        with torch.enable_grad(), _attention_kernels(device):
+            hidden = decoder(input_ids=_to_device(ids, device), use_cache=False).last_hidden_state  # [b, t, hidden]
+            if hidden.shape[:2] != (b, t):
+                raise InfluenceError(
+                    f"the decoder returned hidden states of shape {tuple(hidden.shape)} for {b} x {t}"
+                )
+            chosen = hidden.reshape(b * t, -1).index_select(0, positions)
+            total = _head_ce_function().apply(chosen, head.weight.detach(), targets, position_weights)
+            del hidden, chosen
             torch.autograd.grad(total, roots)
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
+        for layer in layers:
+            layer.module.__dict__.pop("forward", None)
         for w, flag in zip(lora_weights, was_trainable, strict=True):
             w.requires_grad_(flag)
 
@@ -469,25 +678,26 @@ def per_sample_grads(
     model.eval()
     dev = _device_of(model, device)
     cut, _, _ = _cut_rows(rows, _token_limit(model, max_seq_len))
-    linears = lora_linears(model)
-    out = {name: torch.zeros(len(cut), *lin.weight.shape) for name, lin in linears.items()}
+    layers = lora_layers(model)
+    out = {name: torch.zeros(len(cut), *lin.weight.shape) for name, lin in lora_linears(model).items()}
     for start in range(0, len(cut), batch_size):
         idx = list(range(start, min(start + batch_size, len(cut))))
 
         def keep(name: str, g: torch.Tensor, idx: list[int] = idx) -> None:
             out[name][idx] = g.to("cpu", torch.float32)
 
-        _backward_per_sample(model, linears, *_pad([cut[i] for i in idx], dev), keep)
+        _backward_per_sample(model, layers, *_pad([cut[i] for i in idx]), keep, dev)
     return out
 
 
 def projection_dtype(model: Any, device: torch.device) -> torch.dtype:
     """The dtype of the projection's matmul: bfloat16 on a GPU when the base model runs in bf16, else float32.
 
-    Per-sample gradients and their Adam preconditioning are always float32; on a bf16 GPU they are rounded to bf16
-    for the matmul with R (+-1 exact), whose products are summed in float32. A relative rounding of 2^-9 per
-    element moves a unit feature by about 2^-9 in a random direction (cosines by ~1e-5), and bf16 runs the H100's
-    tensor cores at twice tf32's rate with half the gradient buffer.
+    On a bf16 GPU model the per-sample gradients come out of bf16 matmuls (summed over tokens in fp32, rounded to
+    bf16), are Adam-preconditioned in fp32 and rounded to bf16 for the matmul with R (+-1 exact), whose products
+    are summed in float32. A relative rounding of 2^-9 per element moves a unit feature by about 2^-9 in a random
+    direction (cosines by ~1e-5), and bf16 runs the H100's tensor cores at twice tf32's rate with half the
+    gradient buffer. Elsewhere everything is float32 (float64 for a float64 model's gradients).
     """
     import torch
 
@@ -504,6 +714,10 @@ def default_projection_rows(num_params: int, batch_size: int, dtype: torch.dtype
 
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
+        # What the caching allocator holds but does not use is free to this process too: after the benchmark's
+        # loop had freed its dense R, mem_get_info alone left 16 rows per pass instead of 256 (d=8192: 28 vs 45
+        # samples/s on an H100, the random matrix drawn 16 times).
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = min(free // 4, 32 * 2**30)
     else:
         budget = min(_available_bytes() // 4, 2 * 2**30)
@@ -556,10 +770,18 @@ def compute_grad_features(
     if not cut:
         return result
     linears = lora_linears(model)
+    layers = lora_layers(model)
     adam = _adam_on(optimizer_state, list(linears), dev) if optimizer_state is not None else None
     layout = [(name, lin.weight.numel()) for name, lin in linears.items()]
     offsets = dict(zip(linears, [sum(n for _, n in layout[:i]) for i in range(len(layout))], strict=True))
     dtype = projection_dtype(model, dev)
+    kernels = None
+    if dev.type == "cuda":
+        from synth_core import influence_kernels as kernels
+    if adam is not None:  # flat [numel] fp32 moments, as the fused kernel reads them
+        adam = {
+            n: (m.reshape(-1).float().contiguous(), v.reshape(-1).float().contiguous()) for n, (m, v) in adam.items()
+        }
     if projection_rows is None:
         projection_rows = cfg.projection_rows
     if projection_rows is None:
@@ -575,18 +797,28 @@ def compute_grad_features(
             slot = slice(start, start + len(idx))
 
             def keep(name: str, g: torch.Tensor, slot: slice = slot) -> None:
-                if adam is not None:
-                    g = adam_precondition(g, *adam[name], optimizer_state.betas, optimizer_state.eps)
-                grads[slot, offsets[name] : offsets[name] + g[0].numel()] = g.reshape(g.shape[0], -1)
+                g = g.reshape(g.shape[0], -1)
+                dst = grads[slot, offsets[name] : offsets[name] + g.shape[1]]
+                if adam is None:
+                    dst.copy_(g)
+                elif kernels is not None:  # one fused pass on a GPU (influence_kernels: ~4 bytes/element)
+                    kernels.adam_precondition_into(g, *adam[name], optimizer_state.betas, optimizer_state.eps, dst)
+                else:
+                    g = g.to(torch.promote_types(g.dtype, torch.float32))
+                    dst.copy_(adam_precondition(g, *adam[name], optimizer_state.betas, optimizer_state.eps))
 
-            _backward_per_sample(model, linears, *_pad([cut[i] for i in idx], dev), keep)
+            _backward_per_sample(model, layers, *_pad([cut[i] for i in idx]), keep, dev)
             result.tokens += sum(len(cut[i]["input_ids"]) for i in idx)
             if progress is not None:
                 progress(pass_start + start + len(idx), len(order))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # the pass's gradients are done: what follows is the projection's time
+        t_proj = time.perf_counter()
         acc = projector.project_flat(grads[: len(in_pass)], layout)
         # A zero gradient (no response token) stays a zero feature instead of 0/0.
         acc /= acc.norm(dim=1, keepdim=True).clamp_min(1e-30)
         feats[in_pass] = acc.to(torch.float16).cpu()
+        result.projection_seconds += time.perf_counter() - t_proj
     result.seconds = time.perf_counter() - t0
     return result
 

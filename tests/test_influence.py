@@ -174,7 +174,7 @@ def test_packed_signs_unpack_bit_by_bit_for_any_proj_dim():
         assert torch.equal(proj.block("w", 0), (bits * 2 - 1).float() / math.sqrt(d))
         by_table, by_bits = (torch.empty(4096, 8 * packed.shape[1]) for _ in range(2))
         proj._unpack_into(packed, by_table, method="table")
-        proj._unpack_into(packed, by_bits, method="bits")  # the GPU's way, checked here on the CPU
+        proj._unpack_into(packed, by_bits, method="bits")  # the GPU's way for packed blocks, checked on the CPU
         assert torch.equal(by_table, by_bits) and torch.equal(by_bits[:, :d], (bits * 2 - 1).float())
 
 
@@ -237,6 +237,82 @@ def test_bfloat16_projection_stays_close_to_float32():
     rounded = proj.project_flat(x.to(torch.bfloat16), layout)
     assert rounded.dtype == torch.float32
     assert ((rounded - exact).norm(dim=1) / exact.norm(dim=1)).max().item() < 1e-2
+
+
+def test_triton_kernels_match_torch_in_the_interpreter():
+    """The GPU's Triton kernels (Adam preconditioning into a strided buffer, Rademacher blocks) run here on the CPU
+    through Triton's interpreter: the Adam direction matches the torch formula, the signs are +-1 in the first
+    proj_dim columns only, a block's signs do not depend on the blocks drawn with it. (The interpreter mishandles
+    bf16 stores, so float32/float16 outputs are checked; the benchmark's --profile checks bf16 on the GPU.) In a
+    child process: TRITON_INTERPRET must be set before triton is first imported."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = (
+        "import importlib.util, sys; spec = importlib.util.spec_from_file_location('t', sys.argv[1]); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m.check_kernels_interpreted()"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", code, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def check_kernels_interpreted() -> None:
+    """The body of the test above, run in a process with TRITON_INTERPRET=1."""
+    import torch
+
+    from synth_core import influence_kernels as kernels
+
+    g = torch.Generator().manual_seed(0)
+    grads = torch.randn(3, 5000, generator=g) * 1e-3
+    m, v = torch.randn(5000, generator=g) * 1e-3, torch.rand(5000, generator=g) * 1e-5
+    expected = adam_precondition(grads, m, v, (0.9, 0.999), 1e-8)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float16, 2e-3)):
+        out = torch.zeros(3, 6000, dtype=dtype)
+        kernels.adam_precondition_into(grads, m, v, (0.9, 0.999), 1e-8, out[:, 500:5500])
+        err = ((out[:, 500:5500].float() - expected).norm(dim=1) / expected.norm(dim=1)).max().item()
+        assert err < tol and not out[:, :500].any() and not out[:, 5500:].any(), (dtype, err)
+    with pytest.raises(ValueError):
+        kernels.adam_precondition_into(grads, m[:10], v, (0.9, 0.999), 1e-8, out[:, :5000])
+
+    # the GPU's Rademacher blocks: +-1 in the first proj_dim columns only, a block the same whichever blocks share
+    # the launch (a partial block = the first rows of the full one), different seeds different signs, balanced
+    together = torch.zeros(4096 + 300, 112)
+    kernels.rademacher_signs([2**62 + 7, 12345], [4096, 300], together, 100)
+    alone, full = torch.zeros(300, 112), torch.zeros(4096, 112)
+    kernels.rademacher_signs([12345], [300], alone, 100)
+    kernels.rademacher_signs([12345], [4096], full, 100)
+    assert torch.equal(together[4096:], alone) and torch.equal(alone, full[:300])
+    assert together[:, :100].abs().eq(1).all() and not together[:, 100:].any()
+    assert not torch.equal(together[:300], alone) and abs(together[:, :100].mean().item()) < 0.01
+
+
+def test_batched_pass_restores_the_model_and_refuses_lora_variants(ckpt, tiny_model):
+    """The batched pass swaps each LoRA layer's forward for its own and freezes the LoRA weights only while it
+    runs; a LoRA it does not compute exactly (DoRA) is refused with a clear error, not approximated."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from synth_core.influence import lora_layers
+    from synth_core.models import resolve_model
+
+    ids = torch.tensor([_rows([(12, 3)])[0]["input_ids"]])
+    before = ckpt.model(input_ids=ids).logits
+    compute_grad_features(ckpt.model, _rows([(12, 3), (9, 2)]), CFG)
+    assert all("forward" not in layer.module.__dict__ for layer in lora_layers(ckpt.model))
+    assert all(p.requires_grad == ("lora_" in n) for n, p in ckpt.model.named_parameters())
+    assert torch.equal(ckpt.model(input_ids=ids).logits, before)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(tiny_model).path, dtype=torch.float32)
+    dora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(InfluenceError, match="not LoRA A/B weights.*magnitude"):
+        lora_layers(dora)
+    for name, p in dora.named_parameters():
+        p.requires_grad_("lora_A" in name or "lora_B" in name)  # a frozen magnitude is still DoRA's forward
+    with pytest.raises(InfluenceError, match="LoRA variant"):
+        lora_layers(dora)
 
 
 def test_adam_preconditioning_matches_the_formula_by_hand():
