@@ -14,9 +14,12 @@ The loop materialises R [num_lora_params, proj_dim] float32: the projection dime
 up to --proj-dim whose dense matrix fits --dense-budget-gib, used for both paths (the table says which); the
 batched path is timed at the full --proj-dim as well.
 
-Model FLOPs per row of T tokens: forward 2 N T + activation backward 2 N T (N: weights of every matrix multiply;
-no weight gradient is formed by autograd), LoRA 6 N_lora T (its forward, backward and the per-sample outer
-products), attention 12 layers x hidden x T^2, and the projection 2 N_lora proj_dim.
+Model FLOPs per row of T tokens, S of them predicting a response token: forward 2 N T + activation backward
+2 N T (N: weights of every matrix multiply but the LM head; no weight gradient is formed by autograd), the LM head
+4 hidden vocab S (the loss is taken at those S positions only, so only their logits are needed: the batched path
+computes just those, the loop all T), LoRA 6 N_lora T (its forward, backward and the per-sample outer products),
+attention 12 layers x hidden x T^2 (without halving for the causal mask), and the projection 2 N_lora proj_dim.
+(Until the batched path skipped them, the head was counted at all T positions: 4 N T with N including it.)
 
 Modes:
 - CPU (default): the built-in model on rows of the built-in reference set (the synthesizer's task), LoRA r=16.
@@ -25,7 +28,7 @@ Modes:
   >= 30% of the card's bf16 rate.
 
     python bench/influence.py [--rows 16] [--loop-rows 16]
-    python bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 16 --batch-size 16
+    python bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 32 --batch-size 16 [32]
     python bench/influence.py --model builtin:random-llama-150m --rows 8 --loop-rows 4 --mean-tokens 64  (code path)
 
 Results are printed as a table and written as JSON (bench/results/influence.json or influence_<model>.json).
@@ -59,7 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rows", type=int, default=16, help="Candidate rows of the batched path.")
     ap.add_argument("--loop-rows", type=int, default=16, help="Candidate rows of the loop (the first of them).")
     ap.add_argument("--targets", type=int, default=8, help="Target rows (plain gradients, batched path).")
-    ap.add_argument("--batch-size", type=int, default=8, help="Rows per padded batch (batched path).")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        nargs="+",
+        default=[8],
+        help="Rows per padded batch (batched path); further sizes are timed at --proj-dim after the comparison.",
+    )
     ap.add_argument("--proj-dim", type=int, default=8192, help="Projection dimension (features).")
     ap.add_argument("--dense-budget-gib", type=float, default=None, help="Largest dense R of the loop (GiB).")
     ap.add_argument("--max-seq-len", type=int, default=1024, help="Token limit of a row.")
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from synth_core.models import resolve_model, synthetic_chats
     from synth_core.procs import run_in_subprocess
-    from synth_core.train import train_model
+    from synth_core.train import IGNORE_INDEX, train_model
 
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
@@ -167,9 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         # A real checkpoint: 2 AdamW steps on 4 rows, in its own process (its memory is gone afterwards).
         trained = run_in_subprocess(train_model, base.path, chats[:4], tc, f"{tmp}/train", args.model)
-        cfg = InfluenceConfig(
-            proj_dim=args.proj_dim, batch_size=args.batch_size, max_seq_len=args.max_seq_len, seed=args.seed
-        )
+        batch = args.batch_size[0]
+        cfg = InfluenceConfig(proj_dim=args.proj_dim, batch_size=batch, max_seq_len=args.max_seq_len, seed=args.seed)
         ckpt = load_checkpoint_for_influence(trained.checkpoints[-1], cfg, device=device)
         tok = AutoTokenizer.from_pretrained(base.path)
         rows = encode_rows(tok, chats)
@@ -193,10 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         for c in {dim: small, args.proj_dim: cfg}.values():  # warm-up (kernels, cuBLAS heuristics per shape)
             batched(ckpt.model, cands[: min(2, len(cands))], c, optimizer_state=ckpt.adam)
         if args.profile:
-            profile_batched(batched, ckpt, cands[: 2 * args.batch_size], cfg, device)
+            profile_batched(batched, ckpt, cands[: 2 * batch], cfg, device)
             return 0
         tgt = batched(ckpt.model, targets, small)
         results: list[dict[str, Any]] = []
+        oom: list[int] = []  # further batch sizes that ran out of memory
 
         def timed(name: str, fn, rows_, c):
             with memory_peak(device) as mem:
@@ -207,36 +216,55 @@ def main(argv: list[str] | None = None) -> int:
                 secs = time.perf_counter() - t0
             tokens = sum(min(len(r["input_ids"]), args.max_seq_len) for r in rows_)
             sq = sum(min(len(r["input_ids"]), args.max_seq_len) ** 2 for r in rows_)
-            flops = 4 * matmul_params(config) * tokens + 6 * n_lora * tokens
+            loss_positions = sum(sum(lab != IGNORE_INDEX for lab in r["labels"][1 : args.max_seq_len]) for r in rows_)
+            head = config.hidden_size * config.vocab_size
+            flops = 4 * (matmul_params(config) - head) * tokens + 4 * head * loss_positions + 6 * n_lora * tokens
             flops += 12 * config.num_hidden_layers * config.hidden_size * sq + 2 * n_lora * c.proj_dim * len(rows_)
             res = {
                 "name": name,
                 "proj_dim": c.proj_dim,
                 "rows": len(rows_),
                 "tokens": tokens,
+                "loss_positions": loss_positions,
+                "batch_size": c.batch_size if projection_rows_of(out) else 1,
                 "seconds": round(secs, 3),
                 "samples_per_s": len(rows_) / secs,
                 "tokens_per_s": tokens / secs,
                 "tflops": flops / secs / 1e12,
                 "mfu": flops / secs / rate if rate else None,
                 "peak_memory_mb": round(mem["mb"], 1),
-                "projection_rows": out.projection_rows or None,  # None: the loop (one dense matmul at the end)
+                "projection_rows": projection_rows_of(out),
+                "projection_s": round(out.projection_seconds, 3) if projection_rows_of(out) else None,
             }
             results.append(res)
-            print(f"{name}: {res['samples_per_s']:.2f} samples/s, peak {res['peak_memory_mb']:.0f} MiB", flush=True)
+            print(
+                f"{name} d={c.proj_dim}: {res['samples_per_s']:.2f} samples/s, peak {res['peak_memory_mb']:.0f} MiB"
+                + (f", of {secs:.2f} s {res['projection_s']:.2f} s projecting" if res["projection_s"] else ""),
+                flush=True,
+            )
             return out
 
-        fast = timed(f"batched (batch {args.batch_size})", batched, cands, small)
+        fast = timed(f"batched (batch {batch})", batched, cands, small)
         slow = timed("LESS loop (batch 1, dense R)", grad_features_loop, cands[: args.loop_rows], small)
         if dim != args.proj_dim:
-            timed(f"batched (batch {args.batch_size})", batched, cands, cfg)
+            timed(f"batched (batch {batch})", batched, cands, cfg)
+        for other in args.batch_size[1:]:
+            c = cfg.model_copy(update={"batch_size": other})
+            try:
+                batched(ckpt.model, cands[: min(2, len(cands))], c, optimizer_state=ckpt.adam)  # warm-up
+                timed(f"batched (batch {other})", batched, cands, c)
+            except torch.OutOfMemoryError as exc:  # reported, and the other results are still written
+                print(f"batched (batch {other}): out of memory ({str(exc).splitlines()[0]})", flush=True)
+                oom.append(other)
+                torch.cuda.empty_cache()
         k = args.loop_rows
         s_fast = influence_scores([fast.feats[:k]], [tgt.feats], [1.0])
         s_slow = influence_scores([slow.feats], [tgt.feats], [1.0])
         rho = spearman(s_fast, s_slow)
         max_diff = float((s_fast - s_slow).abs().max())
     speedup = results[0]["samples_per_s"] / results[1]["samples_per_s"]
-    speedup_full = results[-1]["samples_per_s"] / results[1]["samples_per_s"]  # batched at --proj-dim vs the loop
+    full = results[2] if dim != args.proj_dim else results[0]  # the first batch size at --proj-dim
+    speedup_full = full["samples_per_s"] / results[1]["samples_per_s"]  # batched at --proj-dim vs the loop
     headers = [
         "path",
         "proj_dim",
@@ -283,8 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     if rate:
         goals += (
             f"; >= {100 * GOAL_MFU:.0f}% of {rate / 1e12:.0f} TFLOP/s ({rate_how}): {100 * results[0]['mfu']:.1f}% "
-            f"at d={results[0]['proj_dim']}, {100 * results[-1]['mfu']:.1f}% at d={results[-1]['proj_dim']}"
+            f"at d={results[0]['proj_dim']}, {100 * full['mfu']:.1f}% at d={full['proj_dim']}"
         )
+        for r in results[3:] if dim != args.proj_dim else results[2:]:
+            goals += f", {100 * r['mfu']:.1f}% with batch {r['batch_size']} at d={r['proj_dim']}"
+    if oom:
+        goals += f"; out of memory at batch {', '.join(map(str, oom))}"
     print(goals)
     name = (
         "influence.json"
@@ -302,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             "matmul_rate_flops": rate,
             "matmul_rate_how": rate_how,
             "speedup": speedup,
+            "out_of_memory_batch_sizes": oom,
             "speedup_batched_full_dim": speedup_full,
             "spearman": rho,
             "max_score_diff": max_diff,
@@ -313,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     return 0
+
+
+def projection_rows_of(out) -> int | None:
+    return out.projection_rows or None  # None: the loop (one dense matmul at the end)
 
 
 def profile_batched(batched, ckpt, rows, cfg, device: str) -> None:
@@ -348,14 +385,39 @@ def profile_batched(batched, ckpt, rows, cfg, device: str) -> None:
         return (time.perf_counter() - t0) / n * 1e3
 
     packed = proj.packed_signs("w", 0)
+    methods = ("table", "bits")
     timings = {
         "draw": per_block(lambda i: proj.packed_signs("w", i)),
-        **{
-            f"unpack by {m}": per_block(lambda i, m=m: proj._unpack_into(packed, buf, method=m))
-            for m in ("table", "bits")
-        },
+        **{f"unpack by {m}": per_block(lambda i, m=m: proj._unpack_into(packed, buf, method=m)) for m in methods},
     }
+    if on_gpu:  # what the GPU runs: Philox words drawn and unpacked by one kernel, 16 blocks a launch
+        group = torch.empty(16 * CHUNK_ELEMS, proj.width, dtype=dtype, device=device)
+        timings["draw+unpack fused (16 a launch)"] = (
+            per_block(lambda i: proj.fill_rows([("w", 16 * i + j, CHUNK_ELEMS) for j in range(16)], group)) / 16
+        )
+        del group
     print(f"per block of {CHUNK_ELEMS} x {cfg.proj_dim}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in timings.items()))
+    by_method = {}
+    for m in methods:  # the same signs whichever way they are unpacked (the Triton kernel in bf16 on the GPU)
+        buf.fill_(0)
+        proj._unpack_into(packed, buf, method=m)
+        by_method[m] = buf.clone()
+    same = all(torch.equal(by_method["bits"], v) for v in by_method.values())
+    if on_gpu:  # the fused Adam kernel writing bf16 against torch's fp32 formula
+        from synth_core.influence import adam_precondition
+        from synth_core.influence_kernels import adam_precondition_into
+
+        g = torch.randn(4, 2**20, device=device) * 1e-3
+        m, v = torch.randn(2**20, device=device) * 1e-3, torch.rand(2**20, device=device) * 1e-5
+        ref = adam_precondition(g, m, v, (0.9, 0.999), 1e-8)
+        fused = torch.empty(4, 2**20, dtype=torch.bfloat16, device=device)
+        adam_precondition_into(g.bfloat16().contiguous(), m, v, (0.9, 0.999), 1e-8, fused)
+        err = float(((fused.float() - ref).norm(dim=1) / ref.norm(dim=1)).max())
+        print(f"fused Adam kernel (bf16 in and out) vs torch fp32: relative error {err:.1e}")
+        same = same and err < 1e-2
+    print(f"unpack methods {', '.join(methods)} agree bit for bit in {dtype}: {same}")
+    if not same:
+        raise SystemExit("unpack methods or the Adam kernel disagree with torch")
 
 
 def _available_gib() -> float:
