@@ -273,9 +273,10 @@ class InfluenceConfig(StrictModel):
     )
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto",
-        description="Dtype of the frozen base weights; 'auto' = bf16 on GPUs that support it and on CPUs with "
-        "native bf16 matmuls (AVX512-BF16/AMX), else fp32 (LoRA "
-        "weights and gradients stay fp32; with bf16 on a GPU the projection multiplies in bf16, summing in fp32).",
+        description="Dtype of the model's pass (base and LoRA branches); 'auto' = bf16 on GPUs that support it and "
+        "on CPUs with native bf16 matmuls (AVX512-BF16/AMX), else fp32. Per-sample gradients are summed over "
+        "tokens in fp32 and Adam-preconditioned in fp32; the projection multiplies in bf16 on a bf16 GPU (fp32 sums), "
+        "else in fp32.",
     )
     max_targets: int | None = Field(
         8,
