@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/influence.py
 	$(BIN)/python bench/prefect_overhead.py
 	$(BIN)/python bench/evaluate.py
+	$(BIN)/python bench/round.py
 
 clean:
 	rm -rf scoder-data .pytest_cache .ruff_cache
