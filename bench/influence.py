@@ -85,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Only profile the batched path (two batches, one pass at --proj-dim): top kernels, then exit.",
     )
+    ap.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="Dtype of the model's pass (InfluenceConfig.dtype) for both paths; 'auto' = bf16 on a GPU or a CPU "
+        "with native bf16, as the stage runs.",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-json", default=None)
     return ap.parse_args(argv)
@@ -177,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         # A real checkpoint: 2 AdamW steps on 4 rows, in its own process (its memory is gone afterwards).
         trained = run_in_subprocess(train_model, base.path, chats[:4], tc, f"{tmp}/train", args.model)
         batch = args.batch_size[0]
-        cfg = InfluenceConfig(proj_dim=args.proj_dim, batch_size=batch, max_seq_len=args.max_seq_len, seed=args.seed)
+        cfg = InfluenceConfig(
+            proj_dim=args.proj_dim, batch_size=batch, max_seq_len=args.max_seq_len, seed=args.seed, dtype=args.dtype
+        )
         ckpt = load_checkpoint_for_influence(trained.checkpoints[-1], cfg, device=device)
         tok = AutoTokenizer.from_pretrained(base.path)
         rows = encode_rows(tok, chats)
@@ -327,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         __import__("pathlib").Path(args.out_json) if args.out_json else RESULTS_DIR / name,
         {
             "model": args.model,
+            "dtype": args.dtype,
             "device": device,
             "device_name": torch.cuda.get_device_name() if on_gpu else cpu_name(),
             "lora_r": rank,
