@@ -53,7 +53,7 @@ def select_random(
     storage = storage or StorageConfig()
     manifest = read_manifest(samples, storage)
     fmanifest = read_manifest(filtered, storage)
-    count = int(fmanifest.funnel.get("kept", fmanifest.num_rows)) if fmanifest.funnel else fmanifest.num_rows
+    count = fmanifest.kept_rows
     fp = fingerprint("random_selection", STAGE_VERSION, manifest.fingerprint, count, seed)
     out = out or join_uri(storage.root, "random_selection", fp)
     if dataset_has_fingerprint(out, fp, storage):

@@ -122,6 +122,11 @@ class Manifest:
     stats: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
+    @property
+    def kept_rows(self) -> int:
+        """Rows its stage kept (the funnel's `kept`; every row when it has no funnel)."""
+        return int(self.funnel.get("kept", self.num_rows)) if self.funnel else self.num_rows
+
     def arrow(self) -> pa.Schema:
         import pyarrow as pa
 
@@ -344,8 +349,7 @@ def read_manifest(dataset_uri: str, storage: StorageConfig | None = None) -> Man
 
 def kept_rows(dataset_uri: str, storage: StorageConfig | None = None) -> int:
     """Rows of a complete dataset that its stage kept (its funnel's `kept`; every row when it has no funnel)."""
-    m = read_manifest(dataset_uri, storage)
-    return int(m.funnel.get("kept", m.num_rows)) if m.funnel else m.num_rows
+    return read_manifest(dataset_uri, storage).kept_rows
 
 
 def read_part(
