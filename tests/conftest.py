@@ -116,6 +116,28 @@ SNIPPETS = [
 ]
 
 
+def tiny_round_config(tmp_path: Path, name: str) -> dict:
+    """A whole round on the tiny random Llama over SNIPPETS (transformers backends, threads, one iteration of two
+    seeds), storage under tmp_path/name: what the round tests start from. The source folder is written once per
+    tmp_path: the pool's fingerprint covers its files' modification times, so two rounds there share the pool."""
+    src = tmp_path / "src"
+    if not src.exists():
+        src.mkdir()
+        for i, s in enumerate(SNIPPETS):
+            (src / f"m{i}.py").write_text(s.replace("return data", "data = 1") + "\n")
+    return {
+        "storage": {"root": str(tmp_path / name)},
+        "pool": {"sources": [str(src)]},
+        "models": {"synthesizer": "builtin:tiny-random-llama"},
+        "sample": {"shard_rows": 1, "generation": {"backend": "transformers", "max_new_tokens": 8}},
+        "score": {"judge": "builtin:tiny-random-llama", "engine": {"backend": "transformers"}},
+        "train": {"epochs": 1, "num_checkpoints": 2},
+        "influence": {"proj_dim": 64},
+        "execution": {"task_runner": "threads"},
+        "round": {"iterations": 1, "snippets_per_iteration": 2, "synthesize_snippets": 2},
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     """The reference of the tiny random Llama (built once into the model cache, seconds)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SNIPPETS
+from conftest import tiny_round_config
 
 from synth_core.config import parse_config
 from synth_core.round_plan import dated_config
@@ -27,22 +27,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _config(tmp_path: Path, name: str) -> Path:
-    src = tmp_path / "src"
-    if not src.exists():  # written once: the pool's fingerprint covers its files' modification times
-        src.mkdir()
-        for i, s in enumerate(SNIPPETS):
-            (src / f"m{i}.py").write_text(s.replace("return data", "data = 1") + "\n")
-    cfg = {
-        "storage": {"root": str(tmp_path / name)},
-        "pool": {"sources": [str(src)]},
-        "models": {"synthesizer": "builtin:tiny-random-llama"},
-        "sample": {"shard_rows": 1, "generation": {"backend": "transformers", "max_new_tokens": 8}},
-        "score": {"judge": "builtin:tiny-random-llama", "engine": {"backend": "transformers"}},
-        "train": {"epochs": 1, "num_checkpoints": 2},
-        "influence": {"proj_dim": 64},
-        "execution": {"task_runner": "threads"},
-        "round": {"iterations": 1, "snippets_per_iteration": 2, "synthesize_snippets": 2},
-    }
+    cfg = tiny_round_config(tmp_path, name)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

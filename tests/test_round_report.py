@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SNIPPETS
+from conftest import tiny_round_config
 from typer.testing import CliRunner
 
 from synth_core.config import parse_config
@@ -24,38 +24,20 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
 def _round_config(tmp_path: Path) -> dict:
-    src = tmp_path / "src"
-    src.mkdir()
-    for i, s in enumerate(SNIPPETS):
-        (src / f"m{i}.py").write_text(s.replace("return data", "data = 1") + "\n")
     # A small R (8 rows of the built-in one): the three trainings of the round then take seconds, not minutes.
     ref = tmp_path / "ref.jsonl"
     ref.write_text("".join(builtin_reference_path().read_text().splitlines(keepends=True)[:8]))
-    return {
-        "storage": {"root": str(tmp_path / "work")},
-        "pool": {"sources": [str(src)]},
-        "models": {"synthesizer": "builtin:tiny-random-llama"},
-        "sample": {"shard_rows": 8, "generation": {"backend": "transformers", "max_new_tokens": 8}},
-        "score": {"judge": "builtin:tiny-random-llama", "engine": {"backend": "transformers"}},
-        "train": {"epochs": 1, "num_checkpoints": 1},
-        "influence": {"proj_dim": 64},
-        "execution": {"task_runner": "threads"},
-        "sandbox": {"timeout_s": 5},
-        "evaluation": {
-            "student": "builtin:tiny-random-llama",
-            "max_problems": 2,
-            "generation": {"backend": "transformers", "max_new_tokens": 16},
-        },
-        "round": {
-            "iterations": 1,
-            "snippets_per_iteration": 2,
-            "synthesize_snippets": 2,
-            "random_selection": True,
-            "reference": str(ref),
-            "holdout_fraction": 0.25,
-            "evaluate": True,
-        },
+    cfg = tiny_round_config(tmp_path, "work")
+    cfg["sample"]["shard_rows"] = 8
+    cfg["train"]["num_checkpoints"] = 1
+    cfg["sandbox"] = {"timeout_s": 5}
+    cfg["evaluation"] = {
+        "student": "builtin:tiny-random-llama",
+        "max_problems": 2,
+        "generation": {"backend": "transformers", "max_new_tokens": 16},
     }
+    cfg["round"].update(random_selection=True, reference=str(ref), holdout_fraction=0.25, evaluate=True)
+    return cfg
 
 
 def test_round_convergence_holdout_and_report(tmp_path):
