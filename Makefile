@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= scoder-data/demo/release
 
-.PHONY: demo test install lint format bench clean
+.PHONY: demo test install lint format bench clean browser
 
 install: $(STAMP)
 
@@ -34,7 +34,16 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+# The Prefect UI test drives Debian's chromium through playwright (playwright's own browser download needs the
+# internet). Installed here so that a fresh machine runs that test instead of skipping it; the test fails, never
+# skips, without it.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+	  || { echo "error: make test needs Debian's chromium for the Prefect UI test: apt-get install chromium failed"; exit 1; }; }
+
+test: lint browser
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

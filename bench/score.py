@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from synth_core import score
+    from synth_core import parse, score
     from synth_core.config import RunConfig
     from synth_core.models import resolve_model
     from synth_core.reference import load_reference
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 fmt_num(rec["peak_memory_mb"], 0),
             ]
         )
-    codes = [score.extract_code(c["response"]) for c in cands]
+    codes = [parse.solution_code(c["response"]) for c in cands]
     exec_rows = []
     for workers in (1, 2):
         sbx = cfg.sandbox.model_copy(update={"workers": workers})

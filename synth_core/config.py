@@ -192,6 +192,27 @@ class SampleConfig(StrictModel):
     min_instruction_chars: int = Field(40, ge=0, description="Shorter problem statements are rejected (characters).")
     max_instruction_chars: int = Field(6000, ge=1, description="Longer problem statements are rejected as too_long.")
     max_response_chars: int = Field(12000, ge=1, description="Longer solutions are rejected as too_long.")
+    screen: bool = Field(
+        True,
+        description="Reject junk that parses (synth_core.parse.screen_sample): template echoes, problems that restate "
+        "the prompt or the snippet, code that does not parse, defines nothing or has no assert.",
+    )
+    decontaminate: bool = Field(
+        True, description="Check each sample's problem and code against decontam.benchmarks (reject: contaminated)."
+    )
+    execute: bool = Field(
+        True, description="Run each remaining sample's code with its own asserts in the sandbox (exec_status column)."
+    )
+    require_passing_asserts: bool = Field(
+        True,
+        description="Keep only samples whose code ran and whose asserts passed (reject: asserts_failed); false = "
+        "record the verdict only (needs execute).",
+    )
+    constrain_format: bool = Field(
+        True,
+        description="Constrained decoding of the synthesis format (synth_core.parse.synthesis_regex: problem, then "
+        "one fenced block holding asserts): vLLM structured outputs, xgrammar in the transformers backend.",
+    )
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Sampling settings.")
 
 

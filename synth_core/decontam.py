@@ -16,6 +16,7 @@ canonical_solution, code, test_list, ...). The benchmark's name is the file's st
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 from collections import defaultdict
@@ -199,3 +200,30 @@ class BenchmarkIndex:
             label = self.items[item].label
             return Match(label, f"{self.cfg.ngram_size}-gram overlap {best:.2f} with {label} {fld}")
         return None
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_index(decontam_json: str, storage_json: str) -> BenchmarkIndex:
+    return BenchmarkIndex.from_config(
+        DecontamConfig.model_validate_json(decontam_json), StorageConfig.model_validate_json(storage_json)
+    )
+
+
+def benchmark_index(cfg: DecontamConfig, storage: StorageConfig | None = None) -> BenchmarkIndex:
+    """One benchmark index per process and config, reused by every shard it runs (the pool's and the samples')."""
+    return _cached_index(cfg.model_dump_json(), (storage or StorageConfig()).model_dump_json())
+
+
+def benchmark_stamps(cfg: DecontamConfig, storage: StorageConfig | None = None) -> list:
+    """Each configured benchmark with its file's stamp (built-in names as they are), for fingerprints: an edited
+    benchmark file re-runs the decontamination that read it."""
+    from synth_core.storage import file_stamp, get_fs
+
+    stamps: list = []
+    for spec in cfg.benchmarks:
+        if spec.lower() == "humaneval":
+            stamps.append(spec.lower())
+            continue
+        fs, path = get_fs(spec, storage)
+        stamps.append((spec, file_stamp(fs.info(path)) if fs.exists(path) else "missing"))
+    return stamps

@@ -36,6 +36,7 @@ class GenRequest:
     seed: int
     adapter: str | None = None  # a key of the generator's adapters; None = the base model
     max_new_tokens: int | None = None  # this request's cap (a long prompt leaves less room); None = config's
+    regex: str | None = None  # every completion must match it (constrained decoding); None = free text
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,8 @@ class VLLMGenerator:
 
         if not requests:
             return []
+        from vllm.sampling_params import StructuredOutputsParams
+
         cfg = self.cfg
         params = [
             SamplingParams(
@@ -145,6 +148,8 @@ class VLLMGenerator:
                 top_p=cfg.top_p,
                 max_tokens=r.max_new_tokens or cfg.max_new_tokens,
                 seed=r.seed,
+                # vLLM's structured outputs (xgrammar by default): tokens that would leave the regex are masked.
+                structured_outputs=StructuredOutputsParams(regex=r.regex) if r.regex else None,
             )
             for r in requests
         ]
@@ -226,6 +231,31 @@ class HFGenerator:
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else next(iter(self.eos_ids))
+        self._grammars: dict[str, object] = {}  # regex -> xgrammar CompiledGrammar
+
+    def _logits_processors(self, regexes: list[str | None]) -> list:
+        """xgrammar's transformers logits processor for a batch's rows (the same grammars vLLM would use), or none
+        when no row is constrained. A row without a regex in a constrained batch gets the any-text grammar."""
+        if not any(regexes):
+            return []
+        try:
+            import xgrammar as xgr
+            from xgrammar.contrib.hf import LogitsProcessor
+        except ImportError as e:  # vLLM depends on it; a transformers-only install may lack it
+            raise RuntimeError(
+                "constrained decoding with the transformers backend needs xgrammar (pip install xgrammar), "
+                "or turn the constraint off (sample.constrain_format: false)"
+            ) from e
+        if not self._grammars:
+            info = xgr.TokenizerInfo.from_huggingface(self.tok, vocab_size=self.model.config.vocab_size)
+            self._compiler = xgr.GrammarCompiler(info)
+        compiled = []
+        for r in regexes:
+            key = r or ".*"
+            if key not in self._grammars:
+                self._grammars[key] = self._compiler.compile_regex(key)
+            compiled.append(self._grammars[key])
+        return [LogitsProcessor(compiled)]  # one use per generate() call (it keeps per-row matcher state)
 
     def generate(self, requests: Sequence[GenRequest]) -> list[list[Completion]]:
         results: list[list[Completion] | None] = [None] * len(requests)
@@ -280,8 +310,12 @@ class HFGenerator:
         torch.manual_seed(hash(tuple(requests[i].seed for i in batch)) & 0x7FFFFFFF)
         sampling = cfg.temperature > 0
         ctx = self.model.disable_adapter() if adapter is None and self.adapters else contextlib.nullcontext()
+        n = cfg.samples_per_prompt
+        # generate() repeats each prompt n times in place (row r*n + k), so each row's grammar is its prompt's.
+        processors = self._logits_processors([requests[i].regex for i in batch for _ in range(n)])
         with torch.inference_mode(), ctx:
             out = self.model.generate(
+                logits_processor=processors or None,
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 max_new_tokens=max_new,
@@ -295,7 +329,6 @@ class HFGenerator:
                 eos_token_id=sorted(self.eos_ids),
             )
         new = out[:, width:].tolist()
-        n = cfg.samples_per_prompt
         for row, i in enumerate(batch):
             comps = []
             for seq in new[row * n : (row + 1) * n]:

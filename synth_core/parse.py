@@ -12,6 +12,7 @@ Knows nothing of models or datasets.
 
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass
 
@@ -22,7 +23,15 @@ NO_SOLUTION = "no_solution_section"
 NO_CODE = "no_code_block"
 PROBLEM_TOO_SHORT = "problem_too_short"
 TOO_LONG = "too_long"
+# Junk that parses (screen_sample): each a reason of its own, so the funnel says what the synthesizer gets wrong.
+TEMPLATE_ECHO = "template_echo"
+RESTATES_PROMPT = "restates_prompt"
+RESTATES_SNIPPET = "restates_snippet"
+CODE_DOES_NOT_PARSE = "code_does_not_parse"
+DEFINES_NOTHING = "defines_nothing"
+NO_ASSERTS = "no_asserts"
 REASONS = (EMPTY, TRUNCATED, NO_PROBLEM, NO_SOLUTION, NO_CODE, PROBLEM_TOO_SHORT, TOO_LONG)
+SCREEN_REASONS = (TEMPLATE_ECHO, RESTATES_PROMPT, RESTATES_SNIPPET, CODE_DOES_NOT_PARSE, DEFINES_NOTHING, NO_ASSERTS)
 
 # A header line: optional markdown (#, *, _, >, [, numbering), the section name, optional closing
 # decorations and a colon; the section's text may start on the same line after the colon.
@@ -37,6 +46,27 @@ _SOLUTION_HEADER = re.compile(
     re.IGNORECASE | re.MULTILINE,
 )
 CODE_BLOCK = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)  # a fenced block; group 1 = its code
+
+
+def synthesis_regex(language: str | None = "python", max_problem_lines: int = 8, max_intro_lines: int = 3) -> str:
+    """The synthesis format as a regex, for constrained decoding (vLLM structured outputs, xgrammar in transformers).
+
+    `[Problem Description]`, 1-`max_problem_lines` lines of prose, `[Solution]`, at most `max_intro_lines` lines of
+    explanation, then ONE fenced block of the language holding at least one `assert` line (at any indentation). A
+    prose line may not start with a backtick or `[` (neither code nor the next header hides in the problem); a code
+    line may not start with a backtick (the fence cannot close early). After the closing fence the grammar ends, so
+    the model stops: no rambling after the answer. Line counts of the code are bounded by max_new_tokens only
+    (bounded repeats of a large group blow up the automaton). Written for xgrammar's regex dialect (no lookarounds);
+    parse_synthesis accepts every string this matches, and more (unconstrained engines, teachers).
+    """
+    lang = re.escape((language or "").strip())
+    prose = r"[^\n`\[][^\n]*\n\n?"
+    code = r"(?:[^\n`][^\n]*)?\n"
+    return (
+        rf"\[Problem Description\]\n(?:{prose}){{1,{max_problem_lines}}}\n?"
+        rf"\[Solution\]\n(?:{prose}){{0,{max_intro_lines}}}"
+        rf"```{lang}\n(?:{code})*[ \t]*assert [^\n]*\n(?:{code})*```\n?"
+    )
 
 
 @dataclass(frozen=True)
@@ -112,3 +142,90 @@ def extract_code(response: str) -> str | None:
     """The first fenced code block of a response (without its fences), or None."""
     m = CODE_BLOCK.search(response or "")
     return m.group(1) if m else None
+
+
+# ---- screening: what parses but is still junk ---------------------------------------------------------------------
+
+# A placeholder line: the whole line is a parenthesised or bracketed phrase, such as the skeleton lines earlier
+# prompts carried ("(the problem, in a few sentences)", "[the code, with assertions]") that a small model copies.
+_PLACEHOLDER = re.compile(
+    r"^\s*(?:#\s*)?[(\[<{][a-z][^()\[\]<>{}\n]{3,80}[)\]>}]\s*\.?\s*$", re.IGNORECASE | re.MULTILINE
+)
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+")
+
+
+def solution_code(response: str) -> str:
+    """The solution's code: its fenced code blocks joined, or the whole response when it has none."""
+    blocks = CODE_BLOCK.findall(response)
+    return "\n\n".join(b.rstrip() for b in blocks) if blocks else response
+
+
+def parse_error(code: str) -> str | None:
+    """Why `code` is not valid Python (None if it parses). ast only: nothing is executed."""
+    try:
+        ast.parse(code)
+    except SyntaxError as err:
+        return f"SyntaxError: {err.msg} (line {err.lineno})"
+    except (ValueError, RecursionError, MemoryError, SystemError) as err:  # null bytes; absurd nesting
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def has_asserts(code: str) -> bool:
+    """True when the (parsing) code holds at least one assert statement: a check it makes of itself."""
+    try:
+        return any(isinstance(node, ast.Assert) for node in ast.walk(ast.parse(code)))
+    except (SyntaxError, ValueError, RecursionError, MemoryError, SystemError):
+        return False
+
+
+def _shingles(text: str, n: int) -> set[tuple[str, ...]]:
+    words = [w.lower() for w in _WORD.findall(text)]
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def copied_share(text: str, source: str, n: int = 4) -> float:
+    """The share of `text`'s word n-grams found in `source` (0 when text has none): how much of it is copied."""
+    mine = _shingles(text, n)
+    return len(mine & _shingles(source, n)) / len(mine) if mine else 0.0
+
+
+def screen_sample(
+    instruction: str,
+    response: str,
+    *,
+    snippet: str = "",
+    prompt: str = "",
+    language: str | None = "python",
+    max_copied_share: float = 0.5,
+) -> tuple[str, str] | None:
+    """(reason, detail) when a parsed sample is junk, None when it may go on. Checks, in order: placeholder lines
+    copied from a prompt (template_echo), a problem that is mostly the prompt's own wording (restates_prompt, word
+    4-grams, share > max_copied_share) or mostly the snippet (restates_snippet), and for Python solutions: code that
+    does not parse, code that defines no function or class (a script, or only asserts: nothing to learn to write),
+    code without an assert (nothing to check it by). Nothing runs here (ast only)."""
+    for where, text in (("problem", instruction), ("solution", response)):
+        m = _PLACEHOLDER.search(text)
+        if m:
+            return TEMPLATE_ECHO, f"the {where} holds a placeholder line: {m.group(0).strip()[:80]!r}"
+    if prompt:
+        share = copied_share(instruction, prompt)
+        if share > max_copied_share:
+            return RESTATES_PROMPT, f"{share:.0%} of the problem's word 4-grams are the prompt's own"
+    if snippet.strip():
+        share = copied_share(instruction, snippet)
+        if share > max_copied_share:
+            return RESTATES_SNIPPET, f"{share:.0%} of the problem's word 4-grams are the snippet's"
+    if (language or "python").strip().lower() not in ("python", "py", "python3"):
+        return None
+    code = solution_code(response)
+    error = parse_error(code)
+    if error is not None:
+        return CODE_DOES_NOT_PARSE, error
+    tree = ast.parse(code)
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    if not any(isinstance(node, defs) for node in tree.body):
+        return DEFINES_NOTHING, "the solution defines no function or class at its top level"
+    if not any(isinstance(node, ast.Assert) for node in ast.walk(tree)):
+        return NO_ASSERTS, "the solution has no assert statement to check it by"
+    return None

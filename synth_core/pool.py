@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ast
 import fnmatch
-import functools
 import os
 import random
 import sysconfig
@@ -32,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from synth_core.config import DecontamConfig, RunConfig, StorageConfig
-from synth_core.decontam import CONTAMINATED, BenchmarkIndex
+from synth_core.config import RunConfig
+from synth_core.decontam import CONTAMINATED, benchmark_index, benchmark_stamps
 from synth_core.dedup import EXACT_DUPLICATE, NEAR_DUPLICATE, compute_signatures, find_duplicates
 from synth_core.schema import POOL_SCHEMA, content_id, pool_schema_with_minhash
 from synth_core.storage import (
@@ -42,6 +41,7 @@ from synth_core.storage import (
     commit_dataset,
     compute_funnel,
     dataset_has_fingerprint,
+    file_stamp,
     fingerprint,
     finished_shard,
     get_fs,
@@ -142,13 +142,6 @@ def _is_glob(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
-def _stamp(info: dict[str, Any]) -> str:
-    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified"):
-        if info.get(key) is not None:
-            return str(info[key])
-    return ""
-
-
 def _first_line(err: BaseException) -> str:
     """The first line of an exception's message (or its type): library errors can span pages."""
     text = str(err).strip()
@@ -204,7 +197,7 @@ def _parquet_units(uri: str, info: dict[str, Any], cfg: RunConfig) -> list[Sourc
 
     rows_per_unit = cfg.pool.shard_files * 64
     fs, path = get_fs(uri, cfg.storage)
-    size, stamp = int(info.get("size") or 0), _stamp(info)
+    size, stamp = int(info.get("size") or 0), file_stamp(info)
     try:
         with fs.open(path, "rb") as f:
             meta = pq.ParquetFile(f).metadata
@@ -256,7 +249,7 @@ def list_source_units(cfg: RunConfig) -> list[SourceUnit]:
             if p.lower().endswith(".parquet"):
                 units.extend(_parquet_units(to_uri(p), info, cfg))
             else:
-                units.append(SourceUnit("file", to_uri(p), int(info.get("size") or 0), _stamp(info)))
+                units.append(SourceUnit("file", to_uri(p), int(info.get("size") or 0), file_stamp(info)))
     return units
 
 
@@ -285,13 +278,7 @@ def plan_pool(cfg: RunConfig, out: str | None = None) -> PoolPlan:
         [(u.uri, u.size, u.stamp, u.row_start, u.row_end) for u in units],
     )
     dedup_fp = fingerprint("pool.dedup", STAGE_VERSION, ingest_fp, cfg.dedup)
-    bench_stamps = []
-    for spec in cfg.decontam.benchmarks:
-        if spec.lower() == "humaneval":
-            bench_stamps.append(spec.lower())
-            continue
-        fs, path = get_fs(spec, cfg.storage)
-        bench_stamps.append((spec, _stamp(fs.info(path)) if fs.exists(path) else "missing"))
+    bench_stamps = benchmark_stamps(cfg.decontam, cfg.storage)
     pool_fp = fingerprint("pool.decontam", STAGE_VERSION, dedup_fp, cfg.decontam, bench_stamps)
     work = join_uri(cfg.storage.root, "pool", pool_fp)
     targets = PoolTargets(
@@ -647,7 +634,7 @@ def decontaminate_shard(plan: PoolTargets, part: PartInfo, index: int, cfg: RunC
         return done
     t0 = time.perf_counter()
     table = read_part(plan.dedup_uri, part, storage=cfg.storage).cast(POOL_SCHEMA)
-    index_ = _benchmark_index(cfg.decontam.model_dump_json(), cfg.storage.model_dump_json())
+    index_ = benchmark_index(cfg.decontam, cfg.storage)
     reasons = table.column("reject_reason").to_pylist()
     details = table.column("detail").to_pylist()
     contaminated = table.column("contaminated_by").to_pylist()
@@ -662,14 +649,6 @@ def decontaminate_shard(plan: PoolTargets, part: PartInfo, index: int, cfg: RunC
     funnel = compute_funnel(table, REASON_ORDER)
     info = write_part(plan.out_uri, index, table, plan.pool_fp, funnel, cfg.storage)
     return ShardResult(info, time.perf_counter() - t0)
-
-
-@functools.lru_cache(maxsize=4)
-def _benchmark_index(decontam_json: str, storage_json: str) -> BenchmarkIndex:
-    """One benchmark index per worker process and config, reused by every shard it runs."""
-    return BenchmarkIndex.from_config(
-        DecontamConfig.model_validate_json(decontam_json), StorageConfig.model_validate_json(storage_json)
-    )
 
 
 def commit_pool(plan: PoolTargets, results: list[ShardResult], cfg: RunConfig, stats: dict[str, Any]):

@@ -5,8 +5,9 @@ gradients from (DESIGN.md, method steps 1-3). A row holds a seed `snippet`, its 
 (`instruction`) and the solution (`response`: a sentence and one fenced code block ending in asserts).
 
 Where R comes from:
-- `load_reference()`: the built-in set, `prompts/reference.jsonl`: 48 examples written by hand for this project
-  (varied topics, standard library only), so that everything runs offline. The test suite runs every solution.
+- `load_reference()`: the built-in set, `prompts/reference.jsonl`: 96 examples written by hand for this project
+  (varied topics, standard library only), so that everything runs offline: 48 longer ones, then 48 short ones (a
+  2-10-line function and 2-4 asserts) that a small synthesizer can imitate. The test suite runs every solution.
 - `load_reference("refs.jsonl" | "refs.parquet" | "s3://...")`: a user's JSONL or Parquet file. A row has
   `instruction` and `response` (required, non-empty strings), optional `snippet` (default ""), `language`
   (default "python") and `id` (alias `ref_id`; default: the content hash of instruction + response). A chat row

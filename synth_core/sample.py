@@ -34,6 +34,7 @@ from typing import Any
 
 from synth_core import parse
 from synth_core.config import ConfigError, GenerationConfig, RunConfig
+from synth_core.decontam import CONTAMINATED, benchmark_index, benchmark_stamps
 from synth_core.generate import Completion, GenRequest, open_generator
 from synth_core.models import ResolvedModel, adapter_rank, context_length, resolve_model
 from synth_core.procs import TreeMemorySampler, run_in_subprocess
@@ -57,9 +58,10 @@ from synth_core.storage import (
 
 log = logging.getLogger(__name__)
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: screening, decontamination and execution of every parsed sample
 PROMPT_TOO_LONG = "prompt_too_long"
-REASON_ORDER = (PROMPT_TOO_LONG, *parse.REASONS)
+ASSERTS_FAILED = "asserts_failed"
+REASON_ORDER = (PROMPT_TOO_LONG, *parse.REASONS, *parse.SCREEN_REASONS, CONTAMINATED, ASSERTS_FAILED)
 _POOL_COLUMNS = ["snippet_id", "content", "language", "reject_reason"]
 
 
@@ -131,6 +133,9 @@ def plan_sample(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> Sa
         cfg.sample.model_dump(mode="json", exclude={"checkpoints", "base", "prompt_template", "parallel_shards"}),
         template,
         [m.fingerprint for m in checkpoints],
+        # What the screening steps depend on, only when they run (a run without them keeps its old location).
+        (cfg.decontam, benchmark_stamps(cfg.decontam, cfg.storage)) if cfg.sample.decontaminate else None,
+        _sandbox_limits(cfg) if cfg.sample.execute else None,
     )
     plan = SamplePlan(
         snippets_uri=snippets_uri,
@@ -262,7 +267,8 @@ def sample_shard(plan: SamplePlan, shard: SampleShard, index: int, cfg: RunConfi
                     )
                     continue
                 adapter = f"ckpt{ci}" if ckpt.is_lora else None
-                requests.append(GenRequest(ids, seed, adapter, max_new_tokens=min(gen.max_new_tokens, room)))
+                regex = parse.synthesis_regex(snippet["language"]) if scfg.constrain_format else None
+                requests.append(GenRequest(ids, seed, adapter, min(gen.max_new_tokens, room), regex))
                 slots.append((si, ci))
         if not requests:
             continue
@@ -290,10 +296,62 @@ def sample_shard(plan: SamplePlan, shard: SampleShard, index: int, cfg: RunConfi
                     detail=parsed.detail,
                 )
                 rows.append(row)
+    stats.update(screen_rows(rows, plan.template, cfg))
     rows.sort(key=lambda r: (r["snippet_id"], r["checkpoint_id"], r["sample_index"]))
     out = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
     info = write_part(plan.out_uri, index, out, plan.fp, compute_funnel(out, REASON_ORDER), cfg.storage)
     return ShardResult(info, time.perf_counter() - t0, stats=stats)
+
+
+def _sandbox_limits(cfg: RunConfig) -> dict[str, Any]:
+    """The sandbox settings a verdict depends on (not `workers`: how many run at once changes no verdict)."""
+    return cfg.sandbox.model_dump(mode="json", include={"timeout_s", "cpu_s", "memory_mb", "max_procs", "network"})
+
+
+def screen_rows(rows: list[dict[str, Any]], template: str, cfg: RunConfig) -> dict[str, Any]:
+    """After parsing, in place, each step on the rows the previous ones kept: junk that parses (screen_sample),
+    problems or solutions that match a benchmark (the pool's decontamination index, on generated text), and the
+    solution run with its own asserts in the sandbox (never in this process). A rejected row keeps its text, its
+    reason, and the evidence: `detail`, `contaminated_by`, `exec_status` / `exec_detail`. Returns timings."""
+    scfg = cfg.sample
+    t0 = time.perf_counter()
+    if scfg.screen:
+        for row in rows:
+            if row["reject_reason"] is None:
+                prompt = render_user_prompt(template, "", row["language"])
+                hit = parse.screen_sample(
+                    row["instruction"], row["response"], snippet=row["snippet"] or "", prompt=prompt,
+                    language=row["language"],
+                )  # fmt: skip
+                if hit is not None:
+                    row["reject_reason"], row["detail"] = hit
+    if scfg.decontaminate and cfg.decontam.benchmarks:
+        index = benchmark_index(cfg.decontam, cfg.storage)
+        for row in rows:
+            if row["reject_reason"] is None:
+                for text in (row["instruction"], parse.solution_code(row["response"])):
+                    m = index.match(text)
+                    if m is not None:
+                        row.update(reject_reason=CONTAMINATED, detail=m.detail, contaminated_by=m.label)
+                        break
+    t1 = time.perf_counter()
+    runs = 0
+    if scfg.execute:
+        from synth_core.sandbox import DETAIL_CHARS, run_programs
+
+        todo = [r for r in rows if r["reject_reason"] is None]
+        results = run_programs([parse.solution_code(r["response"]) for r in todo], cfg.sandbox)
+        runs = len(results)
+        for row, res in zip(todo, results, strict=True):
+            row["exec_status"] = res.status
+            if not res.passed:
+                tail = (res.error or res.stderr_tail or "")[-DETAIL_CHARS:]
+                row["exec_detail"] = tail or (f"limit: {res.limit}" if res.limit else None)
+                if scfg.require_passing_asserts:
+                    row["reject_reason"] = ASSERTS_FAILED
+                    last = tail.strip().splitlines()[-1] if tail.strip() else res.status
+                    row["detail"] = f"sandbox: {res.status}: {last[:200]}"
+    return {"screen_s": round(t1 - t0, 3), "executions": runs, "exec_s": round(time.perf_counter() - t1, 3)}
 
 
 def _row(
@@ -323,6 +381,9 @@ def _row(
         "response": None,
         "reject_reason": None,
         "detail": None,
+        "contaminated_by": None,
+        "exec_status": None,
+        "exec_detail": None,
     }
 
 
@@ -348,6 +409,8 @@ def sample_stats(results: list[ShardResult], wall_s: float) -> dict[str, Any]:
         "output_tokens_per_s": round(tokens / gen_s, 1) if gen_s > 0 else None,
         "peak_memory_mb": max((e["peak_memory_mb"] for e in engines), default=None),
         "peak_gpu_mb": max((e.get("peak_gpu_mb", 0) for e in engines), default=None) or None,
+        "executions": sum(r.stats.get("executions", 0) for r in results),
+        "exec_s": round(sum(r.stats.get("exec_s", 0.0) for r in results), 3),
     }
 
 

@@ -89,6 +89,8 @@ PROTECTIONS: tuple[str, ...] = get_args(SandboxProtection)
 PARENT_PROTECTIONS = ("clean_env", "tmp_cwd", "new_session", "wall_timeout", "output_cap")
 
 Status = Literal["passed", "failed", "timeout", "killed", "error"]
+VERDICTS = ("passed", "failed", "timeout", "killed")  # statuses that judge the program ("error" judges the sandbox)
+DETAIL_CHARS = 1000  # tail of a failing program's stderr that stages keep in a row's exec_detail
 
 # Lock files of the uid slots. A fixed path, not tempfile.gettempdir(): two processes with different TMPDIRs
 # must still see each other's locks, or they would run programs under the same uid and kill each other's.

@@ -98,6 +98,9 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("response", pa.string()),
         pa.field("reject_reason", pa.string()),
         pa.field("detail", pa.string()),
+        pa.field("contaminated_by", pa.string()),  # benchmark:task_id of a generated problem or solution
+        pa.field("exec_status", pa.string()),  # the sandbox's verdict on the code with its asserts; null = not run
+        pa.field("exec_detail", pa.string()),  # tail of its stderr when it did not pass
     ]
 )
 

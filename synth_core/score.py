@@ -31,7 +31,6 @@ nothing of Prefect; the judge engine runs in a spawned process (synth_core.procs
 
 from __future__ import annotations
 
-import ast
 import logging
 import math
 import time
@@ -42,8 +41,9 @@ from typing import Any
 from synth_core.config import AspectConfig, ConfigError, RunConfig, ScoreConfig
 from synth_core.generate import GenRequest, NextTokenProbs, open_generator
 from synth_core.models import ResolvedModel, adapter_rank, context_length, resolve_model
-from synth_core.parse import CODE_BLOCK
+from synth_core.parse import has_asserts, parse_error, solution_code
 from synth_core.procs import TreeMemorySampler, run_in_subprocess
+from synth_core.sandbox import DETAIL_CHARS, VERDICTS
 from synth_core.storage import (
     Manifest,
     PartInfo,
@@ -70,7 +70,6 @@ BELOW_THRESHOLD = "score_below_threshold"
 NOT_BEST = "not_best_of_seed"
 REASONS = (EMPTY_RESPONSE, NO_PARSE, BELOW_THRESHOLD, NOT_BEST)
 DIGITS = "0123456789"
-_EXEC_DETAIL_CHARS = 1000  # tail of a failed execution's stderr kept in the row
 
 
 class ScoreError(ValueError):
@@ -114,31 +113,6 @@ def overall_score(scores: dict[str, float | None], aspects: Sequence[AspectConfi
     if have <= 0:
         return None
     return sum(w * s for w, s in present) * total / have
-
-
-def extract_code(response: str) -> str:
-    """The solution's code: its fenced code blocks joined, or the whole response when it has none."""
-    blocks = CODE_BLOCK.findall(response)
-    return "\n\n".join(b.rstrip() for b in blocks) if blocks else response
-
-
-def parse_error(code: str) -> str | None:
-    """Why `code` is not valid Python (None if it parses). ast only: nothing is executed."""
-    try:
-        ast.parse(code)
-    except SyntaxError as err:
-        return f"SyntaxError: {err.msg} (line {err.lineno})"
-    except (ValueError, RecursionError, MemoryError) as err:  # null bytes; absurd nesting
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-def has_asserts(code: str) -> bool:
-    """True when the (parsing) code holds at least one assert statement: a check it makes of itself."""
-    try:
-        return any(isinstance(node, ast.Assert) for node in ast.walk(ast.parse(code)))
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return False
 
 
 def judge_user_prompt(snippet: str | None, instruction: str, response: str, question: str) -> str:
@@ -438,7 +412,12 @@ def score_shard(plan: ScorePlan, shard: ScoreShard, index: int, cfg: RunConfig) 
     judge_aspects = [a for a in scfg.aspects if a.kind == "judge"]
     todo: list[int] = []  # rows to judge
     codes: dict[int, str] = {}
+    # Verdicts the sample stage already got from the sandbox (sample.execute): the same code with the same limits
+    # is not run twice; "passed"/"failed"/... count for the asserts aspect as a fresh run would.
+    ran_before: dict[int, tuple[bool, str, str | None]] = {}
     for i, row in enumerate(rows):
+        if row.get("exec_status") in VERDICTS:
+            ran_before[i] = (row["exec_status"] == "passed", row["exec_status"], row.get("exec_detail"))
         row.update(
             score=None, aspect_scores=None, digit_mass=None, unreliable=None, score_status=None,
             exec_status=None, exec_detail=None,
@@ -449,7 +428,7 @@ def score_shard(plan: ScorePlan, shard: ScoreShard, index: int, cfg: RunConfig) 
         if not response.strip():
             row["reject_reason"], row["detail"] = EMPTY_RESPONSE, "the solution is empty"
             continue
-        code = extract_code(response)
+        code = solution_code(response)
         error = parse_error(code)
         row["aspect_scores"] = {a.name: None for a in scfg.aspects}
         if error is not None:
@@ -464,34 +443,39 @@ def score_shard(plan: ScorePlan, shard: ScoreShard, index: int, cfg: RunConfig) 
     # Execution aspects: the code with its own asserts runs in the sandbox, never here.
     t_exec = time.perf_counter()
     wants_exec = any(a.kind == "asserts" for a in scfg.aspects)
-    with_asserts = [i for i in todo if wants_exec and i in codes and has_asserts(codes[i])]
+    with_asserts = [i for i in todo if wants_exec and i in codes and i not in ran_before and has_asserts(codes[i])]
     results = run_programs([codes[i] for i in with_asserts], cfg.sandbox) if with_asserts else []
     exec_s = time.perf_counter() - t_exec
-    by_row = dict(zip(with_asserts, results, strict=True))
+    verdicts = {i: ran_before[i] for i in todo if i in codes and i in ran_before}
+    for i, res in zip(with_asserts, results, strict=True):
+        detail = None if res.passed else (res.error or res.stderr_tail or "")[-DETAIL_CHARS:] or None
+        verdicts[i] = (res.passed, res.status, detail)
     for i in todo:
         row = rows[i]
+        verdict = verdicts.get(i)
         if i in codes:
-            res = by_row.get(i)
-            if res is not None:
-                row["exec_status"] = res.status
-                if not res.passed:
-                    row["exec_detail"] = (res.error or res.stderr_tail or "")[-_EXEC_DETAIL_CHARS:] or None
+            if verdict is not None:
+                row["exec_status"], row["exec_detail"] = verdict[1], verdict[2]
             elif row["exec_status"] is None:
                 row["exec_status"] = "no_asserts" if wants_exec else "not_run"
         for a in scfg.aspects:
             if a.kind == "parses":
                 row["aspect_scores"][a.name] = 9.0 if i in codes else 0.0
             elif a.kind == "asserts":
-                res = by_row.get(i)
                 if i not in codes:
                     row["aspect_scores"][a.name] = 0.0
-                elif res is None:
+                elif verdict is None:
                     row["aspect_scores"][a.name] = scfg.untested_score
                 else:
-                    row["aspect_scores"][a.name] = 9.0 if res.passed else 0.0
+                    row["aspect_scores"][a.name] = 9.0 if verdict[0] else 0.0
 
     # Judge aspects: one prompt per (candidate, aspect), a candidate's aspects adjacent (prefix cache).
-    stats: dict[str, Any] = {"candidates": len(todo), "executions": len(results), "exec_s": round(exec_s, 3)}
+    stats: dict[str, Any] = {
+        "candidates": len(todo),
+        "executions": len(results),
+        "exec_reused": len([i for i in verdicts if i in ran_before]),
+        "exec_s": round(exec_s, 3),
+    }
     if judge_aspects and todo:
         tok = open_judge_tokenizer(plan.judge)
         groups = digit_token_groups(tok)

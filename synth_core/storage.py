@@ -40,6 +40,14 @@ class DatasetError(RuntimeError):
     """A dataset is missing, incomplete or unreadable; the message names the URI."""
 
 
+def file_stamp(info: dict[str, Any]) -> str:
+    """What changes when a file changes, from an fsspec `info()`: its ETag or modification time ("" if none)."""
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return ""
+
+
 def code_version() -> str:
     """The installed package version (recorded in every manifest)."""
     from importlib.metadata import PackageNotFoundError, version

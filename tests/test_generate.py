@@ -69,3 +69,28 @@ def test_transformers_static_cache_gives_the_same_greedy_output(tiny_model):
     plain = HFGenerator(base.path, {}, cfg).generate(reqs)
     static = HFGenerator(base.path, {}, cfg.model_copy(update={"hf_static_cache": True})).generate(reqs)
     assert [c[0].text for c in static] == [c[0].text for c in plain]
+
+
+# A format small enough that a random model finishes it within max_new_tokens, with a choice and a count in it.
+FORMAT = r"\[Answer\]\n(?:yes|no), (?:[0-9]{1,3} ){1,3}done\n"
+
+
+def test_both_backends_constrain_completions_to_a_regex(tiny_loras):
+    """A request's regex holds for every completion on vLLM (structured outputs) and on transformers (xgrammar's
+    logits processor), from the base model and from an adapter, while an unconstrained request in the same batch
+    writes free text (the random model never writes the format by itself)."""
+    import re
+
+    a = resolve_model(tiny_loras[0])
+    ids = _encode_prompts(a.path, PROMPTS, None)
+    reqs = [GenRequest(p, seed=5 + i, adapter=ad, regex=FORMAT) for i, p in enumerate(ids) for ad in (None, "a")]
+    free = GenRequest(ids[0], seed=3, adapter="a")
+    cfg = GenerationConfig(max_new_tokens=40, samples_per_prompt=2, dtype="float32")
+    vllm_out, _ = run_in_subprocess(generate_in_engine, a.path, {"a": a.adapter_path}, [*reqs, free], cfg, 8)
+    hf = HFGenerator(a.path, {"a": a.adapter_path}, cfg.model_copy(update={"backend": "transformers"}))
+    hf_out = hf.generate([*reqs, free])
+    for backend, out in (("vllm", vllm_out), ("transformers", hf_out)):
+        for comps in out[:-1]:
+            for c in comps:
+                assert c.finish_reason == "stop" and re.fullmatch(FORMAT, c.text), (backend, c.text)
+        assert not any(re.fullmatch(FORMAT, c.text) for c in out[-1]), backend

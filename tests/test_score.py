@@ -8,7 +8,7 @@ import math
 import pytest
 from conftest import write_samples
 
-from synth_core import score
+from synth_core import parse, score
 from synth_core.config import AspectConfig, ConfigError, ScoreConfig, parse_config
 from synth_core.storage import read_dataset, read_manifest
 
@@ -49,12 +49,12 @@ def test_select_per_seed_keeps_the_best_k_above_the_threshold():
 
 
 def test_code_helpers():
-    assert score.extract_code("Here:\n```python\nx = 1\n```\nand\n```\ny = 2\n```") == "x = 1\n\ny = 2"
-    assert score.extract_code("x = 1\n") == "x = 1\n"
-    assert score.parse_error("x = 1") is None
-    assert score.parse_error("function f() { return 1; }").startswith("SyntaxError")
-    assert score.parse_error("x = 1\0") is not None
-    assert score.parse_error("(" * 200_000) is not None  # nesting too deep for the parser: an error, no crash
+    assert parse.solution_code("Here:\n```python\nx = 1\n```\nand\n```\ny = 2\n```") == "x = 1\n\ny = 2"
+    assert parse.solution_code("x = 1\n") == "x = 1\n"
+    assert parse.parse_error("x = 1") is None
+    assert parse.parse_error("function f() { return 1; }").startswith("SyntaxError")
+    assert parse.parse_error("x = 1\0") is not None
+    assert parse.parse_error("(" * 200_000) is not None  # nesting too deep for the parser: an error, no crash
     assert score.has_asserts("def f():\n    return 1\nassert f() == 1\n")
     assert not score.has_asserts("def f():\n    return 1\n")
 
