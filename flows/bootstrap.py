@@ -14,8 +14,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from synth_core.config import parse_config
+from synth_core.reference import BUILTIN_REFERENCE
 from synth_core.storage import read_dataset, read_manifest
-from synth_core.train import BUILTIN_REFERENCE, checkpoints_of
+from synth_core.train import checkpoints_of
 from tasks.train import train_task
 
 

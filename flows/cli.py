@@ -333,11 +333,10 @@ def influence_cmd(
         from synth_core.influence import resolve_influence_checkpoints
         from synth_core.reference import load_reference
         from synth_core.storage import read_manifest
-        from synth_core.train import BUILTIN_REFERENCE
 
         # Fail before any server or model starts: a bad checkpoint, R or candidate set is one line.
         resolve_influence_checkpoints(checkpoint, cfg)
-        load_reference(None if reference in (None, BUILTIN_REFERENCE) else reference, cfg.storage)
+        load_reference(reference, cfg.storage)
         read_manifest(candidates, cfg.storage)
         from flows.influence import influence_flow
         from flows.runtime import run_flow
@@ -475,7 +474,8 @@ def train_cmd(
     """Fine-tune the synthesizer (LoRA by default) and save M checkpoints. Prints them and the loss."""
     try:
         cfg = _load(config, set_, {})
-        from synth_core.train import BUILTIN_REFERENCE, checkpoints_of, run_train
+        from synth_core.reference import BUILTIN_REFERENCE
+        from synth_core.train import checkpoints_of, run_train
 
         uri = run_train(cfg, data or [BUILTIN_REFERENCE], base, out)
         _print_dataset(uri, cfg.storage, rows=False)

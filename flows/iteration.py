@@ -18,8 +18,8 @@ from flows.runtime import make_task_runner
 from flows.sample import sample_flow
 from flows.score import score_flow
 from synth_core.config import RunConfig, parse_config
+from synth_core.reference import BUILTIN_REFERENCE
 from synth_core.round_plan import stage_config
-from synth_core.train import BUILTIN_REFERENCE
 from tasks.round import select_random
 from tasks.train import train_task
 

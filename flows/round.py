@@ -22,10 +22,10 @@ from flows.pool import pool_flow
 from flows.sample import sample_flow
 from synth_core.config import RunConfig, parse_config
 from synth_core.convergence import FILTER_STAGES, convergence_markdown, convergence_record
+from synth_core.reference import BUILTIN_REFERENCE
 from synth_core.release import build_release, funnel_section
 from synth_core.round_plan import dated_config, parse_run_date, stage_config
 from synth_core.storage import dataset_exists, kept_rows
-from synth_core.train import BUILTIN_REFERENCE
 from tasks import round as round_tasks
 
 
@@ -76,14 +76,6 @@ def round_flow(
         stages += [(f"iteration {t}: {stage}", uri) for stage, uri in outs.items()]
         checkpoints = outs["train"]
         iterations.append(outs)
-    convergence = [
-        convergence_record(t, outs, round_tasks.heldout_loss(cfg, outs["train"], split) if split else None, cfg)
-        for t, outs in enumerate(iterations)
-    ]
-    conv_md = convergence_section(convergence, split)
-    create_markdown_artifact(
-        key="round-convergence", markdown=conv_md, description="Per iteration: filter survival, held-out loss"
-    )
     # The release: the final synthesizer on seed snippets no iteration has used, through the same filters.
     scfg = stage_config(cfg, checkpoints, rc.iterations + 1)
     synth: dict[str, str] = {
@@ -91,6 +83,17 @@ def round_flow(
     }
     final = filter_stages(scfg, synth["sample"], checkpoints, reference, synth)
     stages += [(f"synthesize: {stage}", uri) for stage, uri in synth.items()]
+    convergence = [
+        convergence_record(t, outs, round_tasks.heldout_loss(cfg, outs["train"], split) if split else None, cfg)
+        for t, outs in enumerate(iterations)
+    ]
+    convergence.append(convergence_record("release", synth, None, cfg))
+    conv_md = convergence_section(convergence, split)
+    create_markdown_artifact(
+        key="round-convergence",
+        markdown=conv_md,
+        description="Per iteration and the release: filter survival, losses, what the sampling shows",
+    )
     release = build_release(
         cfg, final, stages, out, extra_card=conv_md + "\n", extra_stats={"convergence": convergence, "split": split}
     )
@@ -110,9 +113,14 @@ def convergence_section(records: list[dict[str, Any]], split: str | None) -> str
     """The data card's (and the artifact's) convergence section."""
     held = f"{records[0]['heldout_rows']} held-out rows of R (`{split}`)" if split else "no held-out rows (off)"
     return (
-        "## Convergence\n\nPer iteration (bootstrap: the synthesizer it starts from): candidates sampled, the "
-        "share of its input each filter kept, the rows kept for training, and the mean loss of the iteration's "
-        f"last checkpoint on {held}.\n\n{convergence_markdown(records)}\n"
+        "## Convergence\n\nPer iteration (bootstrap: the synthesizer it starts from; release: the released "
+        "dataset's stages): candidates sampled, the share of its input each filter kept, the rows kept, the "
+        "training loss over the first and the last tenth of the iteration's training, and the mean loss of its last "
+        f"checkpoint on {held}. The second table is what each sampling shows of the synthesizer: the share of "
+        "candidates in the format, past the junk screen, and whose code passed its own asserts in the sandbox; the "
+        "share of parsed problems that are not near duplicates of another (the pool's MinHash); rows kept per hour "
+        "of the stages' wall time; the judge's mean score (0-9) per aspect.\n\n"
+        f"{convergence_markdown(records)}\n"
     )
 
 

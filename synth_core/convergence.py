@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from synth_core.config import RunConfig
+from synth_core.config import DedupConfig, RunConfig
 from synth_core.random_selection import choose_random
 
 STAGE_VERSION = 1
@@ -44,7 +44,7 @@ def split_reference(reference: str | None, fraction: float, seed: int, cfg: RunC
     rejected with reason `holdout`; returns its URI (default `<storage.root>/reference_split/<fingerprint>`)."""
     import pyarrow as pa
 
-    from synth_core.reference import REFERENCE_SCHEMA, load_reference
+    from synth_core.reference import BUILTIN_REFERENCE, REFERENCE_SCHEMA, load_reference
     from synth_core.storage import (
         commit_dataset,
         compute_funnel,
@@ -54,9 +54,8 @@ def split_reference(reference: str | None, fraction: float, seed: int, cfg: RunC
         join_uri,
         write_part,
     )
-    from synth_core.train import BUILTIN_REFERENCE
 
-    table = load_reference(None if reference in (None, BUILTIN_REFERENCE) else reference, cfg.storage)
+    table = load_reference(reference, cfg.storage)
     rows = table.to_pylist()
     fp = fingerprint("reference_split", STAGE_VERSION, rows, fraction, seed)
     out = out or join_uri(cfg.storage.root, "reference_split", fp)
@@ -214,11 +213,85 @@ def survival(stages: Mapping[str, str], cfg: RunConfig) -> dict[str, float | Non
     return out
 
 
+def distinct_share(texts: Sequence[str], cfg: DedupConfig) -> float | None:
+    """The share of `texts` that are not near duplicates of an earlier one, by the pool's MinHash LSH (the same
+    shingles, permutations and Jaccard threshold as synth_core.dedup): 1.0 = every problem is new. None if empty."""
+    from synth_core.dedup import compute_signatures, find_duplicates
+    from synth_core.schema import content_id
+    from synth_core.text import normalize_snippet
+
+    if not texts:
+        return None
+    sigs = compute_signatures(list(texts), cfg) if cfg.near else None
+    dups = find_duplicates([content_id(normalize_snippet(t)) for t in texts], sigs, cfg)
+    return round(1 - sum(d is not None for d in dups) / len(texts), 4)
+
+
+def sample_evidence(stages: Mapping[str, str], cfg: RunConfig) -> dict[str, Any]:
+    """What a stage set's sampling shows of the synthesizer (issue 15): the share of candidates that parse (the
+    format, before screening), pass the screen, ran in the sandbox and passed their own asserts, the distinct
+    share of the parsed problems, the judge's mean per aspect over the scored candidates, and the rows the last
+    filter kept per hour of the stages' wall time (this machine's cores or GPU: the manifests name it)."""
+    import pyarrow.compute as pc
+
+    from synth_core import parse
+    from synth_core.storage import read_dataset, read_manifest
+
+    if "sample" not in stages:
+        return {}
+    cols = ["instruction", "reject_reason", "exec_status"]
+    table = read_dataset(stages["sample"], columns=cols, storage=cfg.storage)
+    n = table.num_rows
+    reasons = table.column("reject_reason").to_pylist()
+    parse_fail = {"prompt_too_long", *parse.REASONS}
+    parsed = [i for i, r in enumerate(reasons) if r not in parse_fail]
+    statuses = table.column("exec_status").to_pylist()
+    ran = [s for s in statuses if s is not None]
+    instructions = table.column("instruction").to_pylist()
+    out: dict[str, Any] = {
+        "parse_rate": round(len(parsed) / n, 4) if n else None,
+        "screen_pass_rate": round(sum(r is None or r == "asserts_failed" for r in reasons) / n, 4) if n else None,
+        "assert_pass_rate": round(statuses.count("passed") / n, 4) if n else None,
+        "executed": len(ran),
+        "distinct_problems": distinct_share([instructions[i] for i in parsed if instructions[i]], cfg.dedup),
+    }
+    if "score" in stages:
+        scored = read_dataset(stages["score"], columns=["aspect_scores", "score"], storage=cfg.storage)
+        scored = scored.filter(pc.is_valid(scored.column("score")))
+        if scored.num_rows:
+            aspects = scored.column("aspect_scores").combine_chunks()
+            out["judge_means"] = {
+                f.name: _mean(aspects.field(i).to_pylist()) for i, f in enumerate(aspects.type) if f.name
+            }
+    walls = [read_manifest(uri, cfg.storage).stats.get("wall_s") for s, uri in stages.items() if s in FILTER_STAGES]
+    hours = sum(w for w in walls if w) / 3600
+    last = [s for s in FILTER_STAGES if s in stages][-1]
+    kept = read_manifest(stages[last], cfg.storage).funnel.get("kept", 0)
+    out["kept_per_hour"] = round(kept / hours, 1) if hours > 0 else None
+    return out
+
+
+def loss_drop(curve: Sequence[Sequence[float]]) -> tuple[float, float] | None:
+    """(mean training loss over the first tenth of the logged steps, over the last tenth): did training learn?
+    At least one step each; None for an empty curve."""
+    losses = [float(p[1]) for p in curve]
+    if not losses:
+        return None
+    k = max(1, len(losses) // 10)
+    return round(sum(losses[:k]) / k, 4), round(sum(losses[-k:]) / k, 4)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(sum(present) / len(present), 3) if present else None
+
+
 def convergence_record(
-    iteration: int, stages: Mapping[str, str], loss_uri: str | None, cfg: RunConfig
+    iteration: int | str, stages: Mapping[str, str], loss_uri: str | None, cfg: RunConfig
 ) -> dict[str, Any]:
-    """One iteration's record (0 = the bootstrap, which has no filters): candidates sampled, the share kept by
-    each filter, the rows kept for training, and the held-out loss of the checkpoints it trained."""
+    """One iteration's record (0 = the bootstrap, which has no filters; "release" = the released dataset's
+    stages): candidates sampled, the share kept by each filter, the rows kept, what the sampling shows
+    (sample_evidence) and the held-out loss of the checkpoints it trained."""
     from synth_core.storage import read_manifest
 
     filters = [n for n in FILTER_STAGES if n in stages]
@@ -227,34 +300,67 @@ def convergence_record(
         candidates = read_manifest(stages["sample"], cfg.storage).funnel.get("rows_in") if "sample" in stages else None
         kept = read_manifest(stages[filters[-1]], cfg.storage).funnel.get("kept")
     loss = read_manifest(loss_uri, cfg.storage).stats if loss_uri else {}
+    curve = read_manifest(stages["train"], cfg.storage).stats.get("loss_curve") if "train" in stages else None
     return {
         "iteration": iteration,
+        "train_loss": loss_drop(curve) if curve else None,
         "candidates": candidates,
         "survival": survival(stages, cfg),
         "kept": kept,
         "heldout_loss": None if loss.get("mean_loss") is None else round(loss["mean_loss"], 4),
         "heldout_rows": loss.get("rows", 0),
         "checkpoint": loss.get("checkpoint"),
+        **sample_evidence(stages, cfg),
     }
 
 
 def convergence_markdown(records: Sequence[Mapping[str, Any]]) -> str:
-    """The records as a markdown table: one row per iteration, a column per filter's survival share."""
+    """The records as markdown: per iteration a row with each filter's survival share and the held-out loss, then
+    (when the records have them) what each iteration's sampling shows, with the judge's mean per aspect."""
     names = [n for n in FILTER_STAGES if any(n in r["survival"] for r in records)]
-    labels = {"sample": "parsed", "random_selection": "random sel."}
-    head = ["iteration", "candidates", *[f"{labels.get(n, n)} kept" for n in names], "kept", "held-out loss"]
+    labels = {"sample": "sample", "random_selection": "random sel."}
+    head = ["iteration", "candidates", *[f"{labels.get(n, n)} kept" for n in names], "kept"]
+    head += ["training loss (first -> last tenth)", "held-out loss"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in records:
         shares = [r["survival"].get(n) for n in names]
+        drop = r.get("train_loss")
         cells = [
-            "bootstrap" if r["iteration"] == 0 else str(r["iteration"]),
+            _label(r["iteration"]),
             _cell(r["candidates"]),
-            *["" if s is None else f"{100 * s:.1f}%" for s in shares],
+            *[_pct(s) for s in shares],
             _cell(r["kept"]),
+            "" if not drop else f"{drop[0]:.3f} -> {drop[1]:.3f}",
             "" if r["heldout_loss"] is None else f"{r['heldout_loss']:.4f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    sampled = [r for r in records if r.get("parse_rate") is not None]
+    if sampled:
+        aspects = sorted({a for r in sampled for a in (r.get("judge_means") or {})})
+        head = ["iteration", "parsed", "passed screen", "asserts passed", "distinct problems", "kept rows/h"]
+        head += [f"judge: {a}" for a in aspects]
+        lines += ["", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        for r in sampled:
+            means = r.get("judge_means") or {}
+            cells = [
+                _label(r["iteration"]),
+                _pct(r["parse_rate"]),
+                _pct(r.get("screen_pass_rate")),
+                _pct(r.get("assert_pass_rate")),
+                _pct(r.get("distinct_problems")),
+                _cell(r.get("kept_per_hour")),
+                *["" if means.get(a) is None else f"{means[a]:.2f}" for a in aspects],
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _label(iteration: int | str) -> str:
+    return "bootstrap" if iteration == 0 else str(iteration)
+
+
+def _pct(share: float | None) -> str:
+    return "" if share is None else f"{100 * share:.1f}%"
 
 
 def _cell(v: Any) -> str:

@@ -1165,14 +1165,13 @@ def plan_influence(
 
     `cfg`: a RunConfig. `reference`: None or reference:builtin for the built-in R, a file, or a dataset.
     """
-    from synth_core.reference import load_reference
+    from synth_core.reference import BUILTIN_REFERENCE, load_reference
     from synth_core.sample import load_template
     from synth_core.storage import fingerprint, join_uri, read_manifest, read_part
-    from synth_core.train import BUILTIN_REFERENCE
 
     resolved, notes = resolve_influence_checkpoints(checkpoints, cfg)
     reference = reference or BUILTIN_REFERENCE
-    ref_table = load_reference(None if reference == BUILTIN_REFERENCE else reference, cfg.storage)
+    ref_table = load_reference(reference, cfg.storage)
     ref_fp = fingerprint("reference", ref_table.select(_TEXT_COLUMNS).to_pylist())
     manifest = read_manifest(candidates_uri, cfg.storage)
     names = [f["name"] for f in manifest.schema]
@@ -1333,14 +1332,14 @@ def target_features(plan: InfluencePlan, checkpoint: int, cfg: Any) -> str:
         hide_stale_dataset,
         write_part,
     )
-    from synth_core.train import BUILTIN_REFERENCE, training_chats
+    from synth_core.train import training_chats
 
     uri = plan.target_uri(checkpoint)
     fp = fingerprint(plan.fp, "targets", checkpoint)
     if dataset_has_fingerprint(uri, fp, cfg.storage):
         return uri
     hide_stale_dataset(uri, fp, cfg.storage)
-    ref = load_reference(None if plan.reference == BUILTIN_REFERENCE else plan.reference, cfg.storage)
+    ref = load_reference(plan.reference, cfg.storage)
     rows = choose_targets(ref.select([*_TEXT_COLUMNS, "ref_id"]).to_pylist(), cfg.influence)
     ckpt = plan.checkpoints[checkpoint]
     res = run_in_subprocess(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 from dataclasses import dataclass
 
 EMPTY = "empty"
@@ -146,10 +147,13 @@ def extract_code(response: str) -> str | None:
 
 # ---- screening: what parses but is still junk ---------------------------------------------------------------------
 
-# A placeholder line: the whole line is a parenthesised or bracketed phrase, such as the skeleton lines earlier
-# prompts carried ("(the problem, in a few sentences)", "[the code, with assertions]") that a small model copies.
+# A placeholder line: the whole line is a bracketed phrase that starts like an instruction to the writer, as the
+# skeleton lines of earlier prompts did ("(the problem, in a few sentences)", "[the code, with assertions]",
+# "(your code here)") and a small model copies. Code lines such as "(a, b)" or "[x]" do not start that way.
 _PLACEHOLDER = re.compile(
-    r"^\s*(?:#\s*)?[(\[<{][a-z][^()\[\]<>{}\n]{3,80}[)\]>}]\s*\.?\s*$", re.IGNORECASE | re.MULTILINE
+    r"^[ \t]*(?:#[ \t]*)?[(\[<{][ \t]*(?:the|a|an|your|insert|write|put|add|code|solution|problem)[ \t]+[a-z]"
+    r"[^()\[\]<>{}\n]{0,80}[)\]>}][ \t]*\.?[ \t]*$",
+    re.IGNORECASE | re.MULTILINE,
 )
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+")
 
@@ -160,10 +164,17 @@ def solution_code(response: str) -> str:
     return "\n\n".join(b.rstrip() for b in blocks) if blocks else response
 
 
+def _ast(code: str) -> ast.Module:
+    """ast.parse without the SyntaxWarnings (invalid escapes, ...) generated code is full of: they are not errors."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ast.parse(code)
+
+
 def parse_error(code: str) -> str | None:
     """Why `code` is not valid Python (None if it parses). ast only: nothing is executed."""
     try:
-        ast.parse(code)
+        _ast(code)
     except SyntaxError as err:
         return f"SyntaxError: {err.msg} (line {err.lineno})"
     except (ValueError, RecursionError, MemoryError, SystemError) as err:  # null bytes; absurd nesting
@@ -174,7 +185,7 @@ def parse_error(code: str) -> str | None:
 def has_asserts(code: str) -> bool:
     """True when the (parsing) code holds at least one assert statement: a check it makes of itself."""
     try:
-        return any(isinstance(node, ast.Assert) for node in ast.walk(ast.parse(code)))
+        return any(isinstance(node, ast.Assert) for node in ast.walk(_ast(code)))
     except (SyntaxError, ValueError, RecursionError, MemoryError, SystemError):
         return False
 
@@ -222,7 +233,7 @@ def screen_sample(
     error = parse_error(code)
     if error is not None:
         return CODE_DOES_NOT_PARSE, error
-    tree = ast.parse(code)
+    tree = _ast(code)
     defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
     if not any(isinstance(node, defs) for node in tree.body):
         return DEFINES_NOTHING, "the solution defines no function or class at its top level"

@@ -5,9 +5,12 @@ gradients from (DESIGN.md, method steps 1-3). A row holds a seed `snippet`, its 
 (`instruction`) and the solution (`response`: a sentence and one fenced code block ending in asserts).
 
 Where R comes from:
-- `load_reference()`: the built-in set, `prompts/reference.jsonl`: 96 examples written by hand for this project
-  (varied topics, standard library only), so that everything runs offline: 48 longer ones, then 48 short ones (a
-  2-10-line function and 2-4 asserts) that a small synthesizer can imitate. The test suite runs every solution.
+- `load_reference()` / `load_reference("reference:builtin")`: the built-in set, 96 examples written by hand for this
+  project (varied topics, standard library only), so that everything runs offline: `prompts/reference.jsonl`, 48
+  longer ones (20-78-line solutions with edge cases), then `prompts/reference_short.jsonl`, 48 short ones (a
+  2-10-line function and 2-4 asserts). `reference:builtin-short` is the short half alone: what a 135M synthesizer
+  can learn to imitate in a CPU-sized bootstrap (the embedded default's R; on the long ones it learned the format
+  but wrote code too long to finish and asserts that failed). The test suite runs every solution.
 - `load_reference("refs.jsonl" | "refs.parquet" | "s3://...")`: a user's JSONL or Parquet file. A row has
   `instruction` and `response` (required, non-empty strings), optional `snippet` (default ""), `language`
   (default "python") and `id` (alias `ref_id`; default: the content hash of instruction + response). A chat row
@@ -42,6 +45,12 @@ if TYPE_CHECKING:
     from synth_core.config import StorageConfig
 
 BUILTIN_SOURCE = "builtin"
+BUILTIN_REFERENCE = "reference:builtin"  # every built-in example
+BUILTIN_SHORT = "reference:builtin-short"  # the short built-in examples only
+_BUILTIN_FILES = {
+    BUILTIN_REFERENCE: ("reference.jsonl", "reference_short.jsonl"),
+    BUILTIN_SHORT: ("reference_short.jsonl",),
+}
 DEFAULT_LANGUAGE = "python"
 
 
@@ -72,21 +81,30 @@ class ReferenceSetError(ValueError):
     """A reference file cannot be used; the message names the file, the line (or Parquet row) and the field."""
 
 
-def builtin_reference_path() -> Path:
-    """The built-in reference set shipped in the package (synth_core/prompts/reference.jsonl)."""
-    return Path(str(resources.files("synth_core") / "prompts" / "reference.jsonl"))
+def builtin_reference_path(name: str = "reference.jsonl") -> Path:
+    """A file of the built-in reference set shipped in the package (synth_core/prompts/)."""
+    return Path(str(resources.files("synth_core") / "prompts" / name))
+
+
+def is_builtin(reference: str | None) -> bool:
+    """True for None and the `reference:builtin...` names (not a file or dataset)."""
+    return reference is None or reference in _BUILTIN_FILES
 
 
 def load_reference(path: str | None = None, storage: StorageConfig | None = None) -> pa.Table:
-    """R as a table of REFERENCE_SCHEMA: the built-in set (path None), a .jsonl/.json/.parquet file or URI, or the
-    kept rows of a dataset folder.
+    """R as a table of REFERENCE_SCHEMA: a built-in set (None or `reference:builtin` = all of it,
+    `reference:builtin-short`), a .jsonl/.json/.parquet file or URI, or the kept rows of a dataset folder.
 
     `storage` gives the S3 endpoint and credentials for an s3:// path (synth_core.storage.get_fs).
     """
     empty = "the file is empty"
-    if path is None:
-        name = str(builtin_reference_path())
-        located = [(f"{name}:{n}", BUILTIN_SOURCE, rec) for n, rec in _jsonl_records(Path(name).read_bytes(), name)]
+    if is_builtin(path):
+        name = path or BUILTIN_REFERENCE
+        located = []
+        for file in _BUILTIN_FILES[name]:
+            where = str(builtin_reference_path(file))
+            records = _jsonl_records(Path(where).read_bytes(), where)
+            located += [(f"{where}:{n}", BUILTIN_SOURCE, rec) for n, rec in records]
     else:
         name = path
         lower = path.lower()

@@ -31,7 +31,10 @@ from synth_core.storage import (
 STAGE_VERSION = 1
 CARD_NAME = "README.md"
 # Lineage columns carried into the release when the final dataset has them (score/influence only after those stages).
-_LINEAGE = ("sample_id", "snippet_id", "snippet", "language", "checkpoint", "iteration", "seed", "score", "influence")
+_LINEAGE = (
+    "sample_id", "snippet_id", "snippet", "language", "checkpoint", "iteration", "seed", "exec_status", "score",
+    "influence",
+)  # fmt: skip
 
 
 def release_schema(candidates: Any) -> Any:

