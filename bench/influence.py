@@ -1,7 +1,8 @@
 """Benchmark of the influence math (issue 5): the batched path against the LESS-style loop, in ONE run.
 
 Both compute Adam-preconditioned, randomly projected LoRA gradient features of the same candidate rows at the same
-checkpoint, with the same Rademacher matrix (same seed and blocks), and score them against the same targets:
+checkpoint, with the same projection (--projection: 'auto' = the sparse JL transform on a CPU, the Rademacher
+matrix on a GPU; same seed and blocks), and score them against the same targets:
 - batched: `compute_grad_features` (one backward pass per padded batch, per-sample gradients from layer inputs x
   output gradients, projected layer by layer; what the influence stage runs);
 - loop: `grad_features_loop` (LESS: batch 1, autograd per row, the flat gradient projected by the dense matrix).
@@ -12,7 +13,10 @@ synth_core.train (AdamW moments, mean LR).
 
 The loop materialises R [num_lora_params, proj_dim] float32: the projection dimension is the largest power of two
 up to --proj-dim whose dense matrix fits --dense-budget-gib, used for both paths (the table says which); the
-batched path is timed at the full --proj-dim as well.
+batched path is timed at the full --proj-dim as well. On a CPU the batched path is also timed at --proj-dim with the
+other projection, so the table shows both side by side (samples/s, projection seconds per pass: R is drawn once
+per pass), and the two projections' influence scores of the same rows are compared (Spearman; each projection's
+candidates against its own targets). --loop-rows 0 skips the loop (and its dense matrix).
 
 Model FLOPs per row of T tokens, S of them predicting a response token: forward 2 N T + activation backward
 2 N T (N: weights of every matrix multiply but the LM head; no weight gradient is formed by autograd), the LM head
@@ -27,7 +31,8 @@ Modes:
   rows of --mean-tokens (512) tokens, LoRA r=128 on q/k/v/o. Goal: >= 10x the loop, rank correlation >= 0.99,
   >= 30% of the card's bf16 rate.
 
-    python bench/influence.py [--rows 16] [--loop-rows 16]
+    python bench/influence.py [--rows 16] [--loop-rows 16] [--projection auto|rademacher|sparse_jl]
+    python bench/influence.py --rows 8 --loop-rows 0   (CPU: the two projections only)
     python bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 32 --batch-size 16 [32]
     python bench/influence.py --model builtin:random-llama-150m --rows 8 --loop-rows 4 --mean-tokens 64  (code path)
 
@@ -60,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct", help="Base model reference.")
     ap.add_argument("--rows", type=int, default=16, help="Candidate rows of the batched path.")
-    ap.add_argument("--loop-rows", type=int, default=16, help="Candidate rows of the loop (the first of them).")
+    ap.add_argument(
+        "--loop-rows", type=int, default=16, help="Candidate rows of the loop (the first of them); 0 = no loop."
+    )
     ap.add_argument("--targets", type=int, default=8, help="Target rows (plain gradients, batched path).")
     ap.add_argument(
         "--batch-size",
@@ -70,6 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Rows per padded batch (batched path); further sizes are timed at --proj-dim after the comparison.",
     )
     ap.add_argument("--proj-dim", type=int, default=8192, help="Projection dimension (features).")
+    ap.add_argument(
+        "--projection",
+        choices=["auto", "rademacher", "sparse_jl"],
+        default="auto",
+        help="Projection of both paths (InfluenceConfig.projection; 'auto' = sparse_jl on a CPU, rademacher on a "
+        "GPU). On a CPU the batched path is timed with the other one too, at --proj-dim.",
+    )
     ap.add_argument("--dense-budget-gib", type=float, default=None, help="Largest dense R of the loop (GiB).")
     ap.add_argument("--max-seq-len", type=int, default=1024, help="Token limit of a row.")
     ap.add_argument("--mean-tokens", type=int, default=512, help="Row length of synthetic rows (random models).")
@@ -160,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         influence_scores,
         load_checkpoint_for_influence,
         lora_linears,
+        resolve_projection,
     )
     from synth_core.models import resolve_model, synthetic_chats
     from synth_core.procs import run_in_subprocess
@@ -185,8 +200,18 @@ def main(argv: list[str] | None = None) -> int:
         trained = run_in_subprocess(train_model, base.path, chats[:4], tc, f"{tmp}/train", args.model)
         batch = args.batch_size[0]
         cfg = InfluenceConfig(
-            proj_dim=args.proj_dim, batch_size=batch, max_seq_len=args.max_seq_len, seed=args.seed, dtype=args.dtype
+            proj_dim=args.proj_dim,
+            batch_size=batch,
+            max_seq_len=args.max_seq_len,
+            seed=args.seed,
+            dtype=args.dtype,
+            projection=args.projection,
         )
+        kind = resolve_projection(cfg, device)
+        # on a CPU both projections side by side at --proj-dim, the one of the comparison with the loop first
+        kinds = [kind] if on_gpu else [kind, *(k for k in ("rademacher", "sparse_jl") if k != kind)]
+        by_kind = {k: cfg.model_copy(update={"projection": k}) for k in kinds}
+        cfg = by_kind[kind]
         ckpt = load_checkpoint_for_influence(trained.checkpoints[-1], cfg, device=device)
         tok = AutoTokenizer.from_pretrained(base.path)
         rows = encode_rows(tok, chats)
@@ -196,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if budget is None:
             budget = (torch.cuda.mem_get_info()[0] / 2**30 * 0.5) if on_gpu else _available_gib() * 0.35
         dim = args.proj_dim
-        while dim > 16 and n_lora * dim * 4 / 2**30 > budget:
+        while args.loop_rows and dim > 16 and n_lora * dim * 4 / 2**30 > budget:
             dim //= 2
         small = cfg.model_copy(update={"proj_dim": dim})
         note = (
@@ -204,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             f"both paths compared at d={dim}"
             if dim != args.proj_dim
             else f"both paths at d={dim}"
+            if args.loop_rows
+            else "no loop (--loop-rows 0)"
         )
         print(note)
         batched = functools.partial(compute_grad_features, projection_rows=args.projection_rows)
@@ -228,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             loss_positions = sum(sum(lab != IGNORE_INDEX for lab in r["labels"][1 : args.max_seq_len]) for r in rows_)
             head = config.hidden_size * config.vocab_size
             flops = 4 * (matmul_params(config) - head) * tokens + 4 * head * loss_positions + 6 * n_lora * tokens
-            flops += 12 * config.num_hidden_layers * config.hidden_size * sq + 2 * n_lora * c.proj_dim * len(rows_)
+            per_element = c.proj_dim if c.projection == "rademacher" else c.sparse_jl_nonzeros  # multiply-adds
+            flops += 12 * config.num_hidden_layers * config.hidden_size * sq + 2 * n_lora * per_element * len(rows_)
+            passes = -(-len(rows_) // out.projection_rows) if projection_rows_of(out) else None
             res = {
                 "name": name,
+                "projection": c.projection,
                 "proj_dim": c.proj_dim,
                 "rows": len(rows_),
                 "tokens": tokens,
@@ -244,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_memory_mb": round(mem["mb"], 1),
                 "projection_rows": projection_rows_of(out),
                 "projection_s": round(out.projection_seconds, 3) if projection_rows_of(out) else None,
+                "projection_passes": passes,
+                "projection_s_per_pass": round(out.projection_seconds / passes, 3) if passes else None,
             }
             results.append(res)
             print(
@@ -253,29 +285,46 @@ def main(argv: list[str] | None = None) -> int:
             )
             return out
 
-        fast = timed(f"batched (batch {batch})", batched, cands, small)
-        slow = timed("LESS loop (batch 1, dense R)", grad_features_loop, cands[: args.loop_rows], small)
-        if dim != args.proj_dim:
-            timed(f"batched (batch {batch})", batched, cands, cfg)
+        fast = timed(f"batched (batch {batch}, {kind})", batched, cands, small)
+        slow = None
+        if args.loop_rows:
+            slow = timed(f"LESS loop (batch 1, dense {kind})", grad_features_loop, cands[: args.loop_rows], small)
+        main_results = list(results)  # batched, loop
+        full = {kind: fast if dim == args.proj_dim else timed(f"batched (batch {batch}, {kind})", batched, cands, cfg)}
+        full_res = main_results[0] if dim == args.proj_dim else results[-1]  # the first batch size at --proj-dim
+        for other_kind in kinds[1:]:  # CPU: the other projection, same rows, --proj-dim
+            full[other_kind] = timed(f"batched (batch {batch}, {other_kind})", batched, cands, by_kind[other_kind])
+        by_projection = {
+            r["projection"]: r for r in results if r["proj_dim"] == args.proj_dim and r["projection_s"] is not None
+        }
+        rho_projections = None
+        if len(kinds) > 1:  # each projection's candidates against its own targets, at --proj-dim
+            scores = {}
+            for p in kinds:
+                tgt_p = tgt if p == kind and dim == args.proj_dim else batched(ckpt.model, targets, by_kind[p])
+                scores[p] = influence_scores([full[p].feats], [tgt_p.feats], [1.0])
+            rho_projections = spearman(scores["rademacher"], scores["sparse_jl"])
         for other in args.batch_size[1:]:
             c = cfg.model_copy(update={"batch_size": other})
             try:
                 batched(ckpt.model, cands[: min(2, len(cands))], c, optimizer_state=ckpt.adam)  # warm-up
-                timed(f"batched (batch {other})", batched, cands, c)
+                timed(f"batched (batch {other}, {kind})", batched, cands, c)
             except torch.OutOfMemoryError as exc:  # reported, and the other results are still written
                 print(f"batched (batch {other}): out of memory ({str(exc).splitlines()[0]})", flush=True)
                 oom.append(other)
                 torch.cuda.empty_cache()
         k = args.loop_rows
-        s_fast = influence_scores([fast.feats[:k]], [tgt.feats], [1.0])
-        s_slow = influence_scores([slow.feats], [tgt.feats], [1.0])
-        rho = spearman(s_fast, s_slow)
-        max_diff = float((s_fast - s_slow).abs().max())
-    speedup = results[0]["samples_per_s"] / results[1]["samples_per_s"]
-    full = results[2] if dim != args.proj_dim else results[0]  # the first batch size at --proj-dim
-    speedup_full = full["samples_per_s"] / results[1]["samples_per_s"]  # batched at --proj-dim vs the loop
+        rho = max_diff = speedup = speedup_full = None
+        if slow is not None:
+            s_fast = influence_scores([fast.feats[:k]], [tgt.feats], [1.0])
+            s_slow = influence_scores([slow.feats], [tgt.feats], [1.0])
+            rho = spearman(s_fast, s_slow)
+            max_diff = float((s_fast - s_slow).abs().max())
+            speedup = main_results[0]["samples_per_s"] / main_results[1]["samples_per_s"]
+            speedup_full = full_res["samples_per_s"] / main_results[1]["samples_per_s"]  # at --proj-dim vs the loop
     headers = [
         "path",
+        "projection",
         "proj_dim",
         "rows",
         "tokens",
@@ -286,10 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         "of bf16 rate",
         "peak MiB",
         "rows/pass",
+        "proj s/pass",
     ]
     table = [
         [
             r["name"],
+            r["projection"],
             str(r["proj_dim"]),
             str(r["rows"]),
             str(r["tokens"]),
@@ -300,15 +351,27 @@ def main(argv: list[str] | None = None) -> int:
             "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
             fmt_num(r["peak_memory_mb"], 0),
             "—" if r["projection_rows"] is None else str(r["projection_rows"]),
+            fmt_num(r["projection_s_per_pass"], 2),
         ]
         for r in results
     ]
+    versus = (
+        f"speed-up {speedup:.1f}x ({speedup_full:.1f}x with the batched path at d={args.proj_dim}), "
+        f"Spearman {rho:.4f} over {k} rows (max |score diff| {max_diff:.1e})"
+        if slow is not None
+        else "no loop"
+    )
     title = (
         f"influence: {args.model}, LoRA r={rank} q/k/v/o ({n_lora / 1e6:.2f}M params), {device} "
-        f"({torch.cuda.get_device_name() if on_gpu else cpu_name()}); speed-up {speedup:.1f}x "
-        f"({speedup_full:.1f}x with the batched path at d={args.proj_dim}), "
-        f"Spearman {rho:.4f} over {k} rows (max |score diff| {max_diff:.1e}); {note}"
+        f"({torch.cuda.get_device_name() if on_gpu else cpu_name()}), {kind}; {versus}; {note}"
     )
+    if rho_projections is not None:
+        rad, sjl = by_projection["rademacher"], by_projection["sparse_jl"]
+        title += (
+            f"; at d={args.proj_dim}: projection {rad['projection_s_per_pass']:.2f} s/pass rademacher vs "
+            f"{sjl['projection_s_per_pass']:.2f} s sparse_jl (s={cfg.sparse_jl_nonzeros}), influence Spearman "
+            f"{rho_projections:.4f} over {len(cands)} rows"
+        )
     try:
         import rich  # noqa: F401
 
@@ -316,13 +379,15 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         use_rich = False
     print_table(title, headers, table, set(), use_rich)
-    goals = f"goals: speed-up >= {GOAL_SPEEDUP:g}x: {speedup:.1f}x; Spearman >= {GOAL_SPEARMAN}: {rho:.4f}"
+    goals = "goals: no loop"
+    if slow is not None:
+        goals = f"goals: speed-up >= {GOAL_SPEEDUP:g}x: {speedup:.1f}x; Spearman >= {GOAL_SPEARMAN}: {rho:.4f}"
     if rate:
         goals += (
             f"; >= {100 * GOAL_MFU:.0f}% of {rate / 1e12:.0f} TFLOP/s ({rate_how}): {100 * results[0]['mfu']:.1f}% "
-            f"at d={results[0]['proj_dim']}, {100 * full['mfu']:.1f}% at d={full['proj_dim']}"
+            f"at d={results[0]['proj_dim']}, {100 * full_res['mfu']:.1f}% at d={full_res['proj_dim']}"
         )
-        for r in results[3:] if dim != args.proj_dim else results[2:]:
+        for r in results[results.index(full_res) + 1 :]:
             goals += f", {100 * r['mfu']:.1f}% with batch {r['batch_size']} at d={r['proj_dim']}"
     if oom:
         goals += f"; out of memory at batch {', '.join(map(str, oom))}"
@@ -337,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "model": args.model,
             "dtype": args.dtype,
+            "projection": kind,
             "device": device,
             "device_name": torch.cuda.get_device_name() if on_gpu else cpu_name(),
             "lora_r": rank,
@@ -348,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
             "speedup_batched_full_dim": speedup_full,
             "spearman": rho,
             "max_score_diff": max_diff,
+            "projections": {
+                p: {f: r[f] for f in ("samples_per_s", "projection_s", "projection_passes", "projection_s_per_pass")}
+                for p, r in by_projection.items()
+            },
+            "spearman_projections": rho_projections,
             "note": note,
             "results": results,
             "torch": package_version("torch"),

@@ -3,9 +3,10 @@
 The math of the influence stage (issue 5). A row's gradient feature is the gradient of its loss (the mean
 cross-entropy over its response tokens, as LESS) with respect to the LoRA weights of a checkpoint, Adam-
 preconditioned for candidates (m' = b1 m + (1-b1) g, v' = b2 v + (1-b2) g^2, feature = m' / (sqrt(v') + eps),
-with the checkpoint's AdamW moments) and plain for targets, randomly projected to `proj_dim` with a seeded
-Rademacher matrix and L2-normalised. Influence = sum over checkpoints of (mean LR of the checkpoint, normalised
-over checkpoints) x cosine to the targets, aggregated as the mean over targets or the max over target groups.
+with the checkpoint's AdamW moments) and plain for targets, randomly projected to `proj_dim` (a seeded Rademacher
+matrix on a GPU, a seeded sparse Johnson-Lindenstrauss transform on a CPU: `make_projector`) and L2-normalised.
+Influence = sum over checkpoints of (mean LR of the checkpoint, normalised over checkpoints) x cosine to the
+targets, aggregated as the mean over targets or the max over target groups.
 
 How it is fast: per-sample gradients of a whole padded batch come from ONE backward pass. For a linear map
 y = W x the gradient of sample b's loss is sum over tokens t of g_bt x_bt^T, where x is the layer's input and g
@@ -19,13 +20,20 @@ rooted at the input embeddings. No attention mask (right padding under the causa
 at the positions that carry a loss, chunked (`_backward_per_sample` says why both are exact). On a GPU the sign
 unpacking and the Adam preconditioning are Triton kernels (synth_core.influence_kernels).
 
-The projection matrix R [num_params, proj_dim] never exists whole: it is cut into chunks of CHUNK_ELEMS flat
-elements of each parameter, each drawn on the device as packed sign bits by a torch.Generator seeded from (seed,
-parameter name, chunk index), so the same seed gives the same features whatever the batch size or the parameter
-order. Drawing and unpacking R costs about as much per pass as the matmul itself, so the per-sample gradients of
-many rows (several batches: `projection_rows`) are gathered in one buffer and projected in one pass.
-CPU and CUDA generators differ: targets and candidates must be projected on the same device type
-(`GradFeatures.projection_id` names it, for the stage to check).
+The projection matrix [num_params, proj_dim] never exists whole: it is cut into chunks of CHUNK_ELEMS flat
+elements of each parameter, each drawn from a torch.Generator seeded from (seed, parameter name, chunk index), so
+the same seed gives the same features whatever the batch size or the parameter order. Two matrices, one interface
+(`Projector`), chosen by influence.projection ('auto': by the device type):
+- RademacherProjector (GPU): dense +-1/sqrt(proj_dim), drawn on the device as sign bits (fused Triton kernels on a
+  GPU). Drawing and unpacking R costs about as much per pass as the matmul itself, so the per-sample gradients of
+  many rows (several batches: `projection_rows`) are gathered in one buffer and projected in one pass. CPU and
+  CUDA generators differ: its features are comparable only on the same device type.
+- SparseJLProjector (CPU): s nonzeros +-1/sqrt(s) per parameter element, one in each of s blocks of columns (Kane
+  & Nelson's sparse JL), added with index_add_: O(s) per element where R costs O(proj_dim) (on a CPU ~30 GFLOP
+  and 15 G signs per row of the built-in model's LoRA at d = 8192), with the same inner-product variance. Drawn on
+  the CPU, so the same on every device.
+Targets and candidates must share the projection: `GradFeatures.projection_id` names it (kind, s, d, seed, device
+type where it matters), for the stage to check, and the stage's fingerprint holds the resolved kind.
 
 `per_sample_grads_loop` and `grad_features_loop` are the LESS-style reference (one backward pass per row, a
 dense projection of the flat gradient) that the tests and the benchmark compare against.
@@ -43,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import math
 import sys
@@ -50,7 +59,7 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from synth_core.config import InfluenceConfig
 from synth_core.train import IGNORE_INDEX, encode_chat
@@ -66,6 +75,8 @@ CHUNK_ELEMS = 4096
 # Bump when the way R is generated changes: old features become incomparable. 3: the GPU's signs are Philox words
 # drawn in a Triton kernel (the CPU's are v2's).
 PROJECTION_VERSION = "3"
+# Bump when the way the sparse JL transform S is generated changes (its projection_id and the stage's fingerprint).
+SPARSE_JL_VERSION = "1"
 DROP_REASON = "influence_below_top_fraction"
 
 Row = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]} with prompt tokens labelled IGNORE_INDEX
@@ -312,6 +323,216 @@ class RademacherProjector:
                 out[row : row + rows] = block[:rows, : self.proj_dim]
                 row += rows
         return out.mul_(self.scale)
+
+
+class SparseJLProjector:
+    """x -> x @ S with S [num_params, proj_dim] a sparse Johnson-Lindenstrauss transform (Kane & Nelson 2014,
+    "Sparser Johnson-Lindenstrauss transforms", the block construction): the columns are cut into s =
+    `nonzeros` disjoint blocks (block k: columns [floor(k d / s), floor((k+1) d / s)), d = proj_dim; uneven by
+    one column when s does not divide d), and each row of S (one flat parameter element) holds one nonzero per
+    block, +-1/sqrt(s), in a uniform column of the block with an independent uniform sign. A row's s columns are
+    thus distinct, so |S e_i| = 1 exactly; each block is a count-sketch of dimension d/s and S averages s of them.
+    E[<xS, yS>] = <x, y>, with the variance of a dense Rademacher matrix's, (|x|^2 |y|^2 + <x, y>^2 -
+    2 sum_i x_i^2 y_i^2) / d; only inputs with their mass on a handful of elements see heavier tails (two
+    equal-weight elements that share a column in one block: an error of 1/s, probability about s^2 / d).
+    Gradients are dense: the tests check random, concentrated and shared-support inputs within 5/sqrt(d).
+
+    Cost: b s multiply-adds per element for b rows (index_add_ of the rows into the s columns), where R costs
+    b d plus drawing d signs per element: about 0.2 s per million elements for 8 rows at s = 8 on 2 CPU cores.
+
+    Chunk c of parameter `name` (its flat elements [c C, (c+1) C), C = CHUNK_ELEMS; a last partial chunk uses
+    the first elements of its full chunk) draws its columns and signs from a CPU torch.Generator seeded with a
+    hash of (seed, name, c): one randint into [0, 2^32) per (block, element), bit 0 the sign (1: -), bits 1..31
+    the column within the block by multiply-shift (r d_k) >> 31 (a bias below d_k / 2^31). Drawn on the CPU
+    whatever the device, so S (and projection_id) do not depend on the device, the batching, the grouping or the
+    other parameters; on the device a chunk is [s, C] int64 indices into a [b, 2 proj_dim] accumulator whose
+    second half takes the negative signs (index_add_ of the input itself: no signed copy of it), kept between
+    calls while they fit in `cache_mb`. bf16 and float64 inputs are accumulated in float32.
+    """
+
+    def __init__(
+        self, proj_dim: int, seed: int, nonzeros: int = 8, device: torch.device | str = "cpu", cache_mb: int = 0
+    ):
+        import torch
+
+        if not 1 <= nonzeros <= proj_dim:
+            raise ValueError(f"sparse JL needs 1 <= nonzeros <= proj_dim, got {nonzeros} and proj_dim {proj_dim}")
+        self.proj_dim = proj_dim
+        self.seed = seed
+        self.nonzeros = nonzeros
+        self.device = torch.device(device)
+        self.cache_bytes = cache_mb * 2**20
+        self.scale = 1 / math.sqrt(nonzeros)
+        bounds = [k * proj_dim // nonzeros for k in range(nonzeros + 1)]
+        self._starts = torch.tensor(bounds[:-1], dtype=torch.int64)[:, None]  # [s, 1] first column of each block
+        self._sizes = torch.tensor([b - a for a, b in itertools.pairwise(bounds)], dtype=torch.int64)[:, None]
+        self._generator = torch.Generator()  # on the CPU: S is the same on every device
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._cached_bytes = 0
+        self.blocks_drawn = 0  # chunks drawn from their seed (cache misses), for tests and benchmarks
+
+    @property
+    def projection_id(self) -> str:
+        return f"sparsejl-v{SPARSE_JL_VERSION}-s{self.nonzeros}-d{self.proj_dim}-seed{self.seed}-c{CHUNK_ELEMS}"
+
+    def _block_seed(self, name: str, chunk: int) -> int:
+        # "sparsejl" in the key: S's random stream is not R's for the same seed
+        digest = hashlib.blake2b(f"sparsejl\0{self.seed}\0{name}\0{chunk}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") & (2**63 - 1)
+
+    def chunk_indices(self, name: str, chunk: int) -> torch.Tensor:
+        """Chunk `chunk` of parameter `name`: [s, CHUNK_ELEMS] int64 on the device; entry (k, i) is the column of
+        element i in block k, plus proj_dim when its sign is negative (an index into [0, 2 proj_dim))."""
+        import torch
+
+        key = (name, chunk)
+        if key in self._cache:
+            return self._cache[key]
+        self._generator.manual_seed(self._block_seed(name, chunk))
+        r = torch.randint(0, 2**32, (self.nonzeros, CHUNK_ELEMS), generator=self._generator, dtype=torch.int64)
+        columns = self._starts + (((r >> 1) * self._sizes) >> 31)  # uniform in each block: (r' d_k) >> 31 < d_k
+        indices = columns.add_((r & 1).mul_(self.proj_dim)).to(self.device)
+        self.blocks_drawn += 1
+        size = indices.numel() * indices.element_size()
+        if self._cached_bytes + size <= self.cache_bytes:
+            self._cache[key] = indices
+            self._cached_bytes += size
+        return indices
+
+    def project_flat(
+        self,
+        flat: torch.Tensor,
+        layout: Sequence[tuple[str, int]],
+        out: torch.Tensor | None = None,
+        group_bytes: int | None = None,
+    ) -> torch.Tensor:
+        """out += flat @ S for flat [b, sum numel] (parameters (name, numel) side by side, in `layout` order).
+
+        out: [b, proj_dim] float32, created if None. The indices of consecutive chunks are gathered into groups of
+        about `group_bytes` (default 64 MiB; the int64 indices [s, columns] plus, for a non-float32 input, its
+        float32 copy [b, columns]), each added with s index_add_ calls: never [b, num_params x s] at once.
+        """
+        import torch
+
+        if out is None:
+            out = torch.zeros(flat.shape[0], self.proj_dim, dtype=torch.float32, device=self.device)
+        if sum(n for _, n in layout) != flat.shape[1]:
+            raise ValueError(f"layout covers {sum(n for _, n in layout)} elements, flat has {flat.shape[1]}")
+        b, s = flat.shape[0], self.nonzeros
+        if group_bytes is None:
+            group_bytes = 2**26
+        per_column = 8 * s + (0 if flat.dtype == torch.float32 else 4 * b)
+        group_cols = max(1, group_bytes // (per_column * CHUNK_ELEMS)) * CHUNK_ELEMS
+        acc = torch.zeros(b, 2 * self.proj_dim, dtype=torch.float32, device=self.device)  # [+ columns | - columns]
+        filled, first = 0, 0  # columns of flat in the pending group; flat column of its first
+        pending: list[torch.Tensor] = []  # [s, rows] indices of the group's chunks
+
+        def flush() -> None:
+            indices = pending[0] if len(pending) == 1 else torch.cat(pending, dim=1)  # [s, filled]
+            part = flat[:, first : first + filled].to(self.device, torch.float32)
+            for k in range(s):
+                acc.index_add_(1, indices[k], part)
+
+        column = 0
+        for name, numel in layout:
+            for chunk in range(math.ceil(numel / CHUNK_ELEMS)):
+                rows = min(CHUNK_ELEMS, numel - chunk * CHUNK_ELEMS)
+                if filled + rows > group_cols:
+                    flush()
+                    first, filled, pending = column, 0, []
+                pending.append(self.chunk_indices(name, chunk)[:, :rows])
+                filled += rows
+                column += rows
+        if filled:
+            flush()
+        return out.add_(acc[:, : self.proj_dim] - acc[:, self.proj_dim :], alpha=self.scale)
+
+    def accumulate(self, name: str, grads: torch.Tensor, out: torch.Tensor) -> None:
+        """out += flat(grads) @ S[name]; grads: [b, *param shape], out: [b, proj_dim] float32."""
+        flat = grads.reshape(grads.shape[0], -1)
+        self.project_flat(flat, [(name, flat.shape[1])], out)
+
+    def project(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Projection of the concatenation of named tensors [b, *shape_i] float32 -> [b, proj_dim] float32."""
+        import torch
+
+        flat = torch.cat([g.reshape(g.shape[0], -1).to(self.device, torch.float32) for g in named.values()], dim=1)
+        return self.project_flat(flat, [(n, g[0].numel()) for n, g in named.items()])
+
+    def dense_matrix(self, shapes: Sequence[tuple[str, int]]) -> torch.Tensor:
+        """S for parameters (name, numel) in this order, whole: [sum numel, proj_dim] float32 (reference only)."""
+        import torch
+
+        out = torch.zeros(sum(n for _, n in shapes), self.proj_dim, dtype=torch.float32, device=self.device)
+        row = 0
+        for name, numel in shapes:
+            for chunk in range(math.ceil(numel / CHUNK_ELEMS)):
+                rows = min(CHUNK_ELEMS, numel - chunk * CHUNK_ELEMS)
+                indices = self.chunk_indices(name, chunk)[:, :rows]  # [s, rows]
+                signs = 1 - 2 * (indices >= self.proj_dim).to(torch.float32)
+                at = torch.arange(row, row + rows, device=self.device).expand_as(indices)
+                out[at, indices % self.proj_dim] = signs * self.scale
+                row += rows
+        return out
+
+
+class Projector(Protocol):
+    """What the features need of a random projection (RademacherProjector on a GPU, SparseJLProjector on a CPU):
+    x [b, num_params] -> x @ P [b, proj_dim] float32, P seeded per (parameter, chunk) and named by projection_id."""
+
+    proj_dim: int
+    blocks_drawn: int
+
+    @property
+    def projection_id(self) -> str: ...
+
+    def project_flat(
+        self,
+        flat: torch.Tensor,
+        layout: Sequence[tuple[str, int]],
+        out: torch.Tensor | None = None,
+        group_bytes: int | None = None,
+    ) -> torch.Tensor: ...
+
+    def project(self, named: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def accumulate(self, name: str, grads: torch.Tensor, out: torch.Tensor) -> None: ...
+
+    def dense_matrix(self, shapes: Sequence[tuple[str, int]]) -> torch.Tensor: ...
+
+
+def resolve_projection(cfg: InfluenceConfig, device_type: str) -> str:
+    """The projection the features use on this device type: 'rademacher' or 'sparse_jl' (cfg.projection 'auto':
+    Rademacher on a GPU, whose fused kernels make it cheap, sparse JL elsewhere, where drawing and multiplying
+    by the dense R costs ~30 GFLOP and 15 G signs per row at d = 8192). InfluenceError when s > proj_dim."""
+    kind = cfg.projection
+    if kind == "auto":
+        kind = "rademacher" if device_type == "cuda" else "sparse_jl"
+    if kind == "sparse_jl" and cfg.sparse_jl_nonzeros > cfg.proj_dim:
+        raise InfluenceError(
+            f"influence.sparse_jl_nonzeros ({cfg.sparse_jl_nonzeros}) must be at most influence.proj_dim "
+            f"({cfg.proj_dim}): one nonzero per block of columns"
+        )
+    return kind
+
+
+def projection_fingerprint(cfg: InfluenceConfig, device_type: str) -> list[Any]:
+    """What defines the features' projection for the stage's fingerprint. Rademacher's is what it was before
+    sparse JL existed (GPU outputs stay valid); sparse JL's names itself and s."""
+    if resolve_projection(cfg, device_type) == "rademacher":
+        return [PROJECTION_VERSION, CHUNK_ELEMS, device_type]
+    return [PROJECTION_VERSION, CHUNK_ELEMS, device_type, f"sparse_jl-v{SPARSE_JL_VERSION}", cfg.sparse_jl_nonzeros]
+
+
+def make_projector(cfg: InfluenceConfig, device: torch.device | str, cache_mb: int | None = None) -> Projector:
+    """The configured projection (`resolve_projection`) on `device`; cache_mb None = cfg.projector_cache_mb."""
+    import torch
+
+    device = torch.device(device)
+    cache_mb = cfg.projector_cache_mb if cache_mb is None else cache_mb
+    if resolve_projection(cfg, device.type) == "rademacher":
+        return RademacherProjector(cfg.proj_dim, cfg.seed, device, cache_mb)
+    return SparseJLProjector(cfg.proj_dim, cfg.seed, cfg.sparse_jl_nonzeros, device, cache_mb)
 
 
 def adam_precondition(
@@ -764,7 +985,7 @@ def compute_grad_features(
     model.eval()
     dev = _device_of(model, device)
     cut, truncated, no_answer = _cut_rows(rows, _token_limit(model, cfg.max_seq_len))
-    projector = RademacherProjector(cfg.proj_dim, cfg.seed, dev, cfg.projector_cache_mb)
+    projector = make_projector(cfg, dev)
     feats = torch.zeros(len(cut), cfg.proj_dim, dtype=torch.float16)
     result = GradFeatures(feats, truncated, no_answer, optimizer_state is not None, projector.projection_id)
     if not cut:
@@ -877,7 +1098,7 @@ def grad_features_loop(
     t0 = time.perf_counter()
     dev = _device_of(model, device)
     cut, truncated, no_answer = _cut_rows(rows, _token_limit(model, cfg.max_seq_len))
-    projector = RademacherProjector(cfg.proj_dim, cfg.seed, dev)
+    projector = make_projector(cfg, dev, cache_mb=0)
     feats = torch.zeros(len(cut), cfg.proj_dim, dtype=torch.float16)
     result = GradFeatures(feats, truncated, no_answer, optimizer_state is not None, projector.projection_id)
     if not cut:
@@ -1187,9 +1408,12 @@ def plan_influence(
         manifest.fingerprint,
         ref_fp,
         [m.fingerprint for m in resolved],
-        cfg.influence.model_dump(mode="json", exclude={"parallel_shards", "projector_cache_mb", "projection_rows"}),
+        cfg.influence.model_dump(
+            mode="json",
+            exclude={"parallel_shards", "projector_cache_mb", "projection_rows", "projection", "sparse_jl_nonzeros"},
+        ),
         template,
-        [PROJECTION_VERSION, CHUNK_ELEMS, device_type],
+        projection_fingerprint(cfg.influence, device_type),  # the resolved projection: auto on a CPU = sparse_jl
     )
     plan = InfluencePlan(
         candidates_uri=candidates_uri,
@@ -1397,6 +1621,15 @@ def _read_targets(plan: InfluencePlan, cfg: Any) -> tuple[list[Any], list[float]
     return [f[idx] for f in feats], lrs, pids
 
 
+def check_same_projection(candidates_id: str, targets_id: str) -> None:
+    """InfluenceError unless candidates and targets were projected by the same matrix (their projection_ids)."""
+    if candidates_id != targets_id:
+        raise InfluenceError(
+            f"candidates projected with {candidates_id}, targets with {targets_id}: not comparable (influence."
+            "projection, sparse_jl_nonzeros, proj_dim, seed and the device type must be the targets' ones)"
+        )
+
+
 def _read_candidates(plan: InfluencePlan, shard: InfluenceShard, cfg: Any):
     from synth_core.storage import read_part
 
@@ -1430,10 +1663,7 @@ def influence_shard(plan: InfluencePlan, shard: InfluenceShard, index: int, cfg:
             res = run_in_subprocess(
                 features_in_process, ckpt.ref, chats, cfg.influence, cfg.storage, True, plan.device_type
             )
-            if res["projection_id"] != pids[c]:
-                raise InfluenceError(
-                    f"candidates projected with {res['projection_id']}, targets with {pids[c]}: not comparable"
-                )
+            check_same_projection(res["projection_id"], pids[c])
             per_ckpt.append(res)
         cand = [torch.from_numpy(r["feats"]) for r in per_ckpt]
         scores = influence_scores(cand, targets, lrs, cfg.influence.aggregate).tolist()

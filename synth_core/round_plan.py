@@ -77,4 +77,6 @@ def stage_config(cfg: RunConfig, checkpoints: str, iteration: int) -> RunConfig:
     out.sample.iteration = iteration
     out.sample.max_snippets = cfg.round.synthesize_snippets if release else cfg.round.snippets_per_iteration
     out.sample.first_snippet = first_snippet(cfg, iteration)
+    if release and not cfg.round.release_influence:
+        out.round.use_influence = False
     return out

@@ -267,7 +267,11 @@ def sample_shard(plan: SamplePlan, shard: SampleShard, index: int, cfg: RunConfi
                     )
                     continue
                 adapter = f"ckpt{ci}" if ckpt.is_lora else None
-                regex = parse.synthesis_regex(snippet["language"]) if scfg.constrain_format else None
+                regex = (
+                    parse.synthesis_regex(snippet["language"], max_code_lines=scfg.max_code_lines)
+                    if scfg.constrain_format
+                    else None
+                )
                 requests.append(GenRequest(ids, seed, adapter, min(gen.max_new_tokens, room), regex))
                 slots.append((si, ci))
         if not requests:

@@ -38,19 +38,53 @@ def test_holdout_split_is_seeded_and_disjoint_from_training_rows(cfg):
 
 def test_convergence_markdown_has_a_row_per_iteration():
     records = [
-        {"iteration": 0, "candidates": None, "survival": {}, "kept": None, "heldout_loss": 2.5},
+        {
+            "iteration": 0,
+            "candidates": None,
+            "survival": {},
+            "kept": None,
+            "heldout_loss": 2.5,
+            "train_loss": [1.3, 0.7],
+        },
         {
             "iteration": 1,
             "candidates": 8,
             "survival": {"sample": 0.5, "score": 0.5, "influence": 0.5},
             "kept": 1,
             "heldout_loss": 2.25,
+            "parse_rate": 0.875,
+            "screen_pass_rate": 0.75,
+            "assert_pass_rate": 0.5,
+            "distinct_problems": 1.0,
+            "kept_per_hour": 12.0,
+            "judge_means": {"quality": 4.5},
         },
+        {"iteration": "release", "candidates": 4, "survival": {"sample": 0.25}, "kept": 1, "heldout_loss": None},
     ]
     md = convergence_markdown(records).splitlines()
-    assert md[0] == "| iteration | candidates | parsed kept | score kept | influence kept | kept | held-out loss |"
-    assert md[2] == "| bootstrap |  |  |  |  |  | 2.5000 |"
-    assert md[3] == "| 1 | 8 | 50.0% | 50.0% | 50.0% | 1 | 2.2500 |"
+    assert md[0] == (
+        "| iteration | candidates | sample kept | score kept | influence kept | kept | training loss (first -> last "
+        "tenth) | held-out loss |"
+    )
+    assert md[2] == "| bootstrap |  |  |  |  |  | 1.300 -> 0.700 | 2.5000 |"
+    assert md[3] == "| 1 | 8 | 50.0% | 50.0% | 50.0% | 1 |  | 2.2500 |"
+    assert md[4] == "| release | 4 | 25.0% |  |  | 1 |  |  |"
+    # what the sampling shows: only the records that have it
+    assert md[6].startswith("| iteration | parsed | passed screen | asserts passed | distinct problems | kept rows/h")
+    assert md[8] == "| 1 | 87.5% | 75.0% | 50.0% | 100.0% | 12.0 | 4.50 |"
+    assert len(md) == 9
+
+
+def test_loss_drop_and_distinct_share(cfg):
+    """The first vs last tenth of a loss curve; the distinct share counts near-duplicate problems once."""
+    from synth_core.convergence import distinct_share, loss_drop
+
+    assert loss_drop([(i, 2.0 - i / 10) for i in range(20)]) == (1.95, 0.15)
+    assert loss_drop([(1, 1.5)]) == (1.5, 1.5) and loss_drop([]) is None
+    a = "Write a function `count_vowels(text: str) -> int` that returns how many vowels the text holds, any case."
+    b = "Write a function `merge_sorted(a: list[int], b: list[int]) -> list[int]` merging two sorted lists into one."
+    assert distinct_share([a, b, a, a.replace("any case", "any case.")], cfg.dedup) == 0.5
+    assert distinct_share([], cfg.dedup) is None
 
 
 def test_heldout_losses_use_the_checkpoint_adapter(cfg, tiny_model, tiny_loras):

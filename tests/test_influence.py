@@ -1,11 +1,12 @@
 """The influence math on the tiny random Llama in fp32: batched per-sample gradients against one backward pass
-per row, the seeded projection (Johnson-Lindenstrauss, batch-size independence), Adam preconditioning by hand,
-near-copies of the targets ranking first, and bad inputs (no rows, a row longer than the limit, a checkpoint
-without optimiser state)."""
+per row, the seeded projections, Rademacher and sparse JL (Johnson-Lindenstrauss, batch-size independence),
+Adam preconditioning by hand, near-copies of the targets ranking first, and bad inputs (no rows, a row longer than
+the limit, a checkpoint without optimiser state, candidates and targets of different projections)."""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -15,19 +16,34 @@ from synth_core.influence import (
     AdamState,
     InfluenceError,
     RademacherProjector,
+    SparseJLProjector,
     adam_precondition,
     compute_grad_features,
     encode_rows,
     grad_features_loop,
     influence_scores,
     load_checkpoint_for_influence,
+    make_projector,
     per_sample_grads,
     per_sample_grads_loop,
     select_top_fraction,
 )
 from synth_core.train import IGNORE_INDEX
 
-CFG = InfluenceConfig(proj_dim=1024, dtype="float32", batch_size=8, max_seq_len=256, require_optimizer_state=False)
+if TYPE_CHECKING:
+    import torch
+
+# Rademacher pinned: the tests of the dense projection's blocks, cache and ids run on the CPU too (where 'auto' takes
+# sparse JL); the feature tests that hold for any projection are parametrized over both (PROJECTIONS).
+CFG = InfluenceConfig(
+    proj_dim=1024,
+    dtype="float32",
+    batch_size=8,
+    max_seq_len=256,
+    require_optimizer_state=False,
+    projection="rademacher",
+)
+PROJECTIONS = ["rademacher", "sparse_jl"]
 
 
 def _rows(lengths: list[tuple[int, int]], seed: int = 0, vocab: int = 49152) -> list[dict[str, list[int]]]:
@@ -107,19 +123,22 @@ def test_per_sample_grads_are_exact_in_float64(tiny_loras):
     assert worst_max < 1e-12, worst_max
 
 
-def test_features_equal_the_dense_loop_reference(ckpt):
-    """Batched features (layer-by-layer projection) equal the LESS-style loop (flat gradient, dense R)."""
+@pytest.mark.parametrize("projection", PROJECTIONS)
+def test_features_equal_the_dense_loop_reference(ckpt, projection):
+    """Batched features (layer-by-layer projection) equal the LESS-style loop (flat gradient, dense matrix)."""
+    cfg = CFG.model_copy(update={"projection": projection})
     rows = _rows(MIXED, seed=1)
     for adam in (None, _random_adam(ckpt.model)):
-        fast = compute_grad_features(ckpt.model, rows, CFG, optimizer_state=adam)
-        slow = grad_features_loop(ckpt.model, rows, CFG, optimizer_state=adam)
-        assert fast.feats.shape == (len(rows), CFG.proj_dim) and str(fast.feats.dtype) == "torch.float16"
+        fast = compute_grad_features(ckpt.model, rows, cfg, optimizer_state=adam)
+        slow = grad_features_loop(ckpt.model, rows, cfg, optimizer_state=adam)
+        assert fast.feats.shape == (len(rows), cfg.proj_dim) and str(fast.feats.dtype) == "torch.float16"
         assert (fast.feats.float() - slow.feats.float()).abs().max().item() < 1e-3
         assert fast.feats.float().norm(dim=1).sub(1).abs().max().item() < 1e-3  # L2-normalised
         assert fast.preconditioned == (adam is not None) and fast.projection_id == slow.projection_id
+        assert fast.projection_id.startswith({"rademacher": "rademacher-v", "sparse_jl": "sparsejl-v"}[projection])
         assert fast.tokens == sum(n for n, _ in MIXED) and fast.truncated == [] and fast.no_answer == []
-    plain = compute_grad_features(ckpt.model, rows, CFG).feats.float()
-    preconditioned = compute_grad_features(ckpt.model, rows, CFG, optimizer_state=_random_adam(ckpt.model)).feats
+    plain = compute_grad_features(ckpt.model, rows, cfg).feats.float()
+    preconditioned = compute_grad_features(ckpt.model, rows, cfg, optimizer_state=_random_adam(ckpt.model)).feats
     assert (plain - preconditioned.float()).abs().max().item() > 0.05
 
 
@@ -171,18 +190,190 @@ def test_projection_preserves_inner_products_within_jl_tolerance():
     assert not torch.equal(proj.block("b", 0), proj.block("a", 0))
 
 
-def test_same_seed_same_features_whatever_the_batch_size(ckpt):
+def _jl_vectors(n: int, seed: int = 0) -> torch.Tensor:
+    """30 unit vectors [30, n] float64: 0-15 Gaussian (0 and 1 correlated), 16-21 concentrated (16-17 with half
+    their mass on 8 elements, 18-19 on 16 elements only, 20-21 on 32 only), 22-29 sharing one support of 64
+    elements (22 and 23 correlated)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, n, generator=g, dtype=torch.float64)
+    x[1] = x[0] + 0.5 * x[1]
+    x /= x.norm(dim=1, keepdim=True)
+    concentrated = torch.zeros(6, n, dtype=torch.float64)
+    for i, k in enumerate((8, 8, 16, 16, 32, 32)):
+        concentrated[i, torch.randperm(n, generator=g)[:k]] = torch.randn(k, generator=g, dtype=torch.float64)
+        concentrated[i] /= concentrated[i].norm()
+    concentrated[:2] += torch.randn(2, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    shared = torch.zeros(8, n, dtype=torch.float64)
+    shared[:, torch.randperm(n, generator=g)[:64]] = torch.randn(8, 64, generator=g, dtype=torch.float64)
+    shared[1] = shared[0] + 0.3 * shared[1]
+    out = torch.cat([x, concentrated, shared])
+    return out / out.norm(dim=1, keepdim=True)
+
+
+def test_sparse_jl_preserves_inner_products_within_jl_tolerance():
+    """Sparse JL (s = 8 nonzeros per element, d = 2048): |<xS, yS> - <x, y>| < 5/sqrt(d) = 0.11 for all 465 pairs
+    (norms included) of 30 unit vectors, random, concentrated on few elements and sharing a support (_jl_vectors).
+    The error's variance is a dense Rademacher matrix's (at most 2/d); over 300 seeds this bound failed for 1% of
+    the draws of S and 1.7% of R's (the Gaussian tails of the 30 norms). The seed is fixed: deterministic.
+    And the construction itself: per element one nonzero +-1/sqrt(s) in each of the s blocks of d/s columns (so
+    |e_i S| = 1 exactly), balanced signs, columns uniform (two elements share a column in s^2/d of the cases)."""
+    import torch
+
+    d, n, s = 2048, 6000, 8
+    x = _jl_vectors(n)
+    proj = SparseJLProjector(d, seed=0, nonzeros=s)
+    # two "parameters" (6000 = 4096 + 404 and 1500 elements): chunks and partial chunks both exercised
+    p = proj.project({"a": x[:, :4500].float(), "b": x[:, 4500:].float()}).double()
+    err = (p @ p.T - x @ x.T).abs()
+    for kind, rows in (("random", slice(0, 16)), ("concentrated", slice(16, 22)), ("shared support", slice(22, 30))):
+        assert err[rows, rows].max().item() < 5 / math.sqrt(d), (kind, err[rows, rows].max().item())
+    assert err.max().item() < 5 / math.sqrt(d), err.max().item()
+    dense = proj.dense_matrix([("a", 4500), ("b", 1500)]).double()
+    assert dense.shape == (n, d) and torch.allclose(x @ dense, p, atol=1e-5)
+    nonzero = dense != 0
+    assert nonzero.view(n, s, d // s).sum(dim=2).eq(1).all()  # one nonzero per block: s distinct columns
+    assert dense[nonzero].abs().sub(1 / math.sqrt(s)).abs().max().item() < 1e-7
+    assert dense.norm(dim=1).sub(1).abs().max().item() < 1e-6
+    signs = dense[nonzero].sign().view(n, s)  # [element, block]
+    assert abs(signs.mean().item()) < 0.02  # 48,000 signs: standard deviation 0.0046
+    assert (signs.T @ signs / n - torch.eye(s)).abs().max().item() < 0.06  # independent blocks' signs (std 0.013)
+    per_column = nonzero.sum(dim=0).double()  # binomial(n s, 1/d): mean 23.4, standard deviation 4.8
+    assert 0.8 * math.sqrt(n * s / d) < per_column.std().item() < 1.2 * math.sqrt(n * s / d)
+    some = nonzero[:1000].float()
+    shared = (some @ some.T).double()  # columns two elements share (expected s^2/d = 0.031 per pair)
+    off_diagonal = shared[~torch.eye(1000, dtype=torch.bool)]
+    assert shared.diagonal().eq(s).all() and abs(off_diagonal.mean().item() / (s * s / d) - 1) < 0.05
+
+
+def test_sparse_jl_is_unbiased_over_seeds():
+    """E over seeds of <xS, yS> = <x, y>: the mean over 200 seeds (d = 256) of the Gram matrix of a correlated pair
+    of Gaussian vectors and a correlated pair of positive vectors on a shared support of 8 elements is within 5
+    standard errors (sqrt(2 / (200 d)) = 0.0063) of the exact one, for s = 8 and for s = 3 (uneven blocks: 256 =
+    85 + 85 + 86 columns)."""
+    import torch
+
+    d, n, seeds = 256, 3000, 200
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(4, n, dtype=torch.float64)
+    x[:2] = torch.randn(2, n, generator=g, dtype=torch.float64)
+    x[1] = x[0] + x[1]
+    support = torch.randperm(n, generator=g)[:8]
+    x[2:, support] = torch.rand(2, 8, generator=g, dtype=torch.float64)  # positive: a sign bias would show
+    x /= x.norm(dim=1, keepdim=True)
+    exact = x @ x.T
+    for s in (8, 3):
+        grams = []
+        for seed in range(seeds):
+            p = SparseJLProjector(d, seed=seed, nonzeros=s).project_flat(x.float(), [("w", n)]).double()
+            grams.append(p @ p.T)
+        mean = torch.stack(grams).mean(dim=0)
+        assert (mean - exact).abs().max().item() < 5 * math.sqrt(2 / (seeds * d)), (s, mean, exact)
+
+
+def test_sparse_jl_is_deterministic_whatever_the_grouping():
+    """out += x @ S is the same (to 1e-5 relative: float32 sums in another order) however it is computed: one
+    chunk per group, the default groups, the rows split, each parameter alone in either order (a parameter's S
+    does not depend on the others), a fresh projector, the cached blocks; and equals x @ dense_matrix (float64).
+    bf16 input is accumulated in float32. Another seed or parameter name gives another S, a partial chunk is the
+    first rows of its full chunk, and projection_id names s, unlike Rademacher's."""
+    import torch
+
+    x = torch.randn(4, 20000, generator=torch.Generator().manual_seed(1))
+    layout = [("a", 9000), ("b", 11000)]
+    proj = SparseJLProjector(512, seed=2)
+    exact = x.double() @ proj.dense_matrix(layout).double()
+    scale = exact.abs().max().item()
+
+    def apart(first: str) -> torch.Tensor:
+        out = torch.zeros(4, 512)
+        parts = {"a": x[:, :9000], "b": x[:, 9000:].reshape(4, 110, 100)}  # accumulate takes the param's shape
+        for name in sorted(parts, reverse=first == "b"):
+            proj.accumulate(name, parts[name], out)
+        return out
+
+    cached = SparseJLProjector(512, seed=2, cache_mb=2)  # 6 chunks of [8, 4096] int64: 1.5 MiB
+    variants = {
+        "one chunk a group": proj.project_flat(x, layout, group_bytes=1),
+        "default groups": proj.project_flat(x, layout),
+        "rows split": torch.cat([proj.project_flat(x[:1], layout), proj.project_flat(x[1:], layout)]),
+        "a then b": apart("a"),
+        "b then a": apart("b"),
+        "project": proj.project({"a": x[:, :9000], "b": x[:, 9000:]}),
+        "fresh": SparseJLProjector(512, seed=2).project_flat(x, layout),
+        "cached": cached.project_flat(x, layout),
+    }
+    for name, v in variants.items():
+        assert v.dtype == torch.float32 and v.shape == (4, 512), name
+        assert (v.double() - exact).abs().max().item() < 1e-5 * scale, name
+    assert cached.blocks_drawn == 6  # 3 + 3 chunks
+    assert torch.equal(cached.project_flat(x, layout), variants["cached"]) and cached.blocks_drawn == 6
+    out = torch.ones(4, 512)
+    assert proj.project_flat(x, layout, out) is out and (out.double() - 1 - exact).abs().max() < 1e-5 * scale
+    rounded = proj.project_flat(x.bfloat16(), layout)
+    assert rounded.dtype == torch.float32
+    assert ((rounded.double() - exact).norm(dim=1) / exact.norm(dim=1)).max().item() < 1e-2
+    whole = proj.dense_matrix([("a", 3 * 4096)])
+    assert torch.equal(proj.dense_matrix([("a", 9000)]), whole[:9000])  # a partial chunk: its full chunk's rows
+    assert not torch.equal(SparseJLProjector(512, seed=3).dense_matrix([("a", 4096)]), whole[:4096])
+    assert not torch.equal(proj.dense_matrix([("b", 4096)]), whole[:4096])
+    assert proj.projection_id == "sparsejl-v1-s8-d512-seed2-c4096"
+    assert SparseJLProjector(512, seed=2, nonzeros=4).projection_id != proj.projection_id
+    assert not RademacherProjector(512, seed=2).projection_id.startswith("sparsejl")
+    with pytest.raises(ValueError, match="nonzeros <= proj_dim"):
+        SparseJLProjector(4, seed=0, nonzeros=5)
+
+
+def test_projection_is_resolved_by_the_device_type_and_validated():
+    """'auto' is sparse JL on a CPU and the fused Rademacher kernels on a GPU; s > proj_dim is a clear error (only
+    where sparse JL is used); the fingerprint's part names the resolved projection (and s for sparse JL only) and
+    keeps Rademacher's as it was."""
+    from pydantic import ValidationError
+
+    from synth_core.influence import CHUNK_ELEMS, PROJECTION_VERSION, projection_fingerprint, resolve_projection
+
+    auto = InfluenceConfig()
+    assert auto.projection == "auto" and auto.sparse_jl_nonzeros == 8
+    assert resolve_projection(auto, "cpu") == "sparse_jl" and resolve_projection(auto, "cuda") == "rademacher"
+    rademacher = auto.model_copy(update={"projection": "rademacher"})
+    sparse = auto.model_copy(update={"projection": "sparse_jl"})
+    assert resolve_projection(rademacher, "cpu") == "rademacher" and resolve_projection(sparse, "cuda") == "sparse_jl"
+    assert isinstance(make_projector(auto, "cpu"), SparseJLProjector)
+    assert isinstance(make_projector(rademacher, "cpu"), RademacherProjector)
+    assert make_projector(auto, "cpu").projection_id == SparseJLProjector(8192, seed=0).projection_id
+    assert projection_fingerprint(auto, "cuda") == [PROJECTION_VERSION, CHUNK_ELEMS, "cuda"]
+    assert projection_fingerprint(auto, "cpu") == projection_fingerprint(sparse, "cpu")
+    assert projection_fingerprint(sparse, "cpu") != projection_fingerprint(rademacher, "cpu")
+    assert projection_fingerprint(sparse, "cpu") != projection_fingerprint(
+        sparse.model_copy(update={"sparse_jl_nonzeros": 4}), "cpu"
+    )
+    assert projection_fingerprint(rademacher, "cpu") == projection_fingerprint(
+        rademacher.model_copy(update={"sparse_jl_nonzeros": 4}), "cpu"
+    )
+    tiny = InfluenceConfig(proj_dim=4, sparse_jl_nonzeros=8)
+    with pytest.raises(InfluenceError, match=r"sparse_jl_nonzeros \(8\) must be at most influence.proj_dim \(4\)"):
+        make_projector(tiny, "cpu")
+    assert isinstance(make_projector(tiny.model_copy(update={"projection": "rademacher"}), "cpu"), RademacherProjector)
+    for bad in ({"projection": "gaussian"}, {"sparse_jl_nonzeros": 0}):
+        with pytest.raises(ValidationError):
+            InfluenceConfig(**bad)
+
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+def test_same_seed_same_features_whatever_the_batch_size(ckpt, projection):
+    cfg = CFG.model_copy(update={"projection": projection})
     rows = _rows(MIXED + [(30, 3), (41, 7)], seed=2)
     feats = [
-        compute_grad_features(ckpt.model, rows, CFG.model_copy(update={"batch_size": b})).feats for b in (1, 3, 8)
+        compute_grad_features(ckpt.model, rows, cfg.model_copy(update={"batch_size": b})).feats for b in (1, 3, 8)
     ]
     for other in feats[1:]:
         assert (other.float() - feats[0].float()).abs().max().item() < 1e-3
-    reseeded = compute_grad_features(ckpt.model, rows, CFG.model_copy(update={"seed": 1})).feats
+    reseeded = compute_grad_features(ckpt.model, rows, cfg.model_copy(update={"seed": 1})).feats
     assert (reseeded.float() - feats[0].float()).abs().max().item() > 0.05
     # different seeds give different, but equally valid, projections: the cosines between rows agree
     gram, gram_reseeded = feats[0].float() @ feats[0].float().T, reseeded.float() @ reseeded.float().T
-    assert (gram - gram_reseeded).abs().max().item() < 5 / math.sqrt(CFG.proj_dim)
+    assert (gram - gram_reseeded).abs().max().item() < 5 / math.sqrt(cfg.proj_dim)
 
 
 def test_packed_signs_unpack_bit_by_bit_for_any_proj_dim():
@@ -228,19 +419,20 @@ def test_cached_and_uncached_blocks_give_identical_features(ckpt):
     assert fresh.blocks_drawn == 6  # no cache: drawn again
 
 
-def test_projection_passes_and_groups_do_not_change_features(ckpt):
+@pytest.mark.parametrize("projection", PROJECTIONS)
+def test_projection_passes_and_groups_do_not_change_features(ckpt, projection):
     """Gathering the gradients of 1, 3 or all rows per projection pass, and unpacking R in groups of one block or
     of many, give the same features (up to float32 summation order)."""
     import torch
 
     rows = _rows(MIXED + [(30, 3)], seed=6)
-    feats = [
-        compute_grad_features(ckpt.model, rows, CFG.model_copy(update={"batch_size": 2}), projection_rows=k)
-        for k in (1, 3, None)
-    ]
+    cfg = CFG.model_copy(update={"batch_size": 2, "projection": projection})
+    feats = [compute_grad_features(ckpt.model, rows, cfg, projection_rows=k) for k in (1, 3, None)]
     assert [f.projection_rows for f in feats] == [1, 3, len(rows)]
     for other in feats[1:]:
         assert (other.feats.float() - feats[0].feats.float()).abs().max().item() < 1e-3
+    if projection != "rademacher":
+        return  # sparse JL's groups: test_sparse_jl_is_deterministic_whatever_the_grouping
     x = torch.randn(4, 20000, generator=torch.Generator().manual_seed(1))
     proj = RademacherProjector(512, seed=2)
     layout = [("a", 9000), ("b", 11000)]
@@ -400,7 +592,8 @@ def test_near_copies_of_the_targets_rank_first(tmp_path, model, combos):
     the top three with plain gradients (mean over targets and max over target groups) and with LESS's Adam-
     preconditioned candidates by the max over target groups. (On the random tiny model, by the mean over targets,
     the Adam direction's shared momentum, 0.9 m / sqrt(v'), dominates after two training steps: measured 0.269
-    for a near-copy against 0.275 for an unrelated row, so that combination is asserted on the real model only.)"""
+    for a near-copy against 0.275 for an unrelated row, so that combination is asserted on the real model only.)
+    Both projections, Rademacher and sparse JL (what 'auto' takes on a CPU), on the same checkpoints."""
     from transformers import AutoTokenizer
 
     from synth_core.models import resolve_model
@@ -422,22 +615,26 @@ def test_near_copies_of_the_targets_rank_first(tmp_path, model, combos):
     candidates = encode_rows(tok, unrelated[:2] + near[:2] + unrelated[2:4] + near[2:] + unrelated[4:])
     near_idx = {2, 3, 6}
     cfg = CFG.model_copy(update={"require_optimizer_state": True})
-    adam, plain, tgts, lrs = [], [], [], []
+    feats = {(p, kind): [] for p in PROJECTIONS for kind in ("adam", "plain", "targets")}
+    lrs = []
     for ref in ckpts:
         ck = load_checkpoint_for_influence(ref, cfg, device="cpu")
         assert ck.adam is not None and ck.notes == [] and ck.mean_lr > 0
-        cand = compute_grad_features(ck.model, candidates, cfg, optimizer_state=ck.adam)
-        assert cand.preconditioned
-        adam.append(cand.feats)
-        plain.append(compute_grad_features(ck.model, candidates, cfg).feats)
-        tgts.append(compute_grad_features(ck.model, targets, cfg).feats)
         lrs.append(ck.mean_lr)
-    for kind, aggregate in combos:
-        feats = adam if kind == "adam" else plain
-        scores = influence_scores(feats, tgts, lrs, aggregate, target_keys if aggregate == "max_group" else None)
-        kept, reasons = select_top_fraction(scores, 3 / len(candidates))
-        assert {i for i, k in enumerate(kept) if k} == near_idx, (kind, aggregate, scores.tolist())
-        assert reasons.count(DROP_REASON) == len(candidates) - 3
+        for projection in PROJECTIONS:
+            pcfg = cfg.model_copy(update={"projection": projection})
+            cand = compute_grad_features(ck.model, candidates, pcfg, optimizer_state=ck.adam)
+            assert cand.preconditioned
+            feats[projection, "adam"].append(cand.feats)
+            feats[projection, "plain"].append(compute_grad_features(ck.model, candidates, pcfg).feats)
+            feats[projection, "targets"].append(compute_grad_features(ck.model, targets, pcfg).feats)
+    for projection in PROJECTIONS:
+        for kind, aggregate in combos:
+            groups = target_keys if aggregate == "max_group" else None
+            scores = influence_scores(feats[projection, kind], feats[projection, "targets"], lrs, aggregate, groups)
+            kept, reasons = select_top_fraction(scores, 3 / len(candidates))
+            assert {i for i, k in enumerate(kept) if k} == near_idx, (projection, kind, aggregate, scores.tolist())
+            assert reasons.count(DROP_REASON) == len(candidates) - 3
 
 
 def test_scores_weight_checkpoints_and_aggregate_groups_by_hand():
@@ -587,8 +784,9 @@ def reference_file(tmp_path_factory) -> str:
 
 def test_stage_scores_every_row_keeps_the_top_fraction_and_reruns_free(cfg, tmp_path, trained_ckpts, reference_file):
     """Every candidate row comes out: the upstream-rejected one unchanged, the scored ones with their influence and
-    the top half kept; the long row scored on its cut and recorded; features float16 per checkpoint; the manifest
-    has throughput and the score distribution; a second run is free (the same manifest)."""
+    the top half kept; the long row scored on its cut and recorded; features float16 per checkpoint (sparse JL:
+    the CPU's 'auto'); the manifest has throughput and the score distribution; a second run is free (the same
+    manifest)."""
     import numpy as np
 
     from synth_core.influence import NO_ANSWER_REASON, build_influence
@@ -616,7 +814,8 @@ def test_stage_scores_every_row_keeps_the_top_fraction_and_reruns_free(cfg, tmp_
     assert s["scored"] == 5 and s["kept"] == 3 and s["truncated"] == 1 and s["no_answer"] == 0
     assert s["features_per_s"] > 0 and s["tokens"] > 0 and s["peak_memory_mb"] > 0 and s["notes"] == []
     assert s["scores"]["min"] <= s["scores"]["p50"] <= s["scores"]["max"] and s["threshold"] is not None
-    assert [c["ref"] for c in s["checkpoints"]] == trained_ckpts and s["projection_id"].endswith("-cpu-c4096")
+    assert [c["ref"] for c in s["checkpoints"]] == trained_ckpts
+    assert s["projection_id"] == "sparsejl-v1-s8-d256-seed0-c4096"  # projection 'auto' on a CPU
     feats = read_dataset(s["features"], storage=cfg.storage)
     assert feats.num_rows == 5 and feats.column("row").to_pylist() == [0, 1, 3, 4, 5]
     vec = np.asarray(feats.column("feats").to_pylist()[0], dtype=np.float32)
@@ -652,6 +851,37 @@ def test_stage_bad_inputs(cfg, tmp_path, trained_ckpts, tiny_loras, reference_fi
     pool = write_pool(str(tmp_path / "pool"), ["x = 1\n"])
     with pytest.raises(InfluenceError, match="no column 'instruction'"):
         build_influence(cfg, pool, reference_file, trained_ckpts)
+
+
+def test_stage_refuses_candidates_and_targets_of_different_projections(cfg, tmp_path, trained_ckpts, reference_file):
+    """The fingerprint holds the resolved projection ('auto' = sparse JL on a CPU; Rademacher, or another s, is
+    another run), s > proj_dim is refused at planning, and a shard whose candidates would be projected otherwise
+    than its targets (the config changed between the targets and the shard) is refused with a one-line error
+    before anything is written."""
+    from synth_core.influence import influence_shard, plan_influence, prepare_output, target_features
+    from synth_core.storage import finished_shard
+
+    stage_cfg(cfg)
+    cands = write_candidates(str(tmp_path / "cands"), STAGE_PAIRS[:2])
+    ckpts = trained_ckpts[-1:]
+    fps = {}
+    for projection, s in (("auto", 8), ("sparse_jl", 8), ("sparse_jl", 4), ("rademacher", 8), ("rademacher", 4)):
+        cfg.influence.projection, cfg.influence.sparse_jl_nonzeros = projection, s
+        fps[projection, s] = plan_influence(cfg, cands, reference_file, ckpts).fp
+    assert fps["auto", 8] == fps["sparse_jl", 8] and fps["rademacher", 8] == fps["rademacher", 4]
+    assert len({fps["sparse_jl", 8], fps["sparse_jl", 4], fps["rademacher", 8]}) == 3
+    cfg.influence.projection, cfg.influence.sparse_jl_nonzeros = "sparse_jl", 512
+    with pytest.raises(InfluenceError, match=r"sparse_jl_nonzeros \(512\) must be at most influence.proj_dim \(256\)"):
+        plan_influence(cfg, cands, reference_file, ckpts)
+    cfg.influence.projection, cfg.influence.sparse_jl_nonzeros = "auto", 8
+    plan = plan_influence(cfg, cands, reference_file, ckpts)
+    prepare_output(plan, cfg)
+    target_features(plan, 0, cfg)  # sparse JL targets
+    cfg.influence.projection = "rademacher"  # candidates projected by R
+    with pytest.raises(InfluenceError, match=r"candidates projected with rademacher-.*targets with sparsejl-") as err:
+        influence_shard(plan, plan.shards[0], 0, cfg)
+    assert "not comparable" in str(err.value) and "\n" not in str(err.value)
+    assert finished_shard(plan.features_uri, 0, plan.fp, cfg.storage) is None
 
 
 def test_choose_targets_is_a_seeded_subset_in_r_order():
