@@ -49,6 +49,7 @@ test: lint browser
 bench: $(STAMP)
 	$(BIN)/python bench/pool.py
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/generate.py --format --prompts 32 --max-new-tokens 384
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/sandbox.py
 	$(BIN)/python bench/score.py

@@ -36,8 +36,14 @@ bandwidth bound (each decode step reads every weight once: batch * bandwidth / w
 the KV cache of the mean context added), the bandwidth measured on the device by a large copy.
 `--gpu-shape tiny` runs the same code on a toy shape, on the CPU too, to check it.
 
+Format mode (`--format`, issue 15): the same prompts and request seeds sampled twice, free and constrained to the
+synthesis format (synth_core.parse.synthesis_regex, as the sample stage does with sample.constrain_format), from
+the base model and from each LoRA checkpoint of `--checkpoints` (a train output, e.g. a round's bootstrap), all in
+one engine per pass; each answer goes through the sample stage's own parser, junk screen and sandbox, so the table
+gives the parse rate, the answers past the screen and those whose asserts passed, for both, side by side.
+
 Results are printed as a table and written as JSON (default bench/results/generate.json, or
-bench/results/generate_gpu_<shape>.json in GPU mode).
+bench/results/generate_gpu_<shape>.json in GPU mode, bench/results/generate_format.json in format mode).
 
 Defaults (24 prompts x 2 samples, 192 new tokens) keep the whole run near 13 minutes on a 2-core CPU
 (8 engine starts of ~35 s each, transformers at ~60 tokens/s); 32 x 256 took 17 minutes.
@@ -45,6 +51,7 @@ Defaults (24 prompts x 2 samples, 192 new tokens) keep the whole run near 13 min
     python bench/generate.py [--model builtin:smollm2-135m-instruct] [--prompts 24] [--max-new-tokens 192]
                              [--samples-per-prompt 2] [--loras 4] [--skip-transformers]
     python bench/generate.py --gpu-shape 1b [--gpu-batch-sizes 1,8,32,128] [--gpu-prompt-tokens 256]
+    python bench/generate.py --format [--checkpoints TRAIN_OUT] [--prompts 32] [--temperature 0.2]
 """
 
 from __future__ import annotations
@@ -120,9 +127,136 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--gpu-prompt-tokens", type=int, default=256, help="GPU mode: tokens per random prompt.")
     parser.add_argument(
+        "--format",
+        action="store_true",
+        help="Format mode: parse rate (and screen / sandbox assert-pass rates) with and without the constrained "
+        "format (sample.constrain_format), same prompts and seeds, on the base model and on --checkpoints.",
+    )
+    parser.add_argument(
+        "--checkpoints",
+        default=None,
+        help="Format mode: a train output (e.g. a round's bootstrap) whose LoRA checkpoints are compared too.",
+    )
+    parser.add_argument(
         "--out-json", type=Path, default=None, help="Where to write the JSON results (default under bench/results/)."
     )
     return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Format mode: the constrained synthesis format against free sampling, same prompts and seeds.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def bench_format(args: argparse.Namespace) -> dict[str, Any]:
+    """Per model (the base, then each checkpoint of --checkpoints) and constraint on/off: the share of answers the
+    parser accepts, that pass the junk screen, and whose code passed its own asserts in the sandbox; tokens/s. The
+    sample stage's own steps (synth_core.parse, synth_core.sample.screen_rows) on the same requests and seeds."""
+    from synth_core import parse
+    from synth_core.config import GenerationConfig, RunConfig
+    from synth_core.generate import GenRequest
+    from synth_core.models import adapter_rank, resolve_model
+    from synth_core.sample import load_template, screen_rows
+    from synth_core.train import checkpoints_of
+
+    cfg = RunConfig()
+    cfg.sample.generation.max_new_tokens = args.max_new_tokens
+    base = resolve_model(args.model)
+    ids, _ = build_prompts(base.path, args.prompts, args.seed)
+    snippets = stdlib_snippets(args.prompts, args.seed)
+    gen = GenerationConfig(
+        samples_per_prompt=args.samples_per_prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        cpu_kvcache_gib=args.cpu_kvcache_gib,
+    )
+    models: list[tuple[str, str | None]] = [("base", None)]
+    adapters: dict[str, str] = {}
+    rank = 0
+    for i, ref in enumerate(checkpoints_of(args.checkpoints, cfg) if args.checkpoints else []):
+        m = resolve_model(ref)
+        adapters[f"ckpt{i}"] = m.adapter_path
+        rank = max(rank, adapter_rank(m))
+        models.append((f"checkpoint {i + 1} ({Path(ref).name})", f"ckpt{i}"))
+    regex = parse.synthesis_regex("python", max_code_lines=cfg.sample.max_code_lines)
+    template = load_template(cfg)
+    rows_out = []
+    for constrained in (False, True):
+        requests = [
+            GenRequest(p, seed=args.seed * 100_003 + i, adapter=adapter, regex=regex if constrained else None)
+            for _, adapter in models
+            for i, p in enumerate(ids)
+        ]
+        run = run_engine(base.path, adapters, requests, gen, rank)
+        per_model = len(ids)
+        for k, (label, _) in enumerate(models):
+            comps = run["completions"][k * per_model : (k + 1) * per_model]
+            rows = []
+            for (_, snippet), cs in zip(snippets, comps, strict=True):
+                for c in cs:
+                    p = parse.parse_synthesis(c.text, c.finish_reason)
+                    rows.append(
+                        {
+                            "snippet": snippet,
+                            "language": "python",
+                            "instruction": p.instruction,
+                            "response": p.response,
+                            "reject_reason": p.reject_reason,
+                            "detail": p.detail,
+                            "contaminated_by": None,
+                            "exec_status": None,
+                            "exec_detail": None,
+                        }  # fmt: skip
+                    )
+            parsed = sum(r["reject_reason"] is None for r in rows)
+            screen_rows(rows, template, cfg)
+            n = len(rows)
+            tokens = sum(c.output_tokens for cs in comps for c in cs)
+            rows_out.append(
+                {
+                    "model": label,
+                    "constrained": constrained,
+                    "answers": n,
+                    "parsed": parsed,
+                    "parse_rate": round(parsed / n, 4),
+                    "passed_screen": sum(r["reject_reason"] in (None, "asserts_failed") for r in rows),
+                    "asserts_passed": sum(r["exec_status"] == "passed" for r in rows),
+                    "cut_at_max_tokens": sum(c.finish_reason == "length" for cs in comps for c in cs),
+                    "output_tokens": tokens,
+                }
+            )
+        rows_out[-1]["engine_tokens_per_s"] = round(
+            run["stats"]["output_tokens"] / run["stats"]["generate_s"], 1
+        )  # the engine's, all models together
+    return {"rows": rows_out, "prompts": args.prompts, "samples_per_prompt": args.samples_per_prompt}
+
+
+def report_format(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
+    head = ["model", "format", "answers", "parsed", "parse rate", "passed screen", "asserts passed", "cut off"]
+    table = [
+        [
+            r["model"],
+            "constrained" if r["constrained"] else "free",
+            r["answers"],
+            r["parsed"],
+            f"{100 * r['parse_rate']:.1f}%",
+            r["passed_screen"],
+            r["asserts_passed"],
+            r["cut_at_max_tokens"],
+        ]
+        for r in res["rows"]
+    ]
+    rows = [[str(c) for c in row] for row in table]
+    print_table("Synthesis format: free vs constrained (same prompts, same seeds)", head, rows, set(), True)
+    return {
+        "machine": cpu_name(),
+        "model": args.model,
+        "checkpoints": args.checkpoints,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        **res,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -763,6 +897,10 @@ def report_gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.format:
+        results = report_format(args, bench_format(args))
+        write_json(args.out_json or RESULTS_DIR / "generate_format.json", results)
+        return 0
     if args.gpu_shape is not None:
         results = report_gpu(args, bench_gpu(args))
         write_json(args.out_json or RESULTS_DIR / f"generate_gpu_{args.gpu_shape}.json", results)
