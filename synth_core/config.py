@@ -573,6 +573,11 @@ class ReferenceBuildConfig(StrictModel):
     max_snippets: int | None = Field(
         512, ge=1, description="Kept pool snippets sent to the teacher (one request each); None = all of them."
     )
+    constrain_format: bool = Field(
+        False,
+        description="Send the synthesis format as vLLM structured outputs (request field structured_outputs.regex): "
+        "for a vLLM server; hosted APIs refuse the field, so it is off by default.",
+    )
     selection: Literal["random", "first"] = Field(
         "random", description="'random': a seeded choice among the kept snippets; 'first': the first ones."
     )

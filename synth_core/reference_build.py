@@ -194,11 +194,22 @@ def _parser_limits(sample: SampleConfig) -> dict[str, int]:
     }
 
 
+def format_params(cfg: RunConfig, language: str | None = "python") -> dict[str, Any]:
+    """Extra request fields that constrain the teacher's answer to the synthesis format (vLLM's OpenAI server reads
+    `structured_outputs`; synth_core.parse.synthesis_regex is the same regex the sample stage gives its engine)."""
+    if not cfg.reference.constrain_format:
+        return {}
+    from synth_core.parse import synthesis_regex
+
+    regex = synthesis_regex(language, max_code_lines=cfg.sample.max_code_lines)
+    return {"structured_outputs": {"regex": regex}}
+
+
 def _answer_shaping(cfg: RunConfig) -> dict[str, Any]:
     """The teacher settings that change what an answer is (not how it is fetched), key excluded."""
     t = cfg.teacher
     shaping = t.model_dump(mode="json", include={"model", "temperature", "top_p", "max_tokens", "seed", "extra_body"})
-    return shaping | {"endpoint": redact_url(t.endpoint)}
+    return shaping | {"endpoint": redact_url(t.endpoint), "format": format_params(cfg, "{language}")}
 
 
 def plan_reference_build(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> ReferenceBuildPlan:
@@ -290,7 +301,9 @@ async def _send_all(
             start, end = plan.shards[index]
             snippets = plan.snippets[start:end]
             chats = [synthesis_messages(plan.template, s, cfg.reference.system_prompt) for s in snippets]
-            answers = await asyncio.gather(*(client.chat(m) for m in chats))
+            answers = await asyncio.gather(
+                *(client.chat(m, **format_params(cfg, s["language"])) for m, s in zip(chats, snippets, strict=True))
+            )
             table = pa.Table.from_pylist(
                 [_row(s, a, plan, cfg) for s, a in zip(snippets, answers, strict=True)], schema=REFERENCE_BUILD_SCHEMA
             )

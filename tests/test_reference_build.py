@@ -379,3 +379,11 @@ def test_build_against_vllm_server(vllm_server, cfg, snippet_pool, monkeypatch):
     assert s["requests_per_s"] > 0 and s["completion_tokens_per_s"] > 0
     created = read_manifest(uri).created_at
     assert build_reference(cfg, snippet_pool) == uri and read_manifest(uri).created_at == created  # free re-run
+    # reference.constrain_format: the server applies the synthesis format (vLLM structured outputs): the random
+    # model, which never writes it by itself, now starts every answer with the problem header.
+    cfg.reference.constrain_format = True
+    constrained = build_reference(cfg, snippet_pool)
+    assert constrained != uri
+    outputs = read_dataset(constrained).column("raw_output").to_pylist()
+    assert all(o.startswith("[Problem Description]\n") for o in outputs), outputs
+    assert not any(o.startswith("[Problem Description]\n") for o in table.column("raw_output").to_pylist())
