@@ -68,6 +68,14 @@ def round_flow(
     if checkpoints is None:
         checkpoints = as_subflow(bootstrap_flow, cfg)(config=data, reference=reference)
         stages.append(("bootstrap", checkpoints))
+    base_samples = None
+    if rc.compare_base:  # the untrained synthesizer on iteration 1's seeds: what the bootstrap changed
+        bcfg = stage_config(cfg, checkpoints, 1)
+        bcfg.sample.checkpoints = [cfg.models.synthesizer]
+        base_samples = as_subflow(sample_flow, bcfg).with_options(flow_run_name="sample-base-model")(
+            snippets=pool, config=bcfg.model_dump(mode="json")
+        )
+        stages.append(("base model: sample", base_samples))
     iterations: list[dict[str, str]] = [{"train": checkpoints}]  # 0: the starting synthesizer, no filters
     for t in range(1, rc.iterations + 1):
         outs = iteration_flow.with_options(flow_run_name=f"iteration-{t}")(
@@ -83,7 +91,8 @@ def round_flow(
     }
     final = filter_stages(scfg, synth["sample"], checkpoints, reference, synth)
     stages += [(f"synthesize: {stage}", uri) for stage, uri in synth.items()]
-    convergence = [
+    convergence = [convergence_record("base", {"sample": base_samples}, None, cfg)] if base_samples else []
+    convergence += [
         convergence_record(t, outs, round_tasks.heldout_loss(cfg, outs["train"], split) if split else None, cfg)
         for t, outs in enumerate(iterations)
     ]
@@ -111,7 +120,8 @@ def round_flow(
 
 def convergence_section(records: list[dict[str, Any]], split: str | None) -> str:
     """The data card's (and the artifact's) convergence section."""
-    held = f"{records[0]['heldout_rows']} held-out rows of R (`{split}`)" if split else "no held-out rows (off)"
+    rows = max(r["heldout_rows"] for r in records)
+    held = f"{rows} held-out rows of R (`{split}`)" if split else "no held-out rows (off)"
     return (
         "## Convergence\n\nPer iteration (bootstrap: the synthesizer it starts from; release: the released "
         "dataset's stages): candidates sampled, the share of its input each filter kept, the rows kept, the "

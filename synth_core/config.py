@@ -219,8 +219,9 @@ class SampleConfig(StrictModel):
     generation: GenerationConfig = Field(
         # tau = 0.2: on 32 seeds x 2 bootstrap checkpoints x 2 samples of the built-in model, 8 of 128 answers passed
         # their own asserts at 0.2 against 1 of 128 at 0.8 (greedy decoding looped: 10 of 64 cut off, 1 passed).
-        default_factory=lambda: GenerationConfig(temperature=0.2),
-        description="Sampling settings (temperature 0.2 by default: a small synthesizer's code runs more often).",
+        # 320 new tokens: the answers of the built-in model that passed their asserts had 130-235 (measured).
+        default_factory=lambda: GenerationConfig(temperature=0.2, max_new_tokens=320),
+        description="Sampling settings (temperature 0.2, 320 new tokens by default: sized for the built-in model).",
     )
 
 
@@ -652,6 +653,11 @@ class RoundConfig(StrictModel):
         ge=0,
         description="Kept snippets skipped before the first iteration's seeds (a dated run, scoder run --date, "
         "moves its window along the pool night by night).",
+    )
+    compare_base: bool = Field(
+        False,
+        description="Also sample the base synthesizer on iteration 1's seed snippets (same base seed), so the "
+        "convergence table shows what the bootstrap changed (a 'base' row: parse and assert-pass rates).",
     )
     release_influence: bool = Field(
         False,

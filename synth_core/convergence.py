@@ -356,7 +356,7 @@ def convergence_markdown(records: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _label(iteration: int | str) -> str:
-    return "bootstrap" if iteration == 0 else str(iteration)
+    return {0: "bootstrap", "base": "base model"}.get(iteration, str(iteration))
 
 
 def _pct(share: float | None) -> str:
