@@ -195,6 +195,11 @@ def has_asserts(code: str) -> bool:
         return False
 
 
+def is_python(language: str | None) -> bool:
+    """True for the names pools give Python (None counts as Python: the default pool is the stdlib)."""
+    return (language or "python").strip().lower() in ("python", "py", "python3")
+
+
 def _shingles(text: str, n: int) -> set[tuple[str, ...]]:
     words = [w.lower() for w in _WORD.findall(text)]
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
@@ -232,7 +237,7 @@ def screen_sample(
         share = copied_share(instruction, snippet)
         if share > max_copied_share:
             return RESTATES_SNIPPET, f"{share:.0%} of the problem's word 4-grams are the snippet's"
-    if (language or "python").strip().lower() not in ("python", "py", "python3"):
+    if not is_python(language):
         return None
     code = solution_code(response)
     error = parse_error(code)

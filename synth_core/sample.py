@@ -343,7 +343,8 @@ def screen_rows(rows: list[dict[str, Any]], template: str, cfg: RunConfig) -> di
     if scfg.execute:
         from synth_core.sandbox import DETAIL_CHARS, run_programs
 
-        todo = [r for r in rows if r["reject_reason"] is None]
+        # The sandbox runs Python: code of other languages is not run (exec_status stays null) and not rejected.
+        todo = [r for r in rows if r["reject_reason"] is None and parse.is_python(r["language"])]
         results = run_programs([parse.solution_code(r["response"]) for r in todo], cfg.sandbox)
         runs = len(results)
         for row, res in zip(todo, results, strict=True):
