@@ -70,7 +70,9 @@ def test_round_convergence_holdout_and_report(tmp_path):
 
     # Convergence: one record per iteration (0 = bootstrap), survival per filter, a held-out loss each.
     conv = stats["convergence"]
-    assert [r["iteration"] for r in conv] == [0, 1]
+    assert [r["iteration"] for r in conv] == [0, 1, "release"]  # the release's stages: no training, no loss
+    assert conv[2]["heldout_loss"] is None and conv[2]["candidates"] == 2 * 1 * 2
+    conv = conv[:2]
     for r in conv:
         assert r["heldout_rows"] == len(held) and 0 < r["heldout_loss"] < 50
     it1 = conv[1]

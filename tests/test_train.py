@@ -102,18 +102,18 @@ def test_training_lowers_the_loss_and_saves_m_checkpoints(tmp_path, method, mode
 def test_train_stage_then_sample_from_its_checkpoints(tmp_path, cfg, tiny_model):
     """R -> train -> M checkpoints -> the sample stage serves them: the bootstrap chain, end to end."""
     from synth_core import sample
-    from synth_core.reference import BUILTIN_REFERENCE
+    from synth_core.reference import BUILTIN_SHORT
     from synth_core.storage import read_dataset, read_manifest
     from synth_core.train import checkpoints_of, run_train
 
     cfg.models.synthesizer = tiny_model
     cfg.train = TrainConfig(epochs=1, batch_size=16, max_seq_len=512, num_checkpoints=2, lora_r=8)
-    out = run_train(cfg, [BUILTIN_REFERENCE], out=str(tmp_path / "train"))
+    out = run_train(cfg, [BUILTIN_SHORT], out=str(tmp_path / "train"))
     m = read_manifest(out)
     assert m.stage == "train" and m.stats["train_rows"] >= 40 and len(m.stats["loss_curve"]) == 3
     ckpts = checkpoints_of(out)
     assert len(ckpts) == 2 and all(resolve_model(c).is_lora for c in ckpts)
-    assert run_train(cfg, [BUILTIN_REFERENCE], out=str(tmp_path / "train")) == out  # done: not retrained
+    assert run_train(cfg, [BUILTIN_SHORT], out=str(tmp_path / "train")) == out  # done: not retrained
     assert read_manifest(out).created_at == m.created_at
 
     from conftest import SNIPPETS, write_pool
