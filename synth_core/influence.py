@@ -295,18 +295,6 @@ class RademacherProjector:
             flush()
         return out
 
-    def accumulate(self, name: str, grads: torch.Tensor, out: torch.Tensor) -> None:
-        """out += flat(grads) @ R[name]; grads: [b, *param shape] float32, out: [b, proj_dim] float32."""
-        flat = grads.reshape(grads.shape[0], -1)
-        self.project_flat(flat, [(name, flat.shape[1])], out)
-
-    def project(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Projection of the concatenation of named tensors [b, *shape_i] float32 -> [b, proj_dim] float32."""
-        import torch
-
-        flat = torch.cat([g.reshape(g.shape[0], -1).to(self.device, torch.float32) for g in named.values()], dim=1)
-        return self.project_flat(flat, [(n, g[0].numel()) for n, g in named.items()])
-
     def dense_matrix(self, shapes: Sequence[tuple[str, int]]) -> torch.Tensor:
         """R for parameters (name, numel) in this order, whole: [sum numel, proj_dim] float32 (reference only).
 
@@ -448,18 +436,6 @@ class SparseJLProjector:
             flush()
         return out.add_(acc[:, : self.proj_dim] - acc[:, self.proj_dim :], alpha=self.scale)
 
-    def accumulate(self, name: str, grads: torch.Tensor, out: torch.Tensor) -> None:
-        """out += flat(grads) @ S[name]; grads: [b, *param shape], out: [b, proj_dim] float32."""
-        flat = grads.reshape(grads.shape[0], -1)
-        self.project_flat(flat, [(name, flat.shape[1])], out)
-
-    def project(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Projection of the concatenation of named tensors [b, *shape_i] float32 -> [b, proj_dim] float32."""
-        import torch
-
-        flat = torch.cat([g.reshape(g.shape[0], -1).to(self.device, torch.float32) for g in named.values()], dim=1)
-        return self.project_flat(flat, [(n, g[0].numel()) for n, g in named.items()])
-
     def dense_matrix(self, shapes: Sequence[tuple[str, int]]) -> torch.Tensor:
         """S for parameters (name, numel) in this order, whole: [sum numel, proj_dim] float32 (reference only)."""
         import torch
@@ -534,6 +510,16 @@ def make_projector(cfg: InfluenceConfig, device: torch.device | str, cache_mb: i
     if resolve_projection(cfg, device.type) == "rademacher":
         return RademacherProjector(cfg.proj_dim, cfg.seed, device, cache_mb)
     return SparseJLProjector(cfg.proj_dim, cfg.seed, cfg.sparse_jl_nonzeros, device, cache_mb)
+
+
+def project_named(projector: Any, named: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """out (+)= the projection of named tensors [b, *shape_i] side by side (in dict order), with either projector:
+    [b, proj_dim] float32. A parameter's elements are its flat order, as project_flat's layout."""
+    import torch
+
+    device = projector.device
+    flat = torch.cat([g.reshape(g.shape[0], -1).to(device, torch.float32) for g in named.values()], dim=1)
+    return projector.project_flat(flat, [(n, g[0].numel()) for n, g in named.items()], out)
 
 
 def adam_precondition(

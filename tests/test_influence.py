@@ -26,6 +26,7 @@ from synth_core.influence import (
     make_projector,
     per_sample_grads,
     per_sample_grads_loop,
+    project_named,
     select_top_fraction,
 )
 from synth_core.train import IGNORE_INDEX
@@ -178,14 +179,16 @@ def test_projection_preserves_inner_products_within_jl_tolerance():
     x /= x.norm(dim=1, keepdim=True)
     proj = RademacherProjector(d, seed=0)
     # two "parameters" (6000 = 4096 + 1904 elements and 0 + 1 chunks): blocks and partial chunks both exercised
-    p = proj.project({"a": x[:, :4500], "b": x[:, 4500:]})
+    p = project_named(proj, {"a": x[:, :4500], "b": x[:, 4500:]})
     err = (p @ p.T - x @ x.T).abs().max().item()
     assert err < 5 / math.sqrt(d), err
     dense = proj.dense_matrix([("a", 4500), ("b", 1500)])
     assert dense.shape == (6000, d) and dense.unique().tolist() == pytest.approx([-1 / math.sqrt(d), 1 / math.sqrt(d)])
     assert abs(dense.mean().item()) < 1e-3  # balanced signs
     assert torch.allclose(x @ dense, p, atol=1e-5)
-    assert torch.equal(RademacherProjector(d, seed=0).project({"a": x[:, :4500]}), proj.project({"a": x[:, :4500]}))
+    assert torch.equal(
+        project_named(RademacherProjector(d, seed=0), {"a": x[:, :4500]}), project_named(proj, {"a": x[:, :4500]})
+    )
     assert not torch.equal(RademacherProjector(d, seed=1).block("a", 0), proj.block("a", 0))
     assert not torch.equal(proj.block("b", 0), proj.block("a", 0))
 
@@ -225,7 +228,7 @@ def test_sparse_jl_preserves_inner_products_within_jl_tolerance():
     x = _jl_vectors(n)
     proj = SparseJLProjector(d, seed=0, nonzeros=s)
     # two "parameters" (6000 = 4096 + 404 and 1500 elements): chunks and partial chunks both exercised
-    p = proj.project({"a": x[:, :4500].float(), "b": x[:, 4500:].float()}).double()
+    p = project_named(proj, {"a": x[:, :4500].float(), "b": x[:, 4500:].float()}).double()
     err = (p @ p.T - x @ x.T).abs()
     for kind, rows in (("random", slice(0, 16)), ("concentrated", slice(16, 22)), ("shared support", slice(22, 30))):
         assert err[rows, rows].max().item() < 5 / math.sqrt(d), (kind, err[rows, rows].max().item())
@@ -288,9 +291,9 @@ def test_sparse_jl_is_deterministic_whatever_the_grouping():
 
     def apart(first: str) -> torch.Tensor:
         out = torch.zeros(4, 512)
-        parts = {"a": x[:, :9000], "b": x[:, 9000:].reshape(4, 110, 100)}  # accumulate takes the param's shape
+        parts = {"a": x[:, :9000], "b": x[:, 9000:].reshape(4, 110, 100)}  # a parameter's shape is flattened
         for name in sorted(parts, reverse=first == "b"):
-            proj.accumulate(name, parts[name], out)
+            project_named(proj, {name: parts[name]}, out)
         return out
 
     cached = SparseJLProjector(512, seed=2, cache_mb=2)  # 6 chunks of [8, 4096] int64: 1.5 MiB
@@ -300,7 +303,7 @@ def test_sparse_jl_is_deterministic_whatever_the_grouping():
         "rows split": torch.cat([proj.project_flat(x[:1], layout), proj.project_flat(x[1:], layout)]),
         "a then b": apart("a"),
         "b then a": apart("b"),
-        "project": proj.project({"a": x[:, :9000], "b": x[:, 9000:]}),
+        "project": project_named(proj, {"a": x[:, :9000], "b": x[:, 9000:]}),
         "fresh": SparseJLProjector(512, seed=2).project_flat(x, layout),
         "cached": cached.project_flat(x, layout),
     }
