@@ -129,6 +129,13 @@ class GradFeatures:
         return len(self.feats) / self.seconds if self.seconds > 0 else 0.0
 
 
+def block_seed(*key: object) -> int:
+    """A 63-bit seed from a key (projection seed, parameter name, chunk, ...) joined by NULs: one random stream per
+    block of a projection matrix, whatever else is drawn."""
+    digest = hashlib.blake2b("\0".join(str(k) for k in key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 class RademacherProjector:
     """x -> x @ R with R [num_params, proj_dim] of entries +-1/sqrt(proj_dim), generated in seeded blocks.
 
@@ -171,8 +178,7 @@ class RademacherProjector:
         return f"rademacher-v{PROJECTION_VERSION}-d{self.proj_dim}-seed{self.seed}-{self.device.type}-c{CHUNK_ELEMS}"
 
     def _block_seed(self, name: str, chunk: int) -> int:
-        digest = hashlib.blake2b(f"{self.seed}\0{name}\0{chunk}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") & (2**63 - 1)
+        return block_seed(self.seed, name, chunk)
 
     def packed_signs(self, name: str, chunk: int) -> torch.Tensor:
         """The signs of block `chunk` of parameter `name`, packed: [CHUNK_ELEMS, ceil(proj_dim/8)] uint8."""
@@ -365,9 +371,7 @@ class SparseJLProjector:
         return f"sparsejl-v{SPARSE_JL_VERSION}-s{self.nonzeros}-d{self.proj_dim}-seed{self.seed}-c{CHUNK_ELEMS}"
 
     def _block_seed(self, name: str, chunk: int) -> int:
-        # "sparsejl" in the key: S's random stream is not R's for the same seed
-        digest = hashlib.blake2b(f"sparsejl\0{self.seed}\0{name}\0{chunk}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") & (2**63 - 1)
+        return block_seed("sparsejl", self.seed, name, chunk)  # S's random stream is not R's for the same seed
 
     def chunk_indices(self, name: str, chunk: int) -> torch.Tensor:
         """Chunk `chunk` of parameter `name`: [s, CHUNK_ELEMS] int64 on the device; entry (k, i) is the column of
