@@ -644,7 +644,7 @@ class RoundConfig(StrictModel):
         8, ge=1, description="Seed snippets sampled per iteration (each iteration takes the next ones); None = all."
     )
     synthesize_snippets: int | None = Field(
-        24,
+        16,
         ge=1,
         description="Seed snippets of the released dataset (after the iterations' ones); None = all the rest.",
     )
