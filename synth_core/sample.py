@@ -38,6 +38,7 @@ from synth_core.decontam import CONTAMINATED, benchmark_index, benchmark_stamps
 from synth_core.generate import Completion, GenRequest, open_generator
 from synth_core.models import ResolvedModel, adapter_rank, context_length, resolve_model
 from synth_core.procs import TreeMemorySampler, run_in_subprocess
+from synth_core.sandbox import verdict_limits
 from synth_core.schema import SAMPLE_SCHEMA, content_id
 from synth_core.storage import (
     Manifest,
@@ -135,7 +136,7 @@ def plan_sample(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> Sa
         [m.fingerprint for m in checkpoints],
         # What the screening steps depend on, only when they run (a run without them keeps its old location).
         (cfg.decontam, benchmark_stamps(cfg.decontam, cfg.storage)) if cfg.sample.decontaminate else None,
-        _sandbox_limits(cfg) if cfg.sample.execute else None,
+        verdict_limits(cfg.sandbox) if cfg.sample.execute else None,
     )
     plan = SamplePlan(
         snippets_uri=snippets_uri,
@@ -307,11 +308,6 @@ def sample_shard(plan: SamplePlan, shard: SampleShard, index: int, cfg: RunConfi
     return ShardResult(info, time.perf_counter() - t0, stats=stats)
 
 
-def _sandbox_limits(cfg: RunConfig) -> dict[str, Any]:
-    """The sandbox settings a verdict depends on (not `workers`: how many run at once changes no verdict)."""
-    return cfg.sandbox.model_dump(mode="json", include={"timeout_s", "cpu_s", "memory_mb", "max_procs", "network"})
-
-
 def screen_rows(rows: list[dict[str, Any]], template: str, cfg: RunConfig) -> dict[str, Any]:
     """After parsing, in place, each step on the rows the previous ones kept: junk that parses (screen_sample),
     problems or solutions that match a benchmark (the pool's decontamination index, on generated text), and the
@@ -320,9 +316,13 @@ def screen_rows(rows: list[dict[str, Any]], template: str, cfg: RunConfig) -> di
     scfg = cfg.sample
     t0 = time.perf_counter()
     if scfg.screen:
+        prompts: dict[str | None, str] = {}  # the prompt without its snippet, per language
         for row in rows:
             if row["reject_reason"] is None:
-                prompt = render_user_prompt(template, "", row["language"])
+                lang = row["language"]
+                if lang not in prompts:
+                    prompts[lang] = render_user_prompt(template, "", lang)
+                prompt = prompts[lang]
                 hit = parse.screen_sample(
                     row["instruction"], row["response"], snippet=row["snippet"] or "", prompt=prompt,
                     language=row["language"],
@@ -341,7 +341,7 @@ def screen_rows(rows: list[dict[str, Any]], template: str, cfg: RunConfig) -> di
     t1 = time.perf_counter()
     runs = 0
     if scfg.execute:
-        from synth_core.sandbox import DETAIL_CHARS, run_programs
+        from synth_core.sandbox import run_programs
 
         # The sandbox runs Python: code of other languages is not run (exec_status stays null) and not rejected.
         todo = [r for r in rows if r["reject_reason"] is None and parse.is_python(r["language"])]
@@ -350,7 +350,7 @@ def screen_rows(rows: list[dict[str, Any]], template: str, cfg: RunConfig) -> di
         for row, res in zip(todo, results, strict=True):
             row["exec_status"] = res.status
             if not res.passed:
-                tail = (res.error or res.stderr_tail or "")[-DETAIL_CHARS:]
+                tail = res.failure_tail
                 row["exec_detail"] = tail or (f"limit: {res.limit}" if res.limit else None)
                 if scfg.require_passing_asserts:
                     row["reject_reason"] = ASSERTS_FAILED

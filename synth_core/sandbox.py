@@ -132,6 +132,17 @@ class SandboxResult:
     def passed(self) -> bool:
         return self.status == "passed"
 
+    @property
+    def failure_tail(self) -> str:
+        """What a stage keeps of a run that did not pass: the last DETAIL_CHARS of its error or stderr ("" if none)."""
+        return "" if self.passed else (self.error or self.stderr_tail or "")[-DETAIL_CHARS:]
+
+
+def verdict_limits(cfg: SandboxConfig) -> dict:
+    """The settings a verdict depends on, for the fingerprints of the stages that run code (not `workers`: how many
+    run at once changes no verdict)."""
+    return cfg.model_dump(mode="json", include={"timeout_s", "cpu_s", "memory_mb", "max_procs", "network"})
+
 
 def run_program(code: str, cfg: SandboxConfig | None = None, args: Sequence[str] = ()) -> SandboxResult:
     """Run `code` as a Python program in the sandbox (argv[1:] = args); how it ended."""

@@ -43,7 +43,7 @@ from synth_core.generate import GenRequest, NextTokenProbs, open_generator
 from synth_core.models import ResolvedModel, adapter_rank, context_length, resolve_model
 from synth_core.parse import has_asserts, parse_error, solution_code
 from synth_core.procs import TreeMemorySampler, run_in_subprocess
-from synth_core.sandbox import DETAIL_CHARS, VERDICTS
+from synth_core.sandbox import VERDICTS, verdict_limits
 from synth_core.storage import (
     Manifest,
     PartInfo,
@@ -346,7 +346,7 @@ def plan_score(cfg: RunConfig, samples_uri: str, out: str | None = None) -> Scor
         STAGE_VERSION,
         manifest.fingerprint,
         cfg.score.model_dump(mode="json", exclude={"judge", "judge_base", "parallel_shards"}),
-        cfg.sandbox.model_dump(mode="json", include={"timeout_s", "cpu_s", "memory_mb", "max_procs", "network"}),
+        verdict_limits(cfg.sandbox),
         judge.fingerprint,
     )
     plan = ScorePlan(samples_uri, out or join_uri(cfg.storage.root, "scored", fp), fp, judge, schema)
@@ -448,7 +448,7 @@ def score_shard(plan: ScorePlan, shard: ScoreShard, index: int, cfg: RunConfig) 
     exec_s = time.perf_counter() - t_exec
     verdicts = {i: ran_before[i] for i in todo if i in codes and i in ran_before}
     for i, res in zip(with_asserts, results, strict=True):
-        detail = None if res.passed else (res.error or res.stderr_tail or "")[-DETAIL_CHARS:] or None
+        detail = res.failure_tail or None
         verdicts[i] = (res.passed, res.status, detail)
     for i in todo:
         row = rows[i]
