@@ -676,12 +676,24 @@ class RoundConfig(StrictModel):
         description="Keep a seeded random choice among the parsed candidates, as many as the filters kept, instead "
         "of the filters' choice (ablation; synth_core.random_selection).",
     )
+    accumulate_kept: bool = Field(
+        False,
+        description="Train iteration t on R + the kept rows of iterations 1..t; False (the default: DESIGN.md's "
+        "iteration trains on R + its kept samples) = R + iteration t's kept rows only. Each iteration retrains from "
+        "the base.",
+    )
     holdout_fraction: float = Field(
         0.1,
         ge=0.0,
         lt=1.0,
         description="Share of R held out of every training (a seeded split by ref_id); each iteration's synthesizer "
         "is scored by its loss on it (convergence); 0 = none.",
+    )
+    seed_shortfall: Literal["error", "warn"] = Field(
+        "error",
+        description="A sample stage whose pool has fewer kept seed snippets than it asks for: 'error' = fail with "
+        "one line naming the stage and the shortfall; 'warn' = go on with what there is, with a warning artifact "
+        "and a line in the samples' funnel.",
     )
     seed: int = Field(0, description="Seed of the round's own random choices: the held-out split, random selection.")
     evaluate: bool = Field(
@@ -690,6 +702,104 @@ class RoundConfig(StrictModel):
         "release (the evaluation section), and write report.md + pass_at_1.png next to the data card.",
     )
     release_name: str = Field("scoder-synthetic", description="Name of the released dataset (its data card title).")
+
+
+class PlanEstimate(StrictModel):
+    """One number of the round planner (a rate or a throughput) and where it comes from."""
+
+    value: float = Field(0.0, ge=0, description="The number, in the unit its field names.")
+    basis: Literal["measured", "inferred"] = Field(
+        "inferred", description="'measured': from a run (the note says which); 'inferred': reasoned, not measured."
+    )
+    note: str = Field("", description="Where the number comes from: the run that measured it, or the reasoning.")
+
+
+class PlanConfig(StrictModel):
+    """What `scoder run --plan` assumes (synth_core.round_estimate): the pool's size, each filter's rate and each
+    stage's throughput. Defaults describe the embedded default (the 135M built-in model on a 2-core CPU, the stdlib
+    pool); configs/gpu-round.yaml gives a 7B GPU round's."""
+
+    pool_snippets: int | None = Field(
+        None,
+        ge=0,
+        description="Kept seed snippets of the pool when known (scoder inspect POOL); None = source_rows x "
+        "snippets_per_source_row, or the stdlib's measured count when pool.sources is empty.",
+    )
+    source_rows: int | None = Field(
+        None, ge=0, description="Rows (files, or functions of a Parquet/hf: corpus) the pool's sources hold."
+    )
+    snippets_per_source_row: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=2.70,
+            basis="measured",
+            note="stdlib of CPython 3.11: 4,839 kept snippets from 1,790 .py files (scoder pool build, defaults)",
+        ),
+        description="Kept seed snippets per source row (after the pool's filters, dedup and decontamination).",
+    )
+    stdlib_snippets: int = Field(
+        4839,
+        ge=0,
+        description="Kept snippets of the stdlib pool (measured: CPython 3.11, the default pool settings); used "
+        "when pool.sources is empty and pool_snippets is None.",
+    )
+    format_rate: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=0.844,
+            basis="measured",
+            note="README: bench/generate.py --format, the demo's 2nd bootstrap checkpoint, constrained: 84.4%",
+        ),
+        description="Share of sampled answers in the format and past the junk screen (0-1).",
+    )
+    asserts_pass_rate: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=0.074,
+            basis="inferred",
+            note="README: 8 of 128 answers passed their asserts (temperature 0.2), divided by the format rate",
+        ),
+        description="Share of formatted answers whose code passes its own asserts in the sandbox (0-1).",
+    )
+    min_score_pass_rate: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(value=1.0, basis="inferred", note="score.min_score 0 keeps every score"),
+        description="Share of scored candidates at or above score.min_score (0-1).",
+    )
+    answer_tokens: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=210, basis="measured", note="README: ~210 output tokens per answer of the 135M model"
+        ),
+        description="Mean output tokens of a sampled answer (tokens).",
+    )
+    train_row_tokens: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=500, basis="inferred", note="synthesis prompt (~290 tokens) + an answer (~210 tokens)"
+        ),
+        description="Mean tokens of a training row: the synthesis prompt with its snippet + the answer (tokens).",
+    )
+    sample_tokens_per_s: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=104, basis="measured", note="README: make demo's release sample, 104 tokens/s on 2 CPU cores"
+        ),
+        description="Output tokens per second of one sample engine (tokens/s, one device).",
+    )
+    judge_passes_per_s: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=2.0, basis="inferred", note="not measured per pass; the demo's score stages took 47-49 s"
+        ),
+        description="(candidate, judge aspect) passes per second of the judge engine (passes/s, one device).",
+    )
+    influence_rows_per_s: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=1.0, basis="inferred", note="not measured per row; the demo's influence stage took 58 s"
+        ),
+        description="Candidate rows whose gradient features one checkpoint computes per second (rows/s).",
+    )
+    train_tokens_per_s: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=300,
+            basis="inferred",
+            note="the demo's bootstrap: ~43 rows x 3 epochs x ~500 tokens in 217 s on 2 cores",
+        ),
+        description="Training tokens per second (tokens/s, one device).",
+    )
 
 
 class RunConfig(StrictModel):
@@ -715,6 +825,9 @@ class RunConfig(StrictModel):
     round: RoundConfig = Field(default_factory=RoundConfig, description="A whole round (scoder run).")
     evaluation: EvalConfig = Field(
         default_factory=EvalConfig, description="Evaluation of a student on benchmarks (scoder eval)."
+    )
+    plan: PlanConfig = Field(
+        default_factory=PlanConfig, description="Rates and throughputs assumed by the round planner (run --plan)."
     )
 
 
