@@ -33,8 +33,8 @@ def filter_stages(
     cfg: RunConfig, samples: str, checkpoints: str, reference: str | None, stages: dict[str, str]
 ) -> str:
     """Score (with its initial selection) and influence-filter `samples` as the round config says (or, with
-    round.random_selection, keep as many parsed samples at random); records each stage's output in `stages`; returns
-    the last one (what training or the release reads)."""
+    round.random_selection, keep as many at random among the rows the filters may keep); records each stage's
+    output in `stages`; returns the last one (what training or the release reads)."""
     current = samples
     if cfg.round.use_scorer:
         current = as_subflow(score_flow, cfg)(samples=current, config=cfg.model_dump(mode="json"))
@@ -44,7 +44,7 @@ def filter_stages(
             candidates=current, checkpoints=[checkpoints], reference=reference, config=cfg.model_dump(mode="json")
         )
         stages["influence"] = current
-    if cfg.round.random_selection:  # ablation: as many rows as the filters kept, chosen at random among the parsed
+    if cfg.round.random_selection:  # ablation: as many rows as the filters kept, at random among those they may keep
         current = select_random(cfg, samples, current)
         stages["random_selection"] = current
     return current

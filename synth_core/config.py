@@ -673,8 +673,8 @@ class RoundConfig(StrictModel):
     )
     random_selection: bool = Field(
         False,
-        description="Keep a seeded random choice among the parsed candidates, as many as the filters kept, instead "
-        "of the filters' choice (ablation; synth_core.random_selection).",
+        description="Keep a seeded random choice among the candidates the filters may keep (parsing, executable), as "
+        "many as the filters kept, instead of the filters' choice (ablation; synth_core.random_selection).",
     )
     accumulate_kept: bool = Field(
         False,
