@@ -309,7 +309,13 @@ class InfluenceConfig(StrictModel):
     )
     aggregate: Literal["mean", "max_group"] = Field(
         "mean",
-        description="'mean': mean cosine over all targets; 'max_group': max over target groups of the group's mean.",
+        description="'mean': mean cosine over all targets; 'max_group': the mean cosine within each group of targets "
+        "(group_by), then the max over the groups (LESS's max over tasks).",
+    )
+    group_by: Literal["source", "language", "ref_id"] = Field(
+        "source",
+        description="Column of R whose value groups the targets for max_group: 'source' = R's file (a row's "
+        "FILE:LINE without the line), 'language', or 'ref_id' (every target its own group).",
     )
     require_optimizer_state: bool = Field(
         True,
