@@ -688,6 +688,16 @@ class RoundConfig(StrictModel):
         "iteration trains on R + its kept samples) = R + iteration t's kept rows only. Each iteration retrains from "
         "the base.",
     )
+    fit_weights: bool = Field(
+        True,
+        description="With a teacher endpoint (teacher.model set), fit the aspect weights once per round to the "
+        "teacher's judgements of iteration 1's scored candidates (NNLS, synth_core.score_fit) and score with them "
+        "from iteration 2 on and in the release; the data card records the weights either way (the shipped "
+        "defaults, or the config's, without a teacher).",
+    )
+    fit_candidates: int = Field(
+        256, ge=1, description="Scored candidates the teacher judges for round.fit_weights (requests to the teacher)."
+    )
     holdout_fraction: float = Field(
         0.1,
         ge=0.0,
