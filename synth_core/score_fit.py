@@ -387,5 +387,6 @@ def weights_card_section(record: dict[str, Any]) -> str:
             f"on and for the release (judgements: `{record['judgements']}`)."
         )
     else:
-        head = f"The {record['source']} weights, not fitted: {record['reason']}."
+        which = "the shipped defaults" if record["source"] == "shipped defaults" else "the config's"
+        head = f"The weights are {which}, not fitted: {record['reason']}."
     return f"## Aspect weights\n\n{head}\n\n{table}"

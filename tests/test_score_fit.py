@@ -148,7 +148,7 @@ def test_round_weights_are_fitted_with_a_teacher_and_say_so_without(tmp_path, cf
     record = score_fit.round_weights(fresh, scored)
     assert record["source"] == "shipped defaults" and "no teacher endpoint" in record["reason"]
     section = score_fit.weights_card_section(record)
-    assert "The shipped defaults weights, not fitted: no teacher endpoint configured" in section
+    assert "The weights are the shipped defaults, not fitted: no teacher endpoint configured" in section
     assert "| asserts | 0.1500 |" in section
     assert score_fit.round_weights(cfg, scored)["source"] == "config"  # the fixture's own weights
 
