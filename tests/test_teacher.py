@@ -27,6 +27,7 @@ from synth_core.teacher import (
     TIMEOUT,
     TeacherError,
     backoff_delay,
+    describe_failures,
     redact_url,
     run_chats,
     scrub_secret,
@@ -121,10 +122,35 @@ def test_retries_stop_after_max_retries():
     ("status", "expected"),
     [(400, BAD_REQUEST), (401, AUTH_ERROR), (403, AUTH_ERROR), (404, NOT_FOUND), (422, BAD_REQUEST)],
 )
-def test_client_errors_are_not_retried(status, expected):
-    with ScriptedEndpoint(lambda call: error(status, "no")) as ep:
-        (result,), _ = run_chats(teacher(ep.url), [CHAT])
+def test_client_errors_are_not_retried(status, expected, caplog):
+    """Issue 16: the message says "not retried" with the status and the server's own message, never "failed after
+    retries"; a 404 asks whether the base URL ends in /v1."""
+    with ScriptedEndpoint(lambda call: error(status, "the server's reason")) as ep:
+        (result,), stats = run_chats(teacher(ep.url), [CHAT])
     assert (result.error, result.attempts, len(ep.calls)) == (expected, 1, 1)
+    assert result.detail.startswith(f"not retried: HTTP {status}: the server's reason")
+    assert ("does the base URL end in /v1?" in result.detail) == (status == 404)
+    assert "after retries" not in caplog.text and "not retried: HTTP" in caplog.text
+    assert stats.not_retried == {expected: 1}
+    assert describe_failures(stats) == f"{expected}: 1, not retried"
+
+
+def test_missing_v1_is_a_404_with_a_hint():
+    """The base URL without /v1: the server (like vLLM's) answers its unknown route with FastAPI's 404 body."""
+    with ScriptedEndpoint(
+        lambda call: Reply(404, {"detail": "Not Found"}) if not call.path.startswith("/v1/") else Reply()
+    ) as ep:
+        (result,), _ = run_chats(teacher(ep.url.removesuffix("/v1")), [CHAT])
+    assert result.error == NOT_FOUND and result.attempts == 1
+    assert result.detail.startswith("not retried: HTTP 404: Not Found (does the base URL end in /v1?")
+
+
+def test_transient_failures_say_how_many_attempts():
+    with ScriptedEndpoint(lambda call: error(503, "overloaded")) as ep:
+        (result,), stats = run_chats(teacher(ep.url, max_retries=1, backoff_s=0.01), [CHAT])
+    assert (result.error, result.attempts, len(ep.calls)) == (SERVER_ERROR, 2, 2)
+    assert result.detail == "after 2 attempts: HTTP 503: overloaded"
+    assert describe_failures(stats) == f"{SERVER_ERROR}: 1, after retries"
 
 
 def test_408_and_409_are_retried():
