@@ -222,20 +222,58 @@ def score_teacher_judge_cmd(
     max_candidates: Annotated[
         int | None, typer.Option("--max-candidates", help="Judge at most this many scored candidates.")
     ] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option("--api-key-env", help="Environment variable holding the API key (must be set when given)."),
+    ] = None,
+    usd_in: Annotated[
+        float | None, typer.Option("--usd-per-mtok-in", help="Price of prompt tokens, USD per million.")
+    ] = None,
+    usd_out: Annotated[
+        float | None, typer.Option("--usd-per-mtok-out", help="Price of completion tokens, USD per million.")
+    ] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Where to write the judgements.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Ask a teacher endpoint the judge's questions (every aspect + overall) about scored candidates."""
+    """Ask a teacher endpoint the judge's questions (every aspect + overall) about scored candidates; print the
+    funnel (no_score, score_out_of_range, teacher_failed), the token totals and, given prices, the cost."""
+    extra = {
+        "teacher.endpoint": endpoint,
+        "teacher.model": model,
+        "teacher.api_key_env": api_key_env,
+        "teacher.usd_per_1m_input": usd_in,
+        "teacher.usd_per_1m_output": usd_out,
+    }
     try:
-        cfg = _load(config, set_, {"teacher.endpoint": endpoint, "teacher.model": model})
+        _require_key_env(api_key_env)
+        cfg = _load(config, set_, extra)
         from synth_core.score_fit import teacher_judgements
+        from synth_core.storage import read_manifest
 
         uri = teacher_judgements(cfg, scored, out, max_candidates)
         _print_dataset(uri, cfg.storage, rows=False)
+        t = read_manifest(uri, cfg.storage).stats.get("teacher") or {}
+        prompt, completion = t.get("prompt_tokens", 0), t.get("completion_tokens", 0)
+        line = f"teacher: {t.get('requests', 0)} requests, {prompt} prompt tokens, {completion} completion tokens"
+        if cfg.teacher.usd_per_1m_input or cfg.teacher.usd_per_1m_output:
+            cost = (prompt * cfg.teacher.usd_per_1m_input + completion * cfg.teacher.usd_per_1m_output) / 1e6
+            line += f", ${cost:.4f}"
+        if t.get("failures"):
+            line += "; failed: " + ", ".join(f"{k} {v}" for k, v in t["failures"].items())
+        typer.echo(line)
     except _expected_errors() as err:
         _fail(str(err))
     typer.echo(uri)
+
+
+def _require_key_env(name: str | None) -> None:
+    """--api-key-env NAME names a variable the user means to be set: unset is an error naming it, where the
+    config's default variable may be unset (a local vLLM server needs no key)."""
+    import os
+
+    if name is not None and not os.environ.get(name):
+        _fail(f"--api-key-env {name}: the environment variable {name} is not set (or empty)")
 
 
 @score_app.command("fit-weights")
@@ -390,6 +428,7 @@ def reference_build_cmd(
         "reference.max_snippets": max_snippets,
     }
     try:
+        _require_key_env(api_key_env)
         cfg = _load(config, set_, extra)
         from synth_core.reference_build import build_reference
 

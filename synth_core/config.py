@@ -426,7 +426,7 @@ class ScoreConfig(StrictModel):
     teacher_logprobs: bool = Field(
         True,
         description="Ask the teacher for top logprobs and read its score as the judge's (probability-weighted "
-        "digit); False for endpoints that refuse logprobs (then the first digit of its answer).",
+        "digit at the token of its `Score: N` line); False for endpoints that refuse logprobs (then N as written).",
     )
     scorer_holdout_fraction: float = Field(
         0.2, ge=0, lt=1, description="Share of candidates held out of scorer training to measure its agreement (0-1)."
