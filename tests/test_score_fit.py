@@ -245,3 +245,35 @@ def test_cli_teacher_judge_key_env_token_totals_cost_and_rejections(tmp_path, mo
         score_fit.NO_SCORE: 2,
         score_fit.SCORE_OUT_OF_RANGE: 2,
     }
+
+
+def test_teacher_judge_rerun_resends_only_failed_requests(tmp_path, cfg):
+    """A judgement whose request failed is a teacher_failed row; the re-run sends those requests only."""
+    from openai_stub import error
+
+    scored = _write_scored(str(tmp_path / "scored"), [(ADD, GOOD), (ADD + " Twice.", WRONG)])
+    down = {"on": True}
+
+    def respond(call) -> Reply:
+        if "return a - b" in call.user_prompt and down["on"]:
+            return error(500, "overloaded")
+        return Reply(body=completion("Fine.\nScore: 6", "stop", 100, 5))
+
+    cfg.score.aspects = [AspectConfig(name="quality", question="How clear is it?")]
+    cfg.score.teacher_logprobs = False
+    with ScriptedEndpoint(respond) as ep:
+        cfg.teacher = TeacherConfig(endpoint=ep.url, model="stub", max_retries=0, timeout_s=5)
+        out = score_fit.teacher_judgements(cfg, scored, str(tmp_path / "j"))
+        first = read_dataset(out).to_pylist()
+        assert len(ep.calls) == 4 and read_manifest(out).funnel["rejected"] == {score_fit.TEACHER_FAILED: 2}
+        failed = [r for r in first if r["reject_reason"]]
+        assert all(r["detail"] == "server_error: after 1 attempt: HTTP 500: overloaded" for r in failed)
+        down["on"] = False
+        assert score_fit.teacher_judgements(cfg, scored, str(tmp_path / "j")) == out
+        assert len(ep.calls) == 6 and all("return a - b" in c.user_prompt for c in ep.calls[4:])
+        assert score_fit.teacher_judgements(cfg, scored, str(tmp_path / "j")) == out  # complete: free
+        assert len(ep.calls) == 6
+    again = read_dataset(out).to_pylist()
+    assert read_manifest(out).funnel == {"rows_in": 4, "kept": 4, "rejected": {}}
+    assert [(r["sample_id"], r["aspect"]) for r in again] == [(r["sample_id"], r["aspect"]) for r in first]
+    assert [r for r in again if "return a + b" in r["prompt"]] == [r for r in first if "return a + b" in r["prompt"]]
