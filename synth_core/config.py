@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -24,6 +24,13 @@ class StrictModel(BaseModel):
     """Base for every config model: unknown keys are errors, values are re-validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def check_not_above(model: BaseModel, low: str, high: str) -> None:
+    """A cross-field constraint `low <= high`, failing at validation with both keys named (not later, mid-run)."""
+    lo, hi = getattr(model, low), getattr(model, high)
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"{low} ({lo}) must not exceed {high} ({hi})")
 
 
 class StorageConfig(StrictModel):
@@ -54,6 +61,11 @@ class SnippetConfig(StrictModel):
     per_file: int = Field(3, ge=1, description="Most snippets cut from one file ('lines' mode: fragments per file).")
     seed: int = Field(0, description="Seed of the fragment sampler; the same seed and file give the same snippets.")
     min_chars: int = Field(16, ge=0, description="Snippets with fewer non-blank characters are rejected as too_short.")
+
+    @model_validator(mode="after")
+    def _check_line_range(self) -> SnippetConfig:
+        check_not_above(self, "min_lines", "max_lines")
+        return self
 
 
 class PoolConfig(StrictModel):
@@ -223,6 +235,11 @@ class SampleConfig(StrictModel):
         default_factory=lambda: GenerationConfig(temperature=0.2, max_new_tokens=320),
         description="Sampling settings (temperature 0.2, 320 new tokens by default: sized for the built-in model).",
     )
+
+    @model_validator(mode="after")
+    def _check_instruction_range(self) -> SampleConfig:
+        check_not_above(self, "min_instruction_chars", "max_instruction_chars")
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -725,7 +742,9 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"{origin}: unknown key '{key}'")
         else:
-            lines.append(f"{origin}: invalid value for '{key}': {e['msg']}")
+            # A validator's own message says it all; pydantic prefixes it with "Value error, ".
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{origin}: invalid value for '{key}': {msg}")
     return "; ".join(lines)
 
 
@@ -760,14 +779,23 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}".splitlines()[0]) from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the config file: {err.strerror or err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"{origin}: '{part}' in override '{dotted}' is not a section")
+                # Name the key that holds a value where a section belongs (`--set pool=3`), not the override
+                # that tripped on it (`pool.sources` from --source).
+                section = ".".join(parents[: depth + 1])
+                raise ConfigError(
+                    f"{origin}: invalid value for '{section}': a section (a mapping of keys), not {node!r}"
+                )
         node[leaf] = value
     return parse_config(data, origin)
