@@ -814,6 +814,12 @@ def report_error(err: BaseException) -> int:
 
 def main() -> None:
     """The `scoder` entry point: the app, with every uncaught failure printed as one line (see the docstring)."""
+    if os.environ.get(DEBUG_ENV, "").lower() not in ("1", "true", "yes"):
+        # Set before Prefect is imported (it reads its logging config then); worker processes inherit it.
+        # Not imported from flows.console_log: that imports Prefect, and `scoder --help` must stay fast.
+        os.environ.setdefault(
+            "PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS", "flows.console_log.ConsoleHandlerWithoutTracebacks"
+        )
     try:
         app()
     except Exception as err:
