@@ -283,7 +283,7 @@ def _local_file_unit(path: str, cfg: RunConfig) -> list[SourceUnit]:
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
-        return [_rejected_unit(path, UNDECODABLE_NAME, f"file name is not UTF-8: {printable_path(path)!r}")]
+        return [_rejected_unit(path, UNDECODABLE_NAME, f"file name is not UTF-8: {printable_path(path)}")]
     size = len(os.fsencode(path))
     if size >= PATH_MAX:
         return [_rejected_unit(path, PATH_TOO_LONG, f"path of {size} bytes, over PATH_MAX ({PATH_MAX})")]
