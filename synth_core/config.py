@@ -40,6 +40,22 @@ class StorageConfig(StrictModel):
     key: str | None = Field(None, description="S3 access key id; None = the standard AWS credential chain.")
     secret: str | None = Field(None, description="S3 secret access key; None = the standard AWS credential chain.")
     part_compression: str = Field("zstd", description="Parquet compression codec of dataset parts.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to open a connection to the S3 endpoint.")
+    read_timeout_s: float = Field(
+        15.0, gt=0, description="Seconds to wait for an S3 response before the attempt fails (a silent endpoint)."
+    )
+    max_attempts: int = Field(
+        2, ge=1, description="Attempts per S3 call, the first included: a dead endpoint fails within about 40 s."
+    )
+    lock_heartbeat_s: float = Field(
+        10.0, gt=0, description="Seconds between two refreshes of a live writer's `_writer.lock` in its output."
+    )
+    lock_stale_s: float = Field(
+        60.0, gt=0, description="Seconds without a heartbeat after which a writer lock is stale and taken over."
+    )
+    lock_wait_s: float = Field(
+        0.0, ge=0, description="Seconds a second writer waits for a live writer's lock before it refuses (0 = refuse)."
+    )
 
 
 class SnippetConfig(StrictModel):

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 
 from synth_core.config import StorageConfig
 from synth_core.storage import (
     DatasetError,
+    StorageError,
+    check_writable,
     commit_dataset,
     compute_funnel,
     dataset_exists,
     fingerprint,
     finished_shard,
     forget_shard,
+    get_fs,
     read_dataset,
     read_manifest,
     read_part_marker,
@@ -112,3 +117,101 @@ def test_fingerprint_is_stable_and_sensitive():
     changed = RunConfig()
     changed.dedup.threshold = 0.8
     assert fingerprint("stage", changed) != a
+
+
+def _silent_endpoint():
+    """A bare TCP socket that accepts connections (the kernel's backlog) and never answers a byte."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    return srv, f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+
+def _one_line_error(call) -> tuple[str, float]:
+    import time
+
+    t = time.monotonic()
+    with pytest.raises(StorageError) as info:
+        call()
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg, time.monotonic() - t
+
+
+def test_silent_endpoint_fails_fast_in_one_line(monkeypatch):
+    """An endpoint that accepts connections but never answers: bounded by read timeout x attempts, one line.
+
+    Short timeouts keep the test fast; test_silent_endpoint_with_default_timeouts checks the defaults' bound."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    srv, endpoint = _silent_endpoint()
+    with srv:
+        storage = StorageConfig(endpoint_url=endpoint, connect_timeout_s=1, read_timeout_s=1, max_attempts=2)
+        msg, took = _one_line_error(lambda: check_writable("s3://scoder/out", storage))
+    assert endpoint in msg and "s3://scoder/out" in msg and "timeout" in msg.lower()
+    assert took < 10, took  # 2 attempts x 1 s plus backoff; s3fs's own retries multiplied this before
+
+
+@pytest.mark.slow
+def test_silent_endpoint_with_default_timeouts(monkeypatch):
+    """The shipped defaults (5 s connect, 15 s read, 2 attempts) fail a silent endpoint within 40 s (32 s seen);
+    before, the same call still hung after 300 s."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    srv, endpoint = _silent_endpoint()
+    with srv:
+        msg, took = _one_line_error(lambda: check_writable("s3://scoder/out", StorageConfig(endpoint_url=endpoint)))
+    assert endpoint in msg and took < 40, (took, msg)
+
+
+def test_missing_credentials_is_one_prompt_line(monkeypatch, tmp_path):
+    import synth_core.storage as storage_mod
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata probe on a machine that has one
+    monkeypatch.setattr(storage_mod, "_FOUND_AWS_CREDENTIALS", False)
+    storage = StorageConfig(endpoint_url="http://127.0.0.1:9")
+    msg, took = _one_line_error(lambda: check_writable("s3://scoder/out", storage))
+    assert "no S3 credentials" in msg and "127.0.0.1:9" in msg and took < 5
+
+
+def test_missing_bucket_is_one_line(s3_endpoint):
+    msg, _ = _one_line_error(
+        lambda: check_writable("s3://no-such-bucket/out", StorageConfig(endpoint_url=s3_endpoint))
+    )
+    assert "s3://no-such-bucket/out" in msg and s3_endpoint in msg
+
+
+def test_check_writable_s3_ok_leaves_nothing(s3_endpoint):
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    check_writable("s3://scoder/probe-test", storage)
+    fs, root = get_fs("s3://scoder/probe-test", storage)
+    assert not fs.exists(root) or fs.ls(root) == []
+
+
+def test_check_writable_local(tmp_path):
+    import os
+
+    check_writable(str(tmp_path / "new" / "deep"))  # created on the way
+    assert (tmp_path / "new" / "deep").is_dir() and list((tmp_path / "new" / "deep").iterdir()) == []
+    (tmp_path / "afile").write_text("x")
+    msg, _ = _one_line_error(lambda: check_writable(str(tmp_path / "afile")))
+    assert "existing file" in msg
+    msg, _ = _one_line_error(lambda: check_writable(str(tmp_path / "afile" / "below")))
+    assert "afile" in msg
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        # root writes through a 0500 mode; there, /sys (sysfs, which refuses new folders even to root) stands in
+        # for a read-only mount
+        target = ro / "out" if not (os.geteuid() == 0 and os.access(ro, os.W_OK)) else Path("/sys/scoder-out")
+        msg, _ = _one_line_error(lambda: check_writable(str(target)))
+        assert str(target) in msg and ("Permission denied" in msg or "not permitted" in msg or "Read-only" in msg)
+    finally:
+        ro.chmod(0o700)
