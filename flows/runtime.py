@@ -51,6 +51,10 @@ def run_flow(flow_fn, cfg: RunConfig, **params):
     temporary Prefect server (seconds of CPU each, measured); one shared server, whose URL the
     workers inherit through the environment, avoids that.
     """
+    from synth_core.storage import check_writable
+
+    # Before any work (and before a server starts): an unwritable --out fails now in one line, not after ingest.
+    check_writable(params.get("out") or cfg.storage.root, cfg.storage)
     prefect_env()
     runner = make_task_runner(cfg)
     if os.environ.get("PREFECT_API_URL"):
