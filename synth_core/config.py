@@ -472,6 +472,13 @@ SandboxProtection = Literal[
     "ipcns",
     "mountns",
     "private_tmp",
+    "disk_limit",
+    "readonly_root",
+    "proc_hidepid",
+    "rlimit_nofile",
+    "no_new_privs",
+    "seccomp",
+    "memory_cgroup",
 ]
 
 
@@ -485,7 +492,16 @@ class SandboxConfig(StrictModel):
         32, ge=1, description="Processes + threads a program may have at once (RLIMIT_NPROC of its own uid)."
     )
     max_file_mb: int = Field(
-        16, ge=1, description="Largest file a program may write (MiB, RLIMIT_FSIZE); also the size of its /tmp."
+        16,
+        ge=1,
+        description="Largest file a program may write (MiB, RLIMIT_FSIZE); + 1 MiB is the size of the one tmpfs "
+        "holding its working folder, /tmp, /var/tmp and /dev/shm (as root).",
+    )
+    max_open_files: int = Field(64, ge=16, description="File descriptors each process of a program may hold.")
+    memory_cgroup: str | None = Field(
+        None,
+        description="cgroup v2 folder delegated to us (memory in its cgroup.subtree_control) in which each run gets "
+        "a cgroup with memory.max = memory_mb for its whole tree; None = off (memfd_create and shmget are denied).",
     )
     max_output_bytes: int = Field(
         1_000_000, ge=1, description="Stdout + stderr a program may write before it is killed (bytes)."
