@@ -965,6 +965,13 @@ def _memory_cgroup(cfg: SandboxConfig) -> Iterator[tuple[str | None, str]]:
     if cfg.memory_cgroup is None:
         yield None, "memory_cgroup: off (sandbox.memory_cgroup is null)"
         return
+    try:  # a plain folder would take the files below and bound nothing: check that it is a delegated cgroup v2
+        delegated = "memory" in Path(cfg.memory_cgroup, "cgroup.subtree_control").read_text().split()
+    except OSError:
+        delegated = False
+    if not delegated:
+        yield None, f"memory_cgroup: {cfg.memory_cgroup} is no cgroup v2 with memory in its cgroup.subtree_control"
+        return
     path = os.path.join(cfg.memory_cgroup, f"scoder-{os.getpid()}-{next(_cgroup_ids)}")
     try:
         os.mkdir(path)
@@ -973,11 +980,13 @@ def _memory_cgroup(cfg: SandboxConfig) -> Iterator[tuple[str | None, str]]:
         return
     try:
         try:
-            Path(path, "memory.max").write_text(f"{cfg.memory_mb * 2**20}\n")
+            with open(os.path.join(path, "memory.max"), "r+") as f:  # r+: the kernel made it, we never create it
+                f.write(f"{cfg.memory_mb * 2**20}\n")
             if os.path.exists(os.path.join(path, "memory.swap.max")):
-                Path(path, "memory.swap.max").write_text("0\n")
+                with open(os.path.join(path, "memory.swap.max"), "r+") as f:
+                    f.write("0\n")
         except OSError as err:
-            yield None, f"memory_cgroup: no memory controller delegated to {cfg.memory_cgroup}: {err}"
+            yield None, f"memory_cgroup: cannot set memory.max in {path}: {err}"
         else:
             yield path, ""
     finally:

@@ -380,6 +380,38 @@ def test_seccomp_denies_what_generated_code_never_needs(probe):
     assert {"seccomp", "no_new_privs"} <= set(r.protections)
 
 
+def test_memory_cgroup_is_opt_in_and_reported(tmp_path):
+    """Off by default, and a folder that is no delegated cgroup v2 (this machine's memory controller is cgroup
+    v1) is reported, not trusted: memfd_create stays denied, and `required` refuses to run without it."""
+    off = run_program("pass\n", small())
+    assert "memory_cgroup" not in off.protections
+    assert any(t.startswith("memory_cgroup: off") for t in off.inactive)
+    memfd = "import os\nos.memfd_create('m')\n"
+    r = run_program(memfd, small(memory_cgroup=str(tmp_path)))
+    assert "memory_cgroup" not in r.protections and r.status == "failed", r
+    assert any(t.startswith(f"memory_cgroup: {tmp_path} is no cgroup v2") for t in r.inactive), r.inactive
+    assert list(tmp_path.iterdir()) == []  # nothing was made in a folder that is not a cgroup
+    r = run_program("print('ran')\n", small(memory_cgroup=str(tmp_path), required=["memory_cgroup"]))
+    assert r.status == "error" and "memory_cgroup" in (r.error or "") and r.stdout_tail == ""
+
+
+def test_verdict_limits_name_every_limit_a_verdict_depends_on():
+    from synth_core.sandbox import verdict_limits
+
+    limits = verdict_limits(SandboxConfig())
+    assert set(limits) == {
+        "timeout_s",
+        "cpu_s",
+        "memory_mb",
+        "max_procs",
+        "network",
+        "max_file_mb",
+        "max_open_files",
+        "memory_cgroup",
+    }
+    assert limits["memory_cgroup"] is False and verdict_limits(SandboxConfig(workers=3)) == limits
+
+
 def test_working_folder_is_fresh_and_removed(tmp_path):
     root = tmp_path / "runs"
     code = "import os\nprint(sorted(os.listdir('.')))\nopen('out.txt', 'w').write('x')\nos.mkdir('d')\n"
