@@ -69,7 +69,8 @@ the sandbox is safe to use from threads (no preexec_fn in a threaded parent).
 
 What it leaves to others: deciding what to run and what a pass means (the score stage builds the program
 text, e.g. a solution followed by its own asserts). What it does not stop: reading world-readable files of the
-host; using memory up to `memory_mb` of address space in EACH of its `max_procs` processes, plus pipe buffers,
+host; connecting to a UNIX socket file of the host that others may write (a read-only mount does not stop a
+connect; those in /tmp are hidden by its private /tmp); using memory up to `memory_mb` of address space in EACH of its `max_procs` processes, plus pipe buffers,
 when no memory cgroup bounds the run (RLIMIT_AS is per process: the bound of the whole run is their product);
 burning CPU on every core until the wall timeout; and anything a kernel exploit can do: this is a process
 sandbox, not a virtual machine. Without root, the mount namespace and all it holds are missing (see above).
