@@ -281,6 +281,20 @@ class TrainConfig(StrictModel):
         "(AVX512-BF16/AMX: 3.7x LoRA tokens/s measured), else fp32.",
     )
     seed: int = Field(0, description="Seed of initialisation, shuffling and dropout.")
+    # Speed switches below: they change how the same loss and gradients are computed, not what is trained, so
+    # they stay out of the stage's fingerprint (TRAIN_PERF_FIELDS in synth_core.train).
+    lora_cast_inputs: bool = Field(
+        False,
+        description="Cast each LoRA layer's input to the adapter dtype (fp32) as peft does by default: a copy of "
+        "the activations per adapted layer. Under bf16 autocast the adapter matmul runs in bf16 either way, so "
+        "False computes the same values without the copies (H100, 1B/7B LoRA: see bench/train.py).",
+    )
+    answer_logits_only: bool = Field(
+        False,
+        description="Compute the LM head and the cross-entropy only at positions whose next token is an answer "
+        "token (the loss's positions): the same loss up to float summation order, with the vocabulary-sized "
+        "matmul and fp32 logits cut to the answer share of the tokens.",
+    )
 
 
 class InfluenceConfig(StrictModel):
