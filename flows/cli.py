@@ -782,6 +782,14 @@ def run_cmd(
             "on a re-run; omitted = the config alone decides.",
         ),
     ] = None,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan",
+            help="Print the round's plan and run nothing (no model loaded): seeds per stage, rows after each filter "
+            "at the plan section's rates, device-hours; fails when the pool cannot feed it.",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -790,6 +798,13 @@ def run_cmd(
     With no arguments: the embedded default (built-in model, stdlib pool, built-in R, local storage)."""
     try:
         cfg = _load(config, set_, {})
+        if plan:
+            from synth_core.reference import load_reference
+            from synth_core.round_estimate import estimate_round, plan_lines
+
+            lines = plan_lines(cfg, estimate_round(cfg, load_reference(cfg.round.reference, cfg.storage).num_rows))
+            typer.echo("\n".join(lines))
+            return
         from synth_core.models import resolve_model
         from synth_core.pool import preflight
         from synth_core.reference import load_reference
@@ -853,6 +868,12 @@ def report_error(err: BaseException) -> int:
 
 def main() -> None:
     """The `scoder` entry point: the app, with every uncaught failure printed as one line (see the docstring)."""
+    if os.environ.get(DEBUG_ENV, "").lower() not in ("1", "true", "yes"):
+        # Set before Prefect is imported (it reads its logging config then); worker processes inherit it.
+        # Not imported from flows.console_log: that imports Prefect, and `scoder --help` must stay fast.
+        os.environ.setdefault(
+            "PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS", "flows.console_log.ConsoleHandlerWithoutTracebacks"
+        )
     try:
         app()
     except Exception as err:

@@ -51,6 +51,18 @@ def run_flow(flow_fn, cfg: RunConfig, **params):
     temporary Prefect server (seconds of CPU each, measured); one shared server, whose URL the
     workers inherit through the environment, avoids that.
     """
+    from synth_core.storage import WriterLock, check_writable
+
+    # Before any work (and before a server starts): an unwritable --out fails now in one line, not after ingest.
+    out = params.get("out") or cfg.storage.root
+    check_writable(out, cfg.storage)
+    # One run writes a location at a time; without --out that is the whole work root, whose fingerprinted
+    # outputs two identical runs would share.
+    with WriterLock(out, cfg.storage, owner=getattr(flow_fn, "name", "scoder")):
+        return _run_flow_locked(flow_fn, cfg, **params)
+
+
+def _run_flow_locked(flow_fn, cfg: RunConfig, **params):
     prefect_env()
     runner = make_task_runner(cfg)
     if os.environ.get("PREFECT_API_URL"):

@@ -47,6 +47,22 @@ class StorageConfig(StrictModel):
     key: str | None = Field(None, description="S3 access key id; None = the standard AWS credential chain.")
     secret: str | None = Field(None, description="S3 secret access key; None = the standard AWS credential chain.")
     part_compression: str = Field("zstd", description="Parquet compression codec of dataset parts.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to open a connection to the S3 endpoint.")
+    read_timeout_s: float = Field(
+        15.0, gt=0, description="Seconds to wait for an S3 response before the attempt fails (a silent endpoint)."
+    )
+    max_attempts: int = Field(
+        2, ge=1, description="Attempts per S3 call, the first included: a dead endpoint fails within about 40 s."
+    )
+    lock_heartbeat_s: float = Field(
+        10.0, gt=0, description="Seconds between two refreshes of a live writer's `_writer.lock` in its output."
+    )
+    lock_stale_s: float = Field(
+        60.0, gt=0, description="Seconds without a heartbeat after which a writer lock is stale and taken over."
+    )
+    lock_wait_s: float = Field(
+        0.0, ge=0, description="Seconds a second writer waits for a live writer's lock before it refuses (0 = refuse)."
+    )
 
 
 class SnippetConfig(StrictModel):
@@ -298,6 +314,20 @@ class TrainConfig(StrictModel):
         "(AVX512-BF16/AMX: 3.7x LoRA tokens/s measured), else fp32.",
     )
     seed: int = Field(0, description="Seed of initialisation, shuffling and dropout.")
+    # Speed switches below: they change how the same loss and gradients are computed, not what is trained, so
+    # they stay out of the stage's fingerprint (TRAIN_PERF_FIELDS in synth_core.train).
+    lora_cast_inputs: bool = Field(
+        False,
+        description="Cast each LoRA layer's input to the adapter dtype (fp32) as peft does by default: a copy of "
+        "the activations per adapted layer. Under bf16 autocast the adapter matmul runs in bf16 either way, so "
+        "False computes the same values without the copies (H100, 1B/7B LoRA: see bench/train.py).",
+    )
+    answer_logits_only: bool = Field(
+        False,
+        description="Compute the LM head and the cross-entropy only at positions whose next token is an answer "
+        "token (the loss's positions): the same loss up to float summation order, with the vocabulary-sized "
+        "matmul and fp32 logits cut to the answer share of the tokens.",
+    )
 
 
 class InfluenceConfig(StrictModel):
@@ -489,6 +519,13 @@ SandboxProtection = Literal[
     "ipcns",
     "mountns",
     "private_tmp",
+    "disk_limit",
+    "readonly_root",
+    "proc_hidepid",
+    "rlimit_nofile",
+    "no_new_privs",
+    "seccomp",
+    "memory_cgroup",
 ]
 
 
@@ -502,7 +539,16 @@ class SandboxConfig(StrictModel):
         32, ge=1, description="Processes + threads a program may have at once (RLIMIT_NPROC of its own uid)."
     )
     max_file_mb: int = Field(
-        16, ge=1, description="Largest file a program may write (MiB, RLIMIT_FSIZE); also the size of its /tmp."
+        16,
+        ge=1,
+        description="Largest file a program may write (MiB, RLIMIT_FSIZE); + 1 MiB is the size of the one tmpfs "
+        "holding its working folder, /tmp, /var/tmp and /dev/shm (as root).",
+    )
+    max_open_files: int = Field(64, ge=16, description="File descriptors each process of a program may hold.")
+    memory_cgroup: str | None = Field(
+        None,
+        description="cgroup v2 folder delegated to us (memory in its cgroup.subtree_control) in which each run gets "
+        "a cgroup with memory.max = memory_mb for its whole tree; None = off (memfd_create and shmget are denied).",
     )
     max_output_bytes: int = Field(
         1_000_000, ge=1, description="Stdout + stderr a program may write before it is killed (bytes)."
@@ -690,8 +736,14 @@ class RoundConfig(StrictModel):
     )
     random_selection: bool = Field(
         False,
-        description="Keep a seeded random choice among the parsed candidates, as many as the filters kept, instead "
-        "of the filters' choice (ablation; synth_core.random_selection).",
+        description="Keep a seeded random choice among the candidates the filters may keep (parsing, executable), as "
+        "many as the filters kept, instead of the filters' choice (ablation; synth_core.random_selection).",
+    )
+    accumulate_kept: bool = Field(
+        False,
+        description="Train iteration t on R + the kept rows of iterations 1..t; False (the default: DESIGN.md's "
+        "iteration trains on R + its kept samples) = R + iteration t's kept rows only. Each iteration retrains from "
+        "the base.",
     )
     holdout_fraction: float = Field(
         0.1,
@@ -700,6 +752,12 @@ class RoundConfig(StrictModel):
         description="Share of R held out of every training (a seeded split by ref_id); each iteration's synthesizer "
         "is scored by its loss on it (convergence); 0 = none.",
     )
+    seed_shortfall: Literal["error", "warn"] = Field(
+        "error",
+        description="A sample stage whose pool has fewer kept seed snippets than it asks for: 'error' = fail with "
+        "one line naming the stage and the shortfall; 'warn' = go on with what there is, with a warning artifact "
+        "and a line in the samples' funnel.",
+    )
     seed: int = Field(0, description="Seed of the round's own random choices: the held-out split, random selection.")
     evaluate: bool = Field(
         False,
@@ -707,6 +765,104 @@ class RoundConfig(StrictModel):
         "release (the evaluation section), and write report.md + pass_at_1.png next to the data card.",
     )
     release_name: str = Field("scoder-synthetic", description="Name of the released dataset (its data card title).")
+
+
+class PlanEstimate(StrictModel):
+    """One number of the round planner (a rate or a throughput) and where it comes from."""
+
+    value: float = Field(0.0, ge=0, description="The number, in the unit its field names.")
+    basis: Literal["measured", "inferred"] = Field(
+        "inferred", description="'measured': from a run (the note says which); 'inferred': reasoned, not measured."
+    )
+    note: str = Field("", description="Where the number comes from: the run that measured it, or the reasoning.")
+
+
+class PlanConfig(StrictModel):
+    """What `scoder run --plan` assumes (synth_core.round_estimate): the pool's size, each filter's rate and each
+    stage's throughput. Defaults describe the embedded default (the 135M built-in model on a 2-core CPU, the stdlib
+    pool); configs/gpu-round.yaml gives a 7B GPU round's."""
+
+    pool_snippets: int | None = Field(
+        None,
+        ge=0,
+        description="Kept seed snippets of the pool when known (scoder inspect POOL); None = source_rows x "
+        "snippets_per_source_row, or the stdlib's measured count when pool.sources is empty.",
+    )
+    source_rows: int | None = Field(
+        None, ge=0, description="Rows (files, or functions of a Parquet/hf: corpus) the pool's sources hold."
+    )
+    snippets_per_source_row: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=2.70,
+            basis="measured",
+            note="stdlib of CPython 3.11: 4,839 kept snippets from 1,790 .py files (scoder pool build, defaults)",
+        ),
+        description="Kept seed snippets per source row (after the pool's filters, dedup and decontamination).",
+    )
+    stdlib_snippets: int = Field(
+        4839,
+        ge=0,
+        description="Kept snippets of the stdlib pool (measured: CPython 3.11, the default pool settings); used "
+        "when pool.sources is empty and pool_snippets is None.",
+    )
+    format_rate: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=0.844,
+            basis="measured",
+            note="README: bench/generate.py --format, the demo's 2nd bootstrap checkpoint, constrained: 84.4%",
+        ),
+        description="Share of sampled answers in the format and past the junk screen (0-1).",
+    )
+    asserts_pass_rate: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=0.074,
+            basis="inferred",
+            note="README: 8 of 128 answers passed their asserts (temperature 0.2), divided by the format rate",
+        ),
+        description="Share of formatted answers whose code passes its own asserts in the sandbox (0-1).",
+    )
+    min_score_pass_rate: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(value=1.0, basis="inferred", note="score.min_score 0 keeps every score"),
+        description="Share of scored candidates at or above score.min_score (0-1).",
+    )
+    answer_tokens: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=210, basis="measured", note="README: ~210 output tokens per answer of the 135M model"
+        ),
+        description="Mean output tokens of a sampled answer (tokens).",
+    )
+    train_row_tokens: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=500, basis="inferred", note="synthesis prompt (~290 tokens) + an answer (~210 tokens)"
+        ),
+        description="Mean tokens of a training row: the synthesis prompt with its snippet + the answer (tokens).",
+    )
+    sample_tokens_per_s: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=104, basis="measured", note="README: make demo's release sample, 104 tokens/s on 2 CPU cores"
+        ),
+        description="Output tokens per second of one sample engine (tokens/s, one device).",
+    )
+    judge_passes_per_s: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=2.0, basis="inferred", note="not measured per pass; the demo's score stages took 47-49 s"
+        ),
+        description="(candidate, judge aspect) passes per second of the judge engine (passes/s, one device).",
+    )
+    influence_rows_per_s: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=1.0, basis="inferred", note="not measured per row; the demo's influence stage took 58 s"
+        ),
+        description="Candidate rows whose gradient features one checkpoint computes per second (rows/s).",
+    )
+    train_tokens_per_s: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=300,
+            basis="inferred",
+            note="the demo's bootstrap: ~43 rows x 3 epochs x ~500 tokens in 217 s on 2 cores",
+        ),
+        description="Training tokens per second (tokens/s, one device).",
+    )
 
 
 class RunConfig(StrictModel):
@@ -732,6 +888,9 @@ class RunConfig(StrictModel):
     round: RoundConfig = Field(default_factory=RoundConfig, description="A whole round (scoder run).")
     evaluation: EvalConfig = Field(
         default_factory=EvalConfig, description="Evaluation of a student on benchmarks (scoder eval)."
+    )
+    plan: PlanConfig = Field(
+        default_factory=PlanConfig, description="Rates and throughputs assumed by the round planner (run --plan)."
     )
 
 

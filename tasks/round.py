@@ -29,7 +29,7 @@ def heldout_loss(cfg: RunConfig, train_out: str, split: str) -> str:
 
 @task(name="random-selection", **RETRY, cache_policy=NO_CACHE)
 def select_random(cfg: RunConfig, samples: str, filtered: str) -> str:
-    """As many of the parsed samples as `filtered` keeps, chosen at random (ablation); returns the dataset."""
+    """As many samples as `filtered` keeps, drawn at random among those the filters may keep (ablation)."""
     return random_selection.select_random(samples, filtered, cfg.round.seed, cfg.storage)
 
 
