@@ -97,3 +97,11 @@ def test_cli_reports_a_failure_as_one_line(capsys):
     assert capsys.readouterr().err == "error: OSError: /ro/out: Read-only file system (EROFS)\n"
     assert report_error(RuntimeError("engine died\nlong details")) == 1
     assert capsys.readouterr().err == "error: RuntimeError: engine died (SCODER_DEBUG=1 shows the traceback)\n"
+
+
+def test_describe_survives_a_broken_message():
+    class Broken(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no message")
+
+    assert describe(Broken()) == "Broken"
