@@ -131,6 +131,7 @@ DRAIN_S = 0.5
 STATUS_MAX_BYTES = 65536
 READ_CHUNK = 65536
 MAIN_FILE = "main.py"
+MEMORY_CGROUP_OFF = "memory_cgroup: off (sandbox.memory_cgroup is null)"
 
 
 @dataclass(frozen=True)
@@ -965,7 +966,7 @@ def _memory_cgroup(cfg: SandboxConfig) -> Iterator[tuple[str | None, str]]:
     """A cgroup v2 of this run's own under `cfg.memory_cgroup`, its memory.max = memory_mb and no swap, removed
     after the run; (its path, "") or (None, why there is none)."""
     if cfg.memory_cgroup is None:
-        yield None, "memory_cgroup: off (sandbox.memory_cgroup is null)"
+        yield None, MEMORY_CGROUP_OFF
         return
     try:  # a plain folder would take the files below and bound nothing: check that it is a delegated cgroup v2
         delegated = "memory" in Path(cfg.memory_cgroup, "cgroup.subtree_control").read_text().split()
@@ -1086,6 +1087,8 @@ def _warn_inactive(result: SandboxResult) -> None:
     with _warned_lock:
         for text in result.inactive:
             name = text.split(":", 1)[0]
+            if text == MEMORY_CGROUP_OFF:
+                continue  # an opt-in left off (the default): listed in every result, not worth a warning
             if name not in _warned:
                 _warned.add(name)
                 log.warning("sandbox protection not active: %s", text)
