@@ -497,7 +497,9 @@ class SandboxConfig(StrictModel):
         description="Largest file a program may write (MiB, RLIMIT_FSIZE); + 1 MiB is the size of the one tmpfs "
         "holding its working folder, /tmp, /var/tmp and /dev/shm (as root).",
     )
-    max_open_files: int = Field(64, ge=16, description="File descriptors each process of a program may hold.")
+    max_open_files: int = Field(
+        64, ge=16, description="File descriptors each process of a program may hold at once (RLIMIT_NOFILE)."
+    )
     memory_cgroup: str | None = Field(
         None,
         description="cgroup v2 folder delegated to us (memory in its cgroup.subtree_control) in which each run gets "
