@@ -4,8 +4,9 @@ line is a comment or blank, a raw body with a column-0 comment, a helper defined
 assigned to a name, and the plain fenced function as the control).
 
 Every answer goes through `extract_code` and `build_program` exactly as a completion does, and runs in the
-sandbox (`run_checks`). A correct extraction passes all 164 in every format. Run it against another tree's code
-to compare (PYTHONPATH=/path/to/tree). Prints a table and writes JSON (default bench/results/extraction.json).
+sandbox (`run_checks`). A correct extraction passes all 164 in every format; the benchmark fails otherwise. Run
+it against another tree's code to compare (PYTHONPATH=/path/to/tree). Prints a table and writes JSON (default
+bench/results/extraction.json).
 
     python bench/extraction.py [--problems 164] [--out-json bench/results/extraction.json]
 """
@@ -60,6 +61,9 @@ def main() -> None:
     }
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_json).write_text(json.dumps(out, indent=1) + "\n")
+    failed = {name: row["failed"][:3] for name, row in table.items() if row["failed"]}
+    if failed:
+        sys.exit(f"canonical solutions failed (first 3 per format): {json.dumps(failed, indent=1)}")
 
 
 if __name__ == "__main__":

@@ -269,6 +269,7 @@ def score_teacher_judge_cmd(
             line += f", ${cost:.4f}"
         if t.get("failures"):
             line += "; failed: " + ", ".join(f"{k} {v}" for k, v in t["failures"].items())
+            line += " (the same command re-sends only these)"
         typer.echo(line)
     except _expected_errors() as err:
         _fail(str(err))
@@ -457,7 +458,10 @@ def reference_build_cmd(
 
         failures = read_manifest(uri, cfg.storage).stats.get("failures") or {}
         if failures:
-            typer.echo("failed requests: " + ", ".join(f"{k} {v}" for k, v in failures.items()))
+            typer.echo(
+                "failed requests: " + ", ".join(f"{k} {v}" for k, v in failures.items()) + " (rows rejected as "
+                "request_failed; the same command re-sends only these)"
+            )
     except _expected_errors() as err:
         _fail(str(err))
     typer.echo(uri)

@@ -356,7 +356,13 @@ class InfluenceConfig(StrictModel):
     )
     aggregate: Literal["mean", "max_group"] = Field(
         "mean",
-        description="'mean': mean cosine over all targets; 'max_group': max over target groups of the group's mean.",
+        description="'mean': mean cosine over all targets; 'max_group': the mean cosine within each group of targets "
+        "(group_by), then the max over the groups (LESS's max over tasks).",
+    )
+    group_by: Literal["source", "language", "ref_id"] = Field(
+        "source",
+        description="Column of R whose value groups the targets for max_group: 'source' = R's file (a row's "
+        "FILE:LINE without the line), 'language', or 'ref_id' (every target its own group).",
     )
     require_optimizer_state: bool = Field(
         True,
@@ -544,7 +550,9 @@ class SandboxConfig(StrictModel):
         description="Largest file a program may write (MiB, RLIMIT_FSIZE); + 1 MiB is the size of the one tmpfs "
         "holding its working folder, /tmp, /var/tmp and /dev/shm (as root).",
     )
-    max_open_files: int = Field(64, ge=16, description="File descriptors each process of a program may hold.")
+    max_open_files: int = Field(
+        64, ge=16, description="File descriptors each process of a program may hold at once (RLIMIT_NOFILE)."
+    )
     memory_cgroup: str | None = Field(
         None,
         description="cgroup v2 folder delegated to us (memory in its cgroup.subtree_control) in which each run gets "
@@ -744,6 +752,16 @@ class RoundConfig(StrictModel):
         description="Train iteration t on R + the kept rows of iterations 1..t; False (the default: DESIGN.md's "
         "iteration trains on R + its kept samples) = R + iteration t's kept rows only. Each iteration retrains from "
         "the base.",
+    )
+    fit_weights: bool = Field(
+        True,
+        description="With a teacher endpoint (teacher.model set), fit the aspect weights once per round to the "
+        "teacher's judgements of iteration 1's scored candidates (NNLS, synth_core.score_fit) and score with them "
+        "from iteration 2 on and in the release; the data card records the weights either way (the shipped "
+        "defaults, or the config's, without a teacher).",
+    )
+    fit_candidates: int = Field(
+        256, ge=1, description="Scored candidates the teacher judges for round.fit_weights (requests to the teacher)."
     )
     holdout_fraction: float = Field(
         0.1,

@@ -88,6 +88,14 @@ def _own(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in ("synth_core", "flows", "tasks")
 
 
+def _message(exc: BaseException) -> str:
+    """str(exc), which a broken __str__ must not turn into a second failure while reporting the first."""
+    try:
+        return str(exc)
+    except Exception:
+        return ""
+
+
 def _one_line(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     line = lines[0] if lines else ""
@@ -117,7 +125,7 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         text = _describe_os_error(exc)
     if not text:
-        text = _one_line(str(exc))
+        text = _one_line(_message(exc))
     if not _own(exc):
         name = type(exc).__name__
         text = f"{name}: {text}" if text else name
@@ -134,7 +142,7 @@ def describe(exc: BaseException) -> str:
 def describe_shallow(exc: BaseException) -> str:
     """describe() without following the cause chain any further (one level of cause is enough on one line)."""
     text = _describe_os_error(exc) if isinstance(exc, OSError) else ""
-    text = text or _one_line(str(exc))
+    text = text or _one_line(_message(exc))
     if not _own(exc):
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text

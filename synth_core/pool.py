@@ -298,6 +298,75 @@ def _local_file_unit(path: str, cfg: RunConfig) -> list[SourceUnit]:
     return [SourceUnit("file", path, st.st_size, str(st.st_mtime))]
 
 
+def _wanted(name: str, path: str, cfg: RunConfig) -> bool:
+    """A listed file is a source when its name matches an `include` glob and its path no `exclude` glob."""
+    pcfg = cfg.pool
+    return any(fnmatch.fnmatch(name, p) for p in pcfg.include) and not any(
+        fnmatch.fnmatch(path, p) for p in pcfg.exclude
+    )
+
+
+def _pruned(folder: str, cfg: RunConfig) -> bool:
+    """A folder that an exclude pattern ending in '*' matches is not walked: all its files would match it."""
+    return any(p.endswith("*") and fnmatch.fnmatch(folder + "/", p) for p in cfg.pool.exclude)
+
+
+# How deep the walk goes below a folder whose path is over PATH_MAX (one open directory fd per level).
+MAX_LEVELS_PAST_PATH_MAX = 64
+
+
+def _list_past_path_max(parent: str, name: str, cfg: RunConfig) -> list[SourceUnit]:
+    """The files under `parent/name`, a folder whose path is over PATH_MAX, each one path_too_long row.
+
+    Such a folder cannot be opened by its path, so it is walked through directory fds (opened relative to their
+    parent); its files could not be read by any later step either, hence the rows. Symlinks are not followed.
+    """
+    units: list[SourceUnit] = []
+
+    def walk(dir_fd: int, path: str, level: int) -> None:
+        try:
+            with os.scandir(dir_fd) as it:
+                entries = list(it)
+        except OSError as err:
+            units.append(_rejected_unit(path, UNREADABLE, f"folder not listed: {describe(err)}"))
+            return
+        for entry in entries:
+            child = f"{path}/{entry.name}"
+            if entry.is_dir(follow_symlinks=False):
+                if _pruned(child, cfg):
+                    continue
+                if level >= MAX_LEVELS_PAST_PATH_MAX:
+                    detail = f"folder nested over {MAX_LEVELS_PAST_PATH_MAX} levels past PATH_MAX: not walked"
+                    units.append(_rejected_unit(child, PATH_TOO_LONG, detail))
+                    continue
+                try:
+                    fd = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=dir_fd)
+                except OSError as err:
+                    units.append(_rejected_unit(child, UNREADABLE, f"folder not listed: {describe(err)}"))
+                    continue
+                try:
+                    walk(fd, child, level + 1)
+                finally:
+                    os.close(fd)
+            elif _wanted(entry.name, child, cfg):
+                size = len(os.fsencode(child))
+                units.append(_rejected_unit(child, PATH_TOO_LONG, f"path of {size} bytes, over PATH_MAX ({PATH_MAX})"))
+
+    try:
+        parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=parent_fd)
+        finally:
+            os.close(parent_fd)
+    except OSError as err:
+        return [_rejected_unit(f"{parent}/{name}", UNREADABLE, f"folder not listed: {describe(err)}")]
+    try:
+        walk(fd, f"{parent}/{name}", 1)
+    finally:
+        os.close(fd)
+    return units
+
+
 def _walk_local_folder(root: str, cfg: RunConfig) -> list[SourceUnit]:
     """Every file under a local folder whose name matches `include` (and whose path no `exclude` matches).
 
@@ -305,17 +374,11 @@ def _walk_local_folder(root: str, cfg: RunConfig) -> list[SourceUnit]:
     (a path over PATH_MAX, a folder without permission): here each of those is a row. Symlinked folders are
     followed once (a link loop is not walked twice).
     """
-    pcfg = cfg.pool
     units: list[SourceUnit] = []
     seen: set[tuple[int, int]] = set()
     stack = [root.rstrip("/") or "/"]
     while stack:
         folder = stack.pop()
-        size = len(os.fsencode(folder))
-        if size >= PATH_MAX:
-            detail = f"folder path of {size} bytes, over PATH_MAX ({PATH_MAX}): its files cannot be listed"
-            units.append(_rejected_unit(folder, PATH_TOO_LONG, detail))
-            continue
         try:
             st = os.stat(folder)
             if (st.st_dev, st.st_ino) in seen:
@@ -333,15 +396,15 @@ def _walk_local_folder(root: str, cfg: RunConfig) -> list[SourceUnit]:
             except OSError:  # a link whose target cannot be resolved: the file check below says why
                 is_dir = False
             if is_dir:
-                # Prune a folder that an exclude pattern ending in '*' matches: all its files would match it.
-                if not any(p.endswith("*") and fnmatch.fnmatch(path + "/", p) for p in pcfg.exclude):
+                if _pruned(path, cfg):
+                    continue
+                if len(os.fsencode(path)) >= PATH_MAX:
+                    units.extend(_list_past_path_max(folder, entry.name, cfg))
+                else:
                     stack.append(path)
                 continue
-            if not any(fnmatch.fnmatch(entry.name, pat) for pat in pcfg.include):
-                continue
-            if any(fnmatch.fnmatch(path, pat) for pat in pcfg.exclude):
-                continue
-            units.extend(_local_file_unit(path, cfg))
+            if _wanted(entry.name, path, cfg):
+                units.extend(_local_file_unit(path, cfg))
     return units
 
 

@@ -70,10 +70,11 @@ the sandbox is safe to use from threads (no preexec_fn in a threaded parent).
 What it leaves to others: deciding what to run and what a pass means (the score stage builds the program
 text, e.g. a solution followed by its own asserts). What it does not stop: reading world-readable files of the
 host; connecting to a UNIX socket file of the host that others may write (a read-only mount does not stop a
-connect; those in /tmp are hidden by its private /tmp); using memory up to `memory_mb` of address space in EACH of its `max_procs` processes, plus pipe buffers,
-when no memory cgroup bounds the run (RLIMIT_AS is per process: the bound of the whole run is their product);
-burning CPU on every core until the wall timeout; and anything a kernel exploit can do: this is a process
-sandbox, not a virtual machine. Without root, the mount namespace and all it holds are missing (see above).
+connect; those in /tmp are hidden by its private /tmp); using memory up to `memory_mb` of address space in
+EACH of its `max_procs` processes, plus pipe buffers, when no memory cgroup bounds the run (RLIMIT_AS is per
+process: the bound of the whole run is their product); burning CPU on every core until the wall timeout; and
+anything a kernel exploit can do: this is a process sandbox, not a virtual machine. Without root, the mount
+namespace and all it holds are missing (see above).
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ DRAIN_S = 0.5
 STATUS_MAX_BYTES = 65536
 READ_CHUNK = 65536
 MAIN_FILE = "main.py"
+MEMORY_CGROUP_OFF = "memory_cgroup: off (sandbox.memory_cgroup is null)"
 
 
 @dataclass(frozen=True)
@@ -400,6 +402,14 @@ def _launcher() -> None:
             limit("rlimit_fsize", resource.RLIMIT_FSIZE, spec["fsize_bytes"], spec["fsize_bytes"])
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core files of killed programs
 
+            step = "memory cgroup"
+            if spec["cgroup"]:  # before the mount namespace, whose /sys is read-only
+                with open(os.path.join(spec["cgroup"], "cgroup.procs"), "w") as f:
+                    f.write("0\n")  # this process, and from here on all it starts
+                active.append("memory_cgroup")
+            else:
+                inactive.append(spec["cgroup_off"])
+
             step = "namespaces"
             if root:
                 if libc.unshare(CLONE_NEWIPC) == 0:
@@ -466,14 +476,6 @@ def _launcher() -> None:
                 inactive += ["netns: the config allows the network", "ipcns: needs root or a user namespace"]
             if not root:
                 inactive += [f"{p}: needs root" for p in ("mountns", *MOUNTNS_PROTECTIONS)]
-
-            step = "memory cgroup"
-            if spec["cgroup"]:
-                with open(os.path.join(spec["cgroup"], "cgroup.procs"), "w") as f:
-                    f.write("0\n")  # this process, and from here on all it starts
-                active.append("memory_cgroup")
-            else:
-                inactive.append(spec["cgroup_off"])
 
             if use_uid:
                 step = "uid switch"
@@ -964,7 +966,7 @@ def _memory_cgroup(cfg: SandboxConfig) -> Iterator[tuple[str | None, str]]:
     """A cgroup v2 of this run's own under `cfg.memory_cgroup`, its memory.max = memory_mb and no swap, removed
     after the run; (its path, "") or (None, why there is none)."""
     if cfg.memory_cgroup is None:
-        yield None, "memory_cgroup: off (sandbox.memory_cgroup is null)"
+        yield None, MEMORY_CGROUP_OFF
         return
     try:  # a plain folder would take the files below and bound nothing: check that it is a delegated cgroup v2
         delegated = "memory" in Path(cfg.memory_cgroup, "cgroup.subtree_control").read_text().split()
@@ -1085,6 +1087,8 @@ def _warn_inactive(result: SandboxResult) -> None:
     with _warned_lock:
         for text in result.inactive:
             name = text.split(":", 1)[0]
+            if text == MEMORY_CGROUP_OFF:
+                continue  # an opt-in left off (the default): listed in every result, not worth a warning
             if name not in _warned:
                 _warned.add(name)
                 log.warning("sandbox protection not active: %s", text)

@@ -8,7 +8,8 @@
   digit (the judge's own reading) at THAT token's position, found by aligning the tokens with the text (vLLM
   appends special tokens such as `<|im_end|>` after the answer). An answer without such a line is kept, rejected
   as `no_score`; a number that is not a digit 0-9 as `score_out_of_range`; never dropped. Written as a dataset
-  (judgement_schema) next to nothing else, with the teacher's token totals and cost in its manifest.
+  (judgement_schema) next to nothing else, with the teacher's token totals and cost in its manifest. A failed
+  request is a `teacher_failed` row; a re-run re-sends those only (the answered judgements stay as written).
 - `fit_weights`: non-negative least squares (scipy.optimize.nnls: a well-kept Lawson-Hanson solver) of the
   teacher's overall judgement on our aspect scores, so the overall score ranks candidates as the teacher would;
   `write_weights` puts them into a config file.
@@ -174,6 +175,7 @@ def teacher_judgements(
         dataset_has_fingerprint,
         fingerprint,
         hide_stale_dataset,
+        read_dataset,
         read_manifest,
         write_part,
     )
@@ -202,18 +204,29 @@ def teacher_judgements(
         cfg.score.teacher_logprobs,
     )
     out = out or join_uri(cfg.storage.root, "judgements", fp)
+    earlier: dict[tuple[str, str], dict[str, Any]] = {}
     if dataset_has_fingerprint(out, fp, cfg.storage):
-        return out
-    hide_stale_dataset(out, fp, cfg.storage)
+        if not read_manifest(out, cfg.storage).funnel.get("rejected", {}).get(TEACHER_FAILED):
+            return out
+        # Done, but with failed requests: a re-run re-sends those only and keeps every answered judgement.
+        earlier = {
+            (r["sample_id"], r["aspect"]): r
+            for r in read_dataset(out, storage=cfg.storage).to_pylist()
+            if r["reject_reason"] != TEACHER_FAILED
+        }
+    else:
+        hide_stale_dataset(out, fp, cfg.storage)
     slots, chats = [], []
     for r in rows:
         for name, question in questions:
+            if (r["sample_id"], name) in earlier:
+                continue
             prompt = judge_user_prompt(r["snippet"], r["instruction"] or "", r["response"] or "", question)
             slots.append((r, name, prompt))
             chats.append([{"role": "user", "content": teacher_user_prompt(prompt)}])
     params: dict[str, Any] = {"logprobs": True, "top_logprobs": 20} if cfg.score.teacher_logprobs else {}
     results, stats = run_chats(cfg.teacher, chats, on_result=on_result, **params)
-    records = []
+    fresh = {}
     for (r, name, prompt), res in zip(slots, results, strict=True):
         ours = r["score"] if name == OVERALL else (r["aspect_scores"] or {}).get(name)
         rec = dict(sample_id=r["sample_id"], aspect=name, prompt=prompt, judge_score=ours, teacher_text=res.text)
@@ -224,7 +237,8 @@ def teacher_judgements(
             rec.update(teacher_score=read.score, teacher_mass=read.mass)
             if read.reject_reason is not None:
                 rec.update(reject_reason=read.reject_reason, detail=read.detail)
-        records.append(rec)
+        fresh[(r["sample_id"], name)] = rec
+    records = [earlier.get((r["sample_id"], n)) or fresh[(r["sample_id"], n)] for r in rows for n, _ in questions]
     table = pa.Table.from_pylist(records, schema=judgement_schema())
     part = write_part(out, 0, table, fp, compute_funnel(table, REASON_ORDER), cfg.storage)
     config = cfg.model_dump(mode="json", include={"score", "teacher"})
@@ -422,3 +436,55 @@ def train_scorer(
     with fs.open(f"{root}/scorer_report.json", "w") as f:
         f.write(json.dumps(report, indent=2))
     return report
+
+
+def shipped_weights() -> dict[str, float]:
+    """The aspect weights the project ships (config.ScoreConfig's default aspects)."""
+    from synth_core.config import ScoreConfig
+
+    return {a.name: a.weight for a in ScoreConfig().aspects}
+
+
+def round_weights(cfg: RunConfig, scored_uri: str | None = None, out: str | None = None) -> dict[str, Any]:
+    """The aspect weights a round scores with, and where they come from (round.fit_weights).
+
+    With a teacher (teacher.model set), round.fit_weights on and `scored_uri` (a scored dataset, iteration 1's):
+    the teacher judges round.fit_candidates of its candidates and the weights are fitted by NNLS (`fit_weights`);
+    source 'fitted'. Otherwise the config's weights: source 'shipped defaults' when they are the project's, else
+    'config'; `reason` says why nothing was fitted."""
+    weights = {a.name: a.weight for a in cfg.score.aspects}
+    if cfg.round.fit_weights and cfg.teacher.model and scored_uri is not None:
+        judged = teacher_judgements(cfg, scored_uri, out, cfg.round.fit_candidates)
+        fit = fit_weights(cfg, judged)
+        return fit | {"source": "fitted", "teacher": cfg.teacher.model, "judgements": judged, "before": weights}
+    if not cfg.round.fit_weights:
+        reason = "round.fit_weights is off"
+    elif not cfg.teacher.model:
+        reason = "no teacher endpoint configured (teacher.model is unset)"
+    else:
+        reason = "no scored candidates to fit on (the score stage did not run)"
+    source = "shipped defaults" if weights == shipped_weights() else "config"
+    return {"source": source, "weights": weights, "reason": reason}
+
+
+def apply_weights(cfg: RunConfig, weights: dict[str, float]) -> RunConfig:
+    """A copy of `cfg` whose aspects carry `weights` (aspects not named keep theirs)."""
+    out = cfg.model_copy(deep=True)
+    out.score.aspects = [a.model_copy(update={"weight": weights.get(a.name, a.weight)}) for a in cfg.score.aspects]
+    return out
+
+
+def weights_card_section(record: dict[str, Any]) -> str:
+    """The data card's section on the aspect weights (a `round_weights` record)."""
+    rows = "\n".join(f"| {name} | {w:.4f} |" for name, w in record["weights"].items())
+    table = f"| aspect | weight |\n|---|---|\n{rows}\n"
+    if record["source"] == "fitted":
+        head = (
+            f"Fitted to the teacher `{record['teacher']}` (NNLS of its overall judgement on the aspect scores) on "
+            f"{record['candidates']} of iteration 1's scored candidates: R^2 {record['r2']:.3f}, Spearman with the "
+            f"teacher {record['spearman_before']} before, {record['spearman_fitted']} fitted; used from iteration 2 "
+            f"on and for the release (judgements: `{record['judgements']}`)."
+        )
+    else:
+        head = f"The {record['source']} weights, not fitted: {record['reason']}."
+    return f"## Aspect weights\n\n{head}\n\n{table}"

@@ -317,7 +317,8 @@ class TeacherClient:
         result.seconds = time.perf_counter() - t0
         if not result.ok:
             # Say whether it was retried: "failed after retries" for a 401 sends a user looking for a flaky network.
-            how = f"after {result.attempts} attempts" if result.retried_out else "not retried"
+            plural = "s" if result.attempts != 1 else ""
+            how = f"after {result.attempts} attempt{plural}" if result.retried_out else "not retried"
             result.detail = f"{how}: {result.detail}"
         self.stats.add(result)
         if not result.ok and result.error not in self._warned:

@@ -12,7 +12,8 @@ The backoff is waited inside the retry condition, not by Prefect: Prefect sleeps
 uninterruptible `time.sleep`, so shards waiting to retry kept the task runner (and the CLI) alive for up to
 70 s after their flow run had already failed. Here the wait polls the flow run's state every POLL_S and gives
 up as soon as the run is final (failed, crashed, completed) or being cancelled: the CLI exits within seconds of
-a flow failing.
+a flow failing. The price: while a task waits out its backoff, the Prefect UI shows it Running (not
+AwaitingRetry); its log says what it waits for and how long.
 """
 
 from __future__ import annotations

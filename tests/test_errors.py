@@ -87,3 +87,21 @@ def test_describe_names_the_cause():
     cause = "OSError: /full/part-0.parquet: No space left on device (ENOSPC)"
     assert line == f"RuntimeError: writing part 0 failed (caused by {cause})"
     assert "\n" not in describe(_raised(outer))
+
+
+def test_cli_reports_a_failure_as_one_line(capsys):
+    """flows.cli.report_error, what `scoder` does with a failure no command caught: one line, the exit status."""
+    from flows.cli import report_error
+
+    assert report_error(OSError(errno.EROFS, "Read-only file system", "/ro/out")) == 2
+    assert capsys.readouterr().err == "error: OSError: /ro/out: Read-only file system (EROFS)\n"
+    assert report_error(RuntimeError("engine died\nlong details")) == 1
+    assert capsys.readouterr().err == "error: RuntimeError: engine died (SCODER_DEBUG=1 shows the traceback)\n"
+
+
+def test_describe_survives_a_broken_message():
+    class Broken(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no message")
+
+    assert describe(Broken()) == "Broken"

@@ -240,7 +240,7 @@ def _hostile_folder(root) -> dict[str, str | None]:
     """One folder holding every hostile input of issue 16; returns {file name: expected reject reason}.
 
     Also there: a file whose own path is over PATH_MAX (its folder can still be listed) under root/a, and a
-    folder chain past PATH_MAX under root/b: each is one path_too_long row."""
+    file in a folder chain past PATH_MAX under root/b: each is one path_too_long row."""
     import socket
 
     root.mkdir()
@@ -275,7 +275,10 @@ def _check_hostile_rows(rows: list[dict], root, expect: dict[str, str | None]) -
     long_rows = [r for r in rows if r["reject_reason"] == "path_too_long"]
     assert len(long_rows) == 2, long_rows
     assert any(r["source"].endswith("f" * 150 + ".py") for r in long_rows)
-    assert any(r["source"].startswith(str(root / "b")) and "folder" in r["detail"] for r in long_rows)
+    # The file under a folder whose own path is over PATH_MAX: found through directory fds, named in full.
+    deep = [r for r in long_rows if r["source"].startswith(str(root / "b"))]
+    assert len(deep) == 1 and deep[0]["source"].endswith("/deep.py") and "over PATH_MAX" in deep[0]["detail"]
+    assert len(os.fsencode(deep[0]["source"])) >= pool.PATH_MAX + 300
     assert not (set(by_name) - set(expect) - {r["source"].rsplit("/", 1)[-1] for r in long_rows})
 
 

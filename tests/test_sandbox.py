@@ -8,6 +8,7 @@ Limits are kept small (a few processes, 256 MiB, 1-2 s) because the machine has 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import signal
@@ -199,29 +200,15 @@ def test_private_tmp_does_not_outlive_the_run(probe):
 
 
 def world_writable_places() -> list[str]:
-    """Every folder (and regular file) others may write to on this machine, outside /proc and /sys."""
-    found = []
-    stack = ["/"]
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        for entry in entries:
-            if entry.path in ("/proc", "/sys"):
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                if st.st_mode & stat.S_IWOTH:
-                    found.append(entry.path)
-                stack.append(entry.path)
-            elif stat.S_ISREG(st.st_mode) and st.st_mode & stat.S_IWOTH:
-                found.append(entry.path)
-    return sorted(found)
+    """Every folder and regular file others may write to on this machine (find(1): a Python walk took 13 s on the
+    loaded 2-core machine), outside /proc and /sys; /tmp, /var/tmp and /dev/shm themselves but not their contents
+    (other people's files, which the program's private /tmp does not even show)."""
+    shared = ["/tmp", "/var/tmp", "/dev/shm"]
+    prune = [arg for path in ["/proc", "/sys", *shared] for arg in ("-path", path, "-o")][:-1]
+    argv = ["find", "/", "(", *prune, ")", "-prune", "-o", "(", "-type", "d", "-o", "-type", "f", ")"]
+    out = subprocess.run([*argv, "-perm", "-0002", "-print"], capture_output=True, text=True, check=False).stdout
+    found = [p for p in shared if os.path.isdir(p) and os.stat(p).st_mode & stat.S_IWOTH]
+    return sorted(found + out.split("\n")[:-1])
 
 
 def test_world_writable_folders_are_private_or_read_only(probe):
@@ -380,12 +367,15 @@ def test_seccomp_denies_what_generated_code_never_needs(probe):
     assert {"seccomp", "no_new_privs"} <= set(r.protections)
 
 
-def test_memory_cgroup_is_opt_in_and_reported(tmp_path):
-    """Off by default, and a folder that is no delegated cgroup v2 (this machine's memory controller is cgroup
-    v1) is reported, not trusted: memfd_create stays denied, and `required` refuses to run without it."""
-    off = run_program("pass\n", small())
+def test_memory_cgroup_is_opt_in_and_reported(tmp_path, caplog):
+    """Off by default (listed inactive in every result, but no warning: nobody asked for it), and a folder that is
+    no delegated cgroup v2 (this machine's memory controller is cgroup v1) is reported, not trusted: memfd_create
+    stays denied, and `required` refuses to run without it."""
+    with caplog.at_level(logging.WARNING, logger="synth_core.sandbox"):
+        off = run_program("pass\n", small())
     assert "memory_cgroup" not in off.protections
     assert any(t.startswith("memory_cgroup: off") for t in off.inactive)
+    assert "memory_cgroup" not in caplog.text
     memfd = "import os\nos.memfd_create('m')\n"
     r = run_program(memfd, small(memory_cgroup=str(tmp_path)))
     assert "memory_cgroup" not in r.protections and r.status == "failed", r

@@ -318,3 +318,26 @@ def test_vllm_server_answers_the_client(vllm_server, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-wrong-key-0123456789")
     (denied,), _ = run_chats(cfg, [chat])
     assert (denied.error, denied.attempts) == (AUTH_ERROR, 1) and "0123456789" not in str(denied)
+
+
+@pytest.mark.slow
+def test_vllm_server_missing_v1_and_a_score_read_at_its_token(vllm_server, monkeypatch):
+    """Issue 16 against the real server: a base URL without /v1 is a 404 that is not retried and asks about /v1;
+    a judge answer forced into the `Score: N` format (structured outputs) is read at the score token, whatever
+    the engine appends after it in the logprobs (vLLM: the end-of-turn token)."""
+    from synth_core.score_fit import read_teacher_score
+
+    monkeypatch.setenv(KEY_ENV, vllm_server.api_key)
+    cfg = TeacherConfig(endpoint=vllm_server.url, model=vllm_server.model, api_key_env=KEY_ENV, max_tokens=16)
+    chat = [{"role": "user", "content": "Rate this from 0 to 9. End with `Score: N`."}]
+    (no_v1,), _ = run_chats(cfg.model_copy(update={"endpoint": vllm_server.url.removesuffix("/v1")}), [chat])
+    assert (no_v1.error, no_v1.attempts) == (NOT_FOUND, 1)
+    assert no_v1.detail.startswith("not retried: HTTP 404") and "does the base URL end in /v1?" in no_v1.detail
+    form = {"structured_outputs": {"regex": "Fine\\.\nScore: [0-9]"}}
+    (answer,), _ = run_chats(cfg, [chat], logprobs=True, top_logprobs=20, **form)
+    assert answer.ok and answer.text.startswith("Fine.\nScore: "), answer.text
+    tokens = [lp["token"] for lp in answer.logprobs]
+    # Seen with vLLM 0.32: [..., 'Sc', 'o', 'r', 'e', ':', ' ', '5', '<|im_end|>'] for the text 'Fine.\nScore: 5'.
+    assert "".join(tokens) != answer.text and "".join(tokens).startswith(answer.text)
+    read = read_teacher_score(answer.text, answer.logprobs)
+    assert read.reject_reason is None and read.mass is not None and 0 <= read.score <= 9, (tokens, read)
