@@ -2,12 +2,15 @@
 
 Starts fast: Prefect, pyarrow and the stages are imported inside the commands that need them. A
 command runs its Prefect flow locally (an ephemeral API, no server needed) or against the server at
-PREFECT_API_URL when that is set. Expected failures (bad config, missing source, unreadable dataset)
-print one `error:` line and exit with status 2; anything else is a bug and keeps its traceback.
+PREFECT_API_URL when that is set. Every failure prints one `error:` line naming its cause
+(synth_core.errors.describe) and no traceback: status 2 for a permanent error (bad config, missing
+source, unwritable output: synth_core.errors.is_permanent), 1 for anything else. SCODER_DEBUG=1 re-raises,
+so the traceback is there for whoever needs it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -74,14 +77,19 @@ def _fail(message: str) -> None:
 def _load(config: Path | None, sets: list[str] | None, extra: dict[str, Any]):
     import yaml
 
-    from synth_core.config import load_config
+    from synth_core.config import ConfigError, load_config
 
     overrides: dict[str, Any] = {}
     for item in sets or []:
         if "=" not in item:
-            _fail(f"--set expects KEY=VALUE, got '{item}'")
+            raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
         key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            # The value is YAML (lists, numbers): quote it to pass a string that is not valid YAML.
+            problem = getattr(err, "problem", None) or str(err).strip().split("\n")[0] or type(err).__name__
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({problem})") from None
     # Options left unset (None, or an empty repeatable option) leave the config's value alone.
     overrides.update({k: v for k, v in extra.items() if v is not None and v != []})
     return load_config(config, overrides)
@@ -778,6 +786,14 @@ def run_cmd(
             "on a re-run; omitted = the config alone decides.",
         ),
     ] = None,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan",
+            help="Print the round's plan and run nothing (no model loaded): seeds per stage, rows after each filter "
+            "at the plan section's rates, device-hours; fails when the pool cannot feed it.",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -786,6 +802,13 @@ def run_cmd(
     With no arguments: the embedded default (built-in model, stdlib pool, built-in R, local storage)."""
     try:
         cfg = _load(config, set_, {})
+        if plan:
+            from synth_core.reference import load_reference
+            from synth_core.round_estimate import estimate_round, plan_lines
+
+            lines = plan_lines(cfg, estimate_round(cfg, load_reference(cfg.round.reference, cfg.storage).num_rows))
+            typer.echo("\n".join(lines))
+            return
         from synth_core.models import resolve_model
         from synth_core.pool import preflight
         from synth_core.reference import load_reference
@@ -833,8 +856,34 @@ def inspect(
         _fail(str(err))
 
 
+# Set to 1 to get the traceback of a failure instead of its one-line description.
+DEBUG_ENV = "SCODER_DEBUG"
+
+
+def report_error(err: BaseException) -> int:
+    """Print one `error:` line for a failure that reached the top of a command; return the exit status."""
+    from synth_core.errors import describe, is_permanent
+
+    permanent = is_permanent(err)
+    hint = "" if permanent else f" ({DEBUG_ENV}=1 shows the traceback)"
+    typer.echo(f"error: {describe(err)}{hint}", err=True)
+    return 2 if permanent else 1
+
+
 def main() -> None:
-    app()
+    """The `scoder` entry point: the app, with every uncaught failure printed as one line (see the docstring)."""
+    if os.environ.get(DEBUG_ENV, "").lower() not in ("1", "true", "yes"):
+        # Set before Prefect is imported (it reads its logging config then); worker processes inherit it.
+        # Not imported from flows.console_log: that imports Prefect, and `scoder --help` must stay fast.
+        os.environ.setdefault(
+            "PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS", "flows.console_log.ConsoleHandlerWithoutTracebacks"
+        )
+    try:
+        app()
+    except Exception as err:
+        if os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes"):
+            raise
+        sys.exit(report_error(err))
 
 
 if __name__ == "__main__":

@@ -436,3 +436,55 @@ def train_scorer(
     with fs.open(f"{root}/scorer_report.json", "w") as f:
         f.write(json.dumps(report, indent=2))
     return report
+
+
+def shipped_weights() -> dict[str, float]:
+    """The aspect weights the project ships (config.ScoreConfig's default aspects)."""
+    from synth_core.config import ScoreConfig
+
+    return {a.name: a.weight for a in ScoreConfig().aspects}
+
+
+def round_weights(cfg: RunConfig, scored_uri: str | None = None, out: str | None = None) -> dict[str, Any]:
+    """The aspect weights a round scores with, and where they come from (round.fit_weights).
+
+    With a teacher (teacher.model set), round.fit_weights on and `scored_uri` (a scored dataset, iteration 1's):
+    the teacher judges round.fit_candidates of its candidates and the weights are fitted by NNLS (`fit_weights`);
+    source 'fitted'. Otherwise the config's weights: source 'shipped defaults' when they are the project's, else
+    'config'; `reason` says why nothing was fitted."""
+    weights = {a.name: a.weight for a in cfg.score.aspects}
+    if cfg.round.fit_weights and cfg.teacher.model and scored_uri is not None:
+        judged = teacher_judgements(cfg, scored_uri, out, cfg.round.fit_candidates)
+        fit = fit_weights(cfg, judged)
+        return fit | {"source": "fitted", "teacher": cfg.teacher.model, "judgements": judged, "before": weights}
+    if not cfg.round.fit_weights:
+        reason = "round.fit_weights is off"
+    elif not cfg.teacher.model:
+        reason = "no teacher endpoint configured (teacher.model is unset)"
+    else:
+        reason = "no scored candidates to fit on (the score stage did not run)"
+    source = "shipped defaults" if weights == shipped_weights() else "config"
+    return {"source": source, "weights": weights, "reason": reason}
+
+
+def apply_weights(cfg: RunConfig, weights: dict[str, float]) -> RunConfig:
+    """A copy of `cfg` whose aspects carry `weights` (aspects not named keep theirs)."""
+    out = cfg.model_copy(deep=True)
+    out.score.aspects = [a.model_copy(update={"weight": weights.get(a.name, a.weight)}) for a in cfg.score.aspects]
+    return out
+
+
+def weights_card_section(record: dict[str, Any]) -> str:
+    """The data card's section on the aspect weights (a `round_weights` record)."""
+    rows = "\n".join(f"| {name} | {w:.4f} |" for name, w in record["weights"].items())
+    table = f"| aspect | weight |\n|---|---|\n{rows}\n"
+    if record["source"] == "fitted":
+        head = (
+            f"Fitted to the teacher `{record['teacher']}` (NNLS of its overall judgement on the aspect scores) on "
+            f"{record['candidates']} of iteration 1's scored candidates: R^2 {record['r2']:.3f}, Spearman with the "
+            f"teacher {record['spearman_before']} before, {record['spearman_fitted']} fitted; used from iteration 2 "
+            f"on and for the release (judgements: `{record['judgements']}`)."
+        )
+    else:
+        head = f"The {record['source']} weights, not fitted: {record['reason']}."
+    return f"## Aspect weights\n\n{head}\n\n{table}"

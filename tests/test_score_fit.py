@@ -277,3 +277,31 @@ def test_teacher_judge_rerun_resends_only_failed_requests(tmp_path, cfg):
     assert read_manifest(out).funnel == {"rows_in": 4, "kept": 4, "rejected": {}}
     assert [(r["sample_id"], r["aspect"]) for r in again] == [(r["sample_id"], r["aspect"]) for r in first]
     assert [r for r in again if "return a + b" in r["prompt"]] == [r for r in first if "return a + b" in r["prompt"]]
+
+
+def test_round_weights_are_fitted_with_a_teacher_and_say_so_without(tmp_path, cfg, scored):
+    """round.fit_weights: with a teacher endpoint the round's weights are fitted (teacher-judge -> NNLS) on at most
+    round.fit_candidates scored candidates, and the data card's section says so; without one, the card says the
+    weights are the shipped defaults (or the config's) and why nothing was fitted."""
+    from synth_core.config import RunConfig
+
+    fresh = RunConfig()
+    record = score_fit.round_weights(fresh, scored)
+    assert record["source"] == "shipped defaults" and "no teacher endpoint" in record["reason"]
+    section = score_fit.weights_card_section(record)
+    assert "The shipped defaults weights, not fitted: no teacher endpoint configured" in section
+    assert "| asserts | 0.1500 |" in section
+    assert score_fit.round_weights(cfg, scored)["source"] == "config"  # the fixture's own weights
+
+    cfg.round.fit_candidates = 8
+    with ScriptedEndpoint(_teacher) as ep:
+        cfg.teacher = TeacherConfig(endpoint=ep.url, model="stub", backoff_s=0.05, timeout_s=5)
+        record = score_fit.round_weights(cfg, scored, str(tmp_path / "judged"))
+        assert len(ep.calls) == 8 * 2  # 8 candidates x (one judge aspect + overall)
+    assert record["source"] == "fitted" and record["candidates"] == 8 and record["teacher"] == "stub"
+    assert record["weights"]["asserts"] > record["weights"]["quality"]
+    fitted = score_fit.apply_weights(cfg, record["weights"])
+    assert [a.weight for a in fitted.score.aspects] == pytest.approx(list(record["weights"].values()))
+    assert "Fitted to the teacher `stub`" in score_fit.weights_card_section(record)
+    cfg.round.fit_weights = False
+    assert score_fit.round_weights(cfg, scored)["reason"] == "round.fit_weights is off"
