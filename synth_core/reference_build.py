@@ -22,7 +22,8 @@ requests, each written when its last request returns; a part whose requests all 
 A re-run sends only what has no answer yet: the rows of parts that had not finished (a crash, an interrupt) and
 the failed requests (`request_failed` rows) of parts that had failures, whose answered rows are kept as written.
 So a build committed with a few failures (under `reference.max_failed_fraction`) is completed by its re-run, and
-a build without failures is free to re-run. `_manifest.json` comes last, with the funnel and the accounting:
+a build without failures is free to re-run. A build that sends anything holds the location's writer lock
+(storage.WriterLock): a second build into the same location is refused before it sends a request. `_manifest.json` comes last, with the funnel and the accounting:
 tokens, cost in USD, requests, retries, failures by class, seconds, requests/s.
 
 When more than `reference.max_failed_fraction` of the requests fail (a wrong key, a wrong model name, the
@@ -55,6 +56,7 @@ from synth_core.storage import (
     Manifest,
     PartInfo,
     ShardResult,
+    WriterLock,
     commit_dataset,
     compute_funnel,
     dataset_has_fingerprint,
@@ -273,28 +275,42 @@ def build_reference(
     """The whole build in this process; returns the output URI. `progress` is called after every request."""
     t0 = time.perf_counter()
     plan = plan_reference_build(cfg, snippets_uri, out)
-    if reference_built(plan, cfg):
-        failed_before = read_manifest(plan.out_uri, cfg.storage).funnel.get("rejected", {}).get(REQUEST_FAILED, 0)
-        if not failed_before:
-            log.info("reference: already built at %s (fingerprint %s): nothing to send", plan.out_uri, plan.fp)
+    if _failed_before(plan, cfg) == 0:
+        log.info("reference: already built at %s (fingerprint %s): nothing to send", plan.out_uri, plan.fp)
+        return plan.out_uri
+    # One writer at a time (storage.WriterLock): two builds into one location would each pay for every request and
+    # rewrite each other's parts. Taken only when there is something to send, so a finished build stays free to
+    # re-run from a read-only location.
+    with WriterLock(plan.out_uri, cfg.storage, owner="reference build"):
+        failed_before = _failed_before(plan, cfg)  # again, under the lock: the holder may have just finished it
+        if failed_before == 0:
             return plan.out_uri
-        # Committed under max_failed_fraction with some requests failed: their parts lost their done-markers, so
-        # _send_all re-sends exactly those rows and keeps every answered row of those parts as it is.
-        log.info("reference: %s holds %d failed request(s): re-sending those only", plan.out_uri, failed_before)
-    else:
-        hide_stale_dataset(plan.out_uri, plan.fp, cfg.storage)
-    results, stats = run_coroutine(_send_all(plan, cfg, progress))
-    failed = sum(r.funnel.get("rejected", {}).get(REQUEST_FAILED, 0) for r in results)
-    rows = len(plan.snippets)
-    if failed > cfg.reference.max_failed_fraction * rows:
-        first = next(iter(stats.examples.values()), "")
-        raise TeacherError(
-            f"{failed} of {rows} requests to {redact_url(cfg.teacher.endpoint)} failed ({describe_failures(stats)}), "
-            f"more than reference.max_failed_fraction={cfg.reference.max_failed_fraction}: nothing committed at "
-            f"{plan.out_uri}; a re-run re-sends only the failed requests. First error: {first}"
-        )
-    commit_reference(plan, results, stats, cfg, time.perf_counter() - t0)
+        if failed_before is None:
+            hide_stale_dataset(plan.out_uri, plan.fp, cfg.storage)
+        else:
+            # Committed under max_failed_fraction with some requests failed: their parts lost their done-markers,
+            # so _send_all re-sends exactly those rows and keeps every answered row of those parts as it is.
+            log.info("reference: %s holds %d failed request(s): re-sending those only", plan.out_uri, failed_before)
+        results, stats = run_coroutine(_send_all(plan, cfg, progress))
+        failed = sum(r.funnel.get("rejected", {}).get(REQUEST_FAILED, 0) for r in results)
+        rows = len(plan.snippets)
+        if failed > cfg.reference.max_failed_fraction * rows:
+            first = next(iter(stats.examples.values()), "")
+            raise TeacherError(
+                f"{failed} of {rows} requests to {redact_url(cfg.teacher.endpoint)} failed "
+                f"({describe_failures(stats)}), more than reference.max_failed_fraction="
+                f"{cfg.reference.max_failed_fraction}: nothing committed at {plan.out_uri}; a re-run re-sends only "
+                f"the failed requests. First error: {first}"
+            )
+        commit_reference(plan, results, stats, cfg, time.perf_counter() - t0)
     return plan.out_uri
+
+
+def _failed_before(plan: ReferenceBuildPlan, cfg: RunConfig) -> int | None:
+    """Failed requests of this very build already committed at the output (0: complete); None: not built there."""
+    if not reference_built(plan, cfg):
+        return None
+    return read_manifest(plan.out_uri, cfg.storage).funnel.get("rejected", {}).get(REQUEST_FAILED, 0)
 
 
 async def _send_all(

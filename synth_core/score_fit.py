@@ -170,9 +170,9 @@ def teacher_judgements(
     import pyarrow as pa
 
     from synth_core.storage import (
+        WriterLock,
         commit_dataset,
         compute_funnel,
-        dataset_has_fingerprint,
         fingerprint,
         hide_stale_dataset,
         read_dataset,
@@ -204,62 +204,76 @@ def teacher_judgements(
         cfg.score.teacher_logprobs,
     )
     out = out or join_uri(cfg.storage.root, "judgements", fp)
-    earlier: dict[tuple[str, str], dict[str, Any]] = {}
-    if dataset_has_fingerprint(out, fp, cfg.storage):
-        if not read_manifest(out, cfg.storage).funnel.get("rejected", {}).get(TEACHER_FAILED):
+    if _failed_before(out, fp, cfg) == 0:
+        return out
+    # One writer at a time (storage.WriterLock), taken only when there is something to send.
+    with WriterLock(out, cfg.storage, owner="teacher-judge"):
+        failed_before = _failed_before(out, fp, cfg)  # again, under the lock: the holder may have just finished
+        if failed_before == 0:
             return out
-        # Done, but with failed requests: a re-run re-sends those only and keeps every answered judgement.
-        earlier = {
-            (r["sample_id"], r["aspect"]): r
-            for r in read_dataset(out, storage=cfg.storage).to_pylist()
-            if r["reject_reason"] != TEACHER_FAILED
-        }
-    else:
-        hide_stale_dataset(out, fp, cfg.storage)
-    slots, chats = [], []
-    for r in rows:
-        for name, question in questions:
-            if (r["sample_id"], name) in earlier:
-                continue
-            prompt = judge_user_prompt(r["snippet"], r["instruction"] or "", r["response"] or "", question)
-            slots.append((r, name, prompt))
-            chats.append([{"role": "user", "content": teacher_user_prompt(prompt)}])
-    params: dict[str, Any] = {"logprobs": True, "top_logprobs": 20} if cfg.score.teacher_logprobs else {}
-    results, stats = run_chats(cfg.teacher, chats, on_result=on_result, **params)
-    fresh = {}
-    for (r, name, prompt), res in zip(slots, results, strict=True):
-        ours = r["score"] if name == OVERALL else (r["aspect_scores"] or {}).get(name)
-        rec = dict(sample_id=r["sample_id"], aspect=name, prompt=prompt, judge_score=ours, teacher_text=res.text)
-        if not res.ok:
-            rec.update(reject_reason=TEACHER_FAILED, detail=f"{res.error}: {res.detail}")
+        earlier: dict[tuple[str, str], dict[str, Any]] = {}
+        if failed_before is not None:
+            # Done, but with failed requests: a re-run re-sends those only and keeps every answered judgement.
+            earlier = {
+                (r["sample_id"], r["aspect"]): r
+                for r in read_dataset(out, storage=cfg.storage).to_pylist()
+                if r["reject_reason"] != TEACHER_FAILED
+            }
         else:
-            read = read_teacher_score(res.text, res.logprobs)
-            rec.update(teacher_score=read.score, teacher_mass=read.mass)
-            if read.reject_reason is not None:
-                rec.update(reject_reason=read.reject_reason, detail=read.detail)
-        fresh[(r["sample_id"], name)] = rec
-    records = [earlier.get((r["sample_id"], n)) or fresh[(r["sample_id"], n)] for r in rows for n, _ in questions]
-    table = pa.Table.from_pylist(records, schema=judgement_schema())
-    part = write_part(out, 0, table, fp, compute_funnel(table, REASON_ORDER), cfg.storage)
-    config = cfg.model_dump(mode="json", include={"score", "teacher"})
-    config["teacher"]["endpoint"] = redact_url(cfg.teacher.endpoint)
-    commit_dataset(
-        out,
-        [part],
-        judgement_schema(),
-        fp,
-        stage="judgements",
-        funnel=part.funnel,
-        inputs=[scored_uri, redact_url(cfg.teacher.endpoint)],
-        config=config,
-        stats={
-            "candidates": len(rows),
-            "questions": [q for q, _ in questions],
-            "teacher": stats.as_dict(time.perf_counter() - t0),
-        },
-        storage=cfg.storage,
-    )
+            hide_stale_dataset(out, fp, cfg.storage)
+        slots, chats = [], []
+        for r in rows:
+            for name, question in questions:
+                if (r["sample_id"], name) in earlier:
+                    continue
+                prompt = judge_user_prompt(r["snippet"], r["instruction"] or "", r["response"] or "", question)
+                slots.append((r, name, prompt))
+                chats.append([{"role": "user", "content": teacher_user_prompt(prompt)}])
+        params: dict[str, Any] = {"logprobs": True, "top_logprobs": 20} if cfg.score.teacher_logprobs else {}
+        results, stats = run_chats(cfg.teacher, chats, on_result=on_result, **params)
+        fresh = {}
+        for (r, name, prompt), res in zip(slots, results, strict=True):
+            ours = r["score"] if name == OVERALL else (r["aspect_scores"] or {}).get(name)
+            rec = dict(sample_id=r["sample_id"], aspect=name, prompt=prompt, judge_score=ours, teacher_text=res.text)
+            if not res.ok:
+                rec.update(reject_reason=TEACHER_FAILED, detail=f"{res.error}: {res.detail}")
+            else:
+                read = read_teacher_score(res.text, res.logprobs)
+                rec.update(teacher_score=read.score, teacher_mass=read.mass)
+                if read.reject_reason is not None:
+                    rec.update(reject_reason=read.reject_reason, detail=read.detail)
+            fresh[(r["sample_id"], name)] = rec
+        records = [earlier.get((r["sample_id"], n)) or fresh[(r["sample_id"], n)] for r in rows for n, _ in questions]
+        table = pa.Table.from_pylist(records, schema=judgement_schema())
+        part = write_part(out, 0, table, fp, compute_funnel(table, REASON_ORDER), cfg.storage)
+        config = cfg.model_dump(mode="json", include={"score", "teacher"})
+        config["teacher"]["endpoint"] = redact_url(cfg.teacher.endpoint)
+        commit_dataset(
+            out,
+            [part],
+            judgement_schema(),
+            fp,
+            stage="judgements",
+            funnel=part.funnel,
+            inputs=[scored_uri, redact_url(cfg.teacher.endpoint)],
+            config=config,
+            stats={
+                "candidates": len(rows),
+                "questions": [q for q, _ in questions],
+                "teacher": stats.as_dict(time.perf_counter() - t0),
+            },
+            storage=cfg.storage,
+        )
     return out
+
+
+def _failed_before(out: str, fp: str, cfg: RunConfig) -> int | None:
+    """Failed requests of these very judgements already committed at `out` (0: complete); None: not there."""
+    from synth_core.storage import dataset_has_fingerprint, read_manifest
+
+    if not dataset_has_fingerprint(out, fp, cfg.storage):
+        return None
+    return read_manifest(out, cfg.storage).funnel.get("rejected", {}).get(TEACHER_FAILED, 0)
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:

@@ -255,6 +255,25 @@ def test_a_committed_build_with_failed_requests_is_completed_by_its_rerun(cfg, t
             assert again[sid]["reject_reason"] is None and again[sid]["attempts"] == 1
 
 
+def test_a_live_writer_of_the_location_is_refused_before_any_request(cfg, tmp_path):
+    """Two builds into one location would each pay for every request and rewrite each other's parts: the second
+    one is refused (storage.WriterLock) before it sends anything; a finished build stays free to re-run."""
+    from synth_core.storage import WriterLock, WriterLockError
+
+    pool = write_pool(str(tmp_path / "pool"), [case_snippet(c) for c in ("a", "b")])
+    with ScriptedEndpoint(scripted({"a": GOOD, "b": GOOD})) as ep:
+        use_teacher(cfg, ep.url)
+        plan = plan_reference_build(cfg, pool)
+        with WriterLock(plan.out_uri, cfg.storage, owner="another build"):
+            with pytest.raises(WriterLockError, match="being written by another run"):
+                build_reference(cfg, pool)
+        assert len(ep.calls) == 0 and not dataset_exists(plan.out_uri)
+        assert build_reference(cfg, pool) == plan.out_uri and len(ep.calls) == 2
+        with WriterLock(plan.out_uri, cfg.storage, owner="another build"):
+            assert build_reference(cfg, pool) == plan.out_uri  # complete: nothing to send, no lock needed
+        assert len(ep.calls) == 2
+
+
 def test_api_key_is_written_nowhere(cfg, tmp_path, monkeypatch, caplog):
     """The key is set; the endpoint echoes the Authorization header in 401 bodies and inside one answer. It
     reaches the server, and appears in no row, manifest, log line or raised error."""

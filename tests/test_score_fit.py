@@ -248,8 +248,11 @@ def test_cli_teacher_judge_key_env_token_totals_cost_and_rejections(tmp_path, mo
 
 
 def test_teacher_judge_rerun_resends_only_failed_requests(tmp_path, cfg):
-    """A judgement whose request failed is a teacher_failed row; the re-run sends those requests only."""
+    """A judgement whose request failed is a teacher_failed row; the re-run sends those requests only. A live
+    writer of the location (storage.WriterLock) refuses a second run before it sends anything."""
     from openai_stub import error
+
+    from synth_core.storage import WriterLock, WriterLockError
 
     scored = _write_scored(str(tmp_path / "scored"), [(ADD, GOOD), (ADD + " Twice.", WRONG)])
     down = {"on": True}
@@ -263,6 +266,10 @@ def test_teacher_judge_rerun_resends_only_failed_requests(tmp_path, cfg):
     cfg.score.teacher_logprobs = False
     with ScriptedEndpoint(respond) as ep:
         cfg.teacher = TeacherConfig(endpoint=ep.url, model="stub", max_retries=0, timeout_s=5)
+        with WriterLock(str(tmp_path / "j"), cfg.storage, owner="another teacher-judge"):
+            with pytest.raises(WriterLockError, match="another teacher-judge"):  # a live writer: refused at once
+                score_fit.teacher_judgements(cfg, scored, str(tmp_path / "j"))
+        assert len(ep.calls) == 0
         out = score_fit.teacher_judgements(cfg, scored, str(tmp_path / "j"))
         first = read_dataset(out).to_pylist()
         assert len(ep.calls) == 4 and read_manifest(out).funnel["rejected"] == {score_fit.TEACHER_FAILED: 2}
