@@ -23,8 +23,9 @@ A re-run sends only what has no answer yet: the rows of parts that had not finis
 the failed requests (`request_failed` rows) of parts that had failures, whose answered rows are kept as written.
 So a build committed with a few failures (under `reference.max_failed_fraction`) is completed by its re-run, and
 a build without failures is free to re-run. A build that sends anything holds the location's writer lock
-(storage.WriterLock): a second build into the same location is refused before it sends a request. `_manifest.json` comes last, with the funnel and the accounting:
-tokens, cost in USD, requests, retries, failures by class, seconds, requests/s.
+(storage.WriterLock): a second build into the same location is refused before it sends a request.
+`_manifest.json` comes last, with the funnel and the accounting: tokens, cost in USD, requests, retries,
+failures by class, seconds, requests/s.
 
 When more than `reference.max_failed_fraction` of the requests fail (a wrong key, a wrong model name, the
 endpoint down), nothing is committed and `TeacherError` says why (each error class, whether it was retried, the
