@@ -309,9 +309,10 @@ def test_every_hostile_input_is_a_row_with_its_reason(tmp_path, cfg):
 
 def test_cli_builds_a_hostile_folder_then_fails_promptly_on_a_permanent_shard_error(tmp_path):
     """`scoder pool build --source DIR --out ...` over a folder holding every hostile input: exit 0, each input a
-    row, no traceback. Then the same build into an --out that is a file: a shard's FileExistsError is permanent,
-    so the CLI prints one line and exits at once (the first build's ingest and dedup are reused) instead of
-    retrying for 70 s and printing tracebacks."""
+    row, no traceback. Then the same build into an --out whose first part's name is taken by a folder: the
+    decontamination shard's rename fails with IsADirectoryError, which is permanent, so the CLI prints one line
+    and exits at once (the first build's ingest and dedup are reused) instead of retrying for 70 s and printing
+    tracebacks from the flow and the worker process."""
     import time
 
     src = tmp_path / "hostile"
@@ -322,14 +323,18 @@ def test_cli_builds_a_hostile_folder_then_fails_promptly_on_a_permanent_shard_er
     assert "Traceback" not in r.stderr
     _check_hostile_rows(read_dataset(str(tmp_path / "out")).to_pylist(), src, expect)
 
-    (tmp_path / "a-file").write_text("not a folder")
+    blocked = tmp_path / "blocked"
+    (blocked / "part-00000.parquet" / "in-the-way").mkdir(parents=True)
     t0 = time.monotonic()
-    r = _scoder(*common, "--out", str(tmp_path / "a-file"), cwd=tmp_path)
+    r = _scoder(*common, "--out", str(blocked), cwd=tmp_path)
     elapsed = time.monotonic() - t0
     assert r.returncode == 2, r.stderr[-3000:]
+    assert "not retried (permanent)" in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "Retry 1/" not in r.stderr, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "a-file" in last, last
+    assert last.startswith("error: IsADirectoryError: ") and last.endswith(
+        "part-00000.parquet: Is a directory (EISDIR)"
+    )
     assert elapsed < 60, f"{elapsed:.0f} s"
 
 
