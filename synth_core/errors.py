@@ -68,8 +68,26 @@ def is_permanent(exc: BaseException) -> bool:
     """True when retrying cannot help: bad input (ValueError, KeyError, Arrow's invalid data), a permanent
     OSError (read-only, full, exists, missing, no permission, name too long), missing credentials.
 
-    Connection errors and time-outs are transient, even though they are OSErrors too.
+    Connection errors and time-outs are transient, even though they are OSErrors too. An exception may say
+    for itself (a `permanent` attribute, True or False, on its class or on the instance); one that wraps another
+    (`raise StorageError(...) from err`) is permanent when what it wraps is.
     """
+    return _is_permanent(exc, depth=0)
+
+
+def _is_permanent(exc: BaseException, depth: int) -> bool:
+    flag = getattr(exc, "permanent", None)
+    if isinstance(flag, bool):
+        return flag
+    if _classify(exc):
+        return True
+    # A wrapper (a StorageError naming the URI around an ENOSPC) is as permanent as its cause; a few levels at most.
+    cause = exc.__cause__
+    return cause is not None and cause is not exc and depth < 5 and _is_permanent(cause, depth + 1)
+
+
+def _classify(exc: BaseException) -> bool:
+    """The exception's own type (and errno) alone."""
     if isinstance(exc, ConnectionError | TimeoutError):
         return False
     if _is_foreign_permanent(exc):

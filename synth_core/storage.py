@@ -90,10 +90,12 @@ def get_fs(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.Abstr
         if storage.secret:
             options["secret"] = storage.secret
         if not (storage.key and storage.secret) and not _have_aws_credentials():
-            raise StorageError(
+            err = StorageError(
                 f"no S3 credentials for {uri} (endpoint {endpoint or 'AWS'}): set storage.key and storage.secret, "
                 "or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or an AWS profile"
             )
+            err.permanent = True  # synth_core.errors.is_permanent: a task retrying this waits 70 s for nothing
+            raise err
         options["session"] = _s3_session()
         options["config_kwargs"] = {
             "connect_timeout": storage.connect_timeout_s,

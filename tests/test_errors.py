@@ -105,3 +105,39 @@ def test_describe_survives_a_broken_message():
             raise RuntimeError("no message")
 
     assert describe(Broken()) == "Broken"
+
+
+def test_a_wrapper_is_as_permanent_as_its_cause():
+    """storage_call wraps a failed storage call in a StorageError (a RuntimeError) naming the URI: an ENOSPC inside
+    is still permanent, a refused connection inside still transient; an exception may also say for itself."""
+    from synth_core.storage import StorageError
+
+    def wrapped(cause: BaseException) -> BaseException:
+        try:
+            raise cause
+        except BaseException as err:
+            try:
+                raise StorageError(f"s3://bucket/out: {err}") from err
+            except StorageError as wrapper:
+                return wrapper
+
+    assert is_permanent(wrapped(OSError(errno.ENOSPC, "No space left on device")))
+    assert not is_permanent(wrapped(ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")))
+    assert not is_permanent(StorageError("s3://bucket/out: read timed out"))
+    flagged = StorageError("no S3 credentials for s3://bucket/out")
+    flagged.permanent = True
+    assert is_permanent(flagged)
+
+
+def test_missing_s3_credentials_are_permanent(monkeypatch):
+    from synth_core import storage
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no network call to instance metadata
+    monkeypatch.setattr(storage, "_FOUND_AWS_CREDENTIALS", None, raising=False)
+    with pytest.raises(storage.StorageError, match="no S3 credentials") as info:
+        storage.get_fs("s3://bucket/out")
+    assert is_permanent(info.value)
