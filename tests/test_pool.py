@@ -332,9 +332,8 @@ def test_cli_builds_a_hostile_folder_then_fails_promptly_on_a_permanent_shard_er
     assert "not retried (permanent)" in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "Retry 1/" not in r.stderr, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: IsADirectoryError: ") and last.endswith(
-        "part-00000.parquet: Is a directory (EISDIR)"
-    )
+    # The line names the cause, whether storage reports the OSError itself or a StorageError wrapping it.
+    assert last.startswith("error: ") and "part-00000.parquet" in last and "Is a directory" in last, last
     assert elapsed < 60, f"{elapsed:.0f} s"
 
 
