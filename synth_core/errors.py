@@ -152,7 +152,8 @@ def describe(exc: BaseException) -> str:
         cause = exc.__context__
     if cause is not None and cause is not exc:
         inner = describe_shallow(cause)
-        if inner and inner not in text:
+        # A wrapper that already names its cause's type (storage's "URI: OSError: ...") needs no second mention.
+        if inner and inner not in text and f"{type(cause).__name__}:" not in text:
             text = f"{text} (caused by {inner})"
     return _one_line(text) or type(exc).__name__
 

@@ -141,3 +141,15 @@ def test_missing_s3_credentials_are_permanent(monkeypatch):
     with pytest.raises(storage.StorageError, match="no S3 credentials") as info:
         storage.get_fs("s3://bucket/out")
     assert is_permanent(info.value)
+
+
+def test_describe_does_not_repeat_a_cause_the_message_names():
+    from synth_core.storage import StorageError
+
+    def wrapped() -> None:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/full/part-0.parquet")
+        except OSError as err:
+            raise StorageError(f"/full: OSError: {err}") from err
+
+    assert describe(_raised(wrapped)) == "/full: OSError: [Errno 28] No space left on device: '/full/part-0.parquet'"
