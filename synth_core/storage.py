@@ -15,6 +15,7 @@ This module knows nothing of stages or Prefect: it moves Arrow tables and JSON.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import resource
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -171,6 +172,18 @@ def _storage_failures() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return errors
+
+
+@contextlib.contextmanager
+def storage_call(uri: str, storage: StorageConfig | None = None) -> Iterator[None]:
+    """Turn a failed storage call (timeout, refused connection, denied write, full disk) into one StorageError
+    line naming the URI and endpoint; a missing file and our own DatasetErrors pass through unchanged."""
+    try:
+        yield
+    except (FileNotFoundError, DatasetError):
+        raise
+    except _storage_failures() as err:
+        raise StorageError(describe_storage_error(uri, err, storage)) from err
 
 
 def check_writable(uri: str, storage: StorageConfig | None = None) -> None:
@@ -328,9 +341,21 @@ def write_part(
 
     Overwrites a leftover part of a crashed earlier attempt; the marker is what makes it count.
     """
+    storage = storage or StorageConfig()
+    with storage_call(dataset_uri, storage):
+        return _write_part(dataset_uri, index, table, fingerprint, funnel, storage)
+
+
+def _write_part(
+    dataset_uri: str,
+    index: int,
+    table: pa.Table,
+    fingerprint: str,
+    funnel: dict[str, Any] | None,
+    storage: StorageConfig,
+) -> PartInfo:
     import pyarrow.parquet as pq
 
-    storage = storage or StorageConfig()
     fs, root = get_fs(dataset_uri, storage)
     fs.makedirs(root, exist_ok=True)
     name = part_name(index)
@@ -451,14 +476,16 @@ def commit_dataset(
         config=config or {},
         stats=stats or {},
     )
-    _write_bytes_atomic(fs, f"{root}/{MANIFEST_NAME}", manifest.to_json().encode("utf-8"))
+    with storage_call(dataset_uri, storage):
+        _write_bytes_atomic(fs, f"{root}/{MANIFEST_NAME}", manifest.to_json().encode("utf-8"))
     return manifest
 
 
 def dataset_exists(dataset_uri: str, storage: StorageConfig | None = None) -> bool:
     """True when the dataset's manifest exists (the dataset is complete)."""
     fs, root = get_fs(dataset_uri, storage)
-    return fs.exists(f"{root}/{MANIFEST_NAME}")
+    with storage_call(dataset_uri, storage):
+        return fs.exists(f"{root}/{MANIFEST_NAME}")
 
 
 def dataset_has_fingerprint(dataset_uri: str, fp: str, storage: StorageConfig | None = None) -> bool:
@@ -480,7 +507,7 @@ def read_manifest(dataset_uri: str, storage: StorageConfig | None = None) -> Man
     fs, root = get_fs(dataset_uri, storage)
     path = f"{root}/{MANIFEST_NAME}"
     try:
-        with fs.open(path, "rb") as f:
+        with storage_call(dataset_uri, storage), fs.open(path, "rb") as f:
             text = f.read().decode("utf-8")
     except FileNotFoundError:
         raise DatasetError(

@@ -329,3 +329,19 @@ def test_rewriting_a_part_never_exposes_a_torn_file(tmp_path):
     assert all(w.returncode == 0 for w in writers)
     assert reads > 10 and torn == 0, (reads, torn)
     assert [p.name for p in (tmp_path / "ds").iterdir() if ".tmp-" in p.name] == []
+
+
+def test_calls_mid_run_on_a_silent_endpoint_are_one_line(monkeypatch):
+    """After the preflight, an endpoint that stops answering fails a part write or a manifest read in one bounded
+    StorageError line naming the endpoint, not a botocore traceback."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    srv, endpoint = _silent_endpoint()
+    with srv:
+        storage = StorageConfig(endpoint_url=endpoint, connect_timeout_s=1, read_timeout_s=1, max_attempts=1)
+        for call in (
+            lambda: write_part("s3://scoder/mid", 0, _table([1], [None]), "fp", storage=storage),
+            lambda: read_manifest("s3://scoder/mid", storage),
+        ):
+            msg, took = _one_line_error(call)
+            assert endpoint in msg and "s3://scoder/mid" in msg and took < 10, (msg, took)
