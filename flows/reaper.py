@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -27,6 +28,8 @@ from typing import IO
 
 TOKEN_ENV = "SCODER_RUN_TOKEN"
 TAG_PREFIX = "scoder-run:"
+SCODER_TAG = "scoder"
+OWNER_PREFIX = "scoder-owner:"
 # Seconds a process gets to exit after SIGTERM before SIGKILL: the Prefect server needs about one to close.
 GRACE_S = 3.0
 # Seconds for each Prefect API call of the cleanup: a dead server must not delay the kill.
@@ -46,6 +49,11 @@ class Reaper:
     def tag(self) -> str:
         """The tag the run's flow runs carry, so that the reaper crashes these and no other run's."""
         return f"{TAG_PREFIX}{self.token}"
+
+    @property
+    def tags(self) -> list[str]:
+        """Every tag the run's flow runs carry: scoder's, this run's, and its process (for `crash_orphaned`)."""
+        return [SCODER_TAG, self.tag, f"{OWNER_PREFIX}{os.getpid()}@{socket.gethostname()}"]
 
     def start(self) -> Reaper:
         self._old_token = os.environ.get(TOKEN_ENV)
@@ -118,6 +126,37 @@ def crash_flow_runs(api_url: str, tag: str, message: str) -> int:
         _post(f"{api_url.rstrip('/')}/flow_runs/{run['id']}/set_state", {"state": state, "force": True})
         done += 1
     return done
+
+
+def crash_orphaned(api_url: str) -> int:
+    """Set to CRASHED the RUNNING/PENDING flow runs of scoder processes of this host that no longer exist: the
+    ones whose process and reaper were both killed (a whole-machine OOM kill, a persistent server). Run as a run
+    starts; how many were set."""
+    body = {
+        "flow_runs": {"tags": {"all_": [SCODER_TAG]}, "state": {"type": {"any_": ["RUNNING", "PENDING"]}}},
+        "limit": 200,
+    }
+    host = socket.gethostname()
+    done = 0
+    for run in _post(f"{api_url.rstrip('/')}/flow_runs/filter", body) or []:
+        owners = [t[len(OWNER_PREFIX) :] for t in run.get("tags", []) if t.startswith(OWNER_PREFIX)]
+        for owner in owners:
+            pid, _, owner_host = owner.partition("@")
+            if owner_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+                message = f"its scoder process (pid {pid}) is gone; marked by a later run"
+                state = {"type": "CRASHED", "name": "Crashed", "message": message}
+                _post(f"{api_url.rstrip('/')}/flow_runs/{run['id']}/set_state", {"state": state, "force": True})
+                done += 1
+    return done
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _post(url: str, body: dict) -> object:

@@ -75,17 +75,17 @@ def _run_flow_watched(flow_fn, cfg: RunConfig, reaper, **params):
 
     runner = make_task_runner(cfg)
     if os.environ.get("PREFECT_API_URL"):
-        reaper.tell_api(os.environ["PREFECT_API_URL"])
-        with tags(reaper.tag):
+        _watch_api(reaper, os.environ["PREFECT_API_URL"])
+        with tags(*reaper.tags):
             return flow_fn.with_options(task_runner=runner)(**params)
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
     server.start()
     os.environ["PREFECT_API_URL"] = server.api_url
-    reaper.tell_api(server.api_url)
+    _watch_api(reaper, server.api_url)
     try:
-        with tags(reaper.tag):
+        with tags(*reaper.tags):
             return flow_fn.with_options(task_runner=runner)(**params)
     finally:
         # Send buffered logs and events while the server still listens, else they retry for a minute.
@@ -96,6 +96,22 @@ def _run_flow_watched(flow_fn, cfg: RunConfig, reaper, **params):
         EventsWorker.drain_all()
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
+
+
+def _watch_api(reaper, api_url: str) -> None:
+    """Tell the reaper which API to report a crash to, and crash what earlier dead runs left RUNNING there."""
+    import logging
+
+    from flows.reaper import crash_orphaned
+
+    reaper.tell_api(api_url)
+    try:
+        crashed = crash_orphaned(api_url)
+    except Exception as err:  # an API that rejects the filter must not stop the run; the flow call will tell
+        logging.getLogger(__name__).warning("could not look for orphaned flow runs at %s: %s", api_url, err)
+        return
+    if crashed:
+        logging.getLogger(__name__).warning("marked %d flow run(s) of dead scoder processes as Crashed", crashed)
 
 
 @contextlib.contextmanager

@@ -130,3 +130,33 @@ def test_nothing_outlives_a_killed_cli(tmp_path, signame):
     states = _flow_run_states(tmp_path)
     assert states and "RUNNING" not in states and "PENDING" not in states, states
     assert set(states) <= {"CRASHED", "CANCELLED", "FAILED"}, states
+
+
+def test_a_later_run_crashes_flow_runs_of_dead_processes(prefect_api):
+    """A flow run left RUNNING by a process that died with its reaper (nothing could mark it) is marked CRASHED
+    when the next run starts against the same server; a live process's run is left alone."""
+    import socket
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Running
+
+    from flows.reaper import OWNER_PREFIX, SCODER_TAG, crash_orphaned
+
+    @flow(name="orphan-test")
+    def noop() -> None:
+        pass
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    with get_client(sync_client=True) as client:
+        runs = {}
+        for who, pid in (("dead", dead.pid), ("live", os.getpid())):
+            run = client.create_flow_run(noop, tags=[SCODER_TAG, f"{OWNER_PREFIX}{pid}@{host}"])
+            client.set_flow_run_state(run.id, Running(), force=True)
+            runs[who] = run.id
+        assert crash_orphaned(PREFECT_API_URL.value()) >= 1
+        assert client.read_flow_run(runs["dead"]).state.type.value == "CRASHED"
+        assert client.read_flow_run(runs["live"]).state.type.value == "RUNNING"
