@@ -79,6 +79,7 @@ SNIPPET_MIN_CHARS = 80  # non-blank characters; shorter cuts (blank runs, lone b
 # Llama-3.2-1B's shape (1.24B parameters with tied embeddings); "tiny" checks the code path on a CPU.
 GPU_SHAPES: dict[str, dict[str, Any]] = {
     "1b": RANDOM_LLAMA_SHAPES["1b"],
+    "7b": RANDOM_LLAMA_SHAPES["7b"],
     "tiny": dict(
         vocab_size=32000,
         hidden_size=64,
@@ -115,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=sorted(GPU_SHAPES),
         default=None,
         help="GPU mode: HF generate on a random model of this shape (torch + transformers only, no vLLM); "
-        "'1b' needs CUDA, 'tiny' also runs on the CPU (a check of the code path).",
+        "'1b' and '7b' need CUDA, 'tiny' also runs on the CPU (a check of the code path).",
     )
     parser.add_argument(
         "--gpu-batch-sizes", default="1,8,32,128", help="GPU mode: comma-separated batch sizes (sequences)."

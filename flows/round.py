@@ -20,11 +20,14 @@ from flows.evaluate import evaluate_flow
 from flows.iteration import as_subflow, filter_stages, iteration_flow
 from flows.pool import pool_flow
 from flows.sample import sample_flow
+from synth_core import score_fit
 from synth_core.config import RunConfig, parse_config
 from synth_core.convergence import FILTER_STAGES, convergence_markdown, convergence_record
 from synth_core.reference import BUILTIN_REFERENCE
 from synth_core.release import build_release, funnel_section
+from synth_core.round_estimate import check_pool_feeds
 from synth_core.round_plan import dated_config, parse_run_date, stage_config
+from synth_core.score_fit import weights_card_section
 from synth_core.storage import dataset_exists, kept_rows
 from tasks import round as round_tasks
 
@@ -61,6 +64,13 @@ def round_flow(
             cfg.round.first_snippet,
             cfg.sample.generation.seed,
         )
+    # Before any bootstrap or engine: can the pool feed every stage's seeds? (One line naming the stage and the
+    # shortfall; with round.seed_shortfall 'warn' the round goes on and says so.)
+    for line in check_pool_feeds(cfg, kept_rows(pool, cfg.storage)):
+        logger.warning(line)
+        create_markdown_artifact(
+            key="round-seed-shortfall", markdown=f"# Warning: seed shortfall\n\n{line}\n", description=line[:200]
+        )
     rc = cfg.round
     # R with its held-out rows marked: every training and the influence targets read its other rows only.
     split = round_tasks.split_reference(cfg, rc.reference) if rc.holdout_fraction > 0 else None
@@ -77,13 +87,21 @@ def round_flow(
         )
         stages.append(("base model: sample", base_samples))
     iterations: list[dict[str, str]] = [{"train": checkpoints}]  # 0: the starting synthesizer, no filters
+    weights = score_fit.round_weights(cfg)  # the config's, until a teacher's judgements refit them
     for t in range(1, rc.iterations + 1):
+        earlier = [kept_data(o) for o in iterations[1:]]  # used with round.accumulate_kept
         outs = iteration_flow.with_options(flow_run_name=f"iteration-{t}")(
-            snippets=pool, checkpoints=checkpoints, iteration=t, reference=reference, config=data
+            snippets=pool, checkpoints=checkpoints, iteration=t, reference=reference, config=data, earlier_kept=earlier
         )
         stages += [(f"iteration {t}: {stage}", uri) for stage, uri in outs.items()]
         checkpoints = outs["train"]
         iterations.append(outs)
+        if t == 1 and rc.fit_weights and cfg.teacher.model and "score" in outs:
+            # Teacher-judge -> NNLS on iteration 1's scored candidates; later iterations and the release use them.
+            weights = round_tasks.fit_weights(cfg, outs["score"])
+            cfg = score_fit.apply_weights(cfg, weights["weights"])
+            data = cfg.model_dump(mode="json")
+            logger.info("aspect weights fitted to the teacher: %s", weights["weights"])
     # The release: the final synthesizer on seed snippets no iteration has used, through the same filters.
     scfg = stage_config(cfg, checkpoints, rc.iterations + 1)
     synth: dict[str, str] = {
@@ -104,7 +122,12 @@ def round_flow(
         description="Per iteration and the release: filter survival, losses, what the sampling shows",
     )
     release = build_release(
-        cfg, final, stages, out, extra_card=conv_md + "\n", extra_stats={"convergence": convergence, "split": split}
+        cfg,
+        final,
+        stages,
+        out,
+        extra_card=conv_md + "\n" + weights_card_section(weights) + "\n",
+        extra_stats={"convergence": convergence, "split": split, "aspect_weights": weights},
     )
     stages.append(("release", release))
     create_markdown_artifact(

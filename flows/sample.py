@@ -11,7 +11,7 @@ from functools import partial
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
 
 from flows.runtime import run_shards
 from synth_core import sample
@@ -26,7 +26,13 @@ def sample_flow(snippets: str, config: dict[str, Any] | None = None, out: str | 
     logger = get_run_logger()
     cfg = parse_config(config)
     t0 = time.perf_counter()
-    plan = sample.plan_sample(cfg, snippets, out)
+    plan = sample.plan_sample(cfg, snippets, out)  # raises on a seed shortfall unless round.seed_shortfall: warn
+    if plan.seed_shortfall:
+        create_markdown_artifact(
+            key="sample-seed-shortfall",
+            markdown=f"# Warning: seed shortfall\n\n{sample.shortfall_message(plan, cfg)}\n",
+            description="The pool had fewer seed snippets than this sample stage asked for",
+        )
     ckpts = ", ".join(m.ref for m in plan.checkpoints)
     logger.info("samples %s: %d shards of %s, checkpoints: %s", plan.fp, len(plan.shards), snippets, ckpts)
     if sample.samples_done(plan, cfg):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -24,6 +24,13 @@ class StrictModel(BaseModel):
     """Base for every config model: unknown keys are errors, values are re-validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def check_not_above(model: BaseModel, low: str, high: str) -> None:
+    """A cross-field constraint `low <= high`, failing at validation with both keys named (not later, mid-run)."""
+    lo, hi = getattr(model, low), getattr(model, high)
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"{low} ({lo}) must not exceed {high} ({hi})")
 
 
 class StorageConfig(StrictModel):
@@ -70,6 +77,11 @@ class SnippetConfig(StrictModel):
     per_file: int = Field(3, ge=1, description="Most snippets cut from one file ('lines' mode: fragments per file).")
     seed: int = Field(0, description="Seed of the fragment sampler; the same seed and file give the same snippets.")
     min_chars: int = Field(16, ge=0, description="Snippets with fewer non-blank characters are rejected as too_short.")
+
+    @model_validator(mode="after")
+    def _check_line_range(self) -> SnippetConfig:
+        check_not_above(self, "min_lines", "max_lines")
+        return self
 
 
 class PoolConfig(StrictModel):
@@ -240,6 +252,11 @@ class SampleConfig(StrictModel):
         description="Sampling settings (temperature 0.2, 320 new tokens by default: sized for the built-in model).",
     )
 
+    @model_validator(mode="after")
+    def _check_instruction_range(self) -> SampleConfig:
+        check_not_above(self, "min_instruction_chars", "max_instruction_chars")
+        return self
+
 
 class TrainConfig(StrictModel):
     """Supervised fine-tuning of the synthesizer (LoRA by default), saving M checkpoints along the way."""
@@ -297,6 +314,20 @@ class TrainConfig(StrictModel):
         "(AVX512-BF16/AMX: 3.7x LoRA tokens/s measured), else fp32.",
     )
     seed: int = Field(0, description="Seed of initialisation, shuffling and dropout.")
+    # Speed switches below: they change how the same loss and gradients are computed, not what is trained, so
+    # they stay out of the stage's fingerprint (TRAIN_PERF_FIELDS in synth_core.train).
+    lora_cast_inputs: bool = Field(
+        False,
+        description="Cast each LoRA layer's input to the adapter dtype (fp32) as peft does by default: a copy of "
+        "the activations per adapted layer. Under bf16 autocast the adapter matmul runs in bf16 either way, so "
+        "False computes the same values without the copies (H100, 1B/7B LoRA: see bench/train.py).",
+    )
+    answer_logits_only: bool = Field(
+        False,
+        description="Compute the LM head and the cross-entropy only at positions whose next token is an answer "
+        "token (the loss's positions): the same loss up to float summation order, with the vocabulary-sized "
+        "matmul and fp32 logits cut to the answer share of the tokens.",
+    )
 
 
 class InfluenceConfig(StrictModel):
@@ -325,7 +356,13 @@ class InfluenceConfig(StrictModel):
     )
     aggregate: Literal["mean", "max_group"] = Field(
         "mean",
-        description="'mean': mean cosine over all targets; 'max_group': max over target groups of the group's mean.",
+        description="'mean': mean cosine over all targets; 'max_group': the mean cosine within each group of targets "
+        "(group_by), then the max over the groups (LESS's max over tasks).",
+    )
+    group_by: Literal["source", "language", "ref_id"] = Field(
+        "source",
+        description="Column of R whose value groups the targets for max_group: 'source' = R's file (a row's "
+        "FILE:LINE without the line), 'language', or 'ref_id' (every target its own group).",
     )
     require_optimizer_state: bool = Field(
         True,
@@ -442,7 +479,7 @@ class ScoreConfig(StrictModel):
     teacher_logprobs: bool = Field(
         True,
         description="Ask the teacher for top logprobs and read its score as the judge's (probability-weighted "
-        "digit); False for endpoints that refuse logprobs (then the first digit of its answer).",
+        "digit at the token of its `Score: N` line); False for endpoints that refuse logprobs (then N as written).",
     )
     scorer_holdout_fraction: float = Field(
         0.2, ge=0, lt=1, description="Share of candidates held out of scorer training to measure its agreement (0-1)."
@@ -488,6 +525,13 @@ SandboxProtection = Literal[
     "ipcns",
     "mountns",
     "private_tmp",
+    "disk_limit",
+    "readonly_root",
+    "proc_hidepid",
+    "rlimit_nofile",
+    "no_new_privs",
+    "seccomp",
+    "memory_cgroup",
 ]
 
 
@@ -501,7 +545,18 @@ class SandboxConfig(StrictModel):
         32, ge=1, description="Processes + threads a program may have at once (RLIMIT_NPROC of its own uid)."
     )
     max_file_mb: int = Field(
-        16, ge=1, description="Largest file a program may write (MiB, RLIMIT_FSIZE); also the size of its /tmp."
+        16,
+        ge=1,
+        description="Largest file a program may write (MiB, RLIMIT_FSIZE); + 1 MiB is the size of the one tmpfs "
+        "holding its working folder, /tmp, /var/tmp and /dev/shm (as root).",
+    )
+    max_open_files: int = Field(
+        64, ge=16, description="File descriptors each process of a program may hold at once (RLIMIT_NOFILE)."
+    )
+    memory_cgroup: str | None = Field(
+        None,
+        description="cgroup v2 folder delegated to us (memory in its cgroup.subtree_control) in which each run gets "
+        "a cgroup with memory.max = memory_mb for its whole tree; None = off (memfd_create and shmget are denied).",
     )
     max_output_bytes: int = Field(
         1_000_000, ge=1, description="Stdout + stderr a program may write before it is killed (bytes)."
@@ -689,8 +744,24 @@ class RoundConfig(StrictModel):
     )
     random_selection: bool = Field(
         False,
-        description="Keep a seeded random choice among the parsed candidates, as many as the filters kept, instead "
-        "of the filters' choice (ablation; synth_core.random_selection).",
+        description="Keep a seeded random choice among the candidates the filters may keep (parsing, executable), as "
+        "many as the filters kept, instead of the filters' choice (ablation; synth_core.random_selection).",
+    )
+    accumulate_kept: bool = Field(
+        False,
+        description="Train iteration t on R + the kept rows of iterations 1..t; False (the default: DESIGN.md's "
+        "iteration trains on R + its kept samples) = R + iteration t's kept rows only. Each iteration retrains from "
+        "the base.",
+    )
+    fit_weights: bool = Field(
+        True,
+        description="With a teacher endpoint (teacher.model set), fit the aspect weights once per round to the "
+        "teacher's judgements of iteration 1's scored candidates (NNLS, synth_core.score_fit) and score with them "
+        "from iteration 2 on and in the release; the data card records the weights either way (the shipped "
+        "defaults, or the config's, without a teacher).",
+    )
+    fit_candidates: int = Field(
+        256, ge=1, description="Scored candidates the teacher judges for round.fit_weights (requests to the teacher)."
     )
     holdout_fraction: float = Field(
         0.1,
@@ -699,6 +770,12 @@ class RoundConfig(StrictModel):
         description="Share of R held out of every training (a seeded split by ref_id); each iteration's synthesizer "
         "is scored by its loss on it (convergence); 0 = none.",
     )
+    seed_shortfall: Literal["error", "warn"] = Field(
+        "error",
+        description="A sample stage whose pool has fewer kept seed snippets than it asks for: 'error' = fail with "
+        "one line naming the stage and the shortfall; 'warn' = go on with what there is, with a warning artifact "
+        "and a line in the samples' funnel.",
+    )
     seed: int = Field(0, description="Seed of the round's own random choices: the held-out split, random selection.")
     evaluate: bool = Field(
         False,
@@ -706,6 +783,104 @@ class RoundConfig(StrictModel):
         "release (the evaluation section), and write report.md + pass_at_1.png next to the data card.",
     )
     release_name: str = Field("scoder-synthetic", description="Name of the released dataset (its data card title).")
+
+
+class PlanEstimate(StrictModel):
+    """One number of the round planner (a rate or a throughput) and where it comes from."""
+
+    value: float = Field(0.0, ge=0, description="The number, in the unit its field names.")
+    basis: Literal["measured", "inferred"] = Field(
+        "inferred", description="'measured': from a run (the note says which); 'inferred': reasoned, not measured."
+    )
+    note: str = Field("", description="Where the number comes from: the run that measured it, or the reasoning.")
+
+
+class PlanConfig(StrictModel):
+    """What `scoder run --plan` assumes (synth_core.round_estimate): the pool's size, each filter's rate and each
+    stage's throughput. Defaults describe the embedded default (the 135M built-in model on a 2-core CPU, the stdlib
+    pool); configs/gpu-round.yaml gives a 7B GPU round's."""
+
+    pool_snippets: int | None = Field(
+        None,
+        ge=0,
+        description="Kept seed snippets of the pool when known (scoder inspect POOL); None = source_rows x "
+        "snippets_per_source_row, or the stdlib's measured count when pool.sources is empty.",
+    )
+    source_rows: int | None = Field(
+        None, ge=0, description="Rows (files, or functions of a Parquet/hf: corpus) the pool's sources hold."
+    )
+    snippets_per_source_row: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=2.70,
+            basis="measured",
+            note="stdlib of CPython 3.11: 4,839 kept snippets from 1,790 .py files (scoder pool build, defaults)",
+        ),
+        description="Kept seed snippets per source row (after the pool's filters, dedup and decontamination).",
+    )
+    stdlib_snippets: int = Field(
+        4839,
+        ge=0,
+        description="Kept snippets of the stdlib pool (measured: CPython 3.11, the default pool settings); used "
+        "when pool.sources is empty and pool_snippets is None.",
+    )
+    format_rate: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=0.844,
+            basis="measured",
+            note="README: bench/generate.py --format, the demo's 2nd bootstrap checkpoint, constrained: 84.4%",
+        ),
+        description="Share of sampled answers in the format and past the junk screen (0-1).",
+    )
+    asserts_pass_rate: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=0.074,
+            basis="inferred",
+            note="README: 8 of 128 answers passed their asserts (temperature 0.2), divided by the format rate",
+        ),
+        description="Share of formatted answers whose code passes its own asserts in the sandbox (0-1).",
+    )
+    min_score_pass_rate: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(value=1.0, basis="inferred", note="score.min_score 0 keeps every score"),
+        description="Share of scored candidates at or above score.min_score (0-1).",
+    )
+    answer_tokens: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=210, basis="measured", note="README: ~210 output tokens per answer of the 135M model"
+        ),
+        description="Mean output tokens of a sampled answer (tokens).",
+    )
+    train_row_tokens: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=500, basis="inferred", note="synthesis prompt (~290 tokens) + an answer (~210 tokens)"
+        ),
+        description="Mean tokens of a training row: the synthesis prompt with its snippet + the answer (tokens).",
+    )
+    sample_tokens_per_s: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=104, basis="measured", note="README: make demo's release sample, 104 tokens/s on 2 CPU cores"
+        ),
+        description="Output tokens per second of one sample engine (tokens/s, one device).",
+    )
+    judge_passes_per_s: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=2.0, basis="inferred", note="not measured per pass; the demo's score stages took 47-49 s"
+        ),
+        description="(candidate, judge aspect) passes per second of the judge engine (passes/s, one device).",
+    )
+    influence_rows_per_s: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=1.0, basis="inferred", note="not measured per row; the demo's influence stage took 58 s"
+        ),
+        description="Candidate rows whose gradient features one checkpoint computes per second (rows/s).",
+    )
+    train_tokens_per_s: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=300,
+            basis="inferred",
+            note="the demo's bootstrap: ~43 rows x 3 epochs x ~500 tokens in 217 s on 2 cores",
+        ),
+        description="Training tokens per second (tokens/s, one device).",
+    )
 
 
 class RunConfig(StrictModel):
@@ -732,6 +907,9 @@ class RunConfig(StrictModel):
     evaluation: EvalConfig = Field(
         default_factory=EvalConfig, description="Evaluation of a student on benchmarks (scoder eval)."
     )
+    plan: PlanConfig = Field(
+        default_factory=PlanConfig, description="Rates and throughputs assumed by the round planner (run --plan)."
+    )
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:
@@ -741,7 +919,9 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"{origin}: unknown key '{key}'")
         else:
-            lines.append(f"{origin}: invalid value for '{key}': {e['msg']}")
+            # A validator's own message says it all; pydantic prefixes it with "Value error, ".
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{origin}: invalid value for '{key}': {msg}")
     return "; ".join(lines)
 
 
@@ -776,14 +956,23 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}".splitlines()[0]) from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the config file: {err.strerror or err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"{origin}: '{part}' in override '{dotted}' is not a section")
+                # Name the key that holds a value where a section belongs (`--set pool=3`), not the override
+                # that tripped on it (`pool.sources` from --source).
+                section = ".".join(parents[: depth + 1])
+                raise ConfigError(
+                    f"{origin}: invalid value for '{section}': a section (a mapping of keys), not {node!r}"
+                )
         node[leaf] = value
     return parse_config(data, origin)

@@ -54,6 +54,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -1312,6 +1313,7 @@ class InfluencePlan:
     reference_rows: int
     notes: list[str] = field(default_factory=list)
     shards: list[InfluenceShard] = field(default_factory=list)
+    target_groups: dict[str, str] | None = None  # ref_id -> its group (aggregate max_group; None for mean)
 
     def target_uri(self, checkpoint: int) -> str:
         from synth_core.storage import join_uri
@@ -1385,6 +1387,10 @@ def plan_influence(
     reference = reference or BUILTIN_REFERENCE
     ref_table = load_reference(reference, cfg.storage)
     ref_fp = fingerprint("reference", ref_table.select(_TEXT_COLUMNS).to_pylist())
+    groups = None
+    if cfg.influence.aggregate == "max_group":
+        groups = target_group_keys(ref_table.to_pylist(), cfg.influence.group_by)
+        ref_fp = fingerprint(ref_fp, sorted(groups.items()))
     manifest = read_manifest(candidates_uri, cfg.storage)
     names = [f["name"] for f in manifest.schema]
     missing = [c for c in ("instruction", "response", "reject_reason") if c not in names]
@@ -1401,7 +1407,9 @@ def plan_influence(
         [m.fingerprint for m in resolved],
         cfg.influence.model_dump(
             mode="json",
-            exclude={"parallel_shards", "projector_cache_mb", "projection_rows", "projection", "sparse_jl_nonzeros"},
+            exclude={"parallel_shards", "projector_cache_mb", "projection_rows", "projection", "sparse_jl_nonzeros"}
+            # group_by only matters to max_group: a mean run keeps its location.
+            | ({"group_by"} if cfg.influence.aggregate == "mean" else set()),
         ),
         template,
         projection_fingerprint(cfg.influence, device_type),  # the resolved projection: auto on a CPU = sparse_jl
@@ -1418,6 +1426,7 @@ def plan_influence(
         scorable_rows=0,
         reference_rows=min(ref_table.num_rows, cfg.influence.max_targets or ref_table.num_rows),
         notes=notes,
+        target_groups=groups,
     )
     first = 0
     for part in manifest.parts:
@@ -1524,6 +1533,19 @@ def _feature_table(
     )
 
 
+def target_group_keys(rows: list[dict[str, Any]], group_by: str) -> dict[str, str]:
+    """ref_id -> the group of that row of R for aggregate 'max_group': its `group_by` column ('source': the file,
+    without the ':LINE' or '#ROW' a JSONL or Parquet source carries; 'language'; 'ref_id': every row its own
+    group)."""
+    out = {}
+    for r in rows:
+        key = str(r.get(group_by) or "")
+        if group_by == "source":
+            key = re.sub(r"(:\d+|#\d+)$", "", key)
+        out[r["ref_id"]] = key
+    return out
+
+
 def choose_targets(rows: list[dict[str, Any]], cfg: InfluenceConfig) -> list[dict[str, Any]]:
     """R's rows used as targets: all of them, or `max_targets` chosen by a seeded hash of their ref_id (the same
     rows on every checkpoint and every run), kept in R's order."""
@@ -1583,9 +1605,9 @@ def target_features(plan: InfluencePlan, checkpoint: int, cfg: Any) -> str:
     return uri
 
 
-def _read_targets(plan: InfluencePlan, cfg: Any) -> tuple[list[Any], list[float], list[str]]:
-    """R's features per checkpoint [m, proj_dim] float16 (rows without a response token left out), the mean LRs
-    and the projection ids. Raises InfluenceError when a checkpoint's targets are missing."""
+def _read_targets(plan: InfluencePlan, cfg: Any) -> tuple[list[Any], list[float], list[str], list[str]]:
+    """R's features per checkpoint [m, proj_dim] float16 (rows without a response token left out), the mean LRs,
+    the projection ids and the m targets' ref_ids. Raises InfluenceError when a checkpoint's targets are missing."""
     import numpy as np
     import torch
 
@@ -1598,7 +1620,8 @@ def _read_targets(plan: InfluencePlan, cfg: Any) -> tuple[list[Any], list[float]
             manifest = read_manifest(uri, cfg.storage)
         except DatasetError:
             raise InfluenceError(f"the target features of checkpoint {c} are not computed ({uri})") from None
-        table = read_dataset(uri, columns=["influence_status", "feats"], storage=cfg.storage)
+        table = read_dataset(uri, columns=["row_id", "influence_status", "feats"], storage=cfg.storage)
+        ids = table.column("row_id").to_pylist()
         flat = table.column("feats").combine_chunks().flatten().flatten()
         arr = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float16).reshape(table.num_rows, -1)
         feats.append(torch.from_numpy(arr.copy()))
@@ -1609,7 +1632,7 @@ def _read_targets(plan: InfluencePlan, cfg: Any) -> tuple[list[Any], list[float]
     if not any(keep):
         raise InfluenceError("no reference row keeps a response token within influence.max_seq_len")
     idx = torch.tensor([i for i, k in enumerate(keep) if k])
-    return [f[idx] for f in feats], lrs, pids
+    return [f[idx] for f in feats], lrs, pids, [ids[i] for i, k in enumerate(keep) if k]
 
 
 def check_same_projection(candidates_id: str, targets_id: str) -> None:
@@ -1648,7 +1671,7 @@ def influence_shard(plan: InfluencePlan, shard: InfluenceShard, index: int, cfg:
     per_ckpt: list[dict[str, Any]] = []
     scores = None
     if rows:
-        targets, lrs, pids = _read_targets(plan, cfg)
+        targets, lrs, pids, target_ids = _read_targets(plan, cfg)
         chats = training_chats(rows, plan.template)
         for c, ckpt in enumerate(plan.checkpoints):
             res = run_in_subprocess(
@@ -1657,7 +1680,8 @@ def influence_shard(plan: InfluencePlan, shard: InfluenceShard, index: int, cfg:
             check_same_projection(res["projection_id"], pids[c])
             per_ckpt.append(res)
         cand = [torch.from_numpy(r["feats"]) for r in per_ckpt]
-        scores = influence_scores(cand, targets, lrs, cfg.influence.aggregate).tolist()
+        groups = [plan.target_groups[i] for i in target_ids] if plan.target_groups is not None else None
+        scores = influence_scores(cand, targets, lrs, cfg.influence.aggregate, groups).tolist()
     out = _feature_table(
         [shard.first_row + i for i in kept],
         [r.get("sample_id") for r in rows],

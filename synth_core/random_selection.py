@@ -1,12 +1,16 @@
 """The "random selection of the same size" ablation (issue 8): keep as many candidates as the filters kept, but
-chosen at random among every candidate the sample stage parsed.
+chosen at random among the candidates the filters choose from.
 
-The paper's ablation table asks whether the scorer and the influence filter choose better rows than chance: with
-`round.random_selection` on, an iteration still runs its filters (they decide how many rows survive), then this
-step replaces their choice by a seeded random one of the same count. The output holds every row of the samples
-dataset (nothing dropped silently): rows the sample stage rejected keep their reason, parsed rows not drawn get
-`random_selection_dropped`. Its location derives from the fingerprint of the samples, the count and the seed, so
-a re-run is free. Knows nothing of Prefect or of rounds (flows/iteration.py calls it).
+It asks whether the scorer and the influence filter choose better rows than chance: with `round.random_selection`
+on, an iteration still runs its filters (they decide how many rows survive), then this step replaces their choice
+by a seeded random one of the same count. The draw is fair (issue 19): it is made among the rows the filters see
+and may keep, those the sample stage kept whose solution is not empty, whose code parses (the score stage's own
+checks) and, where the sandbox ran it, passed its asserts; not among every parsed sample, code that does not parse
+included. The output holds every row of the samples dataset (nothing dropped silently): rows the sample stage
+rejected keep their reason, kept rows that fail those checks get the score stage's reason (empty_response,
+code_does_not_parse) or asserts_failed, eligible rows not drawn get `random_selection_dropped`. Its location
+derives from the fingerprint of the samples, the count and the seed, so a re-run is free. Knows nothing of Prefect
+or of rounds (flows/iteration.py calls it).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from synth_core.config import StorageConfig
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: drawn among the rows the filters may keep (parsing, executable), not every parsed one
 DROPPED = "random_selection_dropped"
 
 
@@ -28,11 +32,29 @@ def choose_random(ids: list[str], count: int, seed: int) -> set[str]:
     return set(rank[:count])
 
 
+def ineligible_reason(row: dict) -> str | None:
+    """Why a row the sample stage kept is not among the rows the filters may keep (None = it is): the score stage's
+    checks (a non-empty solution whose code parses, for Python) and the sandbox's verdict where it ran."""
+    from synth_core.parse import is_python, parse_error, solution_code
+    from synth_core.sample import ASSERTS_FAILED
+    from synth_core.score import EMPTY_RESPONSE, NO_PARSE
+
+    response = row.get("response") or ""
+    if not response.strip():
+        return EMPTY_RESPONSE
+    if is_python(row.get("language")) and parse_error(solution_code(response)) is not None:
+        return NO_PARSE
+    if row.get("exec_status") not in (None, "passed"):
+        return ASSERTS_FAILED
+    return None
+
+
 def select_random(
     samples: str, filtered: str, seed: int, storage: StorageConfig | None = None, out: str | None = None
 ) -> str:
-    """Keep a seeded random choice, among the kept rows of `samples` (a samples dataset), of as many rows as
-    `filtered` (the last filter's output) keeps; returns the URI of the output dataset (samples' schema).
+    """Keep a seeded random choice, among the rows of `samples` (a samples dataset) the filters may keep
+    (`ineligible_reason`), of as many rows as `filtered` (the last filter's output) keeps; returns the URI of the
+    output dataset (samples' schema).
 
     `out` defaults to `<storage.root>/random_selection/<fingerprint>`."""
     import pyarrow as pa
@@ -60,11 +82,17 @@ def select_random(
         return out
     hide_stale_dataset(out, fp, storage)
     table = read_dataset(samples, storage=storage)
-    reasons = table.column("reject_reason").to_pylist()
-    ids = table.column("sample_id").to_pylist()
+    columns = [
+        c for c in ("sample_id", "reject_reason", "response", "language", "exec_status") if c in table.schema.names
+    ]
+    records = table.select(columns).to_pylist()
+    reasons = [r["reject_reason"] if r["reject_reason"] is not None else ineligible_reason(r) for r in records]
+    ids = [r["sample_id"] for r in records]
     parsed = [i for i, r in zip(ids, reasons, strict=True) if r is None]
     if count > len(parsed):  # a filter cannot keep more than it was given; a mismatch means wrong inputs
-        raise ValueError(f"{filtered} keeps {count} rows but {samples} has only {len(parsed)} kept rows")
+        raise ValueError(
+            f"{filtered} keeps {count} rows but {samples} has only {len(parsed)} rows the filters may keep"
+        )
     chosen = choose_random(parsed, count, seed)
     new = [r if r is not None else (None if i in chosen else DROPPED) for i, r in zip(ids, reasons, strict=True)]
     col = table.schema.get_field_index("reject_reason")
@@ -80,7 +108,7 @@ def select_random(
         funnel=funnel,
         inputs=[samples, filtered],
         config={"seed": seed, "count": count},
-        stats={"candidates": len(parsed), "kept": count, "filtered_by": fmanifest.stage},
+        stats={"eligible": len(parsed), "kept": count, "filtered_by": fmanifest.stage},
         storage=storage,
     )
     return out

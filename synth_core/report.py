@@ -25,6 +25,11 @@ def funnel_rows(funnel: dict[str, Any]) -> list[tuple[str, int, str]]:
 
     out = [("rows in", rows_in, pct(rows_in)), ("kept", funnel.get("kept", 0), pct(funnel.get("kept", 0)))]
     out += [(f"rejected: {r}", n, pct(n)) for r, n in funnel.get("rejected", {}).items()]
+    short = funnel.get("seed_shortfall")
+    if short:  # the pool had fewer seed snippets than the stage asked for (round.seed_shortfall: warn)
+        out.append(
+            (f"seed snippets short (asked {short['requested']:,}, got {short['available']:,})", short["short"], "-")
+        )
     return out
 
 

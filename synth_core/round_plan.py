@@ -66,6 +66,17 @@ def parse_run_date(value: str, scheduled: datetime.datetime | None = None) -> da
         raise ConfigError(f"run date {value!r}: expected YYYY-MM-DD, 'today' or 'scheduled'") from None
 
 
+def training_data(
+    cfg: RunConfig, reference: str | None, kept: str, earlier_kept: list[str] | None = None
+) -> list[str]:
+    """What iteration t trains on: R and its kept rows, plus (round.accumulate_kept) the kept rows of iterations
+    1..t-1 (`earlier_kept`, in order). Each iteration trains from the base model either way."""
+    from synth_core.reference import BUILTIN_REFERENCE
+
+    earlier = list(earlier_kept or []) if cfg.round.accumulate_kept else []
+    return [reference or BUILTIN_REFERENCE, *earlier, kept]
+
+
 def stage_config(cfg: RunConfig, checkpoints: str, iteration: int) -> RunConfig:
     """The config of iteration `iteration`'s stages (T + 1 = the release's): sample from the checkpoints of the
     train output `checkpoints` (only its last one when round.multi_checkpoint is off) on this iteration's seeds."""

@@ -89,6 +89,34 @@ class SamplePlan:
     checkpoints: list[ResolvedModel]
     template: str
     shards: list[SampleShard] = field(default_factory=list)
+    requested: int | None = None  # seed snippets the config asks for (sample.max_snippets); None = all kept
+    available: int = 0  # kept snippets the pool has after sample.first_snippet, up to `requested`
+
+    @property
+    def seed_shortfall(self) -> int:
+        """Seed snippets asked for that the pool does not have (0 = the pool feeds the stage)."""
+        return max(0, (self.requested or 0) - self.available)
+
+
+class SeedShortfallError(ConfigError):
+    """The pool has fewer kept seed snippets than a sample stage is asked to take (round.seed_shortfall: error)."""
+
+
+def stage_label(cfg: RunConfig) -> str:
+    """The name of a sample stage in a round: 'iteration t: sample' or 'synthesize: sample' (the release)."""
+    it = cfg.sample.iteration
+    if it > cfg.round.iterations:
+        return "synthesize: sample"
+    return f"iteration {it}: sample" if it else "sample"
+
+
+def shortfall_message(plan: SamplePlan, cfg: RunConfig) -> str:
+    """One line naming the stage and the shortfall."""
+    return (
+        f"{stage_label(cfg)}: the pool ran out of seed snippets: asked for {plan.requested:,} from kept snippet "
+        f"#{cfg.sample.first_snippet:,}, got {plan.available:,} (short by {plan.seed_shortfall:,}); grow pool.sources "
+        "or lower round.snippets_per_iteration / round.synthesize_snippets (scoder run --plan shows what a pool feeds)"
+    )
 
 
 def load_template(cfg: RunConfig) -> str:
@@ -157,6 +185,14 @@ def plan_sample(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> Sa
             budget -= end - first
         for start in range(first, end, cfg.sample.shard_rows):
             plan.shards.append(SampleShard(part, start, min(start + cfg.sample.shard_rows, end)))
+    # A stage that runs out of seeds says so: before this check, a release asked for more seeds than the pool had
+    # left came out empty without an error (issue 19). 'warn' records it on the samples' funnel instead.
+    plan.requested = cfg.sample.max_snippets
+    plan.available = sum(s.rows for s in plan.shards)
+    if plan.seed_shortfall and cfg.round.seed_shortfall == "error":
+        raise SeedShortfallError(shortfall_message(plan, cfg))
+    if plan.seed_shortfall:
+        log.warning(shortfall_message(plan, cfg))
     return plan
 
 
@@ -420,14 +456,22 @@ def sample_stats(results: list[ShardResult], wall_s: float) -> dict[str, Any]:
 
 
 def commit_samples(plan: SamplePlan, results: list[ShardResult], cfg: RunConfig, wall_s: float) -> Manifest:
-    """Write the manifest: from now on the samples dataset exists."""
+    """Write the manifest: from now on the samples dataset exists. A seed shortfall (round.seed_shortfall: warn) is a
+    line of its funnel: {"seed_shortfall": {"requested", "available", "short"}}."""
+    funnel = merge_funnels([r.funnel for r in results], REASON_ORDER)
+    if plan.seed_shortfall:
+        funnel["seed_shortfall"] = {
+            "requested": plan.requested,
+            "available": plan.available,
+            "short": plan.seed_shortfall,
+        }
     return commit_dataset(
         plan.out_uri,
         [r.part for r in results],
         SAMPLE_SCHEMA,
         plan.fp,
         stage="sample",
-        funnel=merge_funnels([r.funnel for r in results], REASON_ORDER),
+        funnel=funnel,
         inputs=[plan.snippets_uri, *[m.ref for m in plan.checkpoints]],
         config=cfg.model_dump(mode="json", include={"models", "sample"}),
         stats=sample_stats(results, wall_s),

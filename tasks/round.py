@@ -1,7 +1,8 @@
 """Prefect tasks of a round's own steps: the held-out split of R, the held-out loss of a synthesizer, the random
-selection ablation, the round's report (one task run each).
+selection ablation, the fit of the aspect weights, the round's report (one task run each).
 
-Thin wrappers over synth_core.convergence, synth_core.random_selection and synth_core.round_report; each skips
+Thin wrappers over synth_core.convergence, synth_core.random_selection, synth_core.score_fit and
+synth_core.round_report; each skips
 work whose output (fingerprinted) already exists, so no Prefect result cache is used.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from synth_core import convergence, random_selection, round_report
+from synth_core import convergence, random_selection, round_report, score_fit
 from synth_core.config import RunConfig
 from tasks.retry import RETRY
 
@@ -29,8 +30,15 @@ def heldout_loss(cfg: RunConfig, train_out: str, split: str) -> str:
 
 @task(name="random-selection", **RETRY, cache_policy=NO_CACHE)
 def select_random(cfg: RunConfig, samples: str, filtered: str) -> str:
-    """As many of the parsed samples as `filtered` keeps, chosen at random (ablation); returns the dataset."""
+    """As many samples as `filtered` keeps, drawn at random among those the filters may keep (ablation)."""
     return random_selection.select_random(samples, filtered, cfg.round.seed, cfg.storage)
+
+
+@task(name="fit-weights", **RETRY, cache_policy=NO_CACHE)
+def fit_weights(cfg: RunConfig, scored: str | None) -> dict:
+    """The round's aspect weights: fitted to the teacher's judgements of `scored` when a teacher is configured
+    (round.fit_weights), else the config's; a synth_core.score_fit.round_weights record."""
+    return score_fit.round_weights(cfg, scored)
 
 
 @task(name="round-report", **RETRY, cache_policy=NO_CACHE)

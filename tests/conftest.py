@@ -305,6 +305,7 @@ def write_samples(uri: str, candidates: list[dict], storage=None) -> str:
                 response=c["response"],
                 reject_reason=c.get("reject_reason"),
                 detail=c.get("detail"),
+                exec_status=c.get("exec_status"),
             )
         )
     rows.sort(key=lambda r: r["snippet_id"])

@@ -898,3 +898,28 @@ def test_choose_targets_is_a_seeded_subset_in_r_order():
     assert picked != choose_targets(rows, InfluenceConfig(max_targets=10, seed=4))
     assert choose_targets(rows, InfluenceConfig(max_targets=None)) == rows
     assert choose_targets(rows[:5], InfluenceConfig(max_targets=10)) == rows[:5]
+
+
+def test_stage_max_group_takes_the_max_over_groups_of_targets(cfg, tmp_path, trained_ckpts, reference_file):
+    """aggregate max_group in the stage groups R's rows by influence.group_by (issue 19: it took the max over single
+    targets whatever its text said): one group (every target is Python) gives exactly the mean's scores; a group
+    per target ('ref_id') gives the max over single targets, another ranking."""
+    from synth_core.influence import build_influence, target_group_keys
+    from synth_core.storage import read_dataset
+
+    def scores(aggregate: str, group_by: str) -> list[float | None]:
+        stage_cfg(cfg)
+        cfg.influence.aggregate, cfg.influence.group_by = aggregate, group_by
+        out = build_influence(
+            cfg, cands, reference_file, trained_ckpts[-1:], str(tmp_path / f"{aggregate}-{group_by}")
+        )
+        return read_dataset(out, storage=cfg.storage).column("influence").to_pylist()
+
+    cands = write_candidates(str(tmp_path / "cands"), STAGE_PAIRS[:4])
+    mean = scores("mean", "source")
+    assert scores("max_group", "language") == pytest.approx(mean, abs=1e-6)
+    single = scores("max_group", "ref_id")
+    assert all(s >= m - 1e-6 for s, m in zip(single, mean, strict=True)) and single != pytest.approx(mean, abs=1e-6)
+    rows = [{"ref_id": "a", "source": "r.jsonl:1"}, {"ref_id": "b", "source": "r.jsonl:2"}, {"ref_id": "c"}]
+    assert target_group_keys(rows, "source") == {"a": "r.jsonl", "b": "r.jsonl", "c": ""}
+    assert target_group_keys(rows, "ref_id") == {"a": "a", "b": "b", "c": "c"}

@@ -1,5 +1,5 @@
-"""The random-selection ablation: as many rows as the filters kept, a seeded choice among the parsed samples, every
-other row kept with its reason."""
+"""The random-selection ablation: as many rows as the filters kept, a seeded choice among the rows the filters may
+keep (parsing, executable), every other row kept with its reason."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ from synth_core.storage import read_dataset, read_manifest
 
 def _candidates(reasons: list[str | None]) -> list[dict]:
     return [
-        {"snippet": f"x = {i}\n", "instruction": f"Problem {i}", "response": f"Answer {i}", "reject_reason": r}
+        {
+            "snippet": f"x = {i}\n",
+            "instruction": f"Problem {i}",
+            "response": f"Answer {i}:\n```python\nx = {i}\nassert x == {i}\n```",
+            "reject_reason": r,
+            "exec_status": "passed" if r is None else None,
+        }
         for i, r in enumerate(reasons)
     ]
 
@@ -44,3 +50,23 @@ def test_random_selection_keeps_the_filters_count_seeded(cfg, tmp_path):
     assert choose_random(parsed, 3, 0) == choose_random(list(reversed(parsed)), 3, 0) == set(kept)
     other = select_random(samples, filtered, seed=1, storage=cfg.storage)
     assert other != out and read_manifest(other, cfg.storage).funnel["kept"] == 3
+
+
+def test_random_selection_draws_only_among_rows_the_filters_may_keep(cfg, tmp_path):
+    """Rows the sample stage kept whose code does not parse, whose solution is empty or whose asserts failed in the
+    sandbox are never drawn (the filters never keep them either), and say why (issue 19)."""
+    cands = _candidates([None] * 7)
+    cands[4]["response"] = "Answer:\n```python\ndef f(:\n```"  # kept upstream (screen off), does not parse
+    cands[5]["response"] = "   "
+    cands[6]["exec_status"] = "failed"
+    samples = write_samples(str(tmp_path / "samples"), cands)
+    filtered = write_samples(str(tmp_path / "filtered"), _candidates([None] * 4 + ["score_below_threshold"] * 3))
+    out = select_random(samples, filtered, seed=0, storage=cfg.storage)
+    by_response = {r["response"]: r for r in read_dataset(out, storage=cfg.storage).to_pylist()}
+    assert by_response[cands[4]["response"]]["reject_reason"] == "code_does_not_parse"
+    assert by_response[cands[5]["response"]]["reject_reason"] == "empty_response"
+    assert by_response[cands[6]["response"]]["reject_reason"] == "asserts_failed"
+    # The four eligible rows are exactly the four the filters' count asks for: all drawn, whatever the seed.
+    kept = {r["response"] for r in by_response.values() if r["reject_reason"] is None}
+    assert kept == {c["response"] for c in cands[:4]}
+    assert read_manifest(out, cfg.storage).stats["eligible"] == 4

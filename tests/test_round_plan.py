@@ -7,7 +7,15 @@ import datetime
 import pytest
 
 from synth_core.config import ConfigError, RunConfig
-from synth_core.round_plan import EPOCH, dated_config, first_snippet, parse_run_date, snippets_per_round
+from synth_core.reference import BUILTIN_REFERENCE
+from synth_core.round_plan import (
+    EPOCH,
+    dated_config,
+    first_snippet,
+    parse_run_date,
+    snippets_per_round,
+    training_data,
+)
 
 
 def _cfg(**round_) -> RunConfig:
@@ -48,3 +56,12 @@ def test_run_dates():
         parse_run_date("26/11/2026")
     with pytest.raises(ConfigError, match="scheduled flow run"):
         parse_run_date("scheduled")
+
+
+def test_training_data_accumulates_earlier_kept_rows_only_when_asked():
+    cfg = _cfg(synthesize_snippets=5)
+    assert not cfg.round.accumulate_kept  # the default: R + this iteration's kept rows
+    assert training_data(cfg, "r.jsonl", "kept-2", ["kept-1"]) == ["r.jsonl", "kept-2"]
+    cfg.round.accumulate_kept = True
+    assert training_data(cfg, "r.jsonl", "kept-3", ["kept-1", "kept-2"]) == ["r.jsonl", "kept-1", "kept-2", "kept-3"]
+    assert training_data(cfg, None, "kept-1", []) == [BUILTIN_REFERENCE, "kept-1"]
