@@ -66,9 +66,12 @@ def load_sandbox_at(rev: str) -> ModuleType:
     """synth_core/sandbox.py as it was at `rev`, imported as a module of its own (it imports synth_core.config
     of this tree, whose SandboxConfig only added fields)."""
     repo = Path(__file__).resolve().parent.parent
-    source = subprocess.run(
-        ["git", "-C", str(repo), "show", f"{rev}:synth_core/sandbox.py"], capture_output=True, text=True, check=True
-    ).stdout
+    proc = subprocess.run(
+        ["git", "-C", str(repo), "show", f"{rev}:synth_core/sandbox.py"], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:  # a shallow clone or an unpacked release has no history to compare with
+        raise SystemExit(f"no 'before' sandbox at --before-rev {rev}: {proc.stderr.strip()}")
+    source = proc.stdout
     folder = Path(tempfile.mkdtemp(prefix="scoder-bench-sandbox-"))
     path = folder / f"sandbox_{rev}.py"
     path.write_text(source, encoding="utf-8")
