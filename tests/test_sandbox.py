@@ -245,7 +245,7 @@ def test_world_writable_folders_are_private_or_read_only(probe):
 
 def test_other_processes_command_lines_are_hidden(probe):
     """A real process with a secret on its command line: the program reads every /proc/*/cmdline it can see."""
-    needs(probe, "sandbox_uid")
+    needs(probe, "sandbox_uid", "mountns")
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", SECRET])
     try:
         code = (
@@ -276,7 +276,7 @@ def test_other_processes_command_lines_are_hidden(probe):
 def test_memory_in_memfds_is_bounded(probe):
     """768 MiB in memfds (8 MiB each: below RLIMIT_FSIZE; memfd pages do not count against RLIMIT_AS) must fail,
     and so must the same in files of /dev/shm (the run's tmpfs is max_file_mb + 1 MiB)."""
-    needs(probe, "sandbox_uid")
+    needs(probe, "sandbox_uid", "mountns")
     memfds = (
         "import os\n"
         "chunk = b'x' * 2**20\n"
