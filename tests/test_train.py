@@ -318,9 +318,9 @@ def test_training_with_the_speed_switches_follows_the_same_loss_curve(tmp_path, 
     """Trainer with answer_logits_only (its compute_loss_func, two micro-batches a step: num_items_in_batch) and
     with peft's input casts on follows the default's loss curve."""
     base = resolve_model(tiny_model)
-    cfg = TrainConfig(epochs=1, batch_size=2, grad_accum=2, max_seq_len=384, num_checkpoints=1, lora_r=4)
+    cfg = TrainConfig(epochs=1, batch_size=1, grad_accum=2, max_seq_len=384, num_checkpoints=1, lora_r=4)
     curves = [
-        train_model(base.path, _chats(8), cfg.model_copy(update=switches), str(tmp_path / str(i))).loss_curve
+        train_model(base.path, _chats(4), cfg.model_copy(update=switches), str(tmp_path / str(i))).loss_curve
         for i, switches in enumerate(({}, {"answer_logits_only": True}, {"lora_cast_inputs": True}))
     ]
     assert len(curves[0]) == 2
