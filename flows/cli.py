@@ -2,12 +2,15 @@
 
 Starts fast: Prefect, pyarrow and the stages are imported inside the commands that need them. A
 command runs its Prefect flow locally (an ephemeral API, no server needed) or against the server at
-PREFECT_API_URL when that is set. Expected failures (bad config, missing source, unreadable dataset)
-print one `error:` line and exit with status 2; anything else is a bug and keeps its traceback.
+PREFECT_API_URL when that is set. Every failure prints one `error:` line naming its cause
+(synth_core.errors.describe) and no traceback: status 2 for a permanent error (bad config, missing
+source, unwritable output: synth_core.errors.is_permanent), 1 for anything else. SCODER_DEBUG=1 re-raises,
+so the traceback is there for whoever needs it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -74,14 +77,19 @@ def _fail(message: str) -> None:
 def _load(config: Path | None, sets: list[str] | None, extra: dict[str, Any]):
     import yaml
 
-    from synth_core.config import load_config
+    from synth_core.config import ConfigError, load_config
 
     overrides: dict[str, Any] = {}
     for item in sets or []:
         if "=" not in item:
-            _fail(f"--set expects KEY=VALUE, got '{item}'")
+            raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
         key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            # The value is YAML (lists, numbers): quote it to pass a string that is not valid YAML.
+            problem = getattr(err, "problem", None) or str(err).strip().split("\n")[0] or type(err).__name__
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({problem})") from None
     # Options left unset (None, or an empty repeatable option) leave the config's value alone.
     overrides.update({k: v for k, v in extra.items() if v is not None and v != []})
     return load_config(config, overrides)
@@ -222,20 +230,59 @@ def score_teacher_judge_cmd(
     max_candidates: Annotated[
         int | None, typer.Option("--max-candidates", help="Judge at most this many scored candidates.")
     ] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option("--api-key-env", help="Environment variable holding the API key (must be set when given)."),
+    ] = None,
+    usd_in: Annotated[
+        float | None, typer.Option("--usd-per-mtok-in", help="Price of prompt tokens, USD per million.")
+    ] = None,
+    usd_out: Annotated[
+        float | None, typer.Option("--usd-per-mtok-out", help="Price of completion tokens, USD per million.")
+    ] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Where to write the judgements.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Ask a teacher endpoint the judge's questions (every aspect + overall) about scored candidates."""
+    """Ask a teacher endpoint the judge's questions (every aspect + overall) about scored candidates; print the
+    funnel (no_score, score_out_of_range, teacher_failed), the token totals and, given prices, the cost."""
+    extra = {
+        "teacher.endpoint": endpoint,
+        "teacher.model": model,
+        "teacher.api_key_env": api_key_env,
+        "teacher.usd_per_1m_input": usd_in,
+        "teacher.usd_per_1m_output": usd_out,
+    }
     try:
-        cfg = _load(config, set_, {"teacher.endpoint": endpoint, "teacher.model": model})
+        _require_key_env(api_key_env)
+        cfg = _load(config, set_, extra)
         from synth_core.score_fit import teacher_judgements
+        from synth_core.storage import read_manifest
 
         uri = teacher_judgements(cfg, scored, out, max_candidates)
         _print_dataset(uri, cfg.storage, rows=False)
+        t = read_manifest(uri, cfg.storage).stats.get("teacher") or {}
+        prompt, completion = t.get("prompt_tokens", 0), t.get("completion_tokens", 0)
+        line = f"teacher: {t.get('requests', 0)} requests, {prompt} prompt tokens, {completion} completion tokens"
+        if cfg.teacher.usd_per_1m_input or cfg.teacher.usd_per_1m_output:
+            cost = (prompt * cfg.teacher.usd_per_1m_input + completion * cfg.teacher.usd_per_1m_output) / 1e6
+            line += f", ${cost:.4f}"
+        if t.get("failures"):
+            line += "; failed: " + ", ".join(f"{k} {v}" for k, v in t["failures"].items())
+            line += " (the same command re-sends only these)"
+        typer.echo(line)
     except _expected_errors() as err:
         _fail(str(err))
     typer.echo(uri)
+
+
+def _require_key_env(name: str | None) -> None:
+    """--api-key-env NAME names a variable the user means to be set: unset is an error naming it, where the
+    config's default variable may be unset (a local vLLM server needs no key)."""
+    import os
+
+    if name is not None and not os.environ.get(name):
+        _fail(f"--api-key-env {name}: the environment variable {name} is not set (or empty)")
 
 
 @score_app.command("fit-weights")
@@ -390,6 +437,7 @@ def reference_build_cmd(
         "reference.max_snippets": max_snippets,
     }
     try:
+        _require_key_env(api_key_env)
         cfg = _load(config, set_, extra)
         from synth_core.reference_build import build_reference
 
@@ -410,7 +458,10 @@ def reference_build_cmd(
 
         failures = read_manifest(uri, cfg.storage).stats.get("failures") or {}
         if failures:
-            typer.echo("failed requests: " + ", ".join(f"{k} {v}" for k, v in failures.items()))
+            typer.echo(
+                "failed requests: " + ", ".join(f"{k} {v}" for k, v in failures.items()) + " (rows rejected as "
+                "request_failed; the same command re-sends only these)"
+            )
     except _expected_errors() as err:
         _fail(str(err))
     typer.echo(uri)
@@ -805,8 +856,34 @@ def inspect(
         _fail(str(err))
 
 
+# Set to 1 to get the traceback of a failure instead of its one-line description.
+DEBUG_ENV = "SCODER_DEBUG"
+
+
+def report_error(err: BaseException) -> int:
+    """Print one `error:` line for a failure that reached the top of a command; return the exit status."""
+    from synth_core.errors import describe, is_permanent
+
+    permanent = is_permanent(err)
+    hint = "" if permanent else f" ({DEBUG_ENV}=1 shows the traceback)"
+    typer.echo(f"error: {describe(err)}{hint}", err=True)
+    return 2 if permanent else 1
+
+
 def main() -> None:
-    app()
+    """The `scoder` entry point: the app, with every uncaught failure printed as one line (see the docstring)."""
+    if os.environ.get(DEBUG_ENV, "").lower() not in ("1", "true", "yes"):
+        # Set before Prefect is imported (it reads its logging config then); worker processes inherit it.
+        # Not imported from flows.console_log: that imports Prefect, and `scoder --help` must stay fast.
+        os.environ.setdefault(
+            "PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS", "flows.console_log.ConsoleHandlerWithoutTracebacks"
+        )
+    try:
+        app()
+    except Exception as err:
+        if os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes"):
+            raise
+        sys.exit(report_error(err))
 
 
 if __name__ == "__main__":

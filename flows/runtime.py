@@ -5,9 +5,10 @@ Shared by every flow's CLI entry. Flows themselves stay wiring only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from synth_core.config import ConfigError, RunConfig
@@ -15,6 +16,8 @@ from synth_core.storage import ShardResult
 
 # Seconds between two updates of a stage's progress artifact (an API call each).
 PROGRESS_INTERVAL_S = 1.0
+# Seconds a Ctrl-C'd run gets to unwind in order before it exits hard (the reaper then ends its processes).
+INTERRUPT_GRACE_S = 5.0
 
 
 def make_task_runner(cfg: RunConfig):
@@ -51,17 +54,39 @@ def run_flow(flow_fn, cfg: RunConfig, **params):
     temporary Prefect server (seconds of CPU each, measured); one shared server, whose URL the
     workers inherit through the environment, avoids that.
     """
+    from synth_core.storage import WriterLock, check_writable
+
+    # Before any work (and before a server starts): an unwritable --out fails now in one line, not after ingest.
+    out = params.get("out") or cfg.storage.root
+    check_writable(out, cfg.storage)
+    # One run writes a location at a time; without --out that is the whole work root, whose fingerprinted
+    # outputs two identical runs would share.
+    from flows.reaper import Reaper
+
+    # The reaper ends the server and workers and crashes the flow run if this process dies without cleaning up.
+    with WriterLock(out, cfg.storage, owner=getattr(flow_fn, "name", "scoder")), Reaper() as reaper:
+        with interrupt_deadline():
+            return _run_flow_watched(flow_fn, cfg, reaper, **params)
+
+
+def _run_flow_watched(flow_fn, cfg: RunConfig, reaper, **params):
     prefect_env()
+    from prefect import tags
+
     runner = make_task_runner(cfg)
     if os.environ.get("PREFECT_API_URL"):
-        return flow_fn.with_options(task_runner=runner)(**params)
+        _watch_api(reaper, os.environ["PREFECT_API_URL"])
+        with tags(*reaper.tags):
+            return flow_fn.with_options(task_runner=runner)(**params)
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
     server.start()
     os.environ["PREFECT_API_URL"] = server.api_url
+    _watch_api(reaper, server.api_url)
     try:
-        return flow_fn.with_options(task_runner=runner)(**params)
+        with tags(*reaper.tags):
+            return flow_fn.with_options(task_runner=runner)(**params)
     finally:
         # Send buffered logs and events while the server still listens, else they retry for a minute.
         from prefect.events.worker import EventsWorker
@@ -71,6 +96,47 @@ def run_flow(flow_fn, cfg: RunConfig, **params):
         EventsWorker.drain_all()
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
+
+
+def _watch_api(reaper, api_url: str) -> None:
+    """Tell the reaper which API to report a crash to, and crash what earlier dead runs left RUNNING there."""
+    import logging
+
+    from flows.reaper import crash_orphaned
+
+    reaper.tell_api(api_url)
+    try:
+        crashed = crash_orphaned(api_url)
+    except Exception as err:  # an API that rejects the filter must not stop the run; the flow call will tell
+        logging.getLogger(__name__).warning("could not look for orphaned flow runs at %s: %s", api_url, err)
+        return
+    if crashed:
+        logging.getLogger(__name__).warning("marked %d flow run(s) of dead scoder processes as Crashed", crashed)
+
+
+@contextlib.contextmanager
+def interrupt_deadline(grace_s: float = INTERRUPT_GRACE_S) -> Iterator[None]:
+    """Ctrl-C (SIGINT) ends the process within `grace_s`: the first interrupt unwinds as usual (Prefect marks the
+    flow run crashed); if unwinding is still stuck after `grace_s` (the task runner's shutdown waits for every
+    running shard: over 15 s seen), the process exits hard and the reaper ends what is left."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        timer = threading.Timer(grace_s, os._exit, args=(128 + signum,))
+        timer.daemon = True
+        timer.start()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_shards(

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -24,6 +24,13 @@ class StrictModel(BaseModel):
     """Base for every config model: unknown keys are errors, values are re-validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def check_not_above(model: BaseModel, low: str, high: str) -> None:
+    """A cross-field constraint `low <= high`, failing at validation with both keys named (not later, mid-run)."""
+    lo, hi = getattr(model, low), getattr(model, high)
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"{low} ({lo}) must not exceed {high} ({hi})")
 
 
 class StorageConfig(StrictModel):
@@ -40,6 +47,22 @@ class StorageConfig(StrictModel):
     key: str | None = Field(None, description="S3 access key id; None = the standard AWS credential chain.")
     secret: str | None = Field(None, description="S3 secret access key; None = the standard AWS credential chain.")
     part_compression: str = Field("zstd", description="Parquet compression codec of dataset parts.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to open a connection to the S3 endpoint.")
+    read_timeout_s: float = Field(
+        15.0, gt=0, description="Seconds to wait for an S3 response before the attempt fails (a silent endpoint)."
+    )
+    max_attempts: int = Field(
+        2, ge=1, description="Attempts per S3 call, the first included: a dead endpoint fails within about 40 s."
+    )
+    lock_heartbeat_s: float = Field(
+        10.0, gt=0, description="Seconds between two refreshes of a live writer's `_writer.lock` in its output."
+    )
+    lock_stale_s: float = Field(
+        60.0, gt=0, description="Seconds without a heartbeat after which a writer lock is stale and taken over."
+    )
+    lock_wait_s: float = Field(
+        0.0, ge=0, description="Seconds a second writer waits for a live writer's lock before it refuses (0 = refuse)."
+    )
 
 
 class SnippetConfig(StrictModel):
@@ -54,6 +77,11 @@ class SnippetConfig(StrictModel):
     per_file: int = Field(3, ge=1, description="Most snippets cut from one file ('lines' mode: fragments per file).")
     seed: int = Field(0, description="Seed of the fragment sampler; the same seed and file give the same snippets.")
     min_chars: int = Field(16, ge=0, description="Snippets with fewer non-blank characters are rejected as too_short.")
+
+    @model_validator(mode="after")
+    def _check_line_range(self) -> SnippetConfig:
+        check_not_above(self, "min_lines", "max_lines")
+        return self
 
 
 class PoolConfig(StrictModel):
@@ -224,6 +252,11 @@ class SampleConfig(StrictModel):
         description="Sampling settings (temperature 0.2, 320 new tokens by default: sized for the built-in model).",
     )
 
+    @model_validator(mode="after")
+    def _check_instruction_range(self) -> SampleConfig:
+        check_not_above(self, "min_instruction_chars", "max_instruction_chars")
+        return self
+
 
 class TrainConfig(StrictModel):
     """Supervised fine-tuning of the synthesizer (LoRA by default), saving M checkpoints along the way."""
@@ -281,6 +314,20 @@ class TrainConfig(StrictModel):
         "(AVX512-BF16/AMX: 3.7x LoRA tokens/s measured), else fp32.",
     )
     seed: int = Field(0, description="Seed of initialisation, shuffling and dropout.")
+    # Speed switches below: they change how the same loss and gradients are computed, not what is trained, so
+    # they stay out of the stage's fingerprint (TRAIN_PERF_FIELDS in synth_core.train).
+    lora_cast_inputs: bool = Field(
+        False,
+        description="Cast each LoRA layer's input to the adapter dtype (fp32) as peft does by default: a copy of "
+        "the activations per adapted layer. Under bf16 autocast the adapter matmul runs in bf16 either way, so "
+        "False computes the same values without the copies (H100, 1B/7B LoRA: see bench/train.py).",
+    )
+    answer_logits_only: bool = Field(
+        False,
+        description="Compute the LM head and the cross-entropy only at positions whose next token is an answer "
+        "token (the loss's positions): the same loss up to float summation order, with the vocabulary-sized "
+        "matmul and fp32 logits cut to the answer share of the tokens.",
+    )
 
 
 class InfluenceConfig(StrictModel):
@@ -432,7 +479,7 @@ class ScoreConfig(StrictModel):
     teacher_logprobs: bool = Field(
         True,
         description="Ask the teacher for top logprobs and read its score as the judge's (probability-weighted "
-        "digit); False for endpoints that refuse logprobs (then the first digit of its answer).",
+        "digit at the token of its `Score: N` line); False for endpoints that refuse logprobs (then N as written).",
     )
     scorer_holdout_fraction: float = Field(
         0.2, ge=0, lt=1, description="Share of candidates held out of scorer training to measure its agreement (0-1)."
@@ -478,6 +525,13 @@ SandboxProtection = Literal[
     "ipcns",
     "mountns",
     "private_tmp",
+    "disk_limit",
+    "readonly_root",
+    "proc_hidepid",
+    "rlimit_nofile",
+    "no_new_privs",
+    "seccomp",
+    "memory_cgroup",
 ]
 
 
@@ -491,7 +545,18 @@ class SandboxConfig(StrictModel):
         32, ge=1, description="Processes + threads a program may have at once (RLIMIT_NPROC of its own uid)."
     )
     max_file_mb: int = Field(
-        16, ge=1, description="Largest file a program may write (MiB, RLIMIT_FSIZE); also the size of its /tmp."
+        16,
+        ge=1,
+        description="Largest file a program may write (MiB, RLIMIT_FSIZE); + 1 MiB is the size of the one tmpfs "
+        "holding its working folder, /tmp, /var/tmp and /dev/shm (as root).",
+    )
+    max_open_files: int = Field(
+        64, ge=16, description="File descriptors each process of a program may hold at once (RLIMIT_NOFILE)."
+    )
+    memory_cgroup: str | None = Field(
+        None,
+        description="cgroup v2 folder delegated to us (memory in its cgroup.subtree_control) in which each run gets "
+        "a cgroup with memory.max = memory_mb for its whole tree; None = off (memfd_create and shmget are denied).",
     )
     max_output_bytes: int = Field(
         1_000_000, ge=1, description="Stdout + stderr a program may write before it is killed (bytes)."
@@ -854,7 +919,9 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"{origin}: unknown key '{key}'")
         else:
-            lines.append(f"{origin}: invalid value for '{key}': {e['msg']}")
+            # A validator's own message says it all; pydantic prefixes it with "Value error, ".
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{origin}: invalid value for '{key}': {msg}")
     return "; ".join(lines)
 
 
@@ -889,14 +956,23 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}".splitlines()[0]) from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the config file: {err.strerror or err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"{origin}: '{part}' in override '{dotted}' is not a section")
+                # Name the key that holds a value where a section belongs (`--set pool=3`), not the override
+                # that tripped on it (`pool.sources` from --source).
+                section = ".".join(parents[: depth + 1])
+                raise ConfigError(
+                    f"{origin}: invalid value for '{section}': a section (a mapping of keys), not {node!r}"
+                )
         node[leaf] = value
     return parse_config(data, origin)

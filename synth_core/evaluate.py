@@ -17,8 +17,13 @@ measures the n-gram overlap of a dataset with each benchmark (synth_core.deconta
 - Code extraction (extract_code) is lenient, because a small model rarely formats well: the fenced block
   that defines the entry point, else an unclosed fence (cut by max_new_tokens), else raw code, else a
   body continuation appended to the prompt; trailing lines that do not parse are cut, and top-level
-  statements other than imports, definitions and assignments (example calls, prints, asserts) dropped,
-  so an example that fails or loops does not fail a correct function.
+  statements other than imports, definitions and assignments (example calls, prints, asserts, and an
+  assignment of an example call of the entry point, `result = f(3)`) dropped, so an example that fails or
+  loops does not fail a correct function. A function body without its header (fenced or raw; written
+  indented or dedented; opening with a comment or a blank line; holding column-0 comments) continues the
+  prompt's function as a whole; what follows it at column 0 (a helper it calls, an example) is top-level code,
+  kept or dropped as above (complete_body). bench/extraction.py measures this on HumanEval's 164 canonical
+  solutions written in each of those formats.
 - Generation: one engine (vLLM by default; synth_core.generate) in a spawned subprocess serves the greedy
   run (temperature 0, one completion) and the sampled run (n = `samples` at generation.temperature).
 - Execution: every completion + the problem's test runs in the sandbox (synth_core.sandbox.run_programs,
@@ -41,7 +46,6 @@ import json
 import os
 import re
 import secrets
-import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -52,7 +56,9 @@ from synth_core.generate import Completion, GenRequest
 from synth_core.models import ResolvedModel
 from synth_core.sandbox import SandboxResult
 
-STAGE_VERSION = 1
+# 2: bodies without a header are extracted whole (issue 16: dedented, comment- or blank-first bodies, column-0
+# comments, helpers after the body) and `name = entry_point(...)` examples are dropped.
+STAGE_VERSION = 2
 PROMPT_TOO_LONG = "prompt_too_long"
 STATUS_ORDER = ("failed", "timeout", "killed", "error", PROMPT_TOO_LONG)
 OVERRIDE_ENV = {"humaneval+": "HUMANEVAL_OVERRIDE_PATH", "mbpp+": "MBPP_OVERRIDE_PATH"}
@@ -195,8 +201,11 @@ def render_prompt(problem: Problem) -> str:
 Extraction = Literal["fenced", "unclosed_fence", "raw", "body", "continuation", "empty"]
 _FENCE_RE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)```", re.S)
 _CODE_START_RE = re.compile(r"^(def |async def |class |import |from \S+ import |@)", re.M)
-# Where a raw continuation of a function body ends (the stop sequences of the HumanEval paper).
+# Where a raw continuation of a function body ends for a problem that is not a function to complete (the stop
+# sequences of the HumanEval paper); a HumanEval-style body goes through complete_body instead.
 _CONTINUATION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", "\n```")
+# Column-0 lines that may end a body written dedented (all its lines at column 0): what follows a function.
+_AFTER_BODY_RE = re.compile(r"(def |async def |class |@|import |from \S+ import |if __name__|print\(|assert )")
 _KEPT_STATEMENTS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign)
 
 
@@ -222,26 +231,111 @@ def extract_code(answer: str, problem: Problem) -> tuple[str, Extraction]:
         m = _CODE_START_RE.search(answer)
         code = answer[m.start() :] if m else answer
         how = "raw"
+    elif problem.completes_function:
+        return complete_body(answer, problem), "continuation"
     else:
         code = answer
         for stop in _CONTINUATION_STOPS:
             code = code.split(stop, 1)[0]
         return code.rstrip() + "\n", "continuation"
-    code = sanitize_code(code)
-    if not _defines(code, problem.entry_point) and problem.completes_function and code.strip():
-        # A fenced function body without its header: it continues the prompt.
-        lines = code.splitlines()
-        first = next((ln for ln in lines if ln.strip()), "")
-        if first == first.lstrip():
-            code = textwrap.indent(code, "    ")
-        return code.rstrip() + "\n", "body"
-    return code, how
+    if problem.completes_function and code.strip() and not _defines(code, problem.entry_point):
+        # A function body without its header: it continues the prompt. Decided before sanitizing, which would
+        # read the body as a module (a dedented `return` does not parse there; an indented first line neither).
+        return complete_body(code, problem), "body"
+    return sanitize_code(code, problem.entry_point), how
 
 
-def sanitize_code(code: str) -> str:
+def _is_code_line(line: str) -> bool:
+    return bool(line.strip()) and not line.lstrip().startswith("#")
+
+
+def _compiles(source: str) -> bool:
+    """Python accepts it as a module: ast.parse alone lets `return` outside a function through."""
+    try:
+        compile(source, "<candidate>", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+def complete_body(code: str, problem: Problem) -> str:
+    """A function body (without its header) as the continuation of the problem's prompt: the body re-indented
+    under the prompt's function (written indented or dedented, opening with comments or blank lines, holding
+    column-0 comments), trailing lines that do not parse with the prompt cut (a cut-off answer), then what
+    follows the body at column 0 (helpers it calls, examples) as top-level code, sanitized (sanitize_code)."""
+    lines = code.split("```", 1)[0].rstrip().splitlines()  # a closing fence and the prose after it go
+    code_at = [i for i, ln in enumerate(lines) if _is_code_line(ln)]
+    if not code_at:
+        return "\n"
+    first = code_at[0]
+    written_dedented = lines[first] == lines[first].lstrip()
+    head = problem.prompt.rstrip("\n") + "\n"
+    indent = _body_indent(problem.prompt)
+    end = len(lines)
+    for i in code_at[1:]:
+        line = lines[i]
+        if line != line.lstrip():
+            continue  # indented: still inside the body
+        if written_dedented and not _AFTER_BODY_RE.match(line):
+            continue  # every statement of a dedented body is at column 0: only what starts a new block ends it
+        body = _fit_body(lines[:i], head, indent)
+        # The first column-0 line at which the body is complete (not inside a multi-line string) and, for a
+        # dedented body, after which the rest stands on its own (a nested def followed by `return` does not).
+        if _compiles(head + body) and (not written_dedented or _compiles("\n".join(lines[i:]))):
+            end = i
+            break
+    body_lines = lines[:end]
+    while len(body_lines) > 1 and not _compiles(head + _fit_body(body_lines, head, indent)):
+        body_lines = body_lines[:-1]  # cut off by max_new_tokens: keep the part that parses
+    if not _compiles(head + _fit_body(body_lines, head, indent)):
+        body_lines = lines[:end]  # never parses: as it is, so that its error shows in the result
+    body = _fit_body(body_lines, head, indent)
+    rest = "\n".join(lines[end:])
+    if rest.strip():
+        tail = sanitize_code(rest, problem.entry_point)
+        # A tail of which no line parses is prose after the body, not code: the body is the answer.
+        if _compiles(tail):
+            body += "\n\n" + tail
+    return body.rstrip() + "\n"
+
+
+def _body_indent(prompt: str) -> str:
+    """The indentation of the prompt's last function body (its docstring's): where the answer's body goes."""
+    last = next((ln for ln in reversed(prompt.rstrip().splitlines()) if ln.strip()), "")
+    return last[: len(last) - len(last.lstrip())] or "    "
+
+
+def _fit_body(lines: list[str], head: str, indent: str) -> str:
+    """The body as written when it already fits under the prompt's function (a multi-line string keeps its
+    text), else re-indented."""
+    verbatim = "\n".join(lines) + "\n"
+    return verbatim if _compiles(head + verbatim) else _reindent(lines, indent)
+
+
+def _reindent(lines: list[str], indent: str) -> str:
+    """`lines` moved so that their code lines' common margin becomes `indent` (comments and blank lines, whose
+    indentation Python ignores, neither set the margin nor block it)."""
+    margin = min((len(ln) - len(ln.lstrip()) for ln in lines if _is_code_line(ln)), default=0)
+    out = []
+    for ln in lines:
+        if not ln.strip():
+            out.append("")
+        elif ln[:margin].strip():  # a comment left of the margin
+            out.append(indent + ln.lstrip())
+        else:
+            out.append(indent + ln[margin:])
+    return "\n".join(out) + "\n"
+
+
+def _calls(node: ast.AST, name: str) -> bool:
+    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == name for n in ast.walk(node))
+
+
+def sanitize_code(code: str, entry_point: str | None = None) -> str:
     """Cut trailing lines that do not parse (a cut-off answer), keep only top-level imports, definitions and
-    assignments (examples, prints and asserts of the model's own go). Code that never parses stays as it is,
-    so that its error shows in the result."""
+    assignments (examples, prints and asserts of the model's own go, and so do assignments that call
+    `entry_point`: `result = f(3)` is an example, not a constant the function needs). Code that never parses
+    stays as it is, so that its error shows in the result."""
     lines = code.rstrip().splitlines()
     tree = None
     for end in range(len(lines), 0, -1):
@@ -256,6 +350,8 @@ def sanitize_code(code: str) -> str:
     kept: list[str] = []
     for node in tree.body:
         if isinstance(node, _KEPT_STATEMENTS):
+            if entry_point and isinstance(node, ast.Assign) and _calls(node.value, entry_point):
+                continue
             start = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
             kept.append("\n".join(lines[start - 1 : node.end_lineno]))
     return "\n\n".join(kept).rstrip() + "\n" if kept else "\n".join(lines).rstrip() + "\n"

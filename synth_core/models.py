@@ -12,7 +12,8 @@ References:
 - `builtin:tiny-random-llama`: a Llama of about 3M parameters with the built-in model's tokenizer and
   chat template, random weights (seeded). For tests and smoke runs: builds in seconds. Its hidden size
   is 64 with two heads because vLLM's CPU attention needs a head size of at least 32.
-- `builtin:random-llama-1b` (Llama-3.2-1B's shape, 1.24B parameters) and `builtin:random-llama-150m`: random
+- `builtin:random-llama-1b` (Llama-3.2-1B's shape, 1.24B parameters), `builtin:random-llama-7b` (Llama-2-7B's
+  shape, 6.7B parameters, 13.5 GB in bf16) and `builtin:random-llama-150m`: random
   weights of a real shape with a synthetic word-level tokenizer (`w0 w1 ...`, ChatML chat template), built
   from nothing. For benchmarks and GPU tests on machines that can download nothing: speed does not depend on
   the weights' values, and every stage (training, sampling, gradients) runs on them as on a real model.
@@ -185,6 +186,15 @@ RANDOM_LLAMA_SHAPES: dict[str, dict[str, int | bool]] = {
         num_attention_heads=32,
         num_key_value_heads=8,
         tie_word_embeddings=True,
+    ),
+    "7b": dict(  # Llama-2-7B
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        tie_word_embeddings=False,
     ),
     "150m": dict(
         vocab_size=32768,

@@ -9,7 +9,7 @@ The steps (`build_reference`, or `scoder reference build`):
    `synth_core.teacher.TeacherClient` (concurrency limit, deadlines, retries, token and cost accounting).
 3. Parse every answer with the sample stage's parser (`synth_core.parse.parse_synthesis`, its length limits from
    the `sample` config), so that R and the synthesizer's own samples are held to one standard.
-4. Write every row, kept or not: a request that failed after its retries (timeout, HTTP error, a malformed 200)
+4. Write every row, kept or not: a request that failed (after retries, or not retried: an HTTP 4xx, a malformed 200)
    is a row rejected as `request_failed` with its error class in `error`; an answer the parser refuses is
    rejected with the parser's reason. Lineage: snippet_id and the snippet's file and lines, the teacher, the raw
    answer, attempts, tokens and latency.
@@ -17,16 +17,20 @@ The steps (`build_reference`, or `scoder reference build`):
 Storage contract (synth_core.storage): the output location derives from the fingerprint of the pool, the chosen
 snippets, the template and system prompt, the parser limits and what of the teacher config shapes its answers
 (endpoint without credentials, model, sampling fields); never the key, concurrency, timeouts or prices, which
-change how answers are fetched, not what they are. A finished build is free to re-run. The rows are cut into
-parts of `reference.shard_rows` requests, each written when its last request returns; a part whose requests all
-came back keeps its done-marker, so a re-run after a crash (or an interrupt) sends only the parts that had not
-finished or had failures. `_manifest.json` comes last, with the funnel and the accounting: tokens, cost in USD,
-requests, retries, failures by class, seconds, requests/s.
+change how answers are fetched, not what they are. The rows are cut into parts of `reference.shard_rows`
+requests, each written when its last request returns; a part whose requests all came back keeps its done-marker.
+A re-run sends only what has no answer yet: the rows of parts that had not finished (a crash, an interrupt) and
+the failed requests (`request_failed` rows) of parts that had failures, whose answered rows are kept as written.
+So a build committed with a few failures (under `reference.max_failed_fraction`) is completed by its re-run, and
+a build without failures is free to re-run. A build that sends anything holds the location's writer lock
+(storage.WriterLock): a second build into the same location is refused before it sends a request.
+`_manifest.json` comes last, with the funnel and the accounting: tokens, cost in USD, requests, retries,
+failures by class, seconds, requests/s.
 
 When more than `reference.max_failed_fraction` of the requests fail (a wrong key, a wrong model name, the
-endpoint down), nothing is committed and `TeacherError` says why: committing would make the broken R the
-finished, free-to-re-run result of this fingerprint. The re-run, once the cause is fixed, re-sends only the
-parts with failures.
+endpoint down), nothing is committed and `TeacherError` says why (each error class, whether it was retried, the
+first error's status and message): committing a mostly broken R would be wrong. The re-run, once the cause is
+fixed, re-sends only the failed requests.
 
 Not here: what a teacher is (synth_core.teacher), loading R (synth_core.reference.load_reference reads the built
 dataset's kept rows), training on it (synth_core.train).
@@ -49,22 +53,35 @@ from synth_core.config import ConfigError, RunConfig
 from synth_core.reference import DEFAULT_LANGUAGE, REFERENCE_SCHEMA
 from synth_core.schema import content_id
 from synth_core.storage import (
+    DatasetError,
     Manifest,
+    PartInfo,
     ShardResult,
+    WriterLock,
     commit_dataset,
     compute_funnel,
     dataset_has_fingerprint,
     fingerprint,
     finished_shard,
     forget_shard,
+    get_fs,
     hide_stale_dataset,
     join_uri,
     merge_funnels,
+    part_name,
     read_manifest,
     read_part,
     write_part,
 )
-from synth_core.teacher import ChatResult, TeacherClient, TeacherError, TeacherStats, redact_url, run_coroutine
+from synth_core.teacher import (
+    ChatResult,
+    TeacherClient,
+    TeacherError,
+    TeacherStats,
+    describe_failures,
+    redact_url,
+    run_coroutine,
+)
 
 if TYPE_CHECKING:
     from synth_core.config import SampleConfig
@@ -259,23 +276,42 @@ def build_reference(
     """The whole build in this process; returns the output URI. `progress` is called after every request."""
     t0 = time.perf_counter()
     plan = plan_reference_build(cfg, snippets_uri, out)
-    if reference_built(plan, cfg):
+    if _failed_before(plan, cfg) == 0:
         log.info("reference: already built at %s (fingerprint %s): nothing to send", plan.out_uri, plan.fp)
         return plan.out_uri
-    hide_stale_dataset(plan.out_uri, plan.fp, cfg.storage)
-    results, stats = run_coroutine(_send_all(plan, cfg, progress))
-    failed = sum(r.funnel.get("rejected", {}).get(REQUEST_FAILED, 0) for r in results)
-    rows = len(plan.snippets)
-    if failed > cfg.reference.max_failed_fraction * rows:
-        by_class = ", ".join(f"{k}: {v}" for k, v in sorted(stats.failures.items()))
-        first = next(iter(stats.examples.values()), "")
-        raise TeacherError(
-            f"{failed} of {rows} requests to {redact_url(cfg.teacher.endpoint)} failed after retries ({by_class}), "
-            f"more than reference.max_failed_fraction={cfg.reference.max_failed_fraction}: nothing committed at "
-            f"{plan.out_uri}; a re-run re-sends the parts with failures. First error: {first}"
-        )
-    commit_reference(plan, results, stats, cfg, time.perf_counter() - t0)
+    # One writer at a time (storage.WriterLock): two builds into one location would each pay for every request and
+    # rewrite each other's parts. Taken only when there is something to send, so a finished build stays free to
+    # re-run from a read-only location.
+    with WriterLock(plan.out_uri, cfg.storage, owner="reference build"):
+        failed_before = _failed_before(plan, cfg)  # again, under the lock: the holder may have just finished it
+        if failed_before == 0:
+            return plan.out_uri
+        if failed_before is None:
+            hide_stale_dataset(plan.out_uri, plan.fp, cfg.storage)
+        else:
+            # Committed under max_failed_fraction with some requests failed: their parts lost their done-markers,
+            # so _send_all re-sends exactly those rows and keeps every answered row of those parts as it is.
+            log.info("reference: %s holds %d failed request(s): re-sending those only", plan.out_uri, failed_before)
+        results, stats = run_coroutine(_send_all(plan, cfg, progress))
+        failed = sum(r.funnel.get("rejected", {}).get(REQUEST_FAILED, 0) for r in results)
+        rows = len(plan.snippets)
+        if failed > cfg.reference.max_failed_fraction * rows:
+            first = next(iter(stats.examples.values()), "")
+            raise TeacherError(
+                f"{failed} of {rows} requests to {redact_url(cfg.teacher.endpoint)} failed "
+                f"({describe_failures(stats)}), more than reference.max_failed_fraction="
+                f"{cfg.reference.max_failed_fraction}: nothing committed at {plan.out_uri}; a re-run re-sends only "
+                f"the failed requests. First error: {first}"
+            )
+        commit_reference(plan, results, stats, cfg, time.perf_counter() - t0)
     return plan.out_uri
+
+
+def _failed_before(plan: ReferenceBuildPlan, cfg: RunConfig) -> int | None:
+    """Failed requests of this very build already committed at the output (0: complete); None: not built there."""
+    if not reference_built(plan, cfg):
+        return None
+    return read_manifest(plan.out_uri, cfg.storage).funnel.get("rejected", {}).get(REQUEST_FAILED, 0)
 
 
 async def _send_all(
@@ -290,8 +326,13 @@ async def _send_all(
             results[i] = done
         else:
             todo.append(i)
+    # Rows an earlier run of this build already has an answer for (parts left unfinished because some of their
+    # requests failed): kept as they are, so a re-run pays only for the failed requests.
+    earlier = {i: _answered_rows(plan, i, cfg) for i in todo}
     tracker = _Tracker(
-        sum(plan.shards[i][1] - plan.shards[i][0] for i in todo), cfg.reference.progress_log_s, progress
+        sum(plan.shards[i][1] - plan.shards[i][0] - len(earlier[i]) for i in todo),
+        cfg.reference.progress_log_s,
+        progress,
     )
     async with TeacherClient(cfg.teacher, on_result=tracker.update) as client:
         tracker.stats = client.stats
@@ -300,12 +341,16 @@ async def _send_all(
             t = time.perf_counter()
             start, end = plan.shards[index]
             snippets = plan.snippets[start:end]
-            chats = [synthesis_messages(plan.template, s, cfg.reference.system_prompt) for s in snippets]
+            kept = earlier[index]
+            ids = [_ref_id(s, plan) for s in snippets]
+            to_send = [s for s, ref_id in zip(snippets, ids, strict=True) if ref_id not in kept]
+            chats = [synthesis_messages(plan.template, s, cfg.reference.system_prompt) for s in to_send]
             answers = await asyncio.gather(
-                *(client.chat(m, **format_params(cfg, s["language"])) for m, s in zip(chats, snippets, strict=True))
+                *(client.chat(m, **format_params(cfg, s["language"])) for m, s in zip(chats, to_send, strict=True))
             )
+            fresh = {_ref_id(s, plan): _row(s, a, plan, cfg) for s, a in zip(to_send, answers, strict=True)}
             table = pa.Table.from_pylist(
-                [_row(s, a, plan, cfg) for s, a in zip(snippets, answers, strict=True)], schema=REFERENCE_BUILD_SCHEMA
+                [kept.get(ref_id) or fresh[ref_id] for ref_id in ids], schema=REFERENCE_BUILD_SCHEMA
             )
             funnel = compute_funnel(table, REASON_ORDER)
             # Off the event loop: writing to object storage blocks, and other parts' requests are in flight.
@@ -321,6 +366,30 @@ async def _send_all(
     return [results[i] for i in range(len(plan.shards))], client.stats
 
 
+def _ref_id(snippet: dict[str, Any], plan: ReferenceBuildPlan) -> str:
+    return content_id(f"{snippet['snippet_id']}:{plan.request_fp}")
+
+
+def _answered_rows(plan: ReferenceBuildPlan, index: int, cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """The rows of part `index` left by an earlier run of this build whose request was answered, by ref_id.
+
+    Empty when there is no such part. A part that cannot be read (a crash mid-write) is said in the log and
+    re-sent whole. ref_ids are checked against this plan's, so a part of another build never lends a row.
+    """
+    start, end = plan.shards[index]
+    info = PartInfo(name=part_name(index), rows=end - start)
+    fs, root = get_fs(plan.out_uri, cfg.storage)
+    if not fs.exists(f"{root}/{info.name}"):
+        return {}
+    try:
+        rows = read_part(plan.out_uri, info, storage=cfg.storage).to_pylist()
+    except DatasetError as err:
+        log.warning("reference: %s; its requests are sent again", err)
+        return {}
+    wanted = {_ref_id(s, plan) for s in plan.snippets[start:end]}
+    return {r["ref_id"]: r for r in rows if r.get("ref_id") in wanted and r.get("reject_reason") != REQUEST_FAILED}
+
+
 def _row(snippet: dict[str, Any], answer: ChatResult, plan: ReferenceBuildPlan, cfg: RunConfig) -> dict[str, Any]:
     if answer.ok:
         parsed = parse.parse_synthesis(answer.text, answer.finish_reason, **_parser_limits(cfg.sample))
@@ -332,7 +401,7 @@ def _row(snippet: dict[str, Any], answer: ChatResult, plan: ReferenceBuildPlan, 
     if snippet.get("line_start"):
         where += f":{snippet['line_start']}-{snippet['line_end']}"
     return {
-        "ref_id": content_id(f"{snippet['snippet_id']}:{plan.request_fp}"),
+        "ref_id": _ref_id(snippet, plan),
         "snippet": snippet["content"],
         "language": snippet["language"] or DEFAULT_LANGUAGE,
         "instruction": parsed.instruction,

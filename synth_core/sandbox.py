@@ -28,11 +28,30 @@ How a run is held, each protection by the name a result lists it under (`Sandbox
 - netns, ipcns: new, empty network and System V IPC namespaces (no interface but a down loopback: no
   connection anywhere, not even to 127.0.0.1), when the OS permits them (root with CAP_SYS_ADMIN, or an
   unprivileged user namespace).
-- mountns, private_tmp: a private mount namespace in which /tmp, /var/tmp and /dev/shm are fresh tmpfs of
-  `max_file_mb` (so nothing written there outlives the run or is seen by another run) and the working
-  folder is bound back at its own path. When the interpreter lives under a folder the sandbox uid may not
-  enter (pyenv under a 0700 /root, as on our dev machines), that folder is replaced by an empty tmpfs with
-  only the interpreter's own folders bound back, at the same paths.
+- mountns: a private mount namespace for the program (as root), in which:
+  - readonly_root: every mount of the host is read-only (one recursive mount_setattr, Linux >= 5.12), so no
+    world-writable place of the host (/run/lock, which /var/lock points to, or any other) keeps what the
+    program writes, and a program running as root (uid_base null) cannot change the host's files either;
+  - private_tmp, disk_limit: ONE fresh tmpfs of `max_file_mb` + 1 MiB holds all the program may write: its
+    working folder (bound at the path it had; main.py is copied in: the program never writes the host disk),
+    /tmp, /var/tmp and /dev/shm. Their sum is bounded, nothing on them outlives the run, no other run sees it.
+    When the interpreter lives in one of those folders, or under a folder the sandbox uid may not enter
+    (pyenv under a 0700 /root, as on our dev machines), its folders are bound back at the same paths (the
+    latter on an empty 1 MiB tmpfs that replaces the closed folder);
+  - proc_hidepid: a /proc of its own, mounted with hidepid=2: the program sees only its own uid's processes,
+    never another process's command line or environment (the launcher's and ours included). As root
+    (uid_base null) it would see everything, so it is only listed active with sandbox_uid.
+- rlimit_nofile: `max_open_files` descriptors per process (a bound on pipes and other kernel memory).
+- no_new_privs, seccomp: no setuid binary gives privileges back, and a seccomp filter makes the calls that
+  generated code never needs fail with EPERM: ptrace and process_vm_readv/writev, mount and the other mount
+  calls, unshare, setns and clone with a namespace flag, the kernel keyring (keyctl, add_key, request_key),
+  bpf, perf_event_open; and, when no memory cgroup bounds the run, memfd_create, memfd_secret and shmget,
+  whose memory RLIMIT_AS does not count (768 MiB in memfds got past a 256 MiB limit). The filter uses x86-64
+  syscall numbers: on another architecture it is not loaded and `seccomp` is listed inactive (with why).
+- memory_cgroup (opt-in, `sandbox.memory_cgroup`): the run's whole tree in a cgroup v2 of its own with
+  memory.max = `memory_mb` and no swap, under a folder delegated to us; a run killed there says limit
+  'memory'. Off by default: it needs a delegated cgroup v2 memory controller, which many hosts (ours: cgroup
+  v1 memory) do not have.
 
 Whatever the OS refuses is recorded, not hidden: `SandboxResult.inactive` says which protection was not
 active and why, and `SandboxConfig.required` turns a missing one into status 'error' instead of a run.
@@ -40,8 +59,9 @@ Started without root, a program runs as our own uid: the limits, the namespaces 
 allowed) and the cleanup of its tree still hold, but it can signal our processes, read what we can read,
 and fork until the wall timeout; use that mode for trusted code only.
 
-How it is built: a small launcher (`_launcher`, a function of this module sent to `python -I -S -c` as
-source, so that it starts in ~10 ms without importing this package) is started by a thread here. It forks
+How it is built: a small launcher (`_launcher`, a function of this module compiled once here and sent to
+`python -I -S -c` as a marshalled code object, so that it starts in ~10 ms without importing this package or
+compiling its source: 3 ms a run) is started by a thread here. It forks
 the program's process, which sets the limits, enters the namespaces, switches uid and execs the
 interpreter; the launcher stays as the program's parent (as root where we are root, out of the program's
 reach), ends it at the wall timeout or when asked (SIGTERM: output cap), kills and reaps what it leaves
@@ -49,17 +69,22 @@ behind, and reports on a status pipe. All of that is one fork-and-exec of a sing
 the sandbox is safe to use from threads (no preexec_fn in a threaded parent).
 
 What it leaves to others: deciding what to run and what a pass means (the score stage builds the program
-text, e.g. a solution followed by its own asserts). What it does not stop: reading world-readable files,
-seeing the host's process list (no pid namespace), using the disk in its working folder (each file at most
-`max_file_mb`, their number bounded only by time), and anything a kernel exploit can do: this is a
-process sandbox, not a virtual machine.
+text, e.g. a solution followed by its own asserts). What it does not stop: reading world-readable files of the
+host; connecting to a UNIX socket file of the host that others may write (a read-only mount does not stop a
+connect; those in /tmp are hidden by its private /tmp); using memory up to `memory_mb` of address space in
+EACH of its `max_procs` processes, plus pipe buffers, when no memory cgroup bounds the run (RLIMIT_AS is per
+process: the bound of the whole run is their product); burning CPU on every core until the wall timeout; and
+anything a kernel exploit can do: this is a process sandbox, not a virtual machine. Without root, the mount
+namespace and all it holds are missing (see above).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import functools
 import inspect
+import itertools
 import logging
 import marshal
 import os
@@ -107,6 +132,7 @@ DRAIN_S = 0.5
 STATUS_MAX_BYTES = 65536
 READ_CHUNK = 65536
 MAIN_FILE = "main.py"
+MEMORY_CGROUP_OFF = "memory_cgroup: off (sandbox.memory_cgroup is null)"
 
 
 @dataclass(frozen=True)
@@ -117,7 +143,8 @@ class SandboxResult:
     # output cap; error: the sandbox could not run it (see `error`)
     exit_code: int | None  # the program's exit status when it exited, else None
     signal: str | None  # the signal that ended it ("SIGKILL", "SIGXCPU", ...), else None
-    limit: str | None  # which limit ended it: wall_time, cpu_time, output, file_size, memory (from its traceback)
+    limit: str | None  # which limit ended it: wall_time, cpu_time, output, file_size, memory, disk, open_files
+    # (the last three from its traceback, or memory from its cgroup's OOM kills)
     stdout_tail: str
     stderr_tail: str
     stdout_bytes: int  # all bytes it wrote to stdout (counted, not kept)
@@ -141,13 +168,15 @@ class SandboxResult:
 def verdict_limits(cfg: SandboxConfig) -> dict:
     """The settings a verdict depends on, for the fingerprints of the stages that run code (not `workers`: how many
     run at once changes no verdict)."""
-    return cfg.model_dump(mode="json", include={"timeout_s", "cpu_s", "memory_mb", "max_procs", "network"})
+    keys = {"timeout_s", "cpu_s", "memory_mb", "max_procs", "network", "max_file_mb", "max_open_files"}
+    limits = cfg.model_dump(mode="json", include=keys)
+    return {**limits, "memory_cgroup": cfg.memory_cgroup is not None}  # whether one bounds the run, not where
 
 
 def run_program(code: str, cfg: SandboxConfig | None = None, args: Sequence[str] = ()) -> SandboxResult:
     """Run `code` as a Python program in the sandbox (argv[1:] = args); how it ended."""
     cfg = cfg or SandboxConfig()
-    with _uid_slot(cfg) as uid:
+    with _uid_slot(cfg) as uid, _memory_cgroup(cfg) as (cgroup, cgroup_off):
         workdir = Path(tempfile.mkdtemp(prefix="scoder-sbx-", dir=_tmp_root(cfg)))
         try:
             main = workdir / MAIN_FILE
@@ -155,7 +184,9 @@ def run_program(code: str, cfg: SandboxConfig | None = None, args: Sequence[str]
             if uid is not None:
                 os.chown(workdir, uid, uid)
                 os.chown(main, uid, uid)
-            result = _execute(workdir, uid, cfg, list(args))
+            result = _execute(workdir, uid, cfg, list(args), cgroup, cgroup_off)
+            if cgroup and result.signal == "SIGKILL" and result.limit is None and _oom_kills(cgroup):
+                result = dataclasses.replace(result, limit="memory")
             if uid is not None and "private_tmp" not in result.protections:
                 _sweep_shared_tmp(uid)  # what it left in /tmp & co. would otherwise outlive it
         finally:
@@ -197,7 +228,7 @@ def _launcher() -> None:
     import sys
     import time
 
-    spec = marshal.loads(bytes.fromhex(sys.argv[1]))
+    spec = marshal.loads(bytes.fromhex(sys.argv[2]))  # argv[1] is this function's own code (LAUNCHER_STUB)
     fd = spec["status_fd"]
     os.set_inheritable(fd, False)  # the program never gets the status pipe
 
@@ -211,9 +242,13 @@ def _launcher() -> None:
         err = ctypes.get_errno()
         return OSError(err, f"{what}: {os.strerror(err)}")
 
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    libc.syscall.restype = ctypes.c_long
+
     CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWNET = 0x20000, 0x08000000, 0x10000000, 0x40000000
-    MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
-    PR_SET_CHILD_SUBREAPER = 36
+    MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+    PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 36, 38, 22
+    MOUNTNS_PROTECTIONS = ("readonly_root", "private_tmp", "disk_limit", "proc_hidepid")
 
     uid, gid = spec["uid"], spec["gid"]
     use_uid = uid is not None
@@ -259,6 +294,81 @@ def _launcher() -> None:
                         pass
             return found
 
+    def bind(fd, target):
+        """Mount the folder open as `fd` (O_PATH) on `target`, which is made first if missing."""
+        os.makedirs(target, mode=0o755, exist_ok=True)
+        if libc.mount(f"/proc/self/fd/{fd}".encode(), target.encode(), None, MS_BIND | MS_REC, None) != 0:
+            raise oserror(f"bind {target}")
+        os.close(fd)
+
+    def read_only_root():
+        """Every mount of the namespace read-only, at once (mount_setattr, Linux >= 5.12; the number is the same on
+        every architecture): the world-writable folders of the host (/run/lock, ...) with everything else."""
+        attr = (ctypes.c_uint64 * 4)(1 | 2 | 4, 0, 0, 0)  # set MOUNT_ATTR_RDONLY | NOSUID | NODEV
+        nr, at_fdcwd, at_recursive = ctypes.c_long(442), -100, ctypes.c_uint(0x8000)  # SYS_mount_setattr
+        if libc.syscall(nr, at_fdcwd, b"/", at_recursive, attr, ctypes.c_size_t(ctypes.sizeof(attr))) != 0:
+            raise oserror("mount_setattr / read-only")
+
+    def private_disk(disk):
+        """One tmpfs of `size_mb` for all the program may write: its working folder (where main.py is copied),
+        /tmp, /var/tmp and /dev/shm are folders of it, so their sum is bounded, and none is on the host's disk."""
+        workdir = disk["workdir"]
+        with open(os.path.join(workdir, disk["main"]), "rb") as f:
+            code = f.read()  # before the tmpfs hides the host's copy
+        keep_fds = [(k, os.open(k, os.O_PATH | os.O_DIRECTORY)) for _, _, keeps in disk["shared"] for k in keeps]
+        opts = f"mode=755,size={disk['size_mb']}m".encode()
+        if libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts) != 0:
+            raise oserror(f"mount tmpfs on {workdir}")
+        fds = {}
+        for sub, mode in [("work", 0o700)] + [(sub, 0o1777) for _, sub, _ in disk["shared"]]:
+            path = os.path.join(workdir, sub)
+            os.mkdir(path)
+            os.chmod(path, mode)  # mkdir's mode passes through the umask
+            if sub == "work" and use_uid:
+                os.chown(path, uid, gid)
+            fds[sub] = os.open(path, os.O_PATH | os.O_DIRECTORY)
+        main_path = os.path.join(workdir, "work", disk["main"])
+        with open(main_path, "wb") as f:
+            f.write(code)
+        if use_uid:
+            os.chown(main_path, uid, gid)
+        for target, sub, _ in disk["shared"]:
+            bind(fds[sub], target)
+        for keep, kfd in keep_fds:  # the interpreter, when it lives in /tmp (a CI's virtualenv)
+            bind(kfd, keep)
+        return fds["work"]
+
+    def seccomp_program(deny_memory):
+        """A classic-BPF seccomp filter (x86-64): what generated code never needs fails with EPERM, the rest runs.
+
+        Denied: ptrace and process_vm_readv/writev (other processes' memory), mount, umount2, pivot_root and the
+        new mount API (the mounts above stay as they are), unshare, setns and clone with a namespace flag (no
+        new namespaces: with a user namespace a program would be root in it), keyctl, add_key, request_key (the
+        kernel keyring), bpf, perf_event_open; with `deny_memory` (no memory cgroup bounds the run) also
+        memfd_create, memfd_secret and shmget, whose memory RLIMIT_AS does not count. clone3 gets ENOSYS, so
+        that glibc falls back to clone, whose flags a filter can read (clone3 passes them in memory). Calls of
+        the other ABIs of an x86-64 kernel (i386 through int 0x80, x32) are refused whole: the numbers differ.
+        """
+
+        def op(code, k, jt=0, jf=0):
+            return code.to_bytes(2, "little") + bytes((jt, jf)) + (k & 0xFFFFFFFF).to_bytes(4, "little")
+
+        LD_ABS, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|..|K, BPF_RET|K
+        ALLOW, EPERM, ENOSYS = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38  # SECCOMP_RET_ALLOW, _ERRNO | errno
+        denied = [101, 310, 311, 165, 166, 155, 428, 429, 430, 431, 432, 433, 442, 272, 308, 250, 248, 249, 321, 298]
+        if deny_memory:
+            denied += [319, 447, 29]
+        CLONE, CLONE3, X32_BIT = 56, 435, 0x40000000
+        NS_FLAGS = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+        prog = [op(LD_ABS, 4), op(JEQ, 0xC000003E, jt=1), op(RET, EPERM)]  # seccomp_data.arch == AUDIT_ARCH_X86_64
+        prog += [op(LD_ABS, 0), op(JGE, X32_BIT, jf=1), op(RET, EPERM)]  # seccomp_data.nr
+        prog += [op(JEQ, CLONE3, jf=1), op(RET, ENOSYS)]
+        for nr in denied:
+            prog += [op(JEQ, nr, jf=1), op(RET, EPERM)]
+        prog += [op(JEQ, CLONE, jt=1), op(RET, ALLOW), op(LD_ABS, 16), op(JSET, NS_FLAGS, jf=1), op(RET, EPERM)]
+        prog += [op(RET, ALLOW)]  # low half of args[0], the flags (little-endian) ^
+        return b"".join(prog)
+
     def overmount(target, mode, size_mb, keeps):
         """A fresh tmpfs on `target`, with each folder in `keeps` (under target) bound back at its own path."""
         fds = [os.open(k, os.O_PATH | os.O_DIRECTORY) for k in keeps]  # before the tmpfs hides them
@@ -293,6 +403,14 @@ def _launcher() -> None:
             limit("rlimit_fsize", resource.RLIMIT_FSIZE, spec["fsize_bytes"], spec["fsize_bytes"])
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core files of killed programs
 
+            step = "memory cgroup"
+            if spec["cgroup"]:  # before the mount namespace, whose /sys is read-only
+                with open(os.path.join(spec["cgroup"], "cgroup.procs"), "w") as f:
+                    f.write("0\n")  # this process, and from here on all it starts
+                active.append("memory_cgroup")
+            else:
+                inactive.append(spec["cgroup_off"])
+
             step = "namespaces"
             if root:
                 if libc.unshare(CLONE_NEWIPC) == 0:
@@ -307,15 +425,37 @@ def _launcher() -> None:
                     inactive.append(f"netns: unshare: {os.strerror(ctypes.get_errno())}")
                 if libc.unshare(CLONE_NEWNS) != 0:
                     reason = os.strerror(ctypes.get_errno())
-                    inactive += [f"mountns: unshare: {reason}", f"private_tmp: no mount namespace ({reason})"]
+                    inactive += [f"mountns: unshare: {reason}"]
+                    inactive += [f"{p}: no mount namespace ({reason})" for p in MOUNTNS_PROTECTIONS]
                 else:
                     if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
                         raise oserror("make / private")
                     active.append("mountns")
-                    step = "private mounts"
-                    for target, mode, size_mb, keeps in spec["mounts"]:
-                        overmount(target, mode, size_mb, keeps)
+                    plan = spec["mounts"]
+                    step = "read-only root"
+                    try:
+                        read_only_root()
+                        active.append("readonly_root")
+                    except OSError as err:
+                        inactive.append(f"readonly_root: {err}")
+                    step = "private disk"
+                    work_fd = private_disk(plan["disk"])
                     active.append("private_tmp")
+                    step = "interpreter mounts"
+                    for target, keeps in plan["closed"]:
+                        overmount(target, 0o755, 1, keeps)
+                    step = "working folder"
+                    bind(work_fd, spec["workdir"])  # last: over whatever the mounts above put at its path
+                    active.append("disk_limit")
+                    step = "proc"
+                    # A /proc of our own in which only the sandbox uid's processes exist (the host's command lines,
+                    # including this launcher's, are hidden); as root (uid_base null) hidepid hides nothing.
+                    if libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"hidepid=2") != 0:
+                        inactive.append(f"proc_hidepid: mount proc: {os.strerror(ctypes.get_errno())}")
+                    elif use_uid:
+                        active.append("proc_hidepid")
+                    else:
+                        inactive.append("proc_hidepid: the program runs as root, which hidepid does not hide from")
                     os.chdir(spec["workdir"])  # through the bind mount
             elif spec["netns"]:
                 # Unprivileged: network and IPC namespaces inside a new user namespace that maps only ourselves.
@@ -336,7 +476,7 @@ def _launcher() -> None:
             else:
                 inactive += ["netns: the config allows the network", "ipcns: needs root or a user namespace"]
             if not root:
-                inactive += ["mountns: needs root", "private_tmp: needs root"]
+                inactive += [f"{p}: needs root" for p in ("mountns", *MOUNTNS_PROTECTIONS)]
 
             if use_uid:
                 step = "uid switch"
@@ -360,6 +500,31 @@ def _launcher() -> None:
                     if root
                     else "rlimit_nproc: would count the caller's own processes",
                 ]
+
+            step = "open files limit"
+            limit("rlimit_nofile", resource.RLIMIT_NOFILE, spec["nofile"], spec["nofile"])
+            step = "seccomp"
+            # no_new_privs: no setuid binary gives privileges back; it also lets a non-root process load a filter.
+            if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0:
+                active.append("no_new_privs")
+            else:
+                inactive.append(f"no_new_privs: prctl: {os.strerror(ctypes.get_errno())}")
+            machine = os.uname().machine
+            if machine != "x86_64":
+                inactive.append(f"seccomp: the filter is written for x86-64 syscall numbers, this is {machine}")
+            elif "no_new_privs" not in active:
+                inactive.append("seccomp: needs no_new_privs")
+            else:
+                program = seccomp_program(deny_memory=not spec["cgroup"])
+                buf = ctypes.create_string_buffer(program, len(program))
+                # struct sock_fprog {unsigned short len; (6 bytes of padding) struct sock_filter *filter;}
+                fprog = ctypes.create_string_buffer(
+                    (len(program) // 8).to_bytes(2, "little") + bytes(6) + ctypes.addressof(buf).to_bytes(8, "little")
+                )
+                if libc.prctl(PR_SET_SECCOMP, 2, ctypes.addressof(fprog), 0, 0) == 0:  # SECCOMP_MODE_FILTER
+                    active.append("seccomp")
+                else:
+                    inactive.append(f"seccomp: prctl: {os.strerror(ctypes.get_errno())}")
 
             missing = [p for p in spec["required"] if p not in active and not (p == "subreaper" and subreaper)]
             if missing:
@@ -461,6 +626,21 @@ def _launcher_source() -> str:
     return inspect.getsource(_launcher) + "\n_launcher()\n"
 
 
+# What `python -c` runs: the launcher's code object, compiled once by this process (the same interpreter runs
+# it, so marshal's format matches). Compiling the ~20 kB source in every launcher cost 3 ms a run.
+LAUNCHER_STUB = "import marshal, sys; exec(marshal.loads(bytes.fromhex(sys.argv[1])))"
+
+
+@functools.cache
+def _launcher_code() -> str:
+    """The launcher's code object, marshalled, as hex (an argument of at most 128 KiB: MAX_ARG_STRLEN)."""
+    # optimize=2 drops its docstrings (the launcher has no asserts): 5% less to send.
+    code = marshal.dumps(compile(_launcher_source(), "<scoder-sandbox-launcher>", "exec", optimize=2)).hex()
+    if len(code) >= 128 * 1024:
+        raise RuntimeError("the sandbox launcher outgrew one argument: send it through a pipe instead")
+    return code
+
+
 # ---------------------------------------------------------------------------------------------------------
 # This side: one thread per run starts the launcher, reads its pipes and turns its report into a result.
 
@@ -484,7 +664,9 @@ class _Tail:
         return bytes(data).decode("utf-8", errors="replace")
 
 
-def _execute(workdir: Path, uid: int | None, cfg: SandboxConfig, args: list[str]) -> SandboxResult:
+def _execute(
+    workdir: Path, uid: int | None, cfg: SandboxConfig, args: list[str], cgroup: str | None, cgroup_off: str
+) -> SandboxResult:
     env = _clean_env(workdir)
     status_r, status_w = os.pipe()
     spec = {
@@ -497,7 +679,10 @@ def _execute(workdir: Path, uid: int | None, cfg: SandboxConfig, args: list[str]
         "uid": uid,
         "gid": uid,
         "netns": cfg.network == "deny",
-        "mounts": _mount_plan(str(workdir), cfg, expose_interpreter=uid is not None) if os.geteuid() == 0 else [],
+        "mounts": _mount_plan(str(workdir), cfg, expose_interpreter=uid is not None) if os.geteuid() == 0 else {},
+        "nofile": cfg.max_open_files,
+        "cgroup": cgroup,
+        "cgroup_off": cgroup_off,
         "must_reach": _interpreter_paths(),
         "workdir": str(workdir),
         "required": [p for p in cfg.required if p not in PARENT_PROTECTIONS],
@@ -505,7 +690,7 @@ def _execute(workdir: Path, uid: int | None, cfg: SandboxConfig, args: list[str]
         "argv": [sys.executable, "-I", "-B", MAIN_FILE, *args],
     }
     # -S: the launcher needs no site-packages, which saves ~15 ms a run; the program gets them (no -S).
-    argv = [sys.executable, "-I", "-S", "-B", "-c", _launcher_source(), marshal.dumps(spec).hex()]
+    argv = [sys.executable, "-I", "-S", "-B", "-c", LAUNCHER_STUB, _launcher_code(), marshal.dumps(spec).hex()]
     try:
         proc = subprocess.Popen(
             argv,
@@ -638,6 +823,10 @@ def _limit_from_traceback(stderr_tail: str) -> str | None:
         return "memory"
     if "[Errno 27]" in last:  # EFBIG, File too large: Python ignores SIGXFSZ, so writes fail instead
         return "file_size"
+    if "[Errno 28]" in last:  # ENOSPC: the run's tmpfs is full
+        return "disk"
+    if "[Errno 24]" in last:  # EMFILE: RLIMIT_NOFILE
+        return "open_files"
     return None
 
 
@@ -763,25 +952,85 @@ def _interpreter_mounts() -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(out)
 
 
-def _mount_plan(workdir: str, cfg: SandboxConfig, expose_interpreter: bool) -> list[tuple[str, int, int, list[str]]]:
-    """(target, mode, size MiB, folders bound back) for each tmpfs of the program's mount namespace."""
-    plan: list[tuple[str, int, int, list[str]]] = []
+def _mount_plan(workdir: str, cfg: SandboxConfig, expose_interpreter: bool) -> dict:
+    """What the launcher mounts in the program's namespace: `disk`, its one tmpfs (working folder, /tmp, /var/tmp,
+    /dev/shm, with the folders of the interpreter that live in those bound back), and `closed`, (folder, kept
+    folders) for each folder above the interpreter that the sandbox uid may not enter."""
+    shared: list[tuple[str, str, list[str]]] = []
     seen: set[str] = set()
     for folder in SHARED_TMP_DIRS:
         real = os.path.realpath(folder)
         if real in seen or not os.path.isdir(real):
             continue
         seen.add(real)
-        # The program's folder, and the interpreter when it lives there (a virtualenv made in /tmp, as a CI
-        # checkout may be), are bound back; everything else of the shared folder is hidden.
-        inside = [workdir, *_interpreter_entry_paths()]
-        keeps = [k for k in inside if k.startswith(real + os.sep)]
+        # The interpreter when it lives there (a virtualenv made in /tmp, as a CI checkout may be) is bound back;
+        # everything else of the shared folder is hidden. (The working folder is bound last, over all of it.)
+        keeps = [k for k in _interpreter_entry_paths() if k.startswith(real + os.sep)]
         keeps = [k for k in keeps if not any(k != o and k.startswith(o + os.sep) for o in keeps)]
-        plan.append((real, 0o1777, cfg.max_file_mb, keeps))
-    for folder, keeps in _interpreter_mounts() if expose_interpreter else ():
-        extra = [workdir] if workdir.startswith(folder + os.sep) else []
-        plan.append((folder, 0o755, 1, [*keeps, *extra]))
-    return plan
+        shared.append((real, folder.strip("/").replace("/", "_"), keeps))
+    # max_file_mb for the largest file plus 1 MiB, so that the file-size limit, not the disk, stops a single file.
+    disk = {"workdir": workdir, "main": MAIN_FILE, "size_mb": cfg.max_file_mb + 1, "shared": shared}
+    closed = [(folder, list(keeps)) for folder, keeps in _interpreter_mounts()] if expose_interpreter else []
+    return {"disk": disk, "closed": closed}
+
+
+_cgroup_ids = itertools.count()
+
+
+@contextmanager
+def _memory_cgroup(cfg: SandboxConfig) -> Iterator[tuple[str | None, str]]:
+    """A cgroup v2 of this run's own under `cfg.memory_cgroup`, its memory.max = memory_mb and no swap, removed
+    after the run; (its path, "") or (None, why there is none)."""
+    if cfg.memory_cgroup is None:
+        yield None, MEMORY_CGROUP_OFF
+        return
+    try:  # a plain folder would take the files below and bound nothing: check that it is a delegated cgroup v2
+        delegated = "memory" in Path(cfg.memory_cgroup, "cgroup.subtree_control").read_text().split()
+    except OSError:
+        delegated = False
+    if not delegated:
+        yield None, f"memory_cgroup: {cfg.memory_cgroup} is no cgroup v2 with memory in its cgroup.subtree_control"
+        return
+    path = os.path.join(cfg.memory_cgroup, f"scoder-{os.getpid()}-{next(_cgroup_ids)}")
+    try:
+        os.mkdir(path)
+    except OSError as err:
+        yield None, f"memory_cgroup: cannot make a cgroup in {cfg.memory_cgroup}: {err}"
+        return
+    try:
+        try:
+            with open(os.path.join(path, "memory.max"), "r+") as f:  # r+: the kernel made it, we never create it
+                f.write(f"{cfg.memory_mb * 2**20}\n")
+            if os.path.exists(os.path.join(path, "memory.swap.max")):
+                with open(os.path.join(path, "memory.swap.max"), "r+") as f:
+                    f.write("0\n")
+        except OSError as err:
+            yield None, f"memory_cgroup: cannot set memory.max in {path}: {err}"
+        else:
+            yield path, ""
+    finally:
+        for _ in range(200):  # the launcher reaped every process of the run, but the kernel may lag a little
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.01)
+        else:
+            log.warning("sandbox: cannot remove the cgroup %s", path)
+
+
+def _oom_kills(cgroup: str) -> int:
+    """How many processes of the run the kernel killed at its cgroup's memory.max."""
+    try:
+        for line in Path(cgroup, "memory.events").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 @contextmanager
@@ -854,6 +1103,8 @@ def _warn_inactive(result: SandboxResult) -> None:
     with _warned_lock:
         for text in result.inactive:
             name = text.split(":", 1)[0]
+            if text == MEMORY_CGROUP_OFF:
+                continue  # an opt-in left off (the default): listed in every result, not worth a warning
             if name not in _warned:
                 _warned.add(name)
                 log.warning("sandbox protection not active: %s", text)

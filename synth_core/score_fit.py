@@ -2,9 +2,14 @@
 
 - `teacher_judgements`: a teacher (any OpenAI-compatible endpoint, synth_core.teacher) answers the judge's own
   questions (synth_core.score.judge_user_prompt) about scored candidates, one request per (candidate, aspect), plus
-  an overall question. Its 0-9 answer is read from its top logprobs when the endpoint returns them (the same
-  probability-weighted digit as the judge's), else from the first digit of its text; an answer without a digit is
-  kept with a reject reason, never dropped. Written as a dataset (JUDGEMENT_SCHEMA) next to nothing else.
+  an overall question. The teacher is asked to end its answer with a line `Score: N` (TEACHER_ANSWER_FORMAT), and
+  its score is read there and nowhere else (the last such line): never a digit found anywhere, which would take a
+  `10` in echoed code for a score. When the endpoint returns top logprobs, the score is the probability-weighted
+  digit (the judge's own reading) at THAT token's position, found by aligning the tokens with the text (vLLM
+  appends special tokens such as `<|im_end|>` after the answer). An answer without such a line is kept, rejected
+  as `no_score`; a number that is not a digit 0-9 as `score_out_of_range`; never dropped. Written as a dataset
+  (judgement_schema) next to nothing else, with the teacher's token totals and cost in its manifest. A failed
+  request is a `teacher_failed` row; a re-run re-sends those only (the answered judgements stay as written).
 - `fit_weights`: non-negative least squares (scipy.optimize.nnls: a well-kept Lawson-Hanson solver) of the
   teacher's overall judgement on our aspect scores, so the overall score ranks candidates as the teacher would;
   `write_weights` puts them into a config file.
@@ -20,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +41,23 @@ OVERALL_QUESTION = (
     "(clear, correct, consistent, non-trivial)?"
 )
 TEACHER_FAILED = "teacher_failed"
-NO_DIGIT = "no_digit"
-STAGE_VERSION = 1
-_DIGIT = re.compile(r"(?<![0-9.])([0-9])(?![0-9])")
+NO_SCORE = "no_score"
+SCORE_OUT_OF_RANGE = "score_out_of_range"
+REASON_ORDER = (TEACHER_FAILED, NO_SCORE, SCORE_OUT_OF_RANGE)
+# 2: the teacher is asked for a `Score: N` line and read only there (1 took the first digit anywhere).
+STAGE_VERSION = 2
+# What the judge prompt asks of our judge (one digit, read from its logits), and what the teacher is asked instead:
+# a chat model often explains first, so its score needs a defined place.
+JUDGE_ANSWER_FORMAT = "Answer with a single digit."
+TEACHER_ANSWER_FORMAT = (
+    "You may explain your rating first. Then end your answer with a last line exactly of the form `Score: N`, "
+    "where N is one digit from 0 to 9."
+)
+# `Score: N` (markdown emphasis and backticks allowed around it; also after text on its line, as models write
+# "Correct. Score: 8"); group 1 is whatever number follows, so that a 10 is out of range, not a 1.
+_SCORE_LINE = re.compile(r"(?<![\w])score[\s*_`]*:[\s*_`]*([+-]?\d+(?:[.,]\d+)?)", re.IGNORECASE)
+# Tokens an engine may append to the answer's logprobs that are not in its text: <|im_end|>, </s>, <|eot_id|>.
+_SPECIAL_TOKEN = re.compile(r"^(<\|[^|<>]*\|>|</?s>|<eos>|<end_of_turn>)$")
 
 
 def judgement_schema() -> Any:
@@ -57,22 +78,73 @@ def judgement_schema() -> Any:
     )
 
 
-def teacher_digit(text: str | None, logprobs: list[dict[str, Any]] | None) -> tuple[float | None, float | None]:
-    """(score, mass) of a teacher's answer: the probability-weighted digit at the first digit's position when top
-    logprobs came back, else (first digit of the text, None); (None, None) when there is no digit."""
+def teacher_user_prompt(judge_prompt: str) -> str:
+    """The judge's prompt with its answer format replaced by the teacher's (`Score: N` as the last line)."""
+    if not judge_prompt.endswith(JUDGE_ANSWER_FORMAT):
+        raise RuntimeError(f"the judge prompt no longer ends with {JUDGE_ANSWER_FORMAT!r}: update score_fit")
+    return judge_prompt.removesuffix(JUDGE_ANSWER_FORMAT) + TEACHER_ANSWER_FORMAT
+
+
+@dataclass
+class TeacherScore:
+    """A teacher's score of one question: the score (None when rejected) and how it was read."""
+
+    score: float | None = None
+    mass: float | None = None  # the digits' probability mass at the score token; None when read from the text
+    reject_reason: str | None = None  # no_score | score_out_of_range
+    detail: str | None = None
+
+
+def read_teacher_score(text: str | None, logprobs: list[dict[str, Any]] | None = None) -> TeacherScore:
+    """The score on the answer's last `Score: N` line; with logprobs, the probability-weighted digit at that token.
+
+    Logprobs that cannot be aligned with the text leave the score as written (mass None), and so does a score token
+    whose top logprobs hold no digit.
+    """
+    matches = list(_SCORE_LINE.finditer(text or ""))
+    if not matches:
+        tail = (text or "").strip()[-80:]
+        return TeacherScore(reject_reason=NO_SCORE, detail=f"no `Score: N` line in the answer (it ends: {tail!r})")
+    m = matches[-1]
+    number = m.group(1)
+    if not (len(number) == 1 and number.isdigit()):
+        return TeacherScore(reject_reason=SCORE_OUT_OF_RANGE, detail=f"Score: {number} is not a digit 0-9")
+    written = float(number)
     if logprobs:
-        for position in logprobs:
-            if position.get("token", "").strip() in "0123456789" and position.get("token", "").strip():
-                probs = [0.0] * 10
-                for alt in position.get("top_logprobs") or [position]:
-                    tok = alt.get("token", "").strip()
-                    if len(tok) == 1 and tok.isdigit():
-                        probs[int(tok)] += math.exp(alt["logprob"])
-                score, mass = expected_digit(probs)
-                if score is not None:
-                    return score, mass
-    m = _DIGIT.search(text or "")
-    return (float(m.group(1)), None) if m else (None, None)
+        position = _token_at(logprobs, text or "", m.start(1))
+        if position is not None:
+            probs = [0.0] * 10
+            for alt in position.get("top_logprobs") or [position]:
+                tok = alt.get("token", "").strip()
+                if len(tok) == 1 and tok.isdigit():
+                    probs[int(tok)] += math.exp(alt["logprob"])
+            score, mass = expected_digit(probs)
+            if score is not None:
+                return TeacherScore(score=score, mass=mass)
+    return TeacherScore(score=written)
+
+
+def _token_at(logprobs: list[dict[str, Any]], text: str, offset: int) -> dict[str, Any] | None:
+    """The logprobs entry of the token holding character `offset` of `text`, when the tokens spell out the text
+    (special tokens an engine appends after it, e.g. vLLM's `<|im_end|>`, dropped); None when they do not."""
+    tokens = [lp.get("token") or "" for lp in logprobs]
+    while tokens and _SPECIAL_TOKEN.match(tokens[-1]):
+        tokens.pop()
+    joined = "".join(tokens)
+    # Aligned from the start when the tokens spell the whole text; from the end when only the text's end matches
+    # (an answer whose earlier tokens detokenise differently, e.g. byte tokens, still ends with the score line).
+    if joined == text:
+        start = offset
+    elif joined.endswith(text[offset:]):
+        start = len(joined) - (len(text) - offset)
+    else:
+        return None
+    at = 0
+    for i, tok in enumerate(tokens):
+        if at <= start < at + len(tok):
+            return logprobs[i] if tok.strip() == text[offset] else None
+        at += len(tok)
+    return None
 
 
 def _scored_rows(cfg: RunConfig, scored_uri: str, max_candidates: int | None) -> list[dict[str, Any]]:
@@ -98,16 +170,18 @@ def teacher_judgements(
     import pyarrow as pa
 
     from synth_core.storage import (
+        WriterLock,
         commit_dataset,
         compute_funnel,
-        dataset_has_fingerprint,
         fingerprint,
         hide_stale_dataset,
+        read_dataset,
         read_manifest,
         write_part,
     )
-    from synth_core.teacher import run_chats
+    from synth_core.teacher import redact_url, run_chats
 
+    t0 = time.perf_counter()
     if not cfg.teacher.model:
         raise ConfigError("teacher.model: name the model the endpoint serves (--model)")
     rows = _scored_rows(cfg, scored_uri, max_candidates)
@@ -119,48 +193,87 @@ def teacher_judgements(
         STAGE_VERSION,
         read_manifest(scored_uri, cfg.storage).fingerprint,
         questions,
+        TEACHER_ANSWER_FORMAT,
         max_candidates,
-        cfg.teacher.model_dump(mode="json", exclude={"api_key_env", "max_concurrency"}),
+        # What shapes the answers only: not the key's name, concurrency, deadlines, retries or prices (a re-run
+        # that only adds prices must not pay for every answer again), and the endpoint without credentials.
+        cfg.teacher.model_dump(
+            mode="json", include={"model", "temperature", "top_p", "max_tokens", "seed", "extra_body"}
+        ),
+        redact_url(cfg.teacher.endpoint),
+        cfg.score.teacher_logprobs,
     )
     out = out or join_uri(cfg.storage.root, "judgements", fp)
-    if dataset_has_fingerprint(out, fp, cfg.storage):
+    if _failed_before(out, fp, cfg) == 0:
         return out
-    hide_stale_dataset(out, fp, cfg.storage)
-    slots, chats = [], []
-    for r in rows:
-        for name, question in questions:
-            prompt = judge_user_prompt(r["snippet"], r["instruction"] or "", r["response"] or "", question)
-            slots.append((r, name, prompt))
-            chats.append([{"role": "user", "content": prompt}])
-    params: dict[str, Any] = {"logprobs": True, "top_logprobs": 20} if cfg.score.teacher_logprobs else {}
-    results, stats = run_chats(cfg.teacher, chats, on_result=on_result, **params)
-    records = []
-    for (r, name, prompt), res in zip(slots, results, strict=True):
-        ours = r["score"] if name == OVERALL else (r["aspect_scores"] or {}).get(name)
-        rec = dict(sample_id=r["sample_id"], aspect=name, prompt=prompt, judge_score=ours, teacher_text=res.text)
-        if not res.ok:
-            rec.update(reject_reason=TEACHER_FAILED, detail=f"{res.error}: {res.detail}")
+    # One writer at a time (storage.WriterLock), taken only when there is something to send.
+    with WriterLock(out, cfg.storage, owner="teacher-judge"):
+        failed_before = _failed_before(out, fp, cfg)  # again, under the lock: the holder may have just finished
+        if failed_before == 0:
+            return out
+        earlier: dict[tuple[str, str], dict[str, Any]] = {}
+        if failed_before is not None:
+            # Done, but with failed requests: a re-run re-sends those only and keeps every answered judgement.
+            earlier = {
+                (r["sample_id"], r["aspect"]): r
+                for r in read_dataset(out, storage=cfg.storage).to_pylist()
+                if r["reject_reason"] != TEACHER_FAILED
+            }
         else:
-            s, mass = teacher_digit(res.text, res.logprobs)
-            rec.update(teacher_score=s, teacher_mass=mass)
-            if s is None:
-                rec.update(reject_reason=NO_DIGIT, detail="the answer holds no digit 0-9")
-        records.append(rec)
-    table = pa.Table.from_pylist(records, schema=judgement_schema())
-    part = write_part(out, 0, table, fp, compute_funnel(table, (TEACHER_FAILED, NO_DIGIT)), cfg.storage)
-    commit_dataset(
-        out,
-        [part],
-        judgement_schema(),
-        fp,
-        stage="judgements",
-        funnel=part.funnel,
-        inputs=[scored_uri, cfg.teacher.endpoint],
-        config=cfg.model_dump(mode="json", include={"score", "teacher"}),
-        stats={"candidates": len(rows), "questions": [q for q, _ in questions], "teacher": stats.as_dict()},
-        storage=cfg.storage,
-    )
+            hide_stale_dataset(out, fp, cfg.storage)
+        slots, chats = [], []
+        for r in rows:
+            for name, question in questions:
+                if (r["sample_id"], name) in earlier:
+                    continue
+                prompt = judge_user_prompt(r["snippet"], r["instruction"] or "", r["response"] or "", question)
+                slots.append((r, name, prompt))
+                chats.append([{"role": "user", "content": teacher_user_prompt(prompt)}])
+        params: dict[str, Any] = {"logprobs": True, "top_logprobs": 20} if cfg.score.teacher_logprobs else {}
+        results, stats = run_chats(cfg.teacher, chats, on_result=on_result, **params)
+        fresh = {}
+        for (r, name, prompt), res in zip(slots, results, strict=True):
+            ours = r["score"] if name == OVERALL else (r["aspect_scores"] or {}).get(name)
+            rec = dict(sample_id=r["sample_id"], aspect=name, prompt=prompt, judge_score=ours, teacher_text=res.text)
+            if not res.ok:
+                rec.update(reject_reason=TEACHER_FAILED, detail=f"{res.error}: {res.detail}")
+            else:
+                read = read_teacher_score(res.text, res.logprobs)
+                rec.update(teacher_score=read.score, teacher_mass=read.mass)
+                if read.reject_reason is not None:
+                    rec.update(reject_reason=read.reject_reason, detail=read.detail)
+            fresh[(r["sample_id"], name)] = rec
+        records = [earlier.get((r["sample_id"], n)) or fresh[(r["sample_id"], n)] for r in rows for n, _ in questions]
+        table = pa.Table.from_pylist(records, schema=judgement_schema())
+        part = write_part(out, 0, table, fp, compute_funnel(table, REASON_ORDER), cfg.storage)
+        config = cfg.model_dump(mode="json", include={"score", "teacher"})
+        config["teacher"]["endpoint"] = redact_url(cfg.teacher.endpoint)
+        commit_dataset(
+            out,
+            [part],
+            judgement_schema(),
+            fp,
+            stage="judgements",
+            funnel=part.funnel,
+            inputs=[scored_uri, redact_url(cfg.teacher.endpoint)],
+            config=config,
+            stats={
+                "candidates": len(rows),
+                "questions": [q for q, _ in questions],
+                "teacher": stats.as_dict(time.perf_counter() - t0),
+            },
+            storage=cfg.storage,
+        )
     return out
+
+
+def _failed_before(out: str, fp: str, cfg: RunConfig) -> int | None:
+    """Failed requests of these very judgements already committed at `out` (0: complete); None: not there."""
+    from synth_core.storage import dataset_has_fingerprint, read_manifest
+
+    if not dataset_has_fingerprint(out, fp, cfg.storage):
+        return None
+    return read_manifest(out, cfg.storage).funnel.get("rejected", {}).get(TEACHER_FAILED, 0)
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:

@@ -12,7 +12,9 @@ proprietary API or a vLLM server (`vllm serve MODEL`) through this one client. O
   401, 403, 404 or 422 fails the same way every time and is not retried; neither is a malformed 200 (garbage
   JSON, no choices: a server bug, not a hiccup, and retrying would pay for it again);
 - a `ChatResult` for every request: the text, finish_reason, prompt/completion tokens from `usage`, attempts,
-  seconds, and for a failure the final error class (ERROR_CLASSES) and its message;
+  seconds, and for a failure the final error class (ERROR_CLASSES) and its message, which says whether it was
+  retried and, for an HTTP error, the status and the server's own message ("not retried: HTTP 401: invalid key";
+  a 404 asks whether the base URL ends in /v1, the commonest cause);
 - running totals (`TeacherStats`): requests, attempts, retries, tokens, failures by class, cost in USD at
   the configured prices per million tokens.
 
@@ -53,7 +55,7 @@ SERVER_ERROR = "server_error"  # 5xx
 AUTH_ERROR = "auth_error"  # 401, 403: the key is missing, wrong or not allowed this model
 BAD_REQUEST = "bad_request"  # 400, 422: the endpoint refuses the request itself (e.g. max_tokens too large)
 NOT_FOUND = "not_found"  # 404: wrong endpoint path or model name
-HTTP_ERROR = "http_error"  # any other status (408 and 409 are retried)
+HTTP_ERROR = "http_error"  # any other status (408 and 409 are retried: see _RETRYABLE_STATUS)
 MALFORMED = "malformed_response"  # HTTP 200 that is not a chat completion: bad JSON, no choices, no message
 ERROR_CLASSES = (
     TIMEOUT,
@@ -67,6 +69,10 @@ ERROR_CLASSES = (
     MALFORMED,
 )
 _RETRYABLE = {TIMEOUT, CONNECTION, RATE_LIMITED, SERVER_ERROR}
+# 408 is the server saying the request took too long to arrive: transient by definition. 409 is retried as
+# OpenAI's own client retries it: their API answers 409 for a request that collided with another on the same
+# resource (a lock), which succeeds when sent again; a server that means a lasting conflict by it costs only
+# max_retries more requests. Every other 4xx (400, 401, 403, 404, 422, ...) fails the same way every time.
 _RETRYABLE_STATUS = {408, 409}
 
 # Sent when the key variable is unset: the openai client insists on some key, and vLLM (without --api-key)
@@ -94,6 +100,7 @@ class ChatResult:
     detail: str | None = None  # the final error's message, scrubbed of the API key
     seconds: float = 0.0  # from the first attempt to the result, backoff included
     logprobs: list[dict[str, Any]] | None = None  # the choice's token logprobs when asked for (judges)
+    retried_out: bool = False  # the final error was transient and retried until max_retries (else: not retried)
 
     @property
     def ok(self) -> bool:
@@ -112,6 +119,7 @@ class TeacherStats:
     completion_tokens: int = 0
     missing_usage: int = 0  # answers without a `usage` record (their tokens count as 0)
     failures: Counter[str] = field(default_factory=Counter)  # final errors by class
+    not_retried: Counter[str] = field(default_factory=Counter)  # of those, the ones that were not retried
     retried: Counter[str] = field(default_factory=Counter)  # errors that were retried, by class
     examples: dict[str, str] = field(default_factory=dict)  # the first final error's message of each class
     usd_per_1m_input: float = 0.0
@@ -131,6 +139,8 @@ class TeacherStats:
             self.answered += 1
         else:
             self.failures[result.error or HTTP_ERROR] += 1
+            if not result.retried_out:
+                self.not_retried[result.error or HTTP_ERROR] += 1
             self.examples.setdefault(result.error or HTTP_ERROR, result.detail or "")
 
     def as_dict(self, wall_s: float | None = None) -> dict[str, Any]:
@@ -142,6 +152,7 @@ class TeacherStats:
             "attempts": self.attempts,
             "retries": self.retries,
             "failures": dict(sorted(self.failures.items())),
+            "failures_not_retried": dict(sorted(self.not_retried.items())),
             "retried_errors": dict(sorted(self.retried.items())),
             "failure_examples": dict(sorted(self.examples.items())),
             "prompt_tokens": self.prompt_tokens,
@@ -154,6 +165,17 @@ class TeacherStats:
             out["requests_per_s"] = round(self.requests / wall_s, 2) if wall_s > 0 else None
             out["completion_tokens_per_s"] = round(self.completion_tokens / wall_s, 1) if wall_s > 0 else None
         return out
+
+
+def describe_failures(stats: TeacherStats) -> str:
+    """The final errors by class, each saying whether it was retried: "auth_error: 2, not retried; timeout: 1,
+    after retries"."""
+    out = []
+    for name, n in sorted(stats.failures.items()):
+        never = stats.not_retried.get(name, 0)
+        how = "not retried" if never == n else "after retries" if never == 0 else f"{never} not retried"
+        out.append(f"{name}: {n}, {how}")
+    return "; ".join(out)
 
 
 def read_api_key(cfg: TeacherConfig) -> str | None:
@@ -284,6 +306,7 @@ class TeacherClient:
             _merge(result, outcome)
             retries_done = result.attempts - 1
             if result.ok or not outcome.retryable or retries_done >= self.cfg.max_retries:
+                result.retried_out = not result.ok and outcome.retryable
                 break
             self.stats.retried[result.error or HTTP_ERROR] += 1
             delay = backoff_delay(retries_done + 1, self.cfg.backoff_s, self.cfg.max_backoff_s)
@@ -292,13 +315,16 @@ class TeacherClient:
             log.debug("teacher: attempt %d failed (%s); retrying in %.2f s", result.attempts, result.error, delay)
             await asyncio.sleep(delay)
         result.seconds = time.perf_counter() - t0
+        if not result.ok:
+            # Say whether it was retried: "failed after retries" for a 401 sends a user looking for a flaky network.
+            plural = "s" if result.attempts != 1 else ""
+            how = f"after {result.attempts} attempt{plural}" if result.retried_out else "not retried"
+            result.detail = f"{how}: {result.detail}"
         self.stats.add(result)
         if not result.ok and result.error not in self._warned:
             # One warning per class, so that a wrong key or model shows at once but thousands of rows do not.
             self._warned.add(result.error or HTTP_ERROR)
-            log.warning(
-                "teacher: a request failed after %d attempt(s): %s: %s", result.attempts, result.error, result.detail
-            )
+            log.warning("teacher: a request failed (%s), %s", result.error, result.detail)
         if self._on_result is not None:
             self._on_result(result)
         return result
@@ -330,7 +356,16 @@ class TeacherClient:
         return self._answer(response), None
 
     def _failed(self, error: str, err: BaseException, status: int | None = None) -> _Attempt:
-        message = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        if status is not None:
+            # The status and the server's own words, not the client's "Error code: 404 - {...}" wrapping.
+            message = f"HTTP {status}: {_server_message(err)}"
+            if status == 404:
+                message += (
+                    f" (does the base URL end in /v1? the endpoint is {redact_url(self.cfg.endpoint)}; "
+                    f"and does it serve the model '{self.cfg.model}'?)"
+                )
+        else:
+            message = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
         cause = err.__cause__
         if cause is not None and str(cause) and str(cause) not in message:
             message += f" ({type(cause).__name__}: {cause})"  # e.g. the connection error under "Connection error."
@@ -404,6 +439,23 @@ def _status_class(status: int) -> str:
     if status == 404:
         return NOT_FOUND
     return HTTP_ERROR
+
+
+def _server_message(err: Any) -> str:
+    """The error message in a server's error body: OpenAI's {"error": {"message"}} (the client hands over the
+    inner object), FastAPI's {"detail"} (vLLM's unknown routes), else the body as text."""
+    body = getattr(err, "body", None)
+    if isinstance(body, dict):
+        for key in ("message", "detail", "error"):
+            if isinstance(body.get(key), str) and body[key]:
+                return body[key]
+        return json.dumps(body)
+    if isinstance(body, str) and body:
+        return body
+    try:
+        return err.response.text or str(err)
+    except AttributeError:
+        return str(err)
 
 
 def _retry_after(err: Any) -> float | None:

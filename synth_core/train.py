@@ -182,6 +182,47 @@ def uses_packing(cfg: TrainConfig) -> bool:
     return torch.cuda.is_available()
 
 
+def answer_positions(labels):
+    """Positions t whose next label is an answer token (labels[:, t + 1] != IGNORE_INDEX) in any row of the
+    micro-batch: where the logits enter the loss. labels: [batch, seq] int64 -> [k] int64, ascending."""
+    import torch
+
+    return torch.nonzero((labels[:, 1:] != IGNORE_INDEX).any(dim=0)).flatten()
+
+
+class AnswerLogitsCollator:
+    """Wraps a collator: adds `logits_to_keep` = `answer_positions`, so the model's LM head computes logits at the
+    loss's positions only (transformers' causal LMs take a 1-D index tensor there). With half of a row being
+    prompt, that halves the vocabulary-sized matmul and the fp32 logits (1B Llama: 128,256 columns)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self, rows):
+        batch = self.inner(rows)
+        batch["logits_to_keep"] = answer_positions(batch["labels"])
+        return batch
+
+
+def answer_logits_loss(outputs, labels, num_items_in_batch=None):
+    """The causal-LM loss from logits kept at `answer_positions` (Trainer's compute_loss_func).
+
+    The same sum of fp32 cross-entropies over answer tokens as transformers' ForCausalLMLoss, divided the same
+    way: by num_items_in_batch (the answer tokens of the whole accumulated step) when Trainer passes it, else
+    by this micro-batch's answer tokens. logits: [batch, k, vocab] (bf16 or fp32); labels: [batch, seq] int64.
+    """
+    import torch.nn.functional as F
+
+    logits = outputs["logits"]
+    targets = labels[:, answer_positions(labels) + 1].to(logits.device)
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    if num_items_in_batch is None:
+        return loss / (targets != IGNORE_INDEX).sum()
+    return loss / num_items_in_batch
+
+
 def make_collator(cfg: TrainConfig, pad_id: int):
     """The batch builder: padding-free packing (`uses_packing`) or right padding.
 
@@ -191,15 +232,17 @@ def make_collator(cfg: TrainConfig, pad_id: int):
     over answer tokens as with padding (tested).
     """
     if not uses_packing(cfg):
-        return partial(pad_batch, pad_id=pad_id)
-    from transformers import DataCollatorWithFlattening
+        collate = partial(pad_batch, pad_id=pad_id)
+    else:
+        from transformers import DataCollatorWithFlattening
 
-    return DataCollatorWithFlattening(
-        return_position_ids=True,
-        separator_id=IGNORE_INDEX,
-        # flash-attention's varlen kernel takes the row boundaries directly instead of a mask.
-        return_flash_attn_kwargs=attention_kernel(cfg) == "flash_attention_2",
-    )
+        collate = DataCollatorWithFlattening(
+            return_position_ids=True,
+            separator_id=IGNORE_INDEX,
+            # flash-attention's varlen kernel takes the row boundaries directly instead of a mask.
+            return_flash_attn_kwargs=attention_kernel(cfg) == "flash_attention_2",
+        )
+    return AnswerLogitsCollator(collate) if cfg.answer_logits_only else collate
 
 
 @functools.cache
@@ -256,6 +299,12 @@ def load_model_for_training(base_path: str, cfg: TrainConfig, bf16: bool):
                 task_type="CAUSAL_LM",
             ),
         )
+        if not cfg.lora_cast_inputs:
+            # peft casts every adapted layer's input to the adapters' fp32 before lora_A: one activation-sized
+            # copy per layer, which bf16 autocast then casts back for the matmul (bf16 -> fp32 -> bf16 is exact).
+            for module in model.modules():
+                if hasattr(module, "cast_input_dtype_enabled"):
+                    module.cast_input_dtype_enabled = False
     return model
 
 
@@ -333,6 +382,7 @@ def train_model(
         train_dataset=_ListDataset(rows),
         data_collator=make_collator(cfg, pad_id),
         callbacks=[callback, *extra_callbacks],
+        compute_loss_func=answer_logits_loss if cfg.answer_logits_only else None,
     )
     # The loss curve goes into the manifest; Trainer's printing of every log dict to stdout is noise there.
     trainer.remove_callback(PrinterCallback)
@@ -447,6 +497,9 @@ class _ListDataset:
 # ------------------------------------------------------------------------------------------------ the stage
 
 STAGE_VERSION = 1
+# TrainConfig fields that change how the same loss and gradients are computed, not what is trained: left out of
+# the fingerprint, so switching them neither re-trains a finished run nor changes the fingerprints of earlier runs.
+TRAIN_PERF_FIELDS = ("lora_cast_inputs", "answer_logits_only")
 _TRAIN_COLUMNS = ["snippet", "language", "instruction", "response"]
 
 
@@ -480,6 +533,14 @@ def load_training_rows(data: Sequence[str], cfg: RunConfig) -> tuple[list[dict[s
             raise ConfigError(f"training data '{src}': not reference:builtin, a reference file or a dataset")
         rows.extend(part)
     return rows, fps
+
+
+def train_fingerprint(data_fps: Sequence[str], train: TrainConfig, base_fp: str, template: str) -> str:
+    """The train stage's fingerprint: data, the config without TRAIN_PERF_FIELDS, base model and prompt."""
+    from synth_core.storage import fingerprint
+
+    fields = train.model_dump(mode="json", exclude=set(TRAIN_PERF_FIELDS))
+    return fingerprint("train", STAGE_VERSION, list(data_fps), fields, base_fp, template)
 
 
 def training_chats(rows: Sequence[dict[str, Any]], template: str) -> list[list[dict[str, str]]]:
@@ -537,7 +598,7 @@ def run_train(
     rows, data_fps = load_training_rows(data, cfg)
     if not rows:
         raise ConfigError("no training rows: every source is empty or has no kept rows")
-    fp = fingerprint("train", STAGE_VERSION, data_fps, cfg.train, base.fingerprint, template)
+    fp = train_fingerprint(data_fps, cfg.train, base.fingerprint, template)
     if chat_format == "instruction":  # the synthesis format keeps the fingerprints it always had
         fp = fingerprint(fp, chat_format)
     out = out or join_uri(cfg.storage.root, "train", fp)

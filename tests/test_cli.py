@@ -87,3 +87,6 @@ def test_reference_build_errors_are_one_line(tmp_path, source_tree):
     assert r.returncode == 2 and "the config's pool is not built" in r.stderr and len(r.stderr.splitlines()) == 1
     r = run("reference", "build", "--snippets", str(tmp_path / "nope"))
     assert r.returncode == 2 and r.stderr.strip().startswith("error: teacher.model is not set")
+    # --api-key-env names a variable the user means to be set (issue 16): unset, it is an error naming it.
+    r = run("reference", "build", "--model", "m", "--api-key-env", "SCODER_TEST_NEVER_SET_KEY")
+    assert r.returncode == 2 and "SCODER_TEST_NEVER_SET_KEY is not set" in r.stderr and len(r.stderr.splitlines()) == 1

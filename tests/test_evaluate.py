@@ -175,12 +175,60 @@ def test_code_extraction_from_messy_answers(humaneval, canonical):
     assert [v.passed for v in verdicts] == [True, True, True, True, True, False]
 
 
+# A spread of HumanEval problems (every 12th) plus those whose prompt defines a helper (10) or imports inside the
+# function (115); bench/extraction.py runs all 164 (every format passes on all of them).
+FORMAT_PROBLEMS = sorted({*range(0, 164, 12), 10, 115})
+
+
+def test_chat_answer_formats_of_canonical_solutions_pass(humaneval, canonical):
+    """Issue 16: canonical bodies written as chat models write them (tests/humaneval_formats.py: a fenced body
+    dedented, opening with a comment or a blank line, a raw body with a column-0 comment, a helper defined after
+    the body, an example call assigned to a name) pass, as the plain fenced function does."""
+    from humaneval_formats import answer_formats
+
+    cases = []
+    for i in FORMAT_PROBLEMS:
+        p = humaneval[f"HumanEval/{i}"]
+        cases += [(name, p, answer) for name, answer in answer_formats(p, canonical[p.task_id]).items()]
+    programs = [build_program(p, *extract_code(answer, p)) for _, p, answer in cases]
+    verdicts = run_checks(programs, small_sandbox(timeout_s=5.0, cpu_s=5))
+    failed = [(name, p.task_id, v.status, v.detail) for (name, p, _), v in zip(cases, verdicts, strict=True)]
+    failed = [f for f, v in zip(failed, verdicts, strict=True) if not v.passed]
+    assert not failed, failed
+    assert len(cases) == 8 * len(FORMAT_PROBLEMS)
+
+
+def test_complete_body_edge_cases(humaneval):
+    p = humaneval["HumanEval/2"]  # truncate_number(number: float) -> float
+    body = evaluate.complete_body
+    # Cut off by max_new_tokens: the tail that does not parse goes, the rest stays in the function.
+    assert body("    x = number % 1.0\n    return x\n    if (", p) == "    x = number % 1.0\n    return x\n"
+    # Prose after the fence, or after the body at column 0, is not code.
+    assert body("    return number % 1.0\n```\nThis works.", p) == "    return number % 1.0\n"
+    assert body("    return number % 1.0\n\nThis returns the fraction.\n", p) == "    return number % 1.0\n"
+    # A dedented body that defines a nested helper and then returns: all of it stays in the function.
+    nested = "def frac(x):\n    return x % 1.0\nreturn frac(number)\n"
+    assert body(nested, p) == "    def frac(x):\n        return x % 1.0\n    return frac(number)\n"
+    # A column-0 line inside a multi-line string does not end the body.
+    text = '    s = """a\nb"""\n    return number % 1.0\n'
+    assert body(text, p) == text
+    # Examples after the body at column 0 go; a helper and an import stay.
+    tail = "    return h(number)\n\nimport math\n\ndef h(x):\n    return x % 1.0\n\nprint(h(2.5))\n"
+    tail += "r = truncate_number(1.5)\n"
+    got = body(tail, p)
+    assert "import math" in got and "def h(x)" in got and "print(" not in got and "r = " not in got
+
+
 def test_sanitize_keeps_definitions_and_leaves_unparsable_code_alone():
     code = (
         "import math\nX = 2\n\n@staticmethod\ndef f(a):\n    return a\n\nprint(f(1))\nfor i in range(3):\n    f(i)\n"
     )
     assert sanitize_code(code) == "import math\n\nX = 2\n\n@staticmethod\ndef f(a):\n    return a\n"
     assert sanitize_code("def (:\n") == "def (:\n"
+    # An example call of the entry point assigned to a name is an example, not a constant: it goes.
+    example = "LIMIT = 3\n\ndef f(a):\n    return a\n\nresult = f(None)\nr2 = [f(1)]\n"
+    assert sanitize_code(example, "f") == "LIMIT = 3\n\ndef f(a):\n    return a\n"
+    assert "result = f(None)" in sanitize_code(example)
 
 
 def test_prompt_imports_and_helpers_are_kept_for_a_bare_function(humaneval, canonical):

@@ -211,3 +211,183 @@ def test_large_parquet_is_split_by_row_groups(tmp_path, cfg):
     assert sources == {str(i) for i in range(300)}  # every row, with its own row number
     one = next(r for r in rows if r["source"].endswith("#123"))
     assert "f123" in (one["content"] or "") or one["reject_reason"] is not None
+
+
+# ---------------------------------------------------------------------------------- hostile inputs
+
+
+def _deep_tree(root, total_bytes: int, leaf: str) -> str:
+    """Folders nested (through directory fds: a path over PATH_MAX cannot be created by name) until the path of
+    `leaf` inside the deepest one is at least `total_bytes` long; writes `leaf` there; returns its path."""
+    root.mkdir()
+    path, fd = str(root), os.open(root, os.O_RDONLY)
+    try:
+        while len(os.fsencode(path)) + 1 + len(leaf) < total_bytes:
+            name = "d" * min(200, max(1, total_bytes - len(os.fsencode(path)) - len(leaf) - 2))
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd, path = child, f"{path}/{name}"
+        out = os.open(leaf, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, b"def deep(x):\n    return x + 1\n")
+        os.close(out)
+    finally:
+        os.close(fd)
+    return f"{path}/{leaf}"
+
+
+def _hostile_folder(root) -> dict[str, str | None]:
+    """One folder holding every hostile input of issue 16; returns {file name: expected reject reason}.
+
+    Also there: a file whose own path is over PATH_MAX (its folder can still be listed) under root/a, and a
+    file in a folder chain past PATH_MAX under root/b: each is one path_too_long row."""
+    import socket
+
+    root.mkdir()
+    (root / "good.py").write_text(GOOD_MODULE)
+    (root / "empty.py").write_text("")
+    os.mkfifo(root / "p.py")  # opening it would block the shard forever
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(root / "s.py"))
+    os.symlink("/dev/zero", root / "dev.py")  # a device streams without end
+    (root / os.fsdecode(b"bad\xffname.py")).write_text("x = 1\n")
+    _deep_tree(root / "a", pool.PATH_MAX + 10, "f" * 150 + ".py")
+    _deep_tree(root / "b", pool.PATH_MAX + 300, "deep.py")
+    return {
+        "good.py": None,
+        "empty.py": "empty",
+        "p.py": "unreadable",
+        "s.py": "unreadable",
+        "dev.py": "unreadable",
+        "bad\\xffname.py": "undecodable_name",
+    }
+
+
+def _check_hostile_rows(rows: list[dict], root, expect: dict[str, str | None]) -> None:
+    by_name: dict[str, list[dict]] = {}
+    for r in rows:
+        by_name.setdefault(r["source"].rsplit("/", 1)[-1], []).append(r)
+    for name, reason in expect.items():
+        assert name in by_name, f"no row for {name}"
+        reasons = {r["reject_reason"] for r in by_name[name]}
+        assert reasons == {reason} if reason else None in reasons, (name, reasons)
+        assert reason is None or by_name[name][0]["detail"], name
+    long_rows = [r for r in rows if r["reject_reason"] == "path_too_long"]
+    assert len(long_rows) == 2, long_rows
+    assert any(r["source"].endswith("f" * 150 + ".py") for r in long_rows)
+    # The file under a folder whose own path is over PATH_MAX: found through directory fds, named in full.
+    deep = [r for r in long_rows if r["source"].startswith(str(root / "b"))]
+    assert len(deep) == 1 and deep[0]["source"].endswith("/deep.py") and "over PATH_MAX" in deep[0]["detail"]
+    assert len(os.fsencode(deep[0]["source"])) >= pool.PATH_MAX + 300
+    assert not (set(by_name) - set(expect) - {r["source"].rsplit("/", 1)[-1] for r in long_rows})
+
+
+def _scoder(*args: str, cwd):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "SCODER_DEBUG")}
+    env["PYTHONPATH"] = str(root)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
+
+
+def test_every_hostile_input_is_a_row_with_its_reason(tmp_path, cfg):
+    src = tmp_path / "hostile"
+    expect = _hostile_folder(src)
+    cfg.pool.sources = [str(src)]
+    uri = pool.build_pool(cfg, str(tmp_path / "out"))
+    rows = read_dataset(uri).to_pylist()
+    _check_hostile_rows(rows, src, expect)
+    funnel = read_manifest(uri).funnel
+    assert funnel["rejected"]["unreadable"] == 3 and funnel["rejected"]["undecodable_name"] == 1
+    assert funnel["rejected"]["path_too_long"] == 2 and funnel["kept"] >= 1
+
+
+def test_cli_builds_a_hostile_folder_then_fails_promptly_on_a_permanent_shard_error(tmp_path):
+    """`scoder pool build --source DIR --out ...` over a folder holding every hostile input: exit 0, each input a
+    row, no traceback. Then the same build into an --out whose first part's name is taken by a folder: the
+    decontamination shard's rename fails with IsADirectoryError, which is permanent, so the CLI prints one line
+    and exits at once (the first build's ingest and dedup are reused) instead of retrying for 70 s and printing
+    tracebacks from the flow and the worker process."""
+    import time
+
+    src = tmp_path / "hostile"
+    expect = _hostile_folder(src)
+    common = ["pool", "build", "--source", str(src), "--set", f"storage.root={tmp_path / 'root'}"]
+    r = _scoder(*common, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    _check_hostile_rows(read_dataset(str(tmp_path / "out")).to_pylist(), src, expect)
+
+    blocked = tmp_path / "blocked"
+    (blocked / "part-00000.parquet" / "in-the-way").mkdir(parents=True)
+    t0 = time.monotonic()
+    r = _scoder(*common, "--out", str(blocked), cwd=tmp_path)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "not retried (permanent)" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "Retry 1/" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    # The line names the cause, whether storage reports the OSError itself or a StorageError wrapping it.
+    assert last.startswith("error: ") and "part-00000.parquet" in last and "Is a directory" in last, last
+    assert elapsed < 60, f"{elapsed:.0f} s"
+
+
+def test_parquet_without_the_content_column_is_one_line(tmp_path, cfg):
+    bad = tmp_path / "text.parquet"
+    pq.write_table(pa.table({"text": ["x = 1\n"]}), bad)
+    cfg.pool.sources = [str(bad)]
+    with pytest.raises(pool.SourceError, match=r"text\.parquet has no column 'content' \(columns: text\)"):
+        pool.preflight(cfg)
+    # A Parquet file found in a folder is checked when listed (inside the flow): the same error, never a retry.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": ["x = 1\n"]}), folder / "t.parquet")
+    cfg.pool.sources, cfg.pool.include = [str(folder)], ["*.parquet"]
+    with pytest.raises(pool.SourceError, match=r"t\.parquet has no column 'content'"):
+        pool.build_pool(cfg, str(tmp_path / "out"))
+    r = _scoder("pool", "build", "--source", str(bad), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: Parquet source {bad} has no column 'content' (columns: text); set pool.content_column"
+    ], r.stderr
+
+
+def test_an_empty_source_is_an_empty_pool(tmp_path, cfg):
+    empty = tmp_path / "zero.parquet"
+    pq.write_table(pa.table({"content": pa.array([], pa.string())}), empty)
+    (tmp_path / "nothing").mkdir()
+    for src in (empty, tmp_path / "nothing"):
+        cfg.pool.sources = [str(src)]
+        uri = pool.build_pool(cfg, str(tmp_path / f"out-{src.name}"))
+        assert read_dataset(uri).num_rows == 0
+        assert read_manifest(uri).funnel == {"rows_in": 0, "kept": 0, "rejected": {}}
+
+
+def test_a_parser_crash_is_one_files_parse_error(tmp_path, cfg, source_tree, monkeypatch):
+    """CPython 3.11's spurious `SystemError: AST constructor recursion depth mismatch` cannot be triggered on
+    purpose, so ast.parse is wrapped to raise it (and RecursionError, MemoryError) for marked files only: the
+    files are parse_error rows, their shard goes on."""
+    import ast
+
+    real_parse = ast.parse
+    crashes = {"CRASH_SYSTEM": SystemError, "CRASH_RECURSION": RecursionError, "CRASH_MEMORY": MemoryError}
+
+    def parse(source, *args, **kwargs):
+        for marker, exc in crashes.items():
+            if marker in source:
+                raise exc("AST constructor recursion depth mismatch (before=48, after=47)")
+        return real_parse(source, *args, **kwargs)
+
+    monkeypatch.setattr(pool.ast, "parse", parse)
+    for marker in crashes:
+        (source_tree / f"{marker.lower()}.py").write_text(f"{marker} = 1\nother = 2\n")
+    cfg.pool.sources = [str(source_tree)]
+    rows, by_source = _rows_by_source(pool.build_pool(cfg, str(tmp_path / "out")))
+    for marker, exc in crashes.items():
+        row = by_source[f"{marker.lower()}.py"]
+        assert [r["reject_reason"] for r in row] == ["parse_error"] and exc.__name__ in row[0]["detail"]
+    assert any(r["reject_reason"] is None for r in by_source["good.py"])

@@ -108,14 +108,18 @@ def test_build_against_a_misbehaving_endpoint(cfg, tmp_path, caplog):
     with ScriptedEndpoint(scripted(CASES)) as ep:
         use_teacher(cfg, ep.url, timeout_s=0.3, max_retries=2, usd_per_1m_input=3.0, usd_per_1m_output=15.0)
         uri = build_reference(cfg, pool)
-        sent = len(ep.calls)
-        # Served again: the dataset of this fingerprint exists, so nothing is sent.
+        assert len(ep.calls) == sum(e[3] for e in EXPECTED.values())
+        for case, (_, _, _, requests) in EXPECTED.items():
+            assert len(ep.calls_for(marker(case))) == requests, case
+        flaky = ep.calls_for(marker("flaky"))
+        manifest = read_manifest(uri)
+        # Served again: the dataset of this fingerprint exists; only its failed requests are sent again (they fail
+        # again, the same way), the answered rows are not.
         assert build_reference(cfg, pool) == uri
-        assert len(ep.calls) == sent
-    assert sent == sum(e[3] for e in EXPECTED.values())
-    for case, (_, _, _, requests) in EXPECTED.items():
-        assert len(ep.calls_for(marker(case))) == requests, case
-    flaky = ep.calls_for(marker("flaky"))
+        for case, (reason, _, _, requests) in EXPECTED.items():
+            again = requests if reason == REQUEST_FAILED else 0
+            assert len(ep.calls_for(marker(case))) == requests + again, case
+    assert read_manifest(uri).funnel == manifest.funnel
     assert flaky[1].at - flaky[0].at >= 0.025 and flaky[2].at - flaky[1].at >= 0.05  # backoff 0.05 s, doubling
 
     table = read_dataset(uri)
@@ -135,7 +139,6 @@ def test_build_against_a_misbehaving_endpoint(cfg, tmp_path, caplog):
         assert (rows[case]["instruction"], rows[case]["response"]) == (GOOD_PROBLEM, GOOD_SOLUTION)
     assert len({r["ref_id"] for r in rows.values()}) == len(rows)
 
-    manifest = read_manifest(uri)
     assert manifest.stage == "reference.build" and len(manifest.parts) == 3 and manifest.inputs == [pool]
     assert manifest.funnel == {
         "rows_in": 8,
@@ -145,6 +148,9 @@ def test_build_against_a_misbehaving_endpoint(cfg, tmp_path, caplog):
     s = manifest.stats
     assert (s["requests"], s["answered"], s["failed"], s["attempts"], s["retries"]) == (8, 4, 4, 12, 4)
     assert s["failures"] == {AUTH_ERROR: 1, MALFORMED: 2, TIMEOUT: 1}
+    assert s["failures_not_retried"] == {AUTH_ERROR: 1, MALFORMED: 2}
+    assert rows["denied"]["detail"] == "not retried: HTTP 401: invalid key"
+    assert rows["slow"]["detail"].startswith("after 3 attempts: TimeoutError")
     assert s["retried_errors"] == {"server_error": 2, TIMEOUT: 2}
     assert (s["prompt_tokens"], s["completion_tokens"]) == (400, 200)
     assert s["cost_usd"] == pytest.approx((400 * 3.0 + 200 * 15.0) / 1e6)
@@ -204,7 +210,8 @@ def test_too_many_failures_commit_nothing_and_the_rerun_resends_only_failed_part
     with ScriptedEndpoint(scripted(responses)) as ep:
         use_teacher(cfg, ep.url)
         plan = plan_reference_build(cfg, pool)
-        with pytest.raises(TeacherError, match=r"2 of 5 requests .* failed after retries \(auth_error: 2\)"):
+        failed = r"2 of 5 requests .* failed \(auth_error: 2, not retried\).*HTTP 401: no"
+        with pytest.raises(TeacherError, match=failed):
             build_reference(cfg, pool)
         assert not dataset_exists(plan.out_uri) and len(ep.calls) == 5
         # The cause is fixed (say, the key): the re-run sends only the two failed parts.
@@ -215,6 +222,56 @@ def test_too_many_failures_commit_nothing_and_the_rerun_resends_only_failed_part
     manifest = read_manifest(plan.out_uri)
     assert manifest.funnel["kept"] == 5 and (manifest.stats["requests"], manifest.stats["cached_shards"]) == (2, 3)
     assert manifest.stats["dataset_prompt_tokens"] == 500 and manifest.stats["prompt_tokens"] == 200
+
+
+def test_a_committed_build_with_failed_requests_is_completed_by_its_rerun(cfg, tmp_path):
+    """Issue 16: a build committed with a few failed requests (under max_failed_fraction) re-sends exactly those
+    on a re-run, keeps the answered rows of the same parts as they were, and is free to re-run once complete."""
+    snippets = [case_snippet(c) for c in ("a", "b", "c", "d", "e")]
+    pool = write_pool(str(tmp_path / "pool"), snippets)
+    cfg.reference.shard_rows = 2  # b fails beside an answered a in part 0: the part is mixed
+    cfg.reference.selection = "first"
+    cfg.reference.max_failed_fraction = 0.5
+    responses = {"a": GOOD, "b": error(503, "overloaded"), "c": GOOD, "d": error(503, "overloaded"), "e": GOOD}
+    with ScriptedEndpoint(scripted(responses)) as ep:
+        use_teacher(cfg, ep.url, max_retries=1, backoff_s=0.01, max_backoff_s=0.02)
+        uri = build_reference(cfg, pool)
+        first = {r["snippet_id"]: r for r in read_dataset(uri).to_pylist()}
+        assert read_manifest(uri).funnel["rejected"] == {REQUEST_FAILED: 2}
+        assert [len(ep.calls_for(marker(c))) for c in "abcde"] == [1, 2, 1, 2, 1]
+        responses.update(b=GOOD, d=GOOD)  # the server recovered
+        assert build_reference(cfg, pool) == uri
+        assert [len(ep.calls_for(marker(c))) for c in "abcde"] == [1, 3, 1, 3, 1]
+        again = {r["snippet_id"]: r for r in read_dataset(uri).to_pylist()}
+        assert build_reference(cfg, pool) == uri  # complete now: free
+        assert len(ep.calls) == 9
+    manifest = read_manifest(uri)
+    assert manifest.funnel == {"rows_in": 5, "kept": 5, "rejected": {}}
+    assert (manifest.stats["requests"], manifest.stats["dataset_prompt_tokens"]) == (2, 500)
+    for sid, row in first.items():
+        if row["reject_reason"] is None:
+            assert again[sid] == row  # the earlier answer, as written (latency and all)
+        else:
+            assert again[sid]["reject_reason"] is None and again[sid]["attempts"] == 1
+
+
+def test_a_live_writer_of_the_location_is_refused_before_any_request(cfg, tmp_path):
+    """Two builds into one location would each pay for every request and rewrite each other's parts: the second
+    one is refused (storage.WriterLock) before it sends anything; a finished build stays free to re-run."""
+    from synth_core.storage import WriterLock, WriterLockError
+
+    pool = write_pool(str(tmp_path / "pool"), [case_snippet(c) for c in ("a", "b")])
+    with ScriptedEndpoint(scripted({"a": GOOD, "b": GOOD})) as ep:
+        use_teacher(cfg, ep.url)
+        plan = plan_reference_build(cfg, pool)
+        with WriterLock(plan.out_uri, cfg.storage, owner="another build"):
+            with pytest.raises(WriterLockError, match="being written by another run"):
+                build_reference(cfg, pool)
+        assert len(ep.calls) == 0 and not dataset_exists(plan.out_uri)
+        assert build_reference(cfg, pool) == plan.out_uri and len(ep.calls) == 2
+        with WriterLock(plan.out_uri, cfg.storage, owner="another build"):
+            assert build_reference(cfg, pool) == plan.out_uri  # complete: nothing to send, no lock needed
+        assert len(ep.calls) == 2
 
 
 def test_api_key_is_written_nowhere(cfg, tmp_path, monkeypatch, caplog):

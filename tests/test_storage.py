@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 
 from synth_core.config import StorageConfig
 from synth_core.storage import (
     DatasetError,
+    StorageError,
+    WriterLock,
+    WriterLockError,
+    check_writable,
     commit_dataset,
     compute_funnel,
     dataset_exists,
     fingerprint,
     finished_shard,
     forget_shard,
+    get_fs,
     read_dataset,
     read_manifest,
     read_part_marker,
@@ -112,3 +119,229 @@ def test_fingerprint_is_stable_and_sensitive():
     changed = RunConfig()
     changed.dedup.threshold = 0.8
     assert fingerprint("stage", changed) != a
+
+
+def _silent_endpoint():
+    """A bare TCP socket that accepts connections (the kernel's backlog) and never answers a byte."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    return srv, f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+
+def _one_line_error(call) -> tuple[str, float]:
+    import time
+
+    t = time.monotonic()
+    with pytest.raises(StorageError) as info:
+        call()
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg, time.monotonic() - t
+
+
+def test_silent_endpoint_fails_fast_in_one_line(monkeypatch):
+    """An endpoint that accepts connections but never answers: bounded by read timeout x attempts, one line.
+
+    Short timeouts keep the test fast; test_silent_endpoint_with_default_timeouts checks the defaults' bound."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    srv, endpoint = _silent_endpoint()
+    with srv:
+        storage = StorageConfig(endpoint_url=endpoint, connect_timeout_s=1, read_timeout_s=1, max_attempts=2)
+        msg, took = _one_line_error(lambda: check_writable("s3://scoder/out", storage))
+    assert endpoint in msg and "s3://scoder/out" in msg and "timeout" in msg.lower()
+    assert took < 10, took  # 2 attempts x 1 s plus backoff; s3fs's own retries multiplied this before
+
+
+@pytest.mark.slow
+def test_silent_endpoint_with_default_timeouts(monkeypatch):
+    """The shipped defaults (5 s connect, 15 s read, 2 attempts) fail a silent endpoint within 40 s (32 s seen);
+    before, the same call still hung after 300 s."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    srv, endpoint = _silent_endpoint()
+    with srv:
+        msg, took = _one_line_error(lambda: check_writable("s3://scoder/out", StorageConfig(endpoint_url=endpoint)))
+    assert endpoint in msg and took < 40, (took, msg)
+
+
+def test_missing_credentials_is_one_prompt_line(monkeypatch, tmp_path):
+    import synth_core.storage as storage_mod
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata probe on a machine that has one
+    monkeypatch.setattr(storage_mod, "_FOUND_AWS_CREDENTIALS", False)
+    storage = StorageConfig(endpoint_url="http://127.0.0.1:9")
+    msg, took = _one_line_error(lambda: check_writable("s3://scoder/out", storage))
+    assert "no S3 credentials" in msg and "127.0.0.1:9" in msg and took < 5
+
+
+def test_missing_bucket_is_one_line(s3_endpoint):
+    msg, _ = _one_line_error(
+        lambda: check_writable("s3://no-such-bucket/out", StorageConfig(endpoint_url=s3_endpoint))
+    )
+    assert "s3://no-such-bucket/out" in msg and s3_endpoint in msg
+
+
+def test_check_writable_s3_ok_leaves_nothing(s3_endpoint):
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    check_writable("s3://scoder/probe-test", storage)
+    fs, root = get_fs("s3://scoder/probe-test", storage)
+    assert not fs.exists(root) or fs.ls(root) == []
+
+
+def test_check_writable_local(tmp_path):
+    import os
+
+    check_writable(str(tmp_path / "new" / "deep"))  # created on the way
+    assert (tmp_path / "new" / "deep").is_dir() and list((tmp_path / "new" / "deep").iterdir()) == []
+    (tmp_path / "afile").write_text("x")
+    msg, _ = _one_line_error(lambda: check_writable(str(tmp_path / "afile")))
+    assert "existing file" in msg
+    msg, _ = _one_line_error(lambda: check_writable(str(tmp_path / "afile" / "below")))
+    assert "afile" in msg
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        # root writes through a 0500 mode; there, /sys (sysfs, which refuses new folders even to root) stands in
+        # for a read-only mount
+        target = ro / "out" if not (os.geteuid() == 0 and os.access(ro, os.W_OK)) else Path("/sys/scoder-out")
+        msg, _ = _one_line_error(lambda: check_writable(str(target)))
+        assert str(target) in msg and ("Permission denied" in msg or "not permitted" in msg or "Read-only" in msg)
+    finally:
+        ro.chmod(0o700)
+
+
+HOLDER = """
+import sys, time
+from synth_core.config import StorageConfig
+from synth_core.storage import WriterLock
+lock = WriterLock(sys.argv[1], StorageConfig(lock_heartbeat_s=0.5), owner="holder-test")
+lock.acquire()
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+lock.release()
+"""
+
+
+def _start_holder(uri: str, hold_s: float):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, uri, str(hold_s)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_writer_lock_refuses_a_second_writer_naming_the_holder(tmp_path):
+    """Two real processes: the second writer of a held location refuses in one line naming pid and owner;
+    with lock_wait_s it waits for the holder to finish and then takes the lock."""
+    uri = str(tmp_path / "out")
+    holder = _start_holder(uri, 3)
+    try:
+        msg, took = _one_line_error(lambda: WriterLock(uri, StorageConfig()).acquire())
+        assert f"pid {holder.pid}" in msg and "holder-test" in msg and "_writer.lock" in msg and took < 3
+        with pytest.raises(WriterLockError):
+            WriterLock(uri, StorageConfig()).acquire()
+        with WriterLock(uri, StorageConfig(lock_wait_s=30)):  # waits until the holder releases (3 s)
+            assert holder.poll() == 0 or holder.wait(5) == 0
+            assert "held" not in (tmp_path / "out" / "_writer.lock").read_text()
+        assert not (tmp_path / "out" / "_writer.lock").exists()  # released
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_writer_lock_of_a_dead_or_silent_run_is_taken_over(tmp_path):
+    import json
+    import signal
+
+    uri = str(tmp_path / "out")
+    holder = _start_holder(uri, 120)
+    holder.send_signal(signal.SIGKILL)  # a kill -9'd run leaves its lock behind
+    holder.wait()
+    assert (tmp_path / "out" / "_writer.lock").exists()
+    with WriterLock(uri, StorageConfig()) as lock:  # its pid is gone on this host: no wait for staleness
+        assert json.loads((tmp_path / "out" / "_writer.lock").read_text())["token"] == lock.token
+    # A run on another host whose heartbeat stopped longer than lock_stale_s ago.
+    lock_file = tmp_path / "out" / "_writer.lock"
+    old = {"owner": "x", "pid": 1, "host": "elsewhere", "started_at": 0, "heartbeat_at": 1.0, "token": "t"}
+    lock_file.write_text(json.dumps(old))
+    with WriterLock(uri, StorageConfig(lock_stale_s=60)):
+        pass
+    lock_file.write_text(json.dumps({**old, "heartbeat_at": __import__("time").time()}))
+    with pytest.raises(WriterLockError, match="elsewhere"):
+        WriterLock(uri, StorageConfig(lock_stale_s=60)).acquire()
+
+
+def test_writer_lock_on_s3(s3_endpoint):
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    uri = "s3://scoder/tests/locked"
+    with WriterLock(uri, storage, owner="first"):
+        with pytest.raises(WriterLockError, match="first"):
+            WriterLock(uri, storage).acquire()
+    with WriterLock(uri, storage):
+        pass
+
+
+REWRITER = """
+import sys, time
+import pyarrow as pa
+from synth_core.storage import write_part
+table = pa.table({"x": list(range(200_000)), "reject_reason": [None] * 200_000})
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    write_part(sys.argv[1], 0, table, "fp")
+"""
+
+
+def test_rewriting_a_part_never_exposes_a_torn_file(tmp_path):
+    """Two real processes rewrite the same part (two identical builds) while a reader keeps reading it: every
+    read is a whole Parquet file. Before parts went through a temporary name, readers caught torn files."""
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    uri = str(tmp_path / "ds")
+    write_part(uri, 0, _table([1], [None]), "fp")
+    writers = [subprocess.Popen([sys.executable, "-c", REWRITER, uri, "4"]) for _ in range(2)]
+    reads = torn = 0
+    try:
+        while any(w.poll() is None for w in writers):
+            try:
+                n = pq.read_table(tmp_path / "ds" / "part-00000.parquet").num_rows
+                assert n in (1, 200_000)
+            except Exception:
+                torn += 1
+            reads += 1
+    finally:
+        for w in writers:
+            w.kill()
+            w.wait()
+    assert all(w.returncode == 0 for w in writers)
+    assert reads > 10 and torn == 0, (reads, torn)
+    assert [p.name for p in (tmp_path / "ds").iterdir() if ".tmp-" in p.name] == []
+
+
+def test_calls_mid_run_on_a_silent_endpoint_are_one_line(monkeypatch):
+    """After the preflight, an endpoint that stops answering fails a part write or a manifest read in one bounded
+    StorageError line naming the endpoint, not a botocore traceback."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    srv, endpoint = _silent_endpoint()
+    with srv:
+        storage = StorageConfig(endpoint_url=endpoint, connect_timeout_s=1, read_timeout_s=1, max_attempts=1)
+        for call in (
+            lambda: write_part("s3://scoder/mid", 0, _table([1], [None]), "fp", storage=storage),
+            lambda: read_manifest("s3://scoder/mid", storage),
+        ):
+            msg, took = _one_line_error(call)
+            assert endpoint in msg and "s3://scoder/mid" in msg and took < 10, (msg, took)

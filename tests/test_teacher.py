@@ -27,6 +27,7 @@ from synth_core.teacher import (
     TIMEOUT,
     TeacherError,
     backoff_delay,
+    describe_failures,
     redact_url,
     run_chats,
     scrub_secret,
@@ -121,10 +122,35 @@ def test_retries_stop_after_max_retries():
     ("status", "expected"),
     [(400, BAD_REQUEST), (401, AUTH_ERROR), (403, AUTH_ERROR), (404, NOT_FOUND), (422, BAD_REQUEST)],
 )
-def test_client_errors_are_not_retried(status, expected):
-    with ScriptedEndpoint(lambda call: error(status, "no")) as ep:
-        (result,), _ = run_chats(teacher(ep.url), [CHAT])
+def test_client_errors_are_not_retried(status, expected, caplog):
+    """Issue 16: the message says "not retried" with the status and the server's own message, never "failed after
+    retries"; a 404 asks whether the base URL ends in /v1."""
+    with ScriptedEndpoint(lambda call: error(status, "the server's reason")) as ep:
+        (result,), stats = run_chats(teacher(ep.url), [CHAT])
     assert (result.error, result.attempts, len(ep.calls)) == (expected, 1, 1)
+    assert result.detail.startswith(f"not retried: HTTP {status}: the server's reason")
+    assert ("does the base URL end in /v1?" in result.detail) == (status == 404)
+    assert "after retries" not in caplog.text and "not retried: HTTP" in caplog.text
+    assert stats.not_retried == {expected: 1}
+    assert describe_failures(stats) == f"{expected}: 1, not retried"
+
+
+def test_missing_v1_is_a_404_with_a_hint():
+    """The base URL without /v1: the server (like vLLM's) answers its unknown route with FastAPI's 404 body."""
+    with ScriptedEndpoint(
+        lambda call: Reply(404, {"detail": "Not Found"}) if not call.path.startswith("/v1/") else Reply()
+    ) as ep:
+        (result,), _ = run_chats(teacher(ep.url.removesuffix("/v1")), [CHAT])
+    assert result.error == NOT_FOUND and result.attempts == 1
+    assert result.detail.startswith("not retried: HTTP 404: Not Found (does the base URL end in /v1?")
+
+
+def test_transient_failures_say_how_many_attempts():
+    with ScriptedEndpoint(lambda call: error(503, "overloaded")) as ep:
+        (result,), stats = run_chats(teacher(ep.url, max_retries=1, backoff_s=0.01), [CHAT])
+    assert (result.error, result.attempts, len(ep.calls)) == (SERVER_ERROR, 2, 2)
+    assert result.detail == "after 2 attempts: HTTP 503: overloaded"
+    assert describe_failures(stats) == f"{SERVER_ERROR}: 1, after retries"
 
 
 def test_408_and_409_are_retried():
@@ -137,10 +163,16 @@ def test_408_and_409_are_retried():
 def test_timeout_is_retried_then_recorded():
     """The server holds every answer for 2 s; the deadline is 0.3 s: two attempts, both time out, well before
     the server would have answered."""
+    import openai  # noqa: F401  (imported before the clock starts: its first import alone can take seconds)
+
     with ScriptedEndpoint(lambda call: Reply(body=completion("late"), delay_s=2.0)) as ep:
         t = time.perf_counter()
         (result,), stats = run_chats(teacher(ep.url, timeout_s=0.3, max_retries=1), [CHAT])
         elapsed = time.perf_counter() - t
+        # The server's thread records a request when it gets to it: on a loaded machine, after the client gave up.
+        deadline = time.monotonic() + 5
+        while len(ep.calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
     assert (result.error, result.attempts, len(ep.calls)) == (TIMEOUT, 2, 2)
     assert elapsed < 1.5 and stats.failures == {TIMEOUT: 1}
 
@@ -292,3 +324,26 @@ def test_vllm_server_answers_the_client(vllm_server, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-wrong-key-0123456789")
     (denied,), _ = run_chats(cfg, [chat])
     assert (denied.error, denied.attempts) == (AUTH_ERROR, 1) and "0123456789" not in str(denied)
+
+
+@pytest.mark.slow
+def test_vllm_server_missing_v1_and_a_score_read_at_its_token(vllm_server, monkeypatch):
+    """Issue 16 against the real server: a base URL without /v1 is a 404 that is not retried and asks about /v1;
+    a judge answer forced into the `Score: N` format (structured outputs) is read at the score token, whatever
+    the engine appends after it in the logprobs (vLLM: the end-of-turn token)."""
+    from synth_core.score_fit import read_teacher_score
+
+    monkeypatch.setenv(KEY_ENV, vllm_server.api_key)
+    cfg = TeacherConfig(endpoint=vllm_server.url, model=vllm_server.model, api_key_env=KEY_ENV, max_tokens=16)
+    chat = [{"role": "user", "content": "Rate this from 0 to 9. End with `Score: N`."}]
+    (no_v1,), _ = run_chats(cfg.model_copy(update={"endpoint": vllm_server.url.removesuffix("/v1")}), [chat])
+    assert (no_v1.error, no_v1.attempts) == (NOT_FOUND, 1)
+    assert no_v1.detail.startswith("not retried: HTTP 404") and "does the base URL end in /v1?" in no_v1.detail
+    form = {"structured_outputs": {"regex": "Fine\\.\nScore: [0-9]"}}
+    (answer,), _ = run_chats(cfg, [chat], logprobs=True, top_logprobs=20, **form)
+    assert answer.ok and answer.text.startswith("Fine.\nScore: "), answer.text
+    tokens = [lp["token"] for lp in answer.logprobs]
+    # Seen with vLLM 0.32: [..., 'Sc', 'o', 'r', 'e', ':', ' ', '5', '<|im_end|>'] for the text 'Fine.\nScore: 5'.
+    assert "".join(tokens) != answer.text and "".join(tokens).startswith(answer.text)
+    read = read_teacher_score(answer.text, answer.logprobs)
+    assert read.reject_reason is None and read.mass is not None and 0 <= read.score <= 9, (tokens, read)

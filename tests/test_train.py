@@ -259,3 +259,115 @@ def test_two_gpus_match_one_gpu(tmp_path):
         assert lb == pytest.approx(la, rel=1e-2)
     assert a.loss_curve[-1][1] < 0.98 * a.loss_curve[0][1]
     assert len(b.checkpoints) == 2
+
+
+def test_speed_switches_keep_the_train_fingerprint():
+    """lora_cast_inputs and answer_logits_only change how, not what, is trained: the stage's fingerprint is the one
+    main computed before they existed (values from `fingerprint("train", 1, data, cfg.train, base, template)`)."""
+    from synth_core.train import train_fingerprint
+
+    for cfg, data, expected in (
+        (TrainConfig(), ["a", "b"], "bace8dd0fb18230c"),
+        (TrainConfig(method="full", lora_r=8), ["a"], "d60616ddb6ba76ee"),
+    ):
+        for switches in ({}, {"lora_cast_inputs": True}, {"answer_logits_only": True}):
+            assert train_fingerprint(data, cfg.model_copy(update=switches), "base", "tmpl") == expected
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_answer_logits_loss_equals_the_full_loss_and_gradients(packing):
+    """The loss from logits kept at the answer positions only equals the model's own loss over all logits, and so
+    do the LoRA gradients (fp32; padded batch of mixed lengths, and packed)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from synth_core.train import AnswerLogitsCollator, answer_logits_loss, load_model_for_training, make_collator
+
+    base = resolve_model("builtin:tiny-random-llama")
+    tok = AutoTokenizer.from_pretrained(base.path)
+    rows = [encode_chat(tok, c, 600) for c in _chats(3)]
+    rows[1] = {k: v[:420] for k, v in rows[1].items()}
+    cfg = TrainConfig(packing=packing, lora_r=4)
+    torch.manual_seed(0)
+    model = load_model_for_training(base.path, cfg, bf16=False)
+    for n, p in model.named_parameters():  # lora_B starts at zero: give both adapters' gradients some weight
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    full_batch = make_collator(cfg, tok.pad_token_id)(rows)
+    kept_batch = make_collator(cfg.model_copy(update={"answer_logits_only": True}), tok.pad_token_id)(rows)
+    assert isinstance(make_collator(cfg.model_copy(update={"answer_logits_only": True}), 0), AnswerLogitsCollator)
+    answer_tokens = int((full_batch["labels"] != IGNORE_INDEX).sum())
+    assert 0 < len(kept_batch["logits_to_keep"]) < full_batch["input_ids"].shape[1]
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full_loss, full_grads = loss_and_grads(lambda: model(**full_batch).loss)
+    labels = kept_batch.pop("labels")
+    for items in (None, answer_tokens):
+        kept_loss, kept_grads = loss_and_grads(lambda n=items: answer_logits_loss(model(**kept_batch), labels, n))
+        assert kept_loss == pytest.approx(full_loss, rel=1e-5)
+        for n, g in full_grads.items():
+            torch.testing.assert_close(kept_grads[n], g, rtol=1e-4, atol=1e-7)
+
+
+def test_training_with_the_speed_switches_follows_the_same_loss_curve(tmp_path, tiny_model):
+    """Trainer with answer_logits_only (its compute_loss_func, two micro-batches a step: num_items_in_batch) and
+    with peft's input casts on follows the default's loss curve."""
+    base = resolve_model(tiny_model)
+    cfg = TrainConfig(epochs=1, batch_size=1, grad_accum=2, max_seq_len=384, num_checkpoints=1, lora_r=4)
+    curves = [
+        train_model(base.path, _chats(4), cfg.model_copy(update=switches), str(tmp_path / str(i))).loss_curve
+        for i, switches in enumerate(({}, {"answer_logits_only": True}, {"lora_cast_inputs": True}))
+    ]
+    assert len(curves[0]) == 2
+    for curve in curves[1:]:
+        assert [s for s, _ in curve] == [s for s, _ in curves[0]]
+        for (_, a), (_, b) in zip(curve, curves[0], strict=True):
+            assert a == pytest.approx(b, rel=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_speed_switches_give_the_same_bf16_loss_and_gradients():
+    """On CUDA, bf16 LoRA (base in bf16, adapters fp32, autocast) of a real-shaped random Llama, packed with
+    flex_attention: peft's input casts on or off and logits at the answer positions only give the same loss and
+    LoRA gradients (within bf16 tolerance)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from transformers import AutoTokenizer
+
+    from synth_core.models import synthetic_chats
+    from synth_core.train import answer_logits_loss, load_model_for_training, make_collator
+
+    base = resolve_model("builtin:random-llama-150m")
+    tok = AutoTokenizer.from_pretrained(base.path)
+    rows = [encode_chat(tok, c, 1024) for c in synthetic_chats(8, 256, 32768, seed=0)]
+    results = []
+    for switches in ({"lora_cast_inputs": True}, {}, {"answer_logits_only": True}):
+        cfg = TrainConfig(packing=True, lora_r=16, **switches)
+        torch.manual_seed(0)
+        model = load_model_for_training(base.path, cfg, bf16=True).cuda()
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)
+        batch = {k: v.cuda() for k, v in make_collator(cfg, tok.pad_token_id)(rows).items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if cfg.answer_logits_only:
+                labels = batch.pop("labels")
+                loss = answer_logits_loss(model(**batch), labels)
+            else:
+                loss = model(**batch).loss
+        loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for _, p in model.named_parameters() if p.requires_grad])
+        results.append((loss.item(), grads))
+        del model
+    ref_loss, ref_grads = results[0]
+    for loss, grads in results[1:]:
+        assert loss == pytest.approx(ref_loss, rel=1e-3)
+        cos = torch.nn.functional.cosine_similarity(grads, ref_grads, dim=0).item()
+        assert cos > 0.999 and (grads.norm() / ref_grads.norm()).item() == pytest.approx(1.0, rel=1e-2)

@@ -1,0 +1,155 @@
+"""synth_core.errors: which failures are permanent, and the one line that describes any of them."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from synth_core.config import ConfigError
+from synth_core.errors import describe, is_permanent
+
+
+def _raised(fn) -> BaseException:
+    try:
+        fn()
+    except BaseException as err:
+        return err
+    raise AssertionError("expected an exception")
+
+
+def test_real_permanent_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from botocore.exceptions import NoCredentialsError
+
+    existing = tmp_path / "file"
+    existing.write_text("x")
+    errors = [
+        _raised(lambda: os.mkdir(existing)),  # EEXIST
+        _raised(lambda: open(tmp_path / "missing" / "x", "rb")),  # ENOENT
+        _raised(lambda: os.stat(tmp_path / ("x" * 300))),  # ENAMETOOLONG
+        _raised(lambda: open(existing / "child", "w")),  # ENOTDIR
+        _raised(lambda: {}["content"]),
+        _raised(lambda: int("x")),
+        _raised(lambda: pa.array(["x"]).cast(pa.int64())),  # ArrowInvalid
+        _raised(lambda: pa.table({"a": [1]}).cast(pa.schema([("a", pa.list_(pa.int64()))]))),
+        _raised(lambda: pq.read_table(existing)),  # not Parquet: ArrowInvalid
+        NoCredentialsError(),
+        ConfigError("unknown key 'pool.snipets'"),
+        OSError(errno.EROFS, "Read-only file system", "/ro"),
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError(errno.EACCES, "Permission denied", "/root/x"),
+        PermissionError("Access Denied"),  # s3fs: no errno
+    ]
+    for err in errors:
+        assert is_permanent(err), repr(err)
+
+
+def test_transient_errors():
+    errors = [
+        ConnectionError("reset"),
+        ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+        TimeoutError("timed out"),
+        OSError("storage hiccup"),
+        OSError(errno.EIO, "Input/output error"),
+        RuntimeError("engine died"),
+    ]
+    for err in errors:
+        assert not is_permanent(err), repr(err)
+
+
+@pytest.mark.parametrize(
+    "err, line",
+    [
+        (ConfigError("config: unknown key 'pool.snipets'"), "config: unknown key 'pool.snipets'"),
+        (KeyError("content"), "KeyError: 'content'"),
+        (OSError(errno.EROFS, "Read-only file system", "/ro/out"), "OSError: /ro/out: Read-only file system (EROFS)"),
+        (RuntimeError("first line\n  second line"), "RuntimeError: first line"),
+    ],
+)
+def test_describe_is_one_line(err, line):
+    assert describe(err) == line
+
+
+def test_describe_names_the_cause():
+    def inner() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/full/part-0.parquet")
+
+    def outer() -> None:
+        try:
+            inner()
+        except OSError as err:
+            raise RuntimeError("writing part 0 failed") from err
+
+    line = describe(_raised(outer))
+    cause = "OSError: /full/part-0.parquet: No space left on device (ENOSPC)"
+    assert line == f"RuntimeError: writing part 0 failed (caused by {cause})"
+    assert "\n" not in describe(_raised(outer))
+
+
+def test_cli_reports_a_failure_as_one_line(capsys):
+    """flows.cli.report_error, what `scoder` does with a failure no command caught: one line, the exit status."""
+    from flows.cli import report_error
+
+    assert report_error(OSError(errno.EROFS, "Read-only file system", "/ro/out")) == 2
+    assert capsys.readouterr().err == "error: OSError: /ro/out: Read-only file system (EROFS)\n"
+    assert report_error(RuntimeError("engine died\nlong details")) == 1
+    assert capsys.readouterr().err == "error: RuntimeError: engine died (SCODER_DEBUG=1 shows the traceback)\n"
+
+
+def test_describe_survives_a_broken_message():
+    class Broken(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no message")
+
+    assert describe(Broken()) == "Broken"
+
+
+def test_a_wrapper_is_as_permanent_as_its_cause():
+    """storage_call wraps a failed storage call in a StorageError (a RuntimeError) naming the URI: an ENOSPC inside
+    is still permanent, a refused connection inside still transient; an exception may also say for itself."""
+    from synth_core.storage import StorageError
+
+    def wrapped(cause: BaseException) -> BaseException:
+        try:
+            raise cause
+        except BaseException as err:
+            try:
+                raise StorageError(f"s3://bucket/out: {err}") from err
+            except StorageError as wrapper:
+                return wrapper
+
+    assert is_permanent(wrapped(OSError(errno.ENOSPC, "No space left on device")))
+    assert not is_permanent(wrapped(ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")))
+    assert not is_permanent(StorageError("s3://bucket/out: read timed out"))
+    flagged = StorageError("no S3 credentials for s3://bucket/out")
+    flagged.permanent = True
+    assert is_permanent(flagged)
+
+
+def test_missing_s3_credentials_are_permanent(monkeypatch):
+    from synth_core import storage
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no network call to instance metadata
+    monkeypatch.setattr(storage, "_FOUND_AWS_CREDENTIALS", None, raising=False)
+    with pytest.raises(storage.StorageError, match="no S3 credentials") as info:
+        storage.get_fs("s3://bucket/out")
+    assert is_permanent(info.value)
+
+
+def test_describe_does_not_repeat_a_cause_the_message_names():
+    from synth_core.storage import StorageError
+
+    def wrapped() -> None:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/full/part-0.parquet")
+        except OSError as err:
+            raise StorageError(f"/full: OSError: {err}") from err
+
+    assert describe(_raised(wrapped)) == "/full: OSError: [Errno 28] No space left on device: '/full/part-0.parquet'"
