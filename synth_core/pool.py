@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import logging
 import os
 import random
 import stat
@@ -65,6 +66,8 @@ from synth_core.text import normalize_snippet
 
 if TYPE_CHECKING:
     pass
+
+log = logging.getLogger(__name__)
 
 # Bump when a step's output changes for the same inputs and config: it invalidates earlier outputs.
 # 2: hostile inputs (FIFOs, undecodable names, over-long paths) are rows; parser crashes are parse_error.
@@ -458,6 +461,13 @@ def list_source_units(cfg: RunConfig) -> list[SourceUnit]:
 def plan_pool(cfg: RunConfig, out: str | None = None) -> PoolPlan:
     """List the sources and derive shard lists and fingerprinted step locations."""
     units = list_source_units(cfg)
+    if not units:
+        # A valid, empty pool; but a folder with no file matching `include` is more often a mistake than a wish.
+        log.warning(
+            "no input in %s matches pool.include %s: the pool will be empty",
+            ", ".join(cfg.pool.sources or default_sources()),
+            cfg.pool.include,
+        )
     shards: list[list[SourceUnit]] = []
     current: list[SourceUnit] = []
     for u in units:

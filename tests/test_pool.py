@@ -356,7 +356,7 @@ def test_parquet_without_the_content_column_is_one_line(tmp_path, cfg):
     ], r.stderr
 
 
-def test_an_empty_source_is_an_empty_pool(tmp_path, cfg):
+def test_an_empty_source_is_an_empty_pool(tmp_path, cfg, caplog):
     empty = tmp_path / "zero.parquet"
     pq.write_table(pa.table({"content": pa.array([], pa.string())}), empty)
     (tmp_path / "nothing").mkdir()
@@ -365,6 +365,10 @@ def test_an_empty_source_is_an_empty_pool(tmp_path, cfg):
         uri = pool.build_pool(cfg, str(tmp_path / f"out-{src.name}"))
         assert read_dataset(uri).num_rows == 0
         assert read_manifest(uri).funnel == {"rows_in": 0, "kept": 0, "rejected": {}}
+    # The empty folder lists nothing: said in the log (the Parquet file is an input, with zero rows).
+    assert [r.getMessage() for r in caplog.records if "matches pool.include" in r.getMessage()] == [
+        f"no input in {tmp_path / 'nothing'} matches pool.include ['*.py']: the pool will be empty"
+    ]
 
 
 def test_a_parser_crash_is_one_files_parse_error(tmp_path, cfg, source_tree, monkeypatch):
