@@ -70,6 +70,9 @@ def is_permanent(exc: BaseException) -> bool:
 
     Connection errors and time-outs are transient, even though they are OSErrors too.
     """
+    flag = getattr(exc, "permanent", None)
+    if isinstance(flag, bool):  # an error that knows, e.g. synth_core.storage.StorageError
+        return flag
     if isinstance(exc, ConnectionError | TimeoutError):
         return False
     if _is_foreign_permanent(exc):
