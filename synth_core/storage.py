@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from synth_core.config import StorageConfig
+from synth_core.errors import is_permanent
 
 if TYPE_CHECKING:
     import fsspec
@@ -45,7 +46,19 @@ class DatasetError(RuntimeError):
 
 class StorageError(DatasetError):
     """Storage cannot be reached or written (dead endpoint, no credentials, read-only location); one line that
-    names the URI and, for S3, the endpoint. A DatasetError, so every command that reports those reports this."""
+    names the URI and, for S3, the endpoint. A DatasetError, so every command that reports those reports this.
+
+    `permanent` says whether a retry can help (synth_core.errors.is_permanent reads it): a time-out can pass, a
+    missing bucket or credentials cannot; None leaves it to the error this one wraps (its `__cause__`). It survives
+    pickling (a worker process's error reaches the flow).
+    """
+
+    def __init__(self, message: str, permanent: bool | None = None):
+        super().__init__(message)
+        self.permanent = permanent
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.permanent))
 
 
 def file_stamp(info: dict[str, Any]) -> str:
@@ -91,12 +104,12 @@ def get_fs(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.Abstr
         if storage.secret:
             options["secret"] = storage.secret
         if not (storage.key and storage.secret) and not _have_aws_credentials():
-            err = StorageError(
+            # permanent: a task retrying this would wait 70 s for nothing
+            raise StorageError(
                 f"no S3 credentials for {uri} (endpoint {endpoint or 'AWS'}): set storage.key and storage.secret, "
-                "or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or an AWS profile"
+                "or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or an AWS profile",
+                permanent=True,
             )
-            err.permanent = True  # synth_core.errors.is_permanent: a task retrying this waits 70 s for nothing
-            raise err
         options["session"] = _s3_session()
         options["config_kwargs"] = {
             "connect_timeout": storage.connect_timeout_s,
@@ -185,7 +198,7 @@ def storage_call(uri: str, storage: StorageConfig | None = None) -> Iterator[Non
     except (FileNotFoundError, DatasetError):
         raise
     except _storage_failures() as err:
-        raise StorageError(describe_storage_error(uri, err, storage)) from err
+        raise StorageError(describe_storage_error(uri, err, storage), permanent=is_permanent(err)) from err
 
 
 def check_writable(uri: str, storage: StorageConfig | None = None) -> None:
@@ -199,7 +212,7 @@ def check_writable(uri: str, storage: StorageConfig | None = None) -> None:
     if not uri.startswith(("s3://", "s3a://")) and "://" not in uri:
         path = os.path.abspath(uri)
         if os.path.exists(path) and not os.path.isdir(path):
-            raise StorageError(f"cannot write to {uri}: it is an existing file, not a folder")
+            raise StorageError(f"cannot write to {uri}: it is an existing file, not a folder", permanent=True)
         try:
             os.makedirs(path, exist_ok=True)
             probe = os.path.join(path, probe_name)
@@ -207,7 +220,7 @@ def check_writable(uri: str, storage: StorageConfig | None = None) -> None:
                 f.write(b"ok")
             os.remove(probe)
         except OSError as err:
-            raise StorageError(f"cannot write to {uri}: {err.strerror or err}") from None
+            raise StorageError(f"cannot write to {uri}: {err.strerror or err}", permanent=is_permanent(err)) from None
         return
     fs, root = get_fs(uri, storage)
     probe = f"{root.rstrip('/')}/{probe_name}"
@@ -215,7 +228,8 @@ def check_writable(uri: str, storage: StorageConfig | None = None) -> None:
         fs.pipe_file(probe, b"ok")
         fs.rm_file(probe)
     except _storage_failures() as err:
-        raise StorageError(f"cannot write to {describe_storage_error(uri, err, storage)}") from None
+        message = f"cannot write to {describe_storage_error(uri, err, storage)}"
+        raise StorageError(message, permanent=is_permanent(err)) from None
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -595,6 +609,9 @@ def step_stats(name: str, results: list[ShardResult], wall_s: float) -> dict[str
 
 class WriterLockError(StorageError):
     """A live run holds the output location's writer lock; the message names it."""
+
+    def __init__(self, message: str, permanent: bool = True):
+        super().__init__(message, permanent)
 
 
 class WriterLock:

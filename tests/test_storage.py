@@ -158,8 +158,8 @@ def test_silent_endpoint_fails_fast_in_one_line(monkeypatch):
 
 @pytest.mark.slow
 def test_silent_endpoint_with_default_timeouts(monkeypatch):
-    """The shipped defaults (5 s connect, 15 s read, 2 attempts) fail a silent endpoint within 40 s (32 s seen);
-    before, the same call still hung after 300 s."""
+    """The shipped defaults (5 s connect, 15 s read, 2 attempts) fail a silent endpoint within 40 s (31 s seen).
+    s3fs's own retry loop must stay off: with it on and botocore at 3 attempts, this call still hung after 300 s."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     srv, endpoint = _silent_endpoint()
@@ -345,3 +345,25 @@ def test_calls_mid_run_on_a_silent_endpoint_are_one_line(monkeypatch):
         ):
             msg, took = _one_line_error(call)
             assert endpoint in msg and "s3://scoder/mid" in msg and took < 10, (msg, took)
+
+
+def test_storage_errors_say_whether_a_retry_can_help(monkeypatch, tmp_path):
+    """A time-out is worth a retry, a missing bucket or a file in the way is not; the flag survives pickling (a
+    worker process's exception reaches the flow pickled)."""
+    import pickle
+
+    from synth_core.errors import is_permanent
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(StorageError) as in_the_way:
+        check_writable(str(tmp_path / "afile"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    srv, endpoint = _silent_endpoint()
+    with srv, pytest.raises(StorageError) as timed_out:
+        storage = StorageConfig(endpoint_url=endpoint, connect_timeout_s=1, read_timeout_s=1, max_attempts=1)
+        check_writable("s3://scoder/out", storage)
+    assert is_permanent(in_the_way.value) and not is_permanent(timed_out.value)
+    for err in (in_the_way.value, timed_out.value, WriterLockError("held")):
+        again = pickle.loads(pickle.dumps(err))
+        assert type(again) is type(err) and str(again) == str(err) and again.permanent == err.permanent
