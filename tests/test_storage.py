@@ -367,3 +367,38 @@ def test_storage_errors_say_whether_a_retry_can_help(monkeypatch, tmp_path):
     for err in (in_the_way.value, timed_out.value, WriterLockError("held")):
         again = pickle.loads(pickle.dumps(err))
         assert type(again) is type(err) and str(again) == str(err) and again.permanent == err.permanent
+
+
+RACER = """
+import sys, time
+from synth_core.config import StorageConfig
+from synth_core.storage import WriterLock, WriterLockError
+lock = WriterLock(sys.argv[1], StorageConfig())
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # every racer tries at the same moment
+try:
+    lock.acquire()
+except WriterLockError:
+    print("lost", flush=True)
+else:
+    print("won", flush=True)
+    time.sleep(2)
+    lock.release()
+"""
+
+
+def test_writers_racing_for_a_free_location_one_wins(tmp_path):
+    """Three real processes try a free location at the same instant (three identical builds started together):
+    exactly one takes the lock (its write-settle-read protocol; seen on the loaded 2-core machine)."""
+    import subprocess
+    import sys
+    import time
+
+    for attempt in range(3):
+        uri = str(tmp_path / f"out{attempt}")
+        start = time.time() + 2.0  # after the interpreters started
+        racers = [
+            subprocess.Popen([sys.executable, "-c", RACER, uri, str(start)], stdout=subprocess.PIPE, text=True)
+            for _ in range(3)
+        ]
+        outcomes = sorted(r.communicate(timeout=60)[0].strip() for r in racers)
+        assert outcomes == ["lost", "lost", "won"], (attempt, outcomes)
