@@ -43,6 +43,10 @@ FORMAT_VERSION = 1
 class DatasetError(RuntimeError):
     """A dataset is missing, incomplete or unreadable; the message names the URI."""
 
+    # synth_core.errors.is_permanent: an input dataset that is missing or torn stays so on a retry (the stages
+    # upstream of a task have finished before it starts), so a task does not wait out 70 s of backoff for it.
+    permanent: bool | None = True
+
 
 class StorageError(DatasetError):
     """Storage cannot be reached or written (dead endpoint, no credentials, read-only location); one line that

@@ -153,3 +153,15 @@ def test_describe_does_not_repeat_a_cause_the_message_names():
             raise StorageError(f"/full: OSError: {err}") from err
 
     assert describe(_raised(wrapped)) == "/full: OSError: [Errno 28] No space left on device: '/full/part-0.parquet'"
+
+
+def test_a_missing_dataset_is_permanent_and_a_storage_error_follows_its_cause():
+    """A DatasetError (a missing or torn input) is not worth a retry; a StorageError without its own verdict is as
+    permanent as the error it wraps (a refused connection stays transient)."""
+    from synth_core.storage import DatasetError, StorageError
+
+    assert is_permanent(DatasetError("no dataset at s3://b/x"))
+    try:
+        raise StorageError("s3://b/x: cannot connect") from ConnectionRefusedError(111, "Connection refused")
+    except StorageError as err:
+        assert not is_permanent(err)
