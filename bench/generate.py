@@ -80,6 +80,7 @@ SNIPPET_MIN_CHARS = 80  # non-blank characters; shorter cuts (blank runs, lone b
 GPU_SHAPES: dict[str, dict[str, Any]] = {
     "1b": RANDOM_LLAMA_SHAPES["1b"],
     "7b": RANDOM_LLAMA_SHAPES["7b"],
+    "150m": RANDOM_LLAMA_SHAPES["150m"],  # the shape of --vllm-shape 150m's CPU run, for the ratio
     "tiny": dict(
         vocab_size=32000,
         hidden_size=64,
@@ -116,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=sorted(GPU_SHAPES),
         default=None,
         help="GPU mode: HF generate on a random model of this shape (torch + transformers only, no vLLM); "
-        "'1b' and '7b' need CUDA, 'tiny' also runs on the CPU (a check of the code path).",
+        "'150m', '1b' and '7b' need CUDA, 'tiny' also runs on the CPU (a check of the code path).",
     )
     parser.add_argument(
         "--gpu-batch-sizes", default="1,8,32,128", help="GPU mode: comma-separated batch sizes (sequences)."
