@@ -54,7 +54,7 @@ from typing import Any, Literal
 from synth_core.config import GenerationConfig, RunConfig, SandboxConfig
 from synth_core.generate import Completion, GenRequest
 from synth_core.models import ResolvedModel
-from synth_core.sandbox import SandboxResult
+from synth_core.sandbox import SandboxResult, verdict_limits
 
 # 2: bodies without a header are extracted whole (issue 16: dedented, comment- or blank-first bodies, column-0
 # comments, helpers after the body) and `name = entry_point(...)` examples are dropped.
@@ -540,7 +540,7 @@ def plan_eval(cfg: RunConfig, model_ref: str, out: str | None = None, trained_on
         STAGE_VERSION,
         [p.__dict__ for p in problems],
         ecfg.model_dump(mode="json", exclude={"student", "fine_tune", "benchmarks", "max_problems"}),
-        cfg.sandbox.model_dump(mode="json", include={"timeout_s", "cpu_s", "memory_mb", "max_procs"}),
+        verdict_limits(cfg.sandbox),  # the same settings sample and score fingerprint: each can change a pass
         model.fingerprint,
         data_fp,
         cfg.decontam.model_dump(mode="json", exclude={"benchmarks"}) if trained_on else None,

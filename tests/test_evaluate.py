@@ -347,6 +347,20 @@ def test_leakage_report_finds_a_planted_benchmark_solution(cfg, tmp_path, humane
     assert clean["rows_overlapping"] == 0 and clean["items_hit"] == 0 and clean["max_item_coverage"] < 0.5
 
 
+def test_evaluation_fingerprint_follows_every_sandbox_setting_a_verdict_depends_on(cfg, tiny_model):
+    """The same sandbox settings that fingerprint sample and score (sandbox.verdict_limits) fingerprint an
+    evaluation: a smaller disk or fewer open files can fail a passing program; the worker count cannot."""
+    cfg.evaluation.max_problems = 1
+    base = evaluate.plan_eval(cfg, tiny_model).fp
+    for key, value in (("max_file_mb", 1), ("max_open_files", 32), ("memory_mb", 256)):
+        changed = cfg.model_copy(deep=True)
+        setattr(changed.sandbox, key, value)
+        assert evaluate.plan_eval(changed, tiny_model).fp != base, key
+    same = cfg.model_copy(deep=True)
+    same.sandbox.workers = 7
+    assert evaluate.plan_eval(same, tiny_model).fp == base
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 
