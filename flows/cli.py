@@ -451,7 +451,9 @@ def reference_build_cmd(
                     "run scoder pool build"
                 )
             snippets = targets.out_uri
-        with _RequestProgress() as progress:
+        from flows.runtime import output_guard
+
+        with output_guard(out, cfg, "reference-build"), _RequestProgress() as progress:
             uri = build_reference(cfg, snippets, out, progress=progress.update)
         _print_dataset(uri, cfg.storage, rows=False)
         from synth_core.storage import read_manifest
@@ -525,10 +527,12 @@ def train_cmd(
     """Fine-tune the synthesizer (LoRA by default) and save M checkpoints. Prints them and the loss."""
     try:
         cfg = _load(config, set_, {})
+        from flows.runtime import output_guard
         from synth_core.reference import BUILTIN_REFERENCE
         from synth_core.train import checkpoints_of, run_train
 
-        uri = run_train(cfg, data or [BUILTIN_REFERENCE], base, out)
+        with output_guard(out, cfg, "train"):
+            uri = run_train(cfg, data or [BUILTIN_REFERENCE], base, out)
         _print_dataset(uri, cfg.storage, rows=False)
         for ckpt in checkpoints_of(uri, cfg):
             typer.echo(ckpt)

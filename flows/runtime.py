@@ -54,19 +54,29 @@ def run_flow(flow_fn, cfg: RunConfig, **params):
     temporary Prefect server (seconds of CPU each, measured); one shared server, whose URL the
     workers inherit through the environment, avoids that.
     """
-    from synth_core.storage import WriterLock, check_writable
-
-    # Before any work (and before a server starts): an unwritable --out fails now in one line, not after ingest.
-    out = params.get("out") or cfg.storage.root
-    check_writable(out, cfg.storage)
-    # One run writes a location at a time; without --out that is the whole work root, whose fingerprinted
-    # outputs two identical runs would share.
     from flows.reaper import Reaper
 
     # The reaper ends the server and workers and crashes the flow run if this process dies without cleaning up.
-    with WriterLock(out, cfg.storage, owner=getattr(flow_fn, "name", "scoder")), Reaper() as reaper:
+    with output_guard(params.get("out"), cfg, getattr(flow_fn, "name", "scoder")), Reaper() as reaper:
         with interrupt_deadline():
             return _run_flow_watched(flow_fn, cfg, reaper, **params)
+
+
+@contextlib.contextmanager
+def output_guard(out: str | None, cfg: RunConfig, owner: str) -> Iterator[None]:
+    """What every writing command does before any work: check that its output location (`out`, else the work
+    root) is writable, then hold its writer lock until the command ends. run_flow uses it; so do the commands
+    that write without a flow (reference build, train).
+
+    Without --out the lock covers the whole work root, whose fingerprinted outputs two identical runs would share.
+    """
+    from synth_core.storage import WriterLock, check_writable
+
+    location = out or cfg.storage.root
+    # An unwritable --out fails now in one line, not after ingest (and before a server starts).
+    check_writable(location, cfg.storage)
+    with WriterLock(location, cfg.storage, owner=owner):
+        yield
 
 
 def _run_flow_watched(flow_fn, cfg: RunConfig, reaper, **params):

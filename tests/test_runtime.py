@@ -160,3 +160,17 @@ def test_a_later_run_crashes_flow_runs_of_dead_processes(prefect_api):
         assert crash_orphaned(PREFECT_API_URL.value()) >= 1
         assert client.read_flow_run(runs["dead"]).state.type.value == "CRASHED"
         assert client.read_flow_run(runs["live"]).state.type.value == "RUNNING"
+
+
+def test_commands_without_a_flow_check_out_first(tmp_path):
+    """reference build and train write without a flow: they too refuse an unwritable --out in one line before
+    any request or model load."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for args in (
+        ("reference", "build", "--snippets", str(tmp_path / "pool"), "--endpoint", "http://127.0.0.1:9/v1"),
+        ("train",),
+    ):
+        r = run(*args, "--out", str(afile), "--set", f"storage.root={tmp_path}")
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        assert r.stderr.strip() == f"error: cannot write to {afile}: it is an existing file, not a folder", args
