@@ -597,9 +597,9 @@ def evaluate_model(plan: EvalPlan, cfg: RunConfig) -> str:
     """Generate, extract, execute and write every completion; commit the dataset with its summary."""
     import pyarrow as pa
 
+    from synth_core.chat import encode_prompts
     from synth_core.models import adapter_rank, context_length
     from synth_core.procs import run_in_subprocess
-    from synth_core.sample import _encode_prompts
     from synth_core.schema import EVAL_SCHEMA
     from synth_core.storage import commit_dataset, compute_funnel, hide_stale_dataset, write_part
 
@@ -611,7 +611,7 @@ def evaluate_model(plan: EvalPlan, cfg: RunConfig) -> str:
     base_gen = ecfg.generation.model_copy(update={"max_model_len": max_len})
     greedy_gen = base_gen.model_copy(update={"temperature": 0.0, "samples_per_prompt": 1})
     sampled_gen = base_gen.model_copy(update={"samples_per_prompt": max(ecfg.samples, 1)})
-    prompt_ids = _encode_prompts(model.path, [render_prompt(p) for p in plan.problems], ecfg.system_prompt)
+    prompt_ids = encode_prompts(model.path, [render_prompt(p) for p in plan.problems], ecfg.system_prompt)
     adapter = "student" if model.is_lora else None
     adapters = {"student": model.adapter_path} if model.is_lora else {}
 
