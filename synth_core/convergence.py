@@ -103,9 +103,10 @@ def losses_in_process(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from synth_core.chat import IGNORE_INDEX, encode_chat
     from synth_core.influence import per_sample_losses
     from synth_core.models import resolve_model
-    from synth_core.train import IGNORE_INDEX, encode_chat, pad_batch, wants_bf16
+    from synth_core.train import pad_batch, wants_bf16
 
     t0 = time.perf_counter()
     resolved = resolve_model(model_ref, storage=cfg.storage)
@@ -143,8 +144,8 @@ def heldout_loss(cfg: RunConfig, train_out: str, split: str, out: str | None = N
     (checkpoint, rows, mean_loss; mean_loss null without held-out rows); returns its URI."""
     import pyarrow as pa
 
+    from synth_core.chat import load_template, training_chats
     from synth_core.procs import run_in_subprocess
-    from synth_core.sample import load_template
     from synth_core.storage import (
         commit_dataset,
         dataset_has_fingerprint,
@@ -154,7 +155,7 @@ def heldout_loss(cfg: RunConfig, train_out: str, split: str, out: str | None = N
         read_manifest,
         write_part,
     )
-    from synth_core.train import checkpoints_of, training_chats
+    from synth_core.train import checkpoints_of
 
     template = load_template(cfg)
     ckpt = checkpoints_of(train_out, cfg)[-1]

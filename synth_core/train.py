@@ -41,9 +41,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+# Moved to chat.py (issue 18); the names stay importable from here (influence, tests, benches).
+from synth_core.chat import IGNORE_INDEX as IGNORE_INDEX
+from synth_core.chat import encode_chat as encode_chat
+from synth_core.chat import instruction_chats as instruction_chats
+from synth_core.chat import training_chats as training_chats
 from synth_core.config import ConfigError, RunConfig, TrainConfig
-
-IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
 
 
 @dataclass
@@ -58,27 +61,6 @@ class TrainResult:
     peak_memory_mb: float = 0.0  # host memory (PSS) of the training process(es)
     peak_gpu_memory_mb: float = 0.0  # torch's peak CUDA allocation on the first GPU
     step_end_s: list[float] = field(default_factory=list)  # seconds from the start of training to each step's end
-
-
-def encode_chat(tokenizer, messages: Sequence[dict[str, str]], max_seq_len: int) -> dict[str, list[int]]:
-    """Tokens of a chat whose last message is the assistant's answer; labels mask everything before it.
-
-    The prompt is rendered with `add_generation_prompt=True`, exactly as the sampler renders it, so the
-    model learns to answer in the place it will be asked to. A row longer than `max_seq_len` is cut at
-    the end (its answer loses its tail; a row whose prompt alone is too long keeps no label at all, and
-    the caller drops it).
-    """
-    if not messages or messages[-1]["role"] != "assistant":
-        raise ValueError("a training chat must end with the assistant's message")
-    prompt = tokenizer.apply_chat_template(list(messages[:-1]), add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(list(messages), tokenize=False)
-    if not full.startswith(prompt):
-        raise ValueError("the chat template renders the prompt differently inside the full chat")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
-    input_ids = (prompt_ids + answer_ids)[:max_seq_len]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_seq_len]
-    return {"input_ids": input_ids, "labels": labels}
 
 
 def pad_batch(rows: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
@@ -543,27 +525,6 @@ def train_fingerprint(data_fps: Sequence[str], train: TrainConfig, base_fp: str,
     return fingerprint("train", STAGE_VERSION, list(data_fps), fields, base_fp, template)
 
 
-def training_chats(rows: Sequence[dict[str, Any]], template: str) -> list[list[dict[str, str]]]:
-    """The synthesizer's task for each row: the synthesis prompt with its snippet -> the formatted answer."""
-    from synth_core.reference import format_synthesis
-    from synth_core.sample import render_user_prompt
-
-    return [
-        [
-            {"role": "user", "content": render_user_prompt(template, r["snippet"] or "", r["language"])},
-            {"role": "assistant", "content": format_synthesis(r["instruction"], r["response"])},
-        ]
-        for r in rows
-    ]
-
-
-def instruction_chats(rows: Sequence[dict[str, Any]]) -> list[list[dict[str, str]]]:
-    """A student's task for each row: the problem (instruction) -> its solution (response), plain SFT."""
-    return [
-        [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}] for r in rows
-    ]
-
-
 def run_train(
     cfg: RunConfig,
     data: Sequence[str],
@@ -578,8 +539,8 @@ def run_train(
     """
     import pyarrow as pa
 
+    from synth_core.chat import load_template
     from synth_core.models import cache_dir, is_remote, resolve_model
-    from synth_core.sample import load_template
     from synth_core.schema import CHECKPOINT_SCHEMA
     from synth_core.storage import (
         commit_dataset,

