@@ -755,6 +755,13 @@ class RoundConfig(StrictModel):
         description="Kept snippets skipped before the first iteration's seeds (a dated run, scoder run --date, "
         "moves its window along the pool night by night).",
     )
+    release_top_k_per_seed: int | None = Field(
+        None,
+        ge=1,
+        description="score.top_k_per_seed of the release's score stage: the best this many candidates of each seed "
+        "snippet are released; None = every candidate that passed the filters (the iterations keep score's own "
+        "top_k_per_seed, which picks what training sees).",
+    )
     compare_base: bool = Field(
         False,
         description="Also sample the base synthesizer on iteration 1's seed snippets (same base seed), so the "
