@@ -241,6 +241,8 @@ def sample_evidence(stages: Mapping[str, str], cfg: RunConfig) -> dict[str, Any]
     if "sample" not in stages:
         return {}
     cols = ["instruction", "reject_reason", "exec_status"]
+    if "asserts_grounded" in read_manifest(stages["sample"], cfg.storage).arrow().names:
+        cols.append("asserts_grounded")  # samples written before sample.ground_asserts have no such column
     table = read_dataset(stages["sample"], columns=cols, storage=cfg.storage)
     n = table.num_rows
     reasons = table.column("reject_reason").to_pylist()
@@ -254,6 +256,12 @@ def sample_evidence(stages: Mapping[str, str], cfg: RunConfig) -> dict[str, Any]
         "screen_pass_rate": round(sum(r is None or r == "asserts_failed" for r in reasons) / n, 4) if n else None,
         "assert_pass_rate": round(statuses.count("passed") / n, 4) if n else None,
         "executed": len(ran),
+        # Of assert_pass_rate, the share that passed only after sample.ground_asserts rewrote expected values.
+        "grounded_rate": (
+            round(sum(1 for g in table.column("asserts_grounded").to_pylist() if g) / n, 4)
+            if n and "asserts_grounded" in cols
+            else None
+        ),
         "distinct_problems": distinct_share([instructions[i] for i in parsed if instructions[i]], cfg.dedup),
     }
     if "score" in stages:
@@ -338,7 +346,8 @@ def convergence_markdown(records: Sequence[Mapping[str, Any]]) -> str:
     sampled = [r for r in records if r.get("parse_rate") is not None]
     if sampled:
         aspects = sorted({a for r in sampled for a in (r.get("judge_means") or {})})
-        head = ["iteration", "parsed", "passed screen", "asserts passed", "distinct problems", "kept rows/h"]
+        head = ["iteration", "parsed", "passed screen", "asserts passed", "of which grounded", "distinct problems"]
+        head += ["kept rows/h"]
         head += [f"judge: {a}" for a in aspects]
         lines += ["", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
         for r in sampled:
@@ -348,6 +357,7 @@ def convergence_markdown(records: Sequence[Mapping[str, Any]]) -> str:
                 _pct(r["parse_rate"]),
                 _pct(r.get("screen_pass_rate")),
                 _pct(r.get("assert_pass_rate")),
+                _pct(r.get("grounded_rate")),
                 _pct(r.get("distinct_problems")),
                 _cell(r.get("kept_per_hour")),
                 *["" if means.get(a) is None else f"{means[a]:.2f}" for a in aspects],
