@@ -255,6 +255,12 @@ class SampleConfig(StrictModel):
         "does, not what the problem asked (the judge's consistency aspect still checks that); each row records "
         "asserts_grounded and original_asserts. Needs execute.",
     )
+    ground_predicates: bool = Field(
+        True,
+        description="ground_asserts also rewrites `assert CALL is None/True/False` to the singleton the call returned "
+        "and `assert CALL` / `assert not CALL` to the bool it returned (adds or drops the `not`); false = only "
+        "`assert CALL == LITERAL`.",
+    )
     ground_max_chars: int = Field(
         80, ge=1, description="Longest repr of a computed value written into an assert by ground_asserts (characters)."
     )

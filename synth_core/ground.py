@@ -4,7 +4,9 @@ A small synthesizer often writes a function that runs and an assert whose expect
 (`assert add(2, 3) == 6`). Grounding keeps such a sample by making its asserts describe what its code does:
 
 1. `find_sites`: every `assert LEFT == RIGHT` (one `==`, anywhere in the code) where one side is a plain literal
-   (ast.literal_eval accepts it) and the other is not a literal and contains a call. Nothing runs here.
+   (ast.literal_eval accepts it) and the other is not a literal and contains a call; with `predicates` also
+   `assert CALL is None/True/False` and `assert CALL` / `assert not CALL` (a predicate that returned the other bool
+   gets its `not` added or dropped). Nothing runs here.
 2. `probe_program`: the code with each site's assert replaced by a probe that records the repr of the computed
    side (only when it is a plain value: int, float, str, bool, None, and list/tuple/dict of those) and prints what it
    saw at exit, on one marked line. The probe runs ONLY in synth_core.sandbox, like every generated program.
@@ -40,14 +42,20 @@ _PROBE = "__scoder_probe__"
 
 @dataclass(frozen=True)
 class Site:
-    """One `assert LEFT == RIGHT` whose `literal` side can be grounded; spans are character offsets into the code."""
+    """One groundable assert; `literal_*` is the span a rewrite replaces (character offsets into the code).
+
+    kind 'eq': `assert CALL == LITERAL` (either side), the span is LITERAL; 'is': `assert CALL is None/True/False`,
+    the span is the singleton; 'truth': `assert CALL` or `assert not CALL` with CALL a call, the span is the whole
+    test, rewritten to `CALL` or `not CALL` by the bool the call returned (ground_predicates)."""
 
     index: int  # ordinal among the code's sites
     assert_src: str  # the whole assert statement as written
-    literal_src: str  # the expected side as written
+    literal_src: str  # the span's text as written
     literal_start: int
     literal_end: int
-    computed_src: str  # the side that calls the code
+    computed_src: str  # the expression that calls the code
+    kind: str = "eq"  # eq | is | truth
+    negated: bool = False  # truth: the assert was `assert not CALL`
 
 
 @dataclass
@@ -96,43 +104,70 @@ def _char_offset(code_lines: list[str], starts: list[int], lineno: int, col_byte
     return starts[lineno] + len(line.encode("utf-8")[:col_bytes].decode("utf-8", errors="ignore"))
 
 
-def find_sites(code: str) -> list[Site]:
-    """The groundable asserts of `code`, in source order (empty when it does not parse or has none)."""
+def _site_parts(node: ast.Assert, predicates: bool) -> tuple[str, ast.expr, ast.expr, bool] | None:
+    """(kind, node whose span is rewritten, computed node, negated) of a groundable assert, else None."""
+    test = node.test
+    if isinstance(test, ast.Compare) and len(test.ops) == 1:
+        left, right = test.left, test.comparators[0]
+        if isinstance(test.ops[0], ast.Eq):
+            if _is_literal(right) and not _is_literal(left) and _has_call(left):
+                return "eq", right, left, False
+            if _is_literal(left) and not _is_literal(right) and _has_call(right):
+                return "eq", left, right, False
+        singleton = isinstance(right, ast.Constant) and right.value in (None, True, False)
+        if predicates and isinstance(test.ops[0], ast.Is) and singleton and _has_call(left):
+            return "is", right, left, False
+        return None
+    if predicates and isinstance(test, ast.Call):
+        return "truth", test, test, False
+    if (
+        predicates
+        and isinstance(test, ast.UnaryOp)
+        and isinstance(test.op, ast.Not)
+        and isinstance(test.operand, ast.Call)
+    ):
+        return "truth", test, test.operand, True
+    return None
+
+
+def _scan(code: str, predicates: bool) -> tuple[ast.Module | None, list[tuple[Site, ast.Assert, ast.expr]]]:
+    """The parsed code and its groundable asserts in source order, each with its assert node and computed node."""
     tree = _parse(code)
     if tree is None:
-        return []
+        return None, []
     lines = code.splitlines(keepends=True)
     starts = _offsets(code)
-    sites: list[Site] = []
+    found: list[tuple[Site, ast.Assert, ast.expr]] = []
     nodes = sorted((n for n in ast.walk(tree) if isinstance(n, ast.Assert)), key=lambda n: (n.lineno, n.col_offset))
     for node in nodes:
-        test = node.test
-        if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        parts = _site_parts(node, predicates)
+        if parts is None:
             continue
-        left, right = test.left, test.comparators[0]
-        if _is_literal(right) and not _is_literal(left) and _has_call(left):
-            literal, computed = right, left
-        elif _is_literal(left) and not _is_literal(right) and _has_call(right):
-            literal, computed = left, right
-        else:
+        kind, span, computed, negated = parts
+        if span.end_lineno is None or span.end_col_offset is None:
             continue
-        if literal.end_lineno is None or literal.end_col_offset is None:
-            continue
-        start = _char_offset(lines, starts, literal.lineno, literal.col_offset)
-        end = _char_offset(lines, starts, literal.end_lineno, literal.end_col_offset)
-        sites.append(
-            Site(
-                index=len(sites),
-                assert_src=ast.get_source_segment(code, node) or "",
-                literal_src=code[start:end],
-                literal_start=start,
-                literal_end=end,
-                computed_src=ast.get_source_segment(code, computed) or "",
-            )
+        start = _char_offset(lines, starts, span.lineno, span.col_offset)
+        end = _char_offset(lines, starts, span.end_lineno, span.end_col_offset)
+        site = Site(
+            index=len(found),
+            assert_src=ast.get_source_segment(code, node) or "",
+            literal_src=code[start:end],
+            literal_start=start,
+            literal_end=end,
+            computed_src=ast.get_source_segment(code, computed) or "",
+            kind=kind,
+            negated=negated,
         )
-        if len(sites) == MAX_SITES:
+        found.append((site, node, computed))
+        if len(found) == MAX_SITES:
             break
-    return sites
+    return tree, found
+
+
+def find_sites(code: str, predicates: bool = True) -> list[Site]:
+    """The groundable asserts of `code`, in source order (empty when it does not parse or has none); `predicates`
+    adds the 'is' and 'truth' kinds to 'eq' (see Site)."""
+    return [site for site, _, _ in _scan(code, predicates)[1]]
 
 
 # Defined in the probe program (in the sandbox). `plain` checks the value's type exactly (no subclasses: their repr
@@ -183,30 +218,13 @@ class _ProbeAsserts(ast.NodeTransformer):
         return ast.copy_location(ast.Expr(call), node)
 
 
-def probe_program(code: str, sites: Sequence[Site], max_chars: int) -> str | None:
-    """The program that records what each site computes (run it in the sandbox only); None if nothing to probe."""
-    tree = _parse(code)
-    if tree is None or not sites:
+def probe_program(code: str, max_chars: int, predicates: bool = True) -> str | None:
+    """The program that records what each site of `code` computes (run it in the sandbox only); None if it has no
+    site. Site indices are those of find_sites(code, predicates)."""
+    tree, found = _scan(code, predicates)
+    if tree is None or not found:
         return None
-    lines = code.splitlines(keepends=True)
-    starts = _offsets(code)
-    by_span = {(s.literal_start, s.literal_end): s.index for s in sites}
-    positions: dict[tuple[int, int], tuple[int, ast.expr]] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assert) and isinstance(node.test, ast.Compare) and len(node.test.comparators) == 1:
-            a, b = node.test.left, node.test.comparators[0]
-            for literal, computed in ((b, a), (a, b)):
-                if literal.end_lineno is None or literal.end_col_offset is None:
-                    continue
-                span = (
-                    _char_offset(lines, starts, literal.lineno, literal.col_offset),
-                    _char_offset(lines, starts, literal.end_lineno, literal.end_col_offset),
-                )
-                if span in by_span:
-                    positions[(node.lineno, node.col_offset)] = (by_span[span], computed)
-                    break
-    if not positions:
-        return None
+    positions = {(node.lineno, node.col_offset): (site.index, computed) for site, node, computed in found}
     tree = _ProbeAsserts(positions).visit(tree)
     # The helpers go after a module docstring and `from __future__` imports, which must stay first.
     at = 0
@@ -262,6 +280,13 @@ def rewrite_code(code: str, sites: Sequence[Site], seen: dict[int, list[str | No
         ok, got = _value(values[0])
         if not ok:
             continue  # nan, inf and the like have no literal repr
+        if s.kind == "truth":
+            if type(got) is not bool or got != s.negated:
+                continue  # not a bool, or the assert already holds
+            edits.append((s, s.computed_src if got else f"not {s.computed_src}"))
+            continue
+        if s.kind == "is" and type(got) not in (bool, type(None)):
+            continue  # `is` compares identity: only the singletons (1 == True, but it is not True)
         _, want = _value(s.literal_src)
         if type(got) is type(want) and got == want:
             continue
@@ -274,7 +299,9 @@ def rewrite_code(code: str, sites: Sequence[Site], seen: dict[int, list[str | No
     return Grounded(out, grounded=len(edits), original_asserts=[s.assert_src for s, _ in edits], status="grounded")
 
 
-def ground_programs(codes: Sequence[str], cfg: SandboxConfig, max_chars: int = 80) -> list[Grounded]:
+def ground_programs(
+    codes: Sequence[str], cfg: SandboxConfig, max_chars: int = 80, predicates: bool = True
+) -> list[Grounded]:
     """Ground every program whose asserts failed (callers pass only those): probe each in the sandbox, rewrite, run
     the rewritten programs in the sandbox; a result has grounded > 0 only when its rewritten program passed."""
     from synth_core.sandbox import run_programs
@@ -282,8 +309,8 @@ def ground_programs(codes: Sequence[str], cfg: SandboxConfig, max_chars: int = 8
     results = [Grounded(code) for code in codes]
     probes: list[tuple[int, list[Site], str]] = []
     for i, code in enumerate(codes):
-        sites = find_sites(code)
-        program = probe_program(code, sites, max_chars) if sites else None
+        sites = find_sites(code, predicates)
+        program = probe_program(code, max_chars, predicates) if sites else None
         if program is not None:
             probes.append((i, sites, program))
     ran = run_programs([p for _, _, p in probes], cfg) if probes else []

@@ -153,6 +153,7 @@ def plan_sample(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> Sa
                 "parallel_shards",
                 "ground_asserts",
                 "ground_max_chars",
+                "ground_predicates",
             },
         ),
         template,
@@ -160,7 +161,14 @@ def plan_sample(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> Sa
         # What the screening steps depend on, only when they run (a run without them keeps its old location).
         (cfg.decontam, benchmark_stamps(cfg.decontam, cfg.storage)) if cfg.sample.decontaminate else None,
         verdict_limits(cfg.sandbox) if cfg.sample.execute else None,
-        *([("ground_asserts", cfg.sample.ground_max_chars)] if grounds_asserts(cfg) else []),
+        *(
+            [
+                ("ground_asserts", cfg.sample.ground_max_chars),
+                *(["predicates"] if cfg.sample.ground_predicates else []),
+            ]
+            if grounds_asserts(cfg)
+            else []
+        ),
     )
     plan = SamplePlan(
         snippets_uri=snippets_uri,
@@ -396,7 +404,7 @@ def ground_rows(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[int, Any]:
     todo = [(r, parse.CODE_BLOCK.findall(r["response"])) for r in rows]
     todo = [r for r, blocks in todo if len(blocks) == 1]
     codes = [parse.solution_code(r["response"]) for r in todo]
-    done = ground_programs(codes, cfg.sandbox, cfg.sample.ground_max_chars)
+    done = ground_programs(codes, cfg.sandbox, cfg.sample.ground_max_chars, cfg.sample.ground_predicates)
     verdicts: dict[int, Any] = {}
     for row, g in zip(todo, done, strict=True):
         if g.grounded:

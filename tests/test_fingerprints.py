@@ -39,7 +39,7 @@ PINNED = {
     "pool": "7b5ee71c51284656",
     # yield15: sample.ground_asserts (on by default) rewrites failing asserts, so the default sample stage writes other
     # rows and moves on purpose; off, it keeps main's old location (SAMPLE_WITHOUT_GROUNDING, tested below).
-    "sample": "e76dd2bcd2150d88",
+    "sample": "ab63982f47cd8a16",
     "score": "cf3544257fd90017",
     "train": "6490109ee6009161",
     "eval": "4e756042c1caac5b",

@@ -24,18 +24,41 @@ def test_sites_are_equality_asserts_between_a_call_and_a_literal():
         "def f(x):\n    return x * 2\n\n"
         "assert f(2) == 5\n"  # a site
         "assert [1, -2] == f(3)\n"  # literal on the left: a site
-        "assert f(1)\n"  # no comparison
+        "assert f(1)\n"  # a predicate: 'truth'
+        "assert not f(0)\n"  # 'truth', negated
+        "assert f(1) is None\n"  # 'is' a singleton
         "assert f(1) != 3\n"  # not ==
         "assert f(1) == f(1)\n"  # no literal
         "y = 4\nassert y == 4\n"  # no call
         "assert f(2) == {1, 2}\n"  # a set: its repr has no order
         "assert 1 < f(1) == 2\n"  # chained
+        "assert not f(1) or f(2)\n"  # not a bare call
+        "assert f(1) is 3\n"  # `is` with a non-singleton
     )
     sites = ground.find_sites(code)
-    assert [s.assert_src for s in sites] == ["assert f(2) == 5", "assert [1, -2] == f(3)"]
-    assert [s.literal_src for s in sites] == ["5", "[1, -2]"]
+    assert [s.assert_src for s in sites] == [
+        "assert f(2) == 5", "assert [1, -2] == f(3)", "assert f(1)", "assert not f(0)", "assert f(1) is None",
+    ]  # fmt: skip
+    assert [(s.kind, s.literal_src, s.negated) for s in sites] == [
+        ("eq", "5", False), ("eq", "[1, -2]", False), ("truth", "f(1)", False), ("truth", "not f(0)", True),
+        ("is", "None", False),
+    ]  # fmt: skip
     assert all(code[s.literal_start : s.literal_end] == s.literal_src for s in sites)
+    assert [s.kind for s in ground.find_sites(code, predicates=False)] == ["eq", "eq"]
     assert ground.find_sites("def f(:\n") == []
+
+
+def test_predicates_get_the_bool_they_returned():
+    """`assert CALL` whose call returned False gets a `not`, `assert not CALL` that returned True loses it, `is` takes
+    the singleton returned; a truthy non-bool (a list, 1) is not a verdict and is left alone."""
+    code = "assert f(1)\nassert not f(2)\nassert f(3) is True\nassert f(4)\nassert f(5) is None\nassert f(6)\n"
+    sites = ground.find_sites(code)
+    seen = {0: ["False"], 1: ["True"], 2: ["None"], 3: ["[]"], 4: ["1"], 5: ["True"]}
+    g = ground.rewrite_code(code, sites, seen, 80)
+    assert (
+        g.code == "assert not f(1)\nassert f(2)\nassert f(3) is None\nassert f(4)\nassert f(5) is None\nassert f(6)\n"
+    )
+    assert g.original_asserts == ["assert f(1)", "assert not f(2)", "assert f(3) is True"]
 
 
 def test_spans_are_characters_not_utf8_bytes():
@@ -72,13 +95,16 @@ def test_probe_runs_in_the_sandbox_and_grounds_only_what_then_passes():
     inside = "def sq(x):\n    return x * x\n\ndef test():\n    assert sq(3) == 6\n    assert sq(2) == 4\n\ntest()\n"
     raises = "def f(x):\n    raise ValueError(x)\n\nassert f(1) == 2\n"
     other = "def f(x):\n    return x\n\nassert f(1) == 2\nassert f(2) > 5\n"  # the other assert still fails
+    pred = "def even(x):\n    return x % 2 == 0\n\nassert even(3)\nassert not even(4)\nassert even(2)\n"
     custom = "class P:\n    pass\n\ndef f():\n    return P()\n\nassert f() == 1\n"  # not a plain value
-    out = ground.ground_programs([fixed, inside, raises, other, custom], cfg)
-    statuses = ["grounded", "grounded", "nothing_to_change", "still_failing", "nothing_to_change"]
+    out = ground.ground_programs([fixed, inside, raises, other, custom, pred], cfg)
+    statuses = ["grounded", "grounded", "nothing_to_change", "still_failing", "nothing_to_change", "grounded"]
     assert [g.status for g in out] == statuses
+    assert out[5].code.endswith("assert not even(3)\nassert even(4)\nassert even(2)\n")
+    assert ground.ground_programs([pred], cfg, predicates=False)[0].status == "not_groundable"
     assert out[0].code.endswith("assert add(2, 3) == 5\n") and out[0].result.passed
     assert out[1].code.count("assert sq(3) == 9") == 1 and out[1].original_asserts == ["assert sq(3) == 6"]
-    assert [g.grounded for g in out[2:]] == [0, 0, 0] and out[3].code == other
+    assert [g.grounded for g in out[2:5]] == [0, 0, 0] and out[3].code == other
 
 
 def test_the_probe_line_is_untrusted_text():
