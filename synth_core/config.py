@@ -339,6 +339,12 @@ class TrainConfig(StrictModel):
         "token (the loss's positions): the same loss up to float summation order, with the vocabulary-sized "
         "matmul and fp32 logits cut to the answer share of the tokens.",
     )
+    compile_layers: bool = Field(
+        False,
+        description="Compile each decoder layer with torch.compile (regional compilation: one graph shared by all "
+        "layers, so compiling costs about one layer's time): fuses the norms, activations, rotary and LoRA adds "
+        "that run as separate memory-bound kernels otherwise (GPU; see bench/train.py 'layers-compiled').",
+    )
 
 
 class InfluenceConfig(StrictModel):
