@@ -16,9 +16,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synth_core.benchmarks import check_benchmark_spec
+from synth_core.errors import ScoderError
 
 
-class ConfigError(ValueError):
+class ConfigError(ScoderError, ValueError):
     """A configuration file or value is invalid; the message names the key."""
 
 
