@@ -9,7 +9,7 @@ Unknown exception types count as transient, as before this module existed: a ret
 a minute, while a transient failure treated as permanent fails a nightly run.
 
 `ScoderError` is the one base of the errors the project raises on purpose (a wrong config, a missing dataset, an
-unusable teacher): the CLI catches it, and only it, as an expected failure.
+unusable teacher): the CLI catches it as an expected failure, instead of a list of classes.
 
 This module knows nothing of Prefect or of the CLI; tasks/retry.py and flows/cli/ use it. botocore is not
 imported (its exceptions are recognised by module and name), so the check costs nothing where S3 is not used.
