@@ -602,7 +602,7 @@ def evaluate_model(plan: EvalPlan, cfg: RunConfig) -> str:
     from synth_core.models import adapter_rank, context_length
     from synth_core.procs import run_in_subprocess
     from synth_core.schema import EVAL_SCHEMA
-    from synth_core.storage import commit_dataset, compute_funnel, hide_stale_dataset, write_part
+    from synth_core.storage import OnePart, commit_one_part, compute_funnel, hide_stale_dataset
 
     t_start = time.perf_counter()
     ecfg = cfg.evaluation
@@ -708,20 +708,14 @@ def evaluate_model(plan: EvalPlan, cfg: RunConfig) -> str:
 
     hide_stale_dataset(plan.out_uri, plan.fp, cfg.storage)
     table = pa.Table.from_pylist(rows, schema=EVAL_SCHEMA)
-    funnel = compute_funnel(table, STATUS_ORDER)
-    part = write_part(plan.out_uri, 0, table, plan.fp, funnel, cfg.storage)
-    commit_dataset(
-        plan.out_uri,
-        [part],
-        EVAL_SCHEMA,
-        plan.fp,
-        stage="eval",
-        funnel=funnel,
+    one = OnePart(
+        table,
+        funnel=compute_funnel(table, STATUS_ORDER),
         inputs=[model.ref, *ecfg.benchmarks, *([plan.trained_on] if plan.trained_on else [])],
         config=cfg.model_dump(mode="json", include={"evaluation", "sandbox"}),
         stats=stats,
-        storage=cfg.storage,
     )
+    commit_one_part(plan.out_uri, plan.fp, one, stage="eval", storage=cfg.storage)
     return plan.out_uri
 
 

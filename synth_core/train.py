@@ -542,14 +542,7 @@ def run_train(
     from synth_core.chat import load_template
     from synth_core.models import cache_dir, is_remote, resolve_model
     from synth_core.schema import CHECKPOINT_SCHEMA
-    from synth_core.storage import (
-        commit_dataset,
-        dataset_has_fingerprint,
-        fingerprint,
-        hide_stale_dataset,
-        join_uri,
-        write_part,
-    )
+    from synth_core.storage import OnePart, fingerprint, join_uri, write_one_part_dataset
 
     base_ref = base_ref or cfg.models.synthesizer
     base = resolve_model(base_ref)
@@ -563,49 +556,43 @@ def run_train(
     if chat_format == "instruction":  # the synthesis format keeps the fingerprints it always had
         fp = fingerprint(fp, chat_format)
     out = out or join_uri(cfg.storage.root, "train", fp)
-    if dataset_has_fingerprint(out, fp, cfg.storage):
-        return out
-    hide_stale_dataset(out, fp, cfg.storage)
-    # Training writes local folders; an object-storage output is trained in a local staging folder and the
-    # checkpoints uploaded (the sample stage copies them back into its cache: synth_core.models).
-    remote = is_remote(out)
-    work = cache_dir() / "train-staging" / fp if remote else Path(out)
-    if remote:
-        shutil.rmtree(work, ignore_errors=True)  # what a crashed earlier attempt left
-    chats = instruction_chats(rows) if chat_format == "instruction" else training_chats(rows, template)
-    result = launch_training(base.path, chats, cfg.train, str(work / "checkpoints"), base_ref)
-    states = [json.loads((Path(c) / "train_state.json").read_text(encoding="utf-8")) for c in result.checkpoints]
-    uris = [upload_folder(c, join_uri(out, "checkpoints", Path(c).name), cfg) for c in result.checkpoints]
-    if remote:
-        shutil.rmtree(work, ignore_errors=True)
-    records = [
-        state | {"checkpoint": uri, "base": base_ref, "reject_reason": None}
-        for state, uri in zip(states, uris, strict=True)
-    ]
-    table = pa.Table.from_pylist(records, schema=CHECKPOINT_SCHEMA)  # keeps the schema's fields only
-    part = write_part(out, 0, table, fp, storage=cfg.storage)
-    commit_dataset(
-        out,
-        [part],
-        CHECKPOINT_SCHEMA,
-        fp,
-        stage="train",
-        funnel={"rows_in": len(rows), "kept": len(rows), "rejected": {}},
-        inputs=list(data) + [base_ref],
-        config=cfg.model_dump(mode="json", include={"train"}),
-        stats={
-            "train_rows": len(rows),
-            "loss_curve": result.loss_curve,
-            "train_tokens": result.train_tokens,
-            "seconds": result.seconds,
-            "tokens_per_s": result.tokens_per_s,
-            "peak_memory_mb": result.peak_memory_mb,
-            "peak_gpu_memory_mb": result.peak_gpu_memory_mb,
-            "num_processes": cfg.train.num_processes,
-        },
-        storage=cfg.storage,
-    )
-    return out
+
+    def build() -> OnePart:
+        # Training writes local folders; an object-storage output is trained in a local staging folder and the
+        # checkpoints uploaded (the sample stage copies them back into its cache: synth_core.models).
+        remote = is_remote(out)
+        work = cache_dir() / "train-staging" / fp if remote else Path(out)
+        if remote:
+            shutil.rmtree(work, ignore_errors=True)  # what a crashed earlier attempt left
+        chats = instruction_chats(rows) if chat_format == "instruction" else training_chats(rows, template)
+        result = launch_training(base.path, chats, cfg.train, str(work / "checkpoints"), base_ref)
+        states = [json.loads((Path(c) / "train_state.json").read_text(encoding="utf-8")) for c in result.checkpoints]
+        uris = [upload_folder(c, join_uri(out, "checkpoints", Path(c).name), cfg) for c in result.checkpoints]
+        if remote:
+            shutil.rmtree(work, ignore_errors=True)
+        records = [
+            state | {"checkpoint": uri, "base": base_ref, "reject_reason": None}
+            for state, uri in zip(states, uris, strict=True)
+        ]
+        return OnePart(
+            pa.Table.from_pylist(records, schema=CHECKPOINT_SCHEMA),  # keeps the schema's fields only
+            funnel={"rows_in": len(rows), "kept": len(rows), "rejected": {}},
+            inputs=list(data) + [base_ref],
+            config=cfg.model_dump(mode="json", include={"train"}),
+            stats={
+                "train_rows": len(rows),
+                "loss_curve": result.loss_curve,
+                "train_tokens": result.train_tokens,
+                "seconds": result.seconds,
+                "tokens_per_s": result.tokens_per_s,
+                "peak_memory_mb": result.peak_memory_mb,
+                "peak_gpu_memory_mb": result.peak_gpu_memory_mb,
+                "num_processes": cfg.train.num_processes,
+            },
+            funnel_in_part=False,
+        )
+
+    return write_one_part_dataset(out, fp, build, stage="train", storage=cfg.storage)
 
 
 def upload_folder(local: str, uri: str, cfg: RunConfig) -> str:
