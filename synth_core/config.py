@@ -16,9 +16,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synth_core.benchmarks import check_benchmark_spec
+from synth_core.errors import ScoderError
 
 
-class ConfigError(ValueError):
+class ConfigError(ScoderError, ValueError):
     """A configuration file or value is invalid; the message names the key."""
 
 
@@ -246,6 +247,17 @@ class SampleConfig(StrictModel):
         True,
         description="Keep only samples whose code ran and whose asserts passed (reject: asserts_failed); false = "
         "record the verdict only (needs execute).",
+    )
+    ground_asserts: bool = Field(
+        True,
+        description="Execution-grounded asserts (synth_core.ground): when a sample's asserts fail, run its code once "
+        "more in the sandbox to read what each `assert CALL == LITERAL` computes, rewrite LITERAL to that value (a "
+        "plain literal) and keep the sample if the rewritten code then passes. The asserts then state what the code "
+        "does, not what the problem asked (the judge's consistency aspect still checks that); each row records "
+        "asserts_grounded and original_asserts. Needs execute.",
+    )
+    ground_max_chars: int = Field(
+        80, ge=1, description="Longest repr of a computed value written into an assert by ground_asserts (characters)."
     )
     max_code_lines: int = Field(
         30, ge=2, description="Constrained format: most lines of the solution's code block (lines)."

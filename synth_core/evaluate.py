@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from synth_core.config import GenerationConfig, RunConfig, SandboxConfig
+from synth_core.errors import ScoderError
 from synth_core.generate import Completion, GenRequest
 from synth_core.models import ResolvedModel
 from synth_core.sandbox import SandboxResult, verdict_limits
@@ -64,7 +65,7 @@ STATUS_ORDER = ("failed", "timeout", "killed", "error", PROMPT_TOO_LONG)
 _FLOAT_REL_TOL = 1e-6  # relative tolerance of float outputs in differential tests where atol is 0
 
 
-class EvalError(ValueError):
+class EvalError(ScoderError, ValueError):
     """A benchmark, dataset or setting cannot be evaluated; the message names it."""
 
 

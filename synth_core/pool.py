@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from synth_core.config import RunConfig
 from synth_core.decontam import CONTAMINATED, benchmark_index, benchmark_stamps
 from synth_core.dedup import EXACT_DUPLICATE, NEAR_DUPLICATE, compute_signatures, find_duplicates
-from synth_core.errors import describe
+from synth_core.errors import ScoderError, describe
 from synth_core.schema import POOL_SCHEMA, content_id, pool_schema_with_minhash
 from synth_core.stage import StageArtifact, funnel_artifact, run_stage_local
 from synth_core.storage import (
@@ -130,7 +130,7 @@ PATH_MAX = _path_max()
 _PARSER_CRASHES = (RecursionError, MemoryError, SystemError)
 
 
-class SourceError(ValueError):
+class SourceError(ScoderError, ValueError):
     """A source cannot be used at all (missing path, offline hub dataset); the message names it."""
 
 

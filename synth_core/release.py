@@ -30,8 +30,8 @@ STAGE_VERSION = 1
 CARD_NAME = "README.md"
 # Lineage columns carried into the release when the final dataset has them (score/influence only after those stages).
 _LINEAGE = (
-    "sample_id", "snippet_id", "snippet", "language", "checkpoint", "iteration", "seed", "exec_status", "score",
-    "influence",
+    "sample_id", "snippet_id", "snippet", "language", "checkpoint", "iteration", "seed", "exec_status",
+    "asserts_grounded", "original_asserts", "score", "influence",
 )  # fmt: skip
 
 
@@ -56,6 +56,9 @@ def funnel_section(stages: Sequence[tuple[str, str]], cfg: RunConfig) -> str:
         m = read_manifest(uri, cfg.storage)
         f = m.funnel or {"rows_in": m.num_rows, "kept": m.num_rows, "rejected": {}}
         rejected = ", ".join(f"{r} {n}" for r, n in f.get("rejected", {}).items()) or "none"
+        if "asserts_grounded" in f:  # sample.ground_asserts: said next to the rejections, it is not one
+            g = f["asserts_grounded"]
+            rejected += f"; asserts grounded in {g['rows']} rows ({g['asserts']} asserts)"
         lines.append(f"| {label} | {f.get('rows_in', 0)} | {f.get('kept', 0)} | {rejected} | `{uri}` |")
     return "| stage | rows in | kept | rejected (reason: rows) | dataset |\n|---|---:|---:|---|---|\n" + "\n".join(
         lines

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from synth_core.config import AspectConfig, ConfigError, RunConfig, ScoreConfig
+from synth_core.errors import ScoderError
 from synth_core.generate import GenRequest, NextTokenProbs, open_generator
 from synth_core.models import ResolvedModel, adapter_rank, context_length, resolve_model
 from synth_core.parse import has_asserts, parse_error, solution_code
@@ -73,7 +74,7 @@ REASONS = (EMPTY_RESPONSE, NO_PARSE, BELOW_THRESHOLD, NOT_BEST)
 DIGITS = "0123456789"
 
 
-class ScoreError(ValueError):
+class ScoreError(ScoderError, ValueError):
     """The judge cannot score (no single-token digits in its vocabulary, an input without the needed columns)."""
 
 

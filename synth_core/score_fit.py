@@ -17,7 +17,7 @@
   through the train stage, then measure its agreement with the teacher on held-out candidates (Spearman per
   aspect), next to the untrained judge's. The config can then name the scorer as `score.judge`.
 
-Knows nothing of Prefect; the CLI (flows/cli.py `scoder score ...`) calls these directly.
+Knows nothing of Prefect; the CLI (flows/cli/scoring.py, `scoder score ...`) calls these directly.
 """
 
 from __future__ import annotations

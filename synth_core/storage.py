@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from synth_core.config import StorageConfig
-from synth_core.errors import is_permanent
+from synth_core.errors import ScoderError, is_permanent
 
 if TYPE_CHECKING:
     import fsspec
@@ -40,7 +40,7 @@ MARKERS_DIR = "_parts"
 FORMAT_VERSION = 1
 
 
-class DatasetError(RuntimeError):
+class DatasetError(ScoderError, RuntimeError):
     """A dataset is missing, incomplete or unreadable; the message names the URI."""
 
     # synth_core.errors.is_permanent: an input dataset that is missing or torn stays so on a retry (the stages
