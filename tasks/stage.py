@@ -27,6 +27,7 @@ TASK_OPTIONS: dict[str, tuple[str, str, str, list[str]]] = {
     "ingest": ("pool-ingest-shard", "ingest-shard-{index}", "pool-commit-ingest", []),
     "decontaminate": ("pool-decontaminate-shard", "decontaminate-shard-{index}", "pool-commit", []),
     "influence": ("influence-shard", "influence-shard-{index}", "influence-commit", ["gpu"]),
+    "evaluate": ("evaluate", "evaluate", "evaluate-commit", ["gpu"]),  # one shard: the task the UI always showed
 }
 
 
