@@ -486,7 +486,7 @@ def check_kernels_interpreted() -> None:
     """The body of the test above, run in a process with TRITON_INTERPRET=1."""
     import torch
 
-    from synth_core import influence_kernels as kernels
+    from synth_core.influence import kernels
 
     g = torch.Generator().manual_seed(0)
     grads = torch.randn(3, 5000, generator=g) * 1e-3
