@@ -65,6 +65,7 @@ from synth_core.influence.checkpoint import (
     check_optimizer_state,
     load_adam_state,
     load_checkpoint_for_influence,
+    resolve_influence_checkpoints,
 )
 from synth_core.influence.errors import (
     InfluenceError,
@@ -93,9 +94,11 @@ from synth_core.influence.projection import (
     RademacherProjector,
     SparseJLProjector,
     block_seed,
+    check_same_projection,
     default_projection_rows,
     make_projector,
     project_named,
+    projection_device_type,
     projection_dtype,
     projection_fingerprint,
     resolve_projection,
@@ -111,7 +114,6 @@ from synth_core.influence.stage import (
     InfluencePlan,
     InfluenceShard,
     build_influence,
-    check_same_projection,
     choose_targets,
     commit_influence,
     features_in_process,
@@ -120,8 +122,6 @@ from synth_core.influence.stage import (
     influence_shard,
     plan_influence,
     prepare_output,
-    projection_device_type,
-    resolve_influence_checkpoints,
     target_features,
     target_group_keys,
 )

@@ -1,13 +1,14 @@
 """A LoRA checkpoint as the gradient features need it: the peft model, its mean LR, its AdamW moments.
 
-`load_checkpoint_for_influence` loads the model (base frozen, LoRA weights trainable, eval mode, no KV cache) with
-what synth_core.train saved beside the adapter (`optimizer_moments.pt`, `train_state.json`);
-`check_optimizer_state` says whether a checkpoint may be used without its moments (influence.
-require_optimizer_state). `adam_precondition` is LESS's Adam direction of a gradient with those moments (torch;
-the fused GPU version is kernels.adam_precondition_into).
+`resolve_influence_checkpoints` checks the references a run is given (LoRA adapters, distinct weights, each with
+its optimiser state unless the config allows plain gradients); `load_checkpoint_for_influence` loads the model
+(base frozen, LoRA weights trainable, eval mode, no KV cache) with what synth_core.train saved beside the adapter
+(`optimizer_moments.pt`, `train_state.json`); `check_optimizer_state` says whether a checkpoint may be used without
+its moments (influence.require_optimizer_state). `adam_precondition` is LESS's Adam direction of a gradient with
+those moments (torch; the fused GPU version is kernels.adam_precondition_into).
 
-What it leaves to others: resolving checkpoint references (synth_core.models), writing checkpoints
-(synth_core.train), and computing gradients (lora_grads.py).
+What it leaves to others: resolving model references (synth_core.models), writing checkpoints (synth_core.train),
+and computing gradients (lora_grads.py).
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def adam_precondition(
     return m / (v.sqrt() + eps)
 
 
-def _adam_on(state: AdamState, names: Sequence[str], device: torch.device) -> dict[str, tuple[Any, Any]]:
+def moments_on_device(state: AdamState, names: Sequence[str], device: torch.device) -> dict[str, tuple[Any, Any]]:
+    """name -> (exp_avg, exp_avg_sq) on the device for the LoRA weights `names`; InfluenceError when the state
+    lacks one of them (the moments of another adapter)."""
     missing = sorted(set(names) - set(state.moments))
     if missing:
         raise InfluenceError(
@@ -156,3 +159,35 @@ def load_checkpoint_for_influence(
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_A." in name or ".lora_B." in name)
     return InfluenceCheckpoint(ckpt_ref, model, mean_lr, adam, notes)
+
+
+def resolve_influence_checkpoints(refs: Sequence[str], cfg: Any) -> tuple[list[Any], list[str]]:
+    """Resolve checkpoint references (a train output's dataset expands to its checkpoints, in order): LoRA
+    adapters only, distinct weights, each with its optimiser state unless the config allows plain gradients.
+    Returns (resolved, notes). Raises InfluenceError or ModelError with one line."""
+    from synth_core.models import resolve_model
+    from synth_core.storage import dataset_exists, read_manifest
+    from synth_core.train import checkpoints_of
+
+    if not refs:
+        raise InfluenceError("no checkpoint given: influence needs at least one LoRA checkpoint (--checkpoint)")
+    expanded: list[str] = []
+    for ref in refs:
+        try:
+            is_train = dataset_exists(ref, cfg.storage) and read_manifest(ref, cfg.storage).stage == "train"
+        except (OSError, ValueError):
+            is_train = False
+        expanded.extend(checkpoints_of(ref, cfg) if is_train else [ref])
+    resolved, notes, seen = [], [], {}
+    for ref in expanded:
+        m = resolve_model(ref, storage=cfg.storage)
+        if not m.is_lora:
+            raise InfluenceError(f"checkpoint '{ref}' is a full model; influence needs a LoRA adapter checkpoint")
+        if m.fingerprint in seen:
+            raise InfluenceError(f"checkpoint '{ref}' has the same weights as '{seen[m.fingerprint]}'")
+        seen[m.fingerprint] = ref
+        note = check_optimizer_state(ref, m.adapter_path, cfg.influence)
+        if note:
+            notes.append(f"{ref}: {note}")
+        resolved.append(m)
+    return resolved, notes

@@ -17,15 +17,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from synth_core.config import InfluenceConfig
-from synth_core.influence.checkpoint import AdamState, _adam_on, adam_precondition
+from synth_core.influence.checkpoint import AdamState, adam_precondition, moments_on_device
 from synth_core.influence.lora_grads import (
     GradFeatures,
     Row,
-    _attention_kernels,
-    _cut_rows,
-    _device_of,
-    _token_limit,
+    attention_kernels,
+    cut_rows,
+    device_of,
     lora_linears,
+    token_limit,
 )
 from synth_core.influence.projection import make_projector
 from synth_core.train import IGNORE_INDEX
@@ -45,8 +45,8 @@ def per_sample_grads_loop(
     import torch
 
     model.eval()
-    dev = _device_of(model, device)
-    cut, _, _ = _cut_rows(rows, _token_limit(model, max_seq_len))
+    dev = device_of(model, device)
+    cut, _, _ = cut_rows(rows, token_limit(model, max_seq_len))
     linears = lora_linears(model)
     weights = [lin.weight for lin in linears.values()]
     was_trainable = [w.requires_grad for w in weights]
@@ -59,7 +59,7 @@ def per_sample_grads_loop(
                 continue  # no response token: the gradient is zero (transformers' loss would be 0/0)
             ids = torch.tensor([row["input_ids"]], device=dev)
             labels = torch.tensor([row["labels"]], device=dev)
-            with torch.enable_grad(), _attention_kernels(dev):
+            with torch.enable_grad(), attention_kernels(dev):
                 loss = model(input_ids=ids, labels=labels, use_cache=False).loss
                 grads = torch.autograd.grad(loss, weights)
             for name, g in zip(linears, grads, strict=True):
@@ -86,8 +86,8 @@ def grad_features_loop(
     import torch
 
     t0 = time.perf_counter()
-    dev = _device_of(model, device)
-    cut, truncated, no_answer = _cut_rows(rows, _token_limit(model, cfg.max_seq_len))
+    dev = device_of(model, device)
+    cut, truncated, no_answer = cut_rows(rows, token_limit(model, cfg.max_seq_len))
     projector = make_projector(cfg, dev, cache_mb=0)
     feats = torch.zeros(len(cut), cfg.proj_dim, dtype=torch.float16)
     result = GradFeatures(feats, truncated, no_answer, optimizer_state is not None, projector.projection_id)
@@ -98,7 +98,7 @@ def grad_features_loop(
     dense = projector.dense_matrix([(n, grads[n][0].numel()) for n in names])
     flat = torch.cat([grads[n].flatten(1) for n in names], dim=1).to(dev)  # [n, num_params]
     if optimizer_state is not None:
-        adam = _adam_on(optimizer_state, names, dev)
+        adam = moments_on_device(optimizer_state, names, dev)
         m = torch.cat([adam[n][0].flatten() for n in names])
         v = torch.cat([adam[n][1].flatten() for n in names])
         flat = adam_precondition(flat, m, v, optimizer_state.betas, optimizer_state.eps)

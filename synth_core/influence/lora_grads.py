@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from synth_core.config import InfluenceConfig
-from synth_core.influence.checkpoint import AdamState, _adam_on, adam_precondition
+from synth_core.influence.checkpoint import AdamState, adam_precondition, moments_on_device
 from synth_core.influence.errors import InfluenceError
 from synth_core.influence.projection import default_projection_rows, make_projector, projection_dtype
 from synth_core.train import IGNORE_INDEX, encode_chat
@@ -89,12 +89,13 @@ def encode_rows(tokenizer: Any, chats: Sequence[Sequence[dict[str, str]]]) -> li
     return [encode_chat(tokenizer, chat, sys.maxsize) for chat in chats]
 
 
-def _token_limit(model: Any, max_seq_len: int) -> int:
+def token_limit(model: Any, max_seq_len: int) -> int:
+    """Tokens a row keeps: max_seq_len, or the model's context when that is shorter."""
     context = getattr(model.config, "max_position_embeddings", None) or max_seq_len
     return min(max_seq_len, int(context))
 
 
-def _cut_rows(rows: Sequence[Row], limit: int) -> tuple[list[Row], list[int], list[int]]:
+def cut_rows(rows: Sequence[Row], limit: int) -> tuple[list[Row], list[int], list[int]]:
     """Rows cut to `limit` tokens, the indices of those cut, the indices left without a response token."""
     cut, truncated, no_answer = [], [], []
     for i, row in enumerate(rows):
@@ -346,7 +347,7 @@ def _backward_per_sample(
             layer.module.forward = lean_forward(layer)  # an instance attribute shadows peft's forward
         for w in lora_weights:
             w.requires_grad_(False)
-        with torch.enable_grad(), _attention_kernels(device):
+        with torch.enable_grad(), attention_kernels(device):
             hidden = decoder(input_ids=_to_device(ids, device), use_cache=False).last_hidden_state  # [b, t, hidden]
             if hidden.shape[:2] != (b, t):
                 raise InfluenceError(
@@ -364,7 +365,7 @@ def _backward_per_sample(
             w.requires_grad_(flag)
 
 
-def _attention_kernels(device: torch.device):
+def attention_kernels(device: torch.device):
     """Scaled dot-product attention without the cuDNN backend on a GPU (flash, memory-efficient or math kernels).
 
     Why: on the H100 (torch 2.11) SDPA picked cuDNN attention, whose backward builds a graph for every new
@@ -379,7 +380,8 @@ def _attention_kernels(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _device_of(model: Any, device: torch.device | str | None) -> torch.device:
+def device_of(model: Any, device: torch.device | str | None) -> torch.device:
+    """`device`, or the device of the model's parameters when None."""
     import torch
 
     return torch.device(device) if device is not None else next(model.parameters()).device
@@ -396,8 +398,8 @@ def per_sample_grads(
     import torch
 
     model.eval()
-    dev = _device_of(model, device)
-    cut, _, _ = _cut_rows(rows, _token_limit(model, max_seq_len))
+    dev = device_of(model, device)
+    cut, _, _ = cut_rows(rows, token_limit(model, max_seq_len))
     layers = lora_layers(model)
     out = {name: torch.zeros(len(cut), *lin.weight.shape) for name, lin in lora_linears(model).items()}
     for start in range(0, len(cut), batch_size):
@@ -437,8 +439,8 @@ def compute_grad_features(
 
     t0 = time.perf_counter()
     model.eval()
-    dev = _device_of(model, device)
-    cut, truncated, no_answer = _cut_rows(rows, _token_limit(model, cfg.max_seq_len))
+    dev = device_of(model, device)
+    cut, truncated, no_answer = cut_rows(rows, token_limit(model, cfg.max_seq_len))
     projector = make_projector(cfg, dev)
     feats = torch.zeros(len(cut), cfg.proj_dim, dtype=torch.float16)
     result = GradFeatures(feats, truncated, no_answer, optimizer_state is not None, projector.projection_id)
@@ -446,7 +448,7 @@ def compute_grad_features(
         return result
     linears = lora_linears(model)
     layers = lora_layers(model)
-    adam = _adam_on(optimizer_state, list(linears), dev) if optimizer_state is not None else None
+    adam = moments_on_device(optimizer_state, list(linears), dev) if optimizer_state is not None else None
     layout = [(name, lin.weight.numel()) for name, lin in linears.items()]
     offsets = dict(zip(linears, [sum(n for _, n in layout[:i]) for i in range(len(layout))], strict=True))
     dtype = projection_dtype(model, dev)

@@ -14,7 +14,8 @@ type, `resolve_projection`):
   and 15 G signs per row of the built-in model's LoRA at d = 8192), with the same inner-product variance. Drawn on
   the CPU, so the same on every device.
 Targets and candidates must share the projection: `projection_id` names it (kind, s, d, seed, device type where
-it matters), and `projection_fingerprint` is what the stage's fingerprint holds of it.
+it matters; `check_same_projection` compares them), `projection_device_type` says which device type this machine's
+passes will use, and `projection_fingerprint` is what the stage's fingerprint holds of it.
 
 What it leaves to others: where the gradients come from (lora_grads.py) and the kernels' code (kernels.py).
 """
@@ -484,3 +485,25 @@ def _available_bytes() -> int:
     except OSError:
         pass
     return 8 * 2**30
+
+
+def projection_device_type() -> str:
+    """'cuda' when this machine's gradient passes will run on a GPU, else 'cpu' (the projection's device type).
+
+    Uses NVML where possible (PYTORCH_NVML_BASED_CUDA_CHECK), so the planning process creates no CUDA context.
+    """
+    import os
+
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_same_projection(candidates_id: str, targets_id: str) -> None:
+    """InfluenceError unless candidates and targets were projected by the same matrix (their projection_ids)."""
+    if candidates_id != targets_id:
+        raise InfluenceError(
+            f"candidates projected with {candidates_id}, targets with {targets_id}: not comparable (influence."
+            "projection, sparse_jl_nonzeros, proj_dim, seed and the device type must be the targets' ones)"
+        )

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from synth_core.config import InfluenceConfig
-from synth_core.influence.checkpoint import check_optimizer_state, load_checkpoint_for_influence
+from synth_core.influence.checkpoint import load_checkpoint_for_influence, resolve_influence_checkpoints
 from synth_core.influence.errors import InfluenceError
-from synth_core.influence.lora_grads import _token_limit, compute_grad_features, encode_rows
-from synth_core.influence.projection import projection_fingerprint
+from synth_core.influence.lora_grads import compute_grad_features, encode_rows, token_limit
+from synth_core.influence.projection import check_same_projection, projection_device_type, projection_fingerprint
 from synth_core.influence.scores import DROP_REASON, influence_scores, select_top_fraction
 
 if TYPE_CHECKING:
@@ -85,51 +85,6 @@ class InfluencePlan:
         from synth_core.storage import join_uri
 
         return join_uri(self.out_uri, "features")
-
-
-def projection_device_type() -> str:
-    """'cuda' when this machine's gradient passes will run on a GPU, else 'cpu' (the projection's device type).
-
-    Uses NVML where possible (PYTORCH_NVML_BASED_CUDA_CHECK), so the planning process creates no CUDA context.
-    """
-    import os
-
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_influence_checkpoints(refs: Sequence[str], cfg: Any) -> tuple[list[Any], list[str]]:
-    """Resolve checkpoint references (a train output's dataset expands to its checkpoints, in order): LoRA
-    adapters only, distinct weights, each with its optimiser state unless the config allows plain gradients.
-    Returns (resolved, notes). Raises InfluenceError or ModelError with one line."""
-    from synth_core.models import resolve_model
-    from synth_core.storage import dataset_exists, read_manifest
-    from synth_core.train import checkpoints_of
-
-    if not refs:
-        raise InfluenceError("no checkpoint given: influence needs at least one LoRA checkpoint (--checkpoint)")
-    expanded: list[str] = []
-    for ref in refs:
-        try:
-            is_train = dataset_exists(ref, cfg.storage) and read_manifest(ref, cfg.storage).stage == "train"
-        except (OSError, ValueError):
-            is_train = False
-        expanded.extend(checkpoints_of(ref, cfg) if is_train else [ref])
-    resolved, notes, seen = [], [], {}
-    for ref in expanded:
-        m = resolve_model(ref, storage=cfg.storage)
-        if not m.is_lora:
-            raise InfluenceError(f"checkpoint '{ref}' is a full model; influence needs a LoRA adapter checkpoint")
-        if m.fingerprint in seen:
-            raise InfluenceError(f"checkpoint '{ref}' has the same weights as '{seen[m.fingerprint]}'")
-        seen[m.fingerprint] = ref
-        note = check_optimizer_state(ref, m.adapter_path, cfg.influence)
-        if note:
-            notes.append(f"{ref}: {note}")
-        resolved.append(m)
-    return resolved, notes
 
 
 def plan_influence(
@@ -252,7 +207,7 @@ def features_in_process(
         "mean_lr": ckpt.mean_lr,
         "notes": ckpt.notes,
         "tokens": out.tokens,
-        "row_tokens": [min(len(r["input_ids"]), _token_limit(ckpt.model, cfg.max_seq_len)) for r in rows],
+        "row_tokens": [min(len(r["input_ids"]), token_limit(ckpt.model, cfg.max_seq_len)) for r in rows],
         "seconds": round(out.seconds, 3),
         "load_s": round(load_s, 3),
         "peak_memory_mb": round(mem.peak_mb, 1),
@@ -395,15 +350,6 @@ def _read_targets(plan: InfluencePlan, cfg: Any) -> tuple[list[Any], list[float]
     return [f[idx] for f in feats], lrs, pids, [ids[i] for i, k in enumerate(keep) if k]
 
 
-def check_same_projection(candidates_id: str, targets_id: str) -> None:
-    """InfluenceError unless candidates and targets were projected by the same matrix (their projection_ids)."""
-    if candidates_id != targets_id:
-        raise InfluenceError(
-            f"candidates projected with {candidates_id}, targets with {targets_id}: not comparable (influence."
-            "projection, sparse_jl_nonzeros, proj_dim, seed and the device type must be the targets' ones)"
-        )
-
-
 def _read_candidates(plan: InfluencePlan, shard: InfluenceShard, cfg: Any):
     from synth_core.storage import read_part
 
@@ -492,6 +438,7 @@ def commit_influence(plan: InfluencePlan, results: list[Any], cfg: Any, wall_s: 
         merge_funnels,
         read_dataset,
         read_manifest,
+        read_part,
         write_part,
     )
 
@@ -516,8 +463,6 @@ def commit_influence(plan: InfluencePlan, results: list[Any], cfg: Any, wall_s: 
     reason_order = [*in_manifest.funnel.get("rejected", {}), NO_ANSWER_REASON, DROP_REASON]
     parts = []
     for i, shard in enumerate(plan.shards):
-        from synth_core.storage import read_part
-
         table = read_part(plan.candidates_uri, shard.part, storage=cfg.storage).slice(shard.start, shard.rows)
         ordinals = range(shard.first_row, shard.first_row + shard.rows)
         reasons, details = table.column("reject_reason").to_pylist(), None
