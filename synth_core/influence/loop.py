@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from synth_core.chat import IGNORE_INDEX
 from synth_core.config import InfluenceConfig
 from synth_core.influence.checkpoint import AdamState, adam_precondition, moments_on_device
 from synth_core.influence.lora_grads import (
@@ -28,7 +29,6 @@ from synth_core.influence.lora_grads import (
     token_limit,
 )
 from synth_core.influence.projection import make_projector
-from synth_core.train import IGNORE_INDEX
 
 if TYPE_CHECKING:
     import torch

@@ -28,11 +28,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from synth_core.chat import IGNORE_INDEX, encode_chat
 from synth_core.config import InfluenceConfig
 from synth_core.influence.checkpoint import AdamState, adam_precondition, moments_on_device
 from synth_core.influence.errors import InfluenceError
 from synth_core.influence.projection import default_projection_rows, make_projector, projection_dtype
-from synth_core.train import IGNORE_INDEX, encode_chat
 
 if TYPE_CHECKING:
     import torch

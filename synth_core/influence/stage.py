@@ -274,6 +274,7 @@ def choose_targets(rows: list[dict[str, Any]], cfg: InfluenceConfig) -> list[dic
 def target_features(plan: InfluencePlan, checkpoint: int, cfg: Any) -> str:
     """R's gradient features at one checkpoint (plain gradients), as the dataset plan.target_uri(checkpoint);
     returns at once if it exists. Its manifest's stats hold the checkpoint's mean LR and projection_id."""
+    from synth_core.chat import training_chats
     from synth_core.procs import run_in_subprocess
     from synth_core.reference import load_reference
     from synth_core.schema import feature_schema
@@ -284,7 +285,6 @@ def target_features(plan: InfluencePlan, checkpoint: int, cfg: Any) -> str:
         hide_stale_dataset,
         write_part,
     )
-    from synth_core.train import training_chats
 
     uri = plan.target_uri(checkpoint)
     fp = fingerprint(plan.fp, "targets", checkpoint)
@@ -362,9 +362,9 @@ def influence_shard(plan: InfluencePlan, shard: InfluenceShard, index: int, cfg:
     written as part `index` of the features dataset. Returns a ShardResult (at once if the part is done)."""
     import torch
 
+    from synth_core.chat import training_chats
     from synth_core.procs import run_in_subprocess
     from synth_core.storage import ShardResult, finished_shard, write_part
-    from synth_core.train import training_chats
 
     done = finished_shard(plan.features_uri, index, plan.fp, cfg.storage)
     if done is not None:
