@@ -16,9 +16,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synth_core.benchmarks import check_benchmark_spec
+from synth_core.errors import ScoderError
 
 
-class ConfigError(ValueError):
+class ConfigError(ScoderError, ValueError):
     """A configuration file or value is invalid; the message names the key."""
 
 
@@ -247,6 +248,17 @@ class SampleConfig(StrictModel):
         description="Keep only samples whose code ran and whose asserts passed (reject: asserts_failed); false = "
         "record the verdict only (needs execute).",
     )
+    ground_asserts: bool = Field(
+        True,
+        description="Execution-grounded asserts (synth_core.ground): when a sample's asserts fail, run its code once "
+        "more in the sandbox to read what each `assert CALL == LITERAL` computes, rewrite LITERAL to that value (a "
+        "plain literal) and keep the sample if the rewritten code then passes. The asserts then state what the code "
+        "does, not what the problem asked (the judge's consistency aspect still checks that); each row records "
+        "asserts_grounded and original_asserts. Needs execute.",
+    )
+    ground_max_chars: int = Field(
+        80, ge=1, description="Longest repr of a computed value written into an assert by ground_asserts (characters)."
+    )
     max_code_lines: int = Field(
         30, ge=2, description="Constrained format: most lines of the solution's code block (lines)."
     )
@@ -338,6 +350,12 @@ class TrainConfig(StrictModel):
         description="Compute the LM head and the cross-entropy only at positions whose next token is an answer "
         "token (the loss's positions): the same loss up to float summation order, with the vocabulary-sized "
         "matmul and fp32 logits cut to the answer share of the tokens.",
+    )
+    compile_layers: bool = Field(
+        False,
+        description="Compile each decoder layer with torch.compile (regional compilation: one graph shared by all "
+        "layers, so compiling costs about one layer's time): fuses the norms, activations, rotary and LoRA adds "
+        "that run as separate memory-bound kernels otherwise (GPU; see bench/train.py 'layers-compiled').",
     )
 
 
@@ -743,6 +761,13 @@ class RoundConfig(StrictModel):
         ge=0,
         description="Kept snippets skipped before the first iteration's seeds (a dated run, scoder run --date, "
         "moves its window along the pool night by night).",
+    )
+    release_top_k_per_seed: int | None = Field(
+        None,
+        ge=1,
+        description="score.top_k_per_seed of the release's score stage: the best this many candidates of each seed "
+        "snippet are released; None = every candidate that passed the filters (the iterations keep score's own "
+        "top_k_per_seed, which picks what training sees).",
     )
     compare_base: bool = Field(
         False,

@@ -1,7 +1,7 @@
 """The sample stage: every kept seed snippet x every checkpoint x N completions, parsed into pairs.
 
-plan_sample -> sample_shard (one per shard of pool rows) -> commit_samples, or build_samples for all
-three in one call (a notebook, a test). The orchestrator (flows/sample.py) runs the shards as tasks.
+plan_sample -> sample_shard (one per shard of pool rows) -> commit_samples, as the synth_core.stage.Stage `STAGE`;
+build_samples runs all three in one call (a notebook, a test). flows/sample.py runs the shards as tasks.
 
 - Checkpoints are resolved before anything runs (synth_core.models), so a missing checkpoint is a
   one-line error and no engine ever starts for it.
@@ -43,6 +43,7 @@ from synth_core.models import ResolvedModel, adapter_rank, context_length, resol
 from synth_core.procs import TreeMemorySampler, run_in_subprocess
 from synth_core.sandbox import verdict_limits
 from synth_core.schema import SAMPLE_SCHEMA, content_id
+from synth_core.stage import StageArtifact, funnel_artifact, run_stage_local
 from synth_core.storage import (
     Manifest,
     PartInfo,
@@ -143,12 +144,24 @@ def plan_sample(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> Sa
         "sample",
         STAGE_VERSION,
         manifest.fingerprint,
-        cfg.sample.model_dump(mode="json", exclude={"checkpoints", "base", "prompt_template", "parallel_shards"}),
+        cfg.sample.model_dump(
+            mode="json",
+            # ground_asserts joined later; off, a run keeps the location it had before (its output is the same).
+            exclude={
+                "checkpoints",
+                "base",
+                "prompt_template",
+                "parallel_shards",
+                "ground_asserts",
+                "ground_max_chars",
+            },
+        ),
         template,
         [m.fingerprint for m in checkpoints],
         # What the screening steps depend on, only when they run (a run without them keeps its old location).
         (cfg.decontam, benchmark_stamps(cfg.decontam, cfg.storage)) if cfg.sample.decontaminate else None,
         verdict_limits(cfg.sandbox) if cfg.sample.execute else None,
+        *([("ground_asserts", cfg.sample.ground_max_chars)] if grounds_asserts(cfg) else []),
     )
     plan = SamplePlan(
         snippets_uri=snippets_uri,
@@ -180,9 +193,9 @@ def plan_sample(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> Sa
     return plan
 
 
-def samples_done(plan: SamplePlan, cfg: RunConfig) -> bool:
-    """True when the output already holds exactly these samples: re-running is free."""
-    return dataset_has_fingerprint(plan.out_uri, plan.fp, cfg.storage)
+def grounds_asserts(cfg: RunConfig) -> bool:
+    """True when the sample stage grounds failing asserts (sample.ground_asserts, which needs sample.execute)."""
+    return cfg.sample.execute and cfg.sample.ground_asserts
 
 
 def request_seed(base_seed: int, snippet_id: str, checkpoint_id: str, iteration: int) -> int:
@@ -348,6 +361,9 @@ def screen_rows(rows: list[dict[str, Any]], template: str, cfg: RunConfig) -> di
         todo = [r for r in rows if r["reject_reason"] is None and parse.is_python(r["language"])]
         results = run_programs([parse.solution_code(r["response"]) for r in todo], cfg.sandbox)
         runs = len(results)
+        if scfg.ground_asserts:
+            grounded = ground_rows([r for r, res in zip(todo, results, strict=True) if res.status == "failed"], cfg)
+            results = [grounded.get(id(r), res) for r, res in zip(todo, results, strict=True)]
         for row, res in zip(todo, results, strict=True):
             row["exec_status"] = res.status
             if not res.passed:
@@ -357,7 +373,33 @@ def screen_rows(rows: list[dict[str, Any]], template: str, cfg: RunConfig) -> di
                     row["reject_reason"] = ASSERTS_FAILED
                     last = tail.strip().splitlines()[-1] if tail.strip() else res.status
                     row["detail"] = f"sandbox: {res.status}: {last[:200]}"
-    return {"screen_s": round(t1 - t0, 3), "executions": runs, "exec_s": round(time.perf_counter() - t1, 3)}
+    return {
+        "screen_s": round(t1 - t0, 3),
+        "executions": runs,
+        "exec_s": round(time.perf_counter() - t1, 3),
+        "asserts_grounded_rows": sum(1 for r in rows if r.get("asserts_grounded")),
+        "asserts_grounded": sum(r.get("asserts_grounded") or 0 for r in rows),
+    }
+
+
+def ground_rows(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[int, Any]:
+    """sample.ground_asserts on rows whose asserts failed (synth_core.ground): a row whose rewritten code passed in
+    the sandbox gets that code in its response, `asserts_grounded` and `original_asserts`; returns a passing verdict
+    per such row (by id), which replaces its failed one."""
+    from synth_core.ground import ground_programs, replace_solution_code
+
+    # Only a response with one code block is rewritten (the constrained format writes one).
+    todo = [(r, parse.CODE_BLOCK.findall(r["response"])) for r in rows]
+    todo = [r for r, blocks in todo if len(blocks) == 1]
+    codes = [parse.solution_code(r["response"]) for r in todo]
+    done = ground_programs(codes, cfg.sandbox, cfg.sample.ground_max_chars)
+    verdicts: dict[int, Any] = {}
+    for row, g in zip(todo, done, strict=True):
+        if g.grounded:
+            row["response"] = replace_solution_code(row["response"], g.code)
+            row["asserts_grounded"], row["original_asserts"] = g.grounded, g.original_asserts
+            verdicts[id(row)] = g.result
+    return verdicts
 
 
 def _row(
@@ -390,6 +432,8 @@ def _row(
         "contaminated_by": None,
         "exec_status": None,
         "exec_detail": None,
+        "asserts_grounded": None,
+        "original_asserts": None,
     }
 
 
@@ -424,6 +468,12 @@ def commit_samples(plan: SamplePlan, results: list[ShardResult], cfg: RunConfig,
     """Write the manifest: from now on the samples dataset exists. A seed shortfall (round.seed_shortfall: warn) is a
     line of its funnel: {"seed_shortfall": {"requested", "available", "short"}}."""
     funnel = merge_funnels([r.funnel for r in results], REASON_ORDER)
+    grounded = sum(r.stats.get("asserts_grounded_rows", 0) for r in results)
+    if grounded:  # kept rows whose asserts were rewritten to what their code returns (sample.ground_asserts)
+        funnel["asserts_grounded"] = {
+            "rows": grounded,
+            "asserts": sum(r.stats.get("asserts_grounded", 0) for r in results),
+        }
     if plan.seed_shortfall:
         funnel["seed_shortfall"] = {
             "requested": plan.requested,
@@ -444,13 +494,55 @@ def commit_samples(plan: SamplePlan, results: list[ShardResult], cfg: RunConfig,
     )
 
 
+class SampleStage:
+    """The sample stage as a synth_core.stage.Stage: one shard of kept pool rows per task, then the manifest."""
+
+    name = "sample"
+
+    def out_uri(self, plan: SamplePlan) -> str:
+        return plan.out_uri
+
+    def fingerprint(self, plan: SamplePlan) -> str:
+        return plan.fp
+
+    def done(self, plan: SamplePlan, cfg: RunConfig) -> bool:
+        return dataset_has_fingerprint(plan.out_uri, plan.fp, cfg.storage)
+
+    def prepare(self, plan: SamplePlan, cfg: RunConfig) -> None:
+        prepare_output(plan, cfg)
+
+    def shards(self, plan: SamplePlan) -> list[SampleShard]:
+        return plan.shards
+
+    def window(self, cfg: RunConfig) -> int | None:
+        return cfg.sample.parallel_shards
+
+    def run_shard(self, plan: SamplePlan, shard: SampleShard, index: int, cfg: RunConfig) -> ShardResult:
+        return sample_shard(plan, shard, index, cfg)
+
+    def commit(self, plan: SamplePlan, results: list[ShardResult], cfg: RunConfig, elapsed_s: float) -> Manifest:
+        return commit_samples(plan, results, cfg, elapsed_s)
+
+    def describe(self, plan: SamplePlan, cfg: RunConfig) -> str:
+        ckpts = ", ".join(m.ref for m in plan.checkpoints)
+        return f"samples {plan.fp}: {len(plan.shards)} shards of {plan.snippets_uri}, checkpoints: {ckpts}"
+
+    def summary(self, plan: SamplePlan, manifest: Manifest) -> str:
+        s = manifest.stats
+        return (
+            f"samples written to {plan.out_uri}: {manifest.num_rows} rows, {manifest.funnel.get('kept', 0)} kept; "
+            f"{s['output_tokens']} output tokens at {s['output_tokens_per_s']} tokens/s, "
+            f"engine loads {s['engine_load_s']:.1f} s"
+        )
+
+    def artifacts(self, plan: SamplePlan, manifest: Manifest, cfg: RunConfig) -> list[StageArtifact]:
+        return [funnel_artifact("sample-funnel", "Sample", manifest, plan.out_uri)]
+
+
+STAGE = SampleStage()
+
+
 def build_samples(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> str:
     """The whole stage in this process, shard after shard (no orchestrator); returns the output URI."""
     t0 = time.perf_counter()
-    plan = plan_sample(cfg, snippets_uri, out)
-    if samples_done(plan, cfg):
-        return plan.out_uri
-    prepare_output(plan, cfg)
-    results = [sample_shard(plan, shard, i, cfg) for i, shard in enumerate(plan.shards)]
-    commit_samples(plan, results, cfg, time.perf_counter() - t0)
-    return plan.out_uri
+    return run_stage_local(STAGE, plan_sample(cfg, snippets_uri, out), cfg, t0).out_uri

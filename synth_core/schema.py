@@ -101,6 +101,10 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("contaminated_by", pa.string()),  # benchmark:task_id of a generated problem or solution
         pa.field("exec_status", pa.string()),  # the sandbox's verdict on the code with its asserts; null = not run
         pa.field("exec_detail", pa.string()),  # tail of its stderr when it did not pass
+        # sample.ground_asserts (synth_core.ground): asserts whose expected value was rewritten to what the code
+        # returned, and those asserts as the synthesizer wrote them; null = not grounded
+        pa.field("asserts_grounded", pa.int32()),
+        pa.field("original_asserts", pa.list_(pa.string())),
     ]
 )
 

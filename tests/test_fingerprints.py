@@ -30,13 +30,16 @@ CANDIDATES = [
 POOL_SOURCE = Path("/tmp/scoder-fingerprint-pin/src")
 MTIME = 1_700_000_000
 
+SAMPLE_WITHOUT_GROUNDING = "a72af3bfe11dfa85"  # main's sample pin before sample.ground_asserts existed
 # The values main derived on 2026-12-06 (commit 76d999c), before issue 18's refactor.
 PINNED = {
     "model": "7edb8244ae4e8d9f",
     "pool.ingest": "f5d1e89614afd133",
     "pool.dedup": "6d7ceec52b9d7069",
     "pool": "7b5ee71c51284656",
-    "sample": "a72af3bfe11dfa85",
+    # yield15: sample.ground_asserts (on by default) rewrites failing asserts, so the default sample stage writes other
+    # rows and moves on purpose; off, it keeps main's old location (SAMPLE_WITHOUT_GROUNDING, tested below).
+    "sample": "e76dd2bcd2150d88",
     "score": "cf3544257fd90017",
     "train": "6490109ee6009161",
     "eval": "4e756042c1caac5b",
@@ -96,3 +99,12 @@ def test_stage_fingerprints_are_those_of_main_before_the_refactor(pin_cfg, tmp_p
     """Every pinned stage derives the fingerprint it derived before issue 18 (see the module docstring)."""
     got = observed(pin_cfg, tmp_path)
     assert got == PINNED
+
+
+def test_sample_without_grounding_keeps_its_old_location(pin_cfg, tmp_path):
+    """sample.ground_asserts off: the fingerprint main derived before the field existed (the output is the same)."""
+    from synth_core.sample import plan_sample
+
+    pin_cfg.sample.ground_asserts = False
+    snippets = write_pool(str(tmp_path / "snippets"), SNIPPETS)
+    assert plan_sample(pin_cfg, snippets).fp == SAMPLE_WITHOUT_GROUNDING

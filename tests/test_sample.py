@@ -152,13 +152,16 @@ def _candidate(instruction: str, code: str, snippet: str = "x = [1, 2, 3]\ntotal
         "snippet": snippet, "language": "python", "instruction": instruction,
         "response": f"The function below.\n\n```python\n{code}```", "reject_reason": None, "detail": None,
         "contaminated_by": None, "exec_status": None, "exec_detail": None,
+        "asserts_grounded": None, "original_asserts": None,
     }  # fmt: skip
 
 
 def test_execution_filter_keeps_a_passing_and_rejects_a_failing_candidate(cfg):
     """Every candidate's code runs with its own asserts in the sandbox: the one whose asserts pass is kept (status
     passed), the one whose asserts fail is rejected as asserts_failed with the sandbox's verdict and its error;
-    with require_passing_asserts off the verdict is recorded and both are kept."""
+    with require_passing_asserts off the verdict is recorded and both are kept. (Grounding is off: it would rewrite
+    the failing one's expected value; the next test.)"""
+    cfg.sample.ground_asserts = False
     problem = "Write a function `add(a: int, b: int) -> int` that returns the sum of two integers a and b."
     good = _candidate(problem, "def add(a, b):\n    return a + b\n\nassert add(1, 2) == 3\n")
     bad = _candidate(problem, "def add(a, b):\n    return a - b\n\nassert add(1, 2) == 3\n")
@@ -171,6 +174,25 @@ def test_execution_filter_keeps_a_passing_and_rejects_a_failing_candidate(cfg):
     again = _candidate(problem, "def add(a, b):\n    return a - b\n\nassert add(1, 2) == 3\n")
     sample.screen_rows([again], sample.load_template(cfg), cfg)
     assert again["reject_reason"] is None and again["exec_status"] == "failed"
+
+
+def test_failing_asserts_are_grounded_to_what_the_code_returns(cfg):
+    """sample.ground_asserts (on by default): a candidate whose `assert CALL == LITERAL` fails only because LITERAL is
+    not what its code returns gets the returned value in the assert, passes in the sandbox, is kept, and records the
+    count and the asserts as written; code that raises is not grounded and stays rejected."""
+    problem = "Write a function `add(a: int, b: int) -> int` that returns the sum of two integers a and b."
+    wrong = _candidate(problem, "def add(a, b):\n    return a + b\n\nassert add(1, 2) == 4\nassert add(0, 0) == 0\n")
+    raises = _candidate(problem, "def add(a, b):\n    return a + b + None\n\nassert add(1, 2) == 3\n")
+    stats = sample.screen_rows([wrong, raises], sample.load_template(cfg), cfg)
+    assert wrong["reject_reason"] is None and wrong["exec_status"] == "passed"
+    assert "assert add(1, 2) == 3\nassert add(0, 0) == 0\n```" in wrong["response"]
+    assert wrong["asserts_grounded"] == 1 and wrong["original_asserts"] == ["assert add(1, 2) == 4"]
+    assert raises["reject_reason"] == sample.ASSERTS_FAILED and raises["asserts_grounded"] is None
+    assert stats["asserts_grounded_rows"] == 1
+    cfg.sample.ground_asserts = False
+    again = _candidate(problem, "def add(a, b):\n    return a + b\n\nassert add(1, 2) == 4\n")
+    sample.screen_rows([again], sample.load_template(cfg), cfg)
+    assert again["reject_reason"] == sample.ASSERTS_FAILED
 
 
 def test_generated_text_is_decontaminated_against_the_pools_benchmarks(cfg):
