@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from synth_core.errors import ScoderError
 
-class InfluenceError(ValueError):
+
+class InfluenceError(ScoderError, ValueError):
     """The inputs of an influence computation are unusable (a checkpoint without what it needs, mismatches)."""
