@@ -351,6 +351,12 @@ class TrainConfig(StrictModel):
         "token (the loss's positions): the same loss up to float summation order, with the vocabulary-sized "
         "matmul and fp32 logits cut to the answer share of the tokens.",
     )
+    compile_layers: bool = Field(
+        False,
+        description="Compile each decoder layer with torch.compile (regional compilation: one graph shared by all "
+        "layers, so compiling costs about one layer's time): fuses the norms, activations, rotary and LoRA adds "
+        "that run as separate memory-bound kernels otherwise (GPU; see bench/train.py 'layers-compiled').",
+    )
 
 
 class InfluenceConfig(StrictModel):
@@ -755,6 +761,13 @@ class RoundConfig(StrictModel):
         ge=0,
         description="Kept snippets skipped before the first iteration's seeds (a dated run, scoder run --date, "
         "moves its window along the pool night by night).",
+    )
+    release_top_k_per_seed: int | None = Field(
+        None,
+        ge=1,
+        description="score.top_k_per_seed of the release's score stage: the best this many candidates of each seed "
+        "snippet are released; None = every candidate that passed the filters (the iterations keep score's own "
+        "top_k_per_seed, which picks what training sees).",
     )
     compare_base: bool = Field(
         False,

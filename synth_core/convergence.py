@@ -8,7 +8,7 @@ synthesizer's loss on a held-out part of the reference set R (issue 8).
 - `heldout_loss`: the mean loss of a train output's last checkpoint on the held-out rows, in the synthesizer's own
   task (seed snippet -> problem + solution, synth_core.train.training_chats, response tokens only), computed by one
   forward pass per batch in a spawned process (padded with synth_core.train.pad_batch, per-row losses by
-  synth_core.influence.per_sample_losses). Written as a one-row dataset, so a re-run is free.
+  synth_core.influence.lora_grads.per_sample_losses). Written as a one-row dataset, so a re-run is free.
 - `convergence_records` / `convergence_markdown`: per iteration, from the stages' manifests (their funnels) and
   those losses; the round flow stores the records in the release's manifest and renders the table in the data card.
 
@@ -89,7 +89,7 @@ def losses_in_process(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from synth_core.chat import IGNORE_INDEX, encode_chat
-    from synth_core.influence import per_sample_losses
+    from synth_core.influence.lora_grads import per_sample_losses
     from synth_core.models import resolve_model
     from synth_core.train import pad_batch, wants_bf16
 
@@ -205,6 +205,8 @@ def sample_evidence(stages: Mapping[str, str], cfg: RunConfig) -> dict[str, Any]
     if "sample" not in stages:
         return {}
     cols = ["instruction", "reject_reason", "exec_status"]
+    if "asserts_grounded" in read_manifest(stages["sample"], cfg.storage).arrow().names:
+        cols.append("asserts_grounded")  # samples written before sample.ground_asserts have no such column
     table = read_dataset(stages["sample"], columns=cols, storage=cfg.storage)
     n = table.num_rows
     reasons = table.column("reject_reason").to_pylist()
@@ -218,6 +220,12 @@ def sample_evidence(stages: Mapping[str, str], cfg: RunConfig) -> dict[str, Any]
         "screen_pass_rate": round(sum(r is None or r == "asserts_failed" for r in reasons) / n, 4) if n else None,
         "assert_pass_rate": round(statuses.count("passed") / n, 4) if n else None,
         "executed": len(ran),
+        # Of assert_pass_rate, the share that passed only after sample.ground_asserts rewrote expected values.
+        "grounded_rate": (
+            round(sum(1 for g in table.column("asserts_grounded").to_pylist() if g) / n, 4)
+            if n and "asserts_grounded" in cols
+            else None
+        ),
         "distinct_problems": distinct_share([instructions[i] for i in parsed if instructions[i]], cfg.dedup),
     }
     if "score" in stages:
@@ -302,7 +310,8 @@ def convergence_markdown(records: Sequence[Mapping[str, Any]]) -> str:
     sampled = [r for r in records if r.get("parse_rate") is not None]
     if sampled:
         aspects = sorted({a for r in sampled for a in (r.get("judge_means") or {})})
-        head = ["iteration", "parsed", "passed screen", "asserts passed", "distinct problems", "kept rows/h"]
+        head = ["iteration", "parsed", "passed screen", "asserts passed", "of which grounded", "distinct problems"]
+        head += ["kept rows/h"]
         head += [f"judge: {a}" for a in aspects]
         lines += ["", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
         for r in sampled:
@@ -312,6 +321,7 @@ def convergence_markdown(records: Sequence[Mapping[str, Any]]) -> str:
                 _pct(r["parse_rate"]),
                 _pct(r.get("screen_pass_rate")),
                 _pct(r.get("assert_pass_rate")),
+                _pct(r.get("grounded_rate")),
                 _pct(r.get("distinct_problems")),
                 _cell(r.get("kept_per_hour")),
                 *["" if means.get(a) is None else f"{means[a]:.2f}" for a in aspects],

@@ -161,7 +161,8 @@ def estimate_round(cfg: RunConfig, reference_rows: int) -> RoundEstimate:
         if rc.use_scorer:
             st.hours["score"] = _hours(passed * judge_aspects, pc.judge_passes_per_s)
             q = p_sample * pc.min_score_pass_rate.value
-            st.after.append(("score", seeds * expected_top_k(per_seed, q, cfg.score.top_k_per_seed)))
+            top_k = rc.release_top_k_per_seed if release else cfg.score.top_k_per_seed
+            st.after.append(("score", seeds * expected_top_k(per_seed, q, top_k)))
         if rc.use_influence and (not release or rc.release_influence):
             rows_in = st.rows_out
             st.hours["influence"] = _hours(rows_in * ckpts, pc.influence_rows_per_s)

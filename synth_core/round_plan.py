@@ -90,4 +90,6 @@ def stage_config(cfg: RunConfig, checkpoints: str, iteration: int) -> RunConfig:
     out.sample.first_snippet = first_snippet(cfg, iteration)
     if release and not cfg.round.release_influence:
         out.round.use_influence = False
+    if release:  # a release wants every row that passed; one per seed capped the demo's at its 16 seeds
+        out.score.top_k_per_seed = cfg.round.release_top_k_per_seed
     return out

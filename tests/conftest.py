@@ -306,6 +306,7 @@ def write_samples(uri: str, candidates: list[dict], storage=None) -> str:
                 reject_reason=c.get("reject_reason"),
                 detail=c.get("detail"),
                 exec_status=c.get("exec_status"),
+                asserts_grounded=c.get("asserts_grounded"),
             )
         )
     rows.sort(key=lambda r: r["snippet_id"])

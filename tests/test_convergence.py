@@ -55,6 +55,7 @@ def test_convergence_markdown_has_a_row_per_iteration():
             "parse_rate": 0.875,
             "screen_pass_rate": 0.75,
             "assert_pass_rate": 0.5,
+            "grounded_rate": 0.25,
             "distinct_problems": 1.0,
             "kept_per_hour": 12.0,
             "judge_means": {"quality": 4.5},
@@ -70,8 +71,9 @@ def test_convergence_markdown_has_a_row_per_iteration():
     assert md[3] == "| 1 | 8 | 50.0% | 50.0% | 50.0% | 1 |  | 2.2500 |"
     assert md[4] == "| release | 4 | 25.0% |  |  | 1 |  |  |"
     # what the sampling shows: only the records that have it
-    assert md[6].startswith("| iteration | parsed | passed screen | asserts passed | distinct problems | kept rows/h")
-    assert md[8] == "| 1 | 87.5% | 75.0% | 50.0% | 100.0% | 12.0 | 4.50 |"
+    head = "| iteration | parsed | passed screen | asserts passed | of which grounded | distinct problems |"
+    assert md[6].startswith(head)
+    assert md[8] == "| 1 | 87.5% | 75.0% | 50.0% | 25.0% | 100.0% | 12.0 | 4.50 |"
     assert len(md) == 9
 
 
@@ -101,3 +103,22 @@ def test_heldout_losses_use_the_checkpoint_adapter(cfg, tiny_model, tiny_loras):
     assert len(base["losses"]) == len(lora["losses"]) == 3 and base["no_answer"] == 0
     assert all(abs(a - b) > 1e-3 for a, b in zip(base["losses"], lora["losses"], strict=True))
     assert all(abs(a - b) < 1e-4 for a, b in zip(lora["losses"], one_by_one["losses"], strict=True))
+
+
+def test_sample_evidence_says_how_many_passed_only_after_grounding(cfg, tmp_path):
+    """assert_pass_rate counts every row whose asserts passed; grounded_rate the share of all rows that passed only
+    after sample.ground_asserts rewrote an expected value."""
+    from conftest import write_samples
+
+    from synth_core.convergence import sample_evidence
+
+    code = "```python\ndef f():\n    return 1\n\nassert f() == 1\n```"
+    rows = [
+        {"snippet": f"x = {i}\n", "instruction": f"Problem number {i}.", "response": code, "exec_status": "passed"}
+        for i in range(4)
+    ]
+    rows[0]["asserts_grounded"] = 1
+    rows[3].update(exec_status="failed", reject_reason="asserts_failed")
+    uri = write_samples(str(tmp_path / "samples"), rows)
+    ev = sample_evidence({"sample": uri}, cfg)
+    assert (ev["assert_pass_rate"], ev["grounded_rate"]) == (0.75, 0.25)

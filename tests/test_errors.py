@@ -191,8 +191,6 @@ PERMANENCE = {
 }
 # Not ScoderErrors on purpose: a child process's crash, whose message is its traceback (see ScoderError's docstring).
 NOT_SCODER_ERRORS = {"SubprocessError"}
-# synth_core/influence.py is being split on another branch; its InfluenceError gets the base there (told the lead).
-PENDING_SCODER_ERRORS = {"InfluenceError"}
 
 
 def _project_error_classes() -> dict[str, type[BaseException]]:
@@ -222,6 +220,6 @@ def test_every_project_error_is_a_scoder_error_with_its_old_verdict():
     assert not hasattr(ScoderError, "permanent")
     for name, cls in classes.items():
         assert is_permanent(cls("x")) is PERMANENCE[name], name
-        if name not in NOT_SCODER_ERRORS | PENDING_SCODER_ERRORS:
+        if name not in NOT_SCODER_ERRORS:
             assert issubclass(cls, ScoderError), name
     assert not issubclass(classes["SubprocessError"], ScoderError)

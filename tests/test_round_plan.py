@@ -65,3 +65,23 @@ def test_training_data_accumulates_earlier_kept_rows_only_when_asked():
     cfg.round.accumulate_kept = True
     assert training_data(cfg, "r.jsonl", "kept-3", ["kept-1", "kept-2"]) == ["r.jsonl", "kept-1", "kept-2", "kept-3"]
     assert training_data(cfg, None, "kept-1", []) == [BUILTIN_REFERENCE, "kept-1"]
+
+
+def test_the_release_keeps_every_passing_candidate_unless_told_otherwise(tmp_path):
+    """round.release_top_k_per_seed is the release's score.top_k_per_seed (None = all that passed the filters); the
+    iterations keep score.top_k_per_seed (one per seed picks what training sees)."""
+    import pyarrow as pa
+
+    from synth_core.round_plan import stage_config
+    from synth_core.schema import CHECKPOINT_SCHEMA
+    from synth_core.storage import commit_dataset, write_part
+
+    out = str(tmp_path / "train")
+    row = {"checkpoint": str(tmp_path / "ckpt-1"), "step": 1, "mean_lr": 1e-3, "span_steps": 1, "method": "lora"}
+    table = pa.Table.from_pylist([row | {"base": "builtin:x", "reject_reason": None}], schema=CHECKPOINT_SCHEMA)
+    commit_dataset(out, [write_part(out, 0, table, "fp")], CHECKPOINT_SCHEMA, "fp", stage="train")
+    cfg = _cfg()
+    assert cfg.score.top_k_per_seed == 1 and cfg.round.release_top_k_per_seed is None
+    assert stage_config(cfg, out, 2).score.top_k_per_seed == 1
+    assert stage_config(cfg, out, 3).score.top_k_per_seed is None
+    assert stage_config(_cfg(release_top_k_per_seed=2), out, 3).score.top_k_per_seed == 2

@@ -49,11 +49,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """The errors a command reports as one `error: MESSAGE` line with status 2: the project's own (ScoderError)."""
     from synth_core.errors import ScoderError
 
-    # InfluenceError is not yet a ScoderError: synth_core/influence.py is being split on another branch, which
-    # gives it the base; until then it is named here so that `scoder influence` reports it as before.
-    from synth_core.influence import InfluenceError
-
-    return (ScoderError, InfluenceError)
+    return (ScoderError,)
 
 
 def fail(message: str) -> None:
