@@ -22,15 +22,16 @@ done
 export PYTHONPATH=/tmp/site:$PWD
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-flex="lora packed flex cast,lora packed flex,lora packed flex answer-logits"
+# The default, then each speed switch on top: the default is the baseline of every row in the same run.
+flex=${FLEX:-"lora packed flex,lora packed flex answer-logits,lora packed flex answer-logits layers-compiled"}
 for s in "$@"; do
   echo "=============== $s $(date -u +%T)"
   case "$s" in
     test) timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -m gpu -k speed_switches;;
-    train1b) timeout "${T:-300}" python3 bench/train.py --model builtin:random-llama-1b --rows 512 --batch-size 16 \
-      --steps 10 --warmup-steps 3 --only "$flex" --out-json "$OUT/train_1b.json";;
-    train7b) timeout "${T:-300}" python3 bench/train.py --model builtin:random-llama-7b --rows 512 --batch-size 16 \
-      --steps 10 --warmup-steps 3 --only "$flex" --out-json "$OUT/train_7b.json";;
+    train1b) timeout "${T:-300}" python3 bench/train.py --model builtin:random-llama-1b --rows 512 --batch-size "${B:-16}" \
+      --steps 12 --warmup-steps 4 --compile --only "$flex" --out-json "$OUT/train_1b.json";;
+    train7b) timeout "${T:-300}" python3 bench/train.py --model builtin:random-llama-7b --rows 512 --batch-size "${B:-16}" \
+      --steps 12 --warmup-steps 4 --compile --only "$flex" --out-json "$OUT/train_7b.json";;
     gen150m) timeout "${TG:-120}" python3 bench/generate.py --gpu-shape 150m --gpu-batch-sizes 64 --max-new-tokens 128 \
       --out-json "$OUT/gen_150m.json";;
     gen1b | gen7b) timeout "${TG:-240}" python3 bench/generate.py --gpu-shape "${s#gen}" --gpu-batch-sizes 64,128,256 \

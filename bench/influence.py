@@ -439,7 +439,7 @@ def profile_batched(batched, ckpt, rows, cfg, device: str) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from synth_core.influence import CHUNK_ELEMS, RademacherProjector
+    from synth_core.influence.projection import CHUNK_ELEMS, RademacherProjector
 
     on_gpu = device == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
@@ -485,8 +485,8 @@ def profile_batched(batched, ckpt, rows, cfg, device: str) -> None:
         by_method[m] = buf.clone()
     same = all(torch.equal(by_method["bits"], v) for v in by_method.values())
     if on_gpu:  # the fused Adam kernel writing bf16 against torch's fp32 formula
-        from synth_core.influence import adam_precondition
-        from synth_core.influence_kernels import adam_precondition_into
+        from synth_core.influence.checkpoint import adam_precondition
+        from synth_core.influence.kernels import adam_precondition_into
 
         g = torch.randn(4, 2**20, device=device) * 1e-3
         m, v = torch.randn(2**20, device=device) * 1e-3, torch.rand(2**20, device=device) * 1e-5

@@ -220,7 +220,7 @@ def _pool_in_task_s(uri: str) -> tuple[float, int]:
     steps = {s["step"]: s for s in read_manifest(uri).stats["steps"]}
     work = steps["ingest"].get("work_s", steps["ingest"]["wall_s"]) + steps["dedup"]["wall_s"]
     work += steps["decontaminate"].get("work_s", steps["decontaminate"]["wall_s"])
-    tasks = steps["ingest"]["shards"] + steps["decontaminate"]["shards"] + 2  # + commit-ingest, dedup
+    tasks = steps["ingest"]["shards"] + steps["decontaminate"]["shards"] + 3  # + commit-ingest, dedup, commit
     return work, tasks
 
 

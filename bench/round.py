@@ -128,12 +128,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prefect_env()
     from prefect.server.api.server import SubprocessASGIServer
 
-    from flows.cli import _load
+    from flows.cli import load_run_config
     from flows.round import round_flow
     from flows.runtime import run_flow
 
     load_start = os.getloadavg()
-    cfg = _load(args.config, [*args.sets, f"storage.root={root / 'store'}"], {})
+    cfg = load_run_config(args.config, [*args.sets, f"storage.root={root / 'store'}"], {})
     server = SubprocessASGIServer()
     server.start()
     os.environ["PREFECT_API_URL"] = server.api_url

@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                 configs[f"{method} packed flex answer-logits compiled"] = TrainConfig(
                     answer_logits_only=True, torch_compile=True, **flex
                 )
+                configs[f"{method} packed flex answer-logits layers-compiled"] = TrainConfig(
+                    answer_logits_only=True, compile_layers=True, **flex
+                )
         if not on_gpu:  # the CPU default ('auto'): bf16 where the CPU has bf16 dot products (avx512_bf16, AMX)
             configs[f"{method} padded bf16"] = TrainConfig(
                 method=method, packing=False, group_by_length=True, dtype="bfloat16", **common
@@ -180,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.compile:
             configs[f"{method} packed compiled"] = TrainConfig(
                 method=method, packing=True, torch_compile=True, **common
+            )
+            configs[f"{method} packed layers-compiled"] = TrainConfig(
+                method=method, packing=True, compile_layers=True, **common
             )
     if args.only:
         wanted = {w.strip() for w in args.only.split(",")}

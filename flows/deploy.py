@@ -18,11 +18,13 @@ from typing import Any
 
 import yaml
 
+from synth_core.errors import ScoderError
+
 DEFAULT_PROJECT_FILE = Path("deployments") / "prefect.yaml"
 WORKDIR_STEP = "prefect.deployments.steps.set_working_directory"
 
 
-class DeployError(ValueError):
+class DeployError(ScoderError, ValueError):
     """The project file or the server refused a deployment; the message says which and why."""
 
 

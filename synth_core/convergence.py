@@ -8,7 +8,7 @@ synthesizer's loss on a held-out part of the reference set R (issue 8).
 - `heldout_loss`: the mean loss of a train output's last checkpoint on the held-out rows, in the synthesizer's own
   task (seed snippet -> problem + solution, synth_core.train.training_chats, response tokens only), computed by one
   forward pass per batch in a spawned process (padded with synth_core.train.pad_batch, per-row losses by
-  synth_core.influence.per_sample_losses). Written as a one-row dataset, so a re-run is free.
+  synth_core.influence.lora_grads.per_sample_losses). Written as a one-row dataset, so a re-run is free.
 - `convergence_records` / `convergence_markdown`: per iteration, from the stages' manifests (their funnels) and
   those losses; the round flow stores the records in the release's manifest and renders the table in the data card.
 
@@ -45,43 +45,28 @@ def split_reference(reference: str | None, fraction: float, seed: int, cfg: RunC
     import pyarrow as pa
 
     from synth_core.reference import BUILTIN_REFERENCE, REFERENCE_SCHEMA, load_reference
-    from synth_core.storage import (
-        commit_dataset,
-        compute_funnel,
-        dataset_has_fingerprint,
-        fingerprint,
-        hide_stale_dataset,
-        join_uri,
-        write_part,
-    )
+    from synth_core.storage import OnePart, compute_funnel, fingerprint, join_uri, write_one_part_dataset
 
     table = load_reference(reference, cfg.storage)
     rows = table.to_pylist()
     fp = fingerprint("reference_split", STAGE_VERSION, rows, fraction, seed)
     out = out or join_uri(cfg.storage.root, "reference_split", fp)
-    if dataset_has_fingerprint(out, fp, cfg.storage):
-        return out
-    hide_stale_dataset(out, fp, cfg.storage)
-    held = holdout_ids([r["ref_id"] for r in rows], fraction, seed)
-    schema = REFERENCE_SCHEMA.append(pa.field("reject_reason", pa.string()))
-    for r in rows:
-        r["reject_reason"] = HOLDOUT if r["ref_id"] in held else None
-    out_table = pa.Table.from_pylist(rows, schema=schema)
-    funnel = compute_funnel(out_table)
-    part = write_part(out, 0, out_table, fp, funnel, cfg.storage)
-    commit_dataset(
-        out,
-        [part],
-        schema,
-        fp,
-        stage="reference_split",
-        funnel=funnel,
-        inputs=[reference or BUILTIN_REFERENCE],
-        config={"holdout_fraction": fraction, "seed": seed},
-        stats={"rows": len(rows), "holdout": len(held)},
-        storage=cfg.storage,
-    )
-    return out
+
+    def build() -> OnePart:
+        held = holdout_ids([r["ref_id"] for r in rows], fraction, seed)
+        schema = REFERENCE_SCHEMA.append(pa.field("reject_reason", pa.string()))
+        for r in rows:
+            r["reject_reason"] = HOLDOUT if r["ref_id"] in held else None
+        out_table = pa.Table.from_pylist(rows, schema=schema)
+        return OnePart(
+            out_table,
+            funnel=compute_funnel(out_table),
+            inputs=[reference or BUILTIN_REFERENCE],
+            config={"holdout_fraction": fraction, "seed": seed},
+            stats={"rows": len(rows), "holdout": len(held)},
+        )
+
+    return write_one_part_dataset(out, fp, build, stage="reference_split", storage=cfg.storage)
 
 
 def heldout_rows(split: str, cfg: RunConfig) -> list[dict[str, Any]]:
@@ -104,7 +89,7 @@ def losses_in_process(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from synth_core.chat import IGNORE_INDEX, encode_chat
-    from synth_core.influence import per_sample_losses
+    from synth_core.influence.lora_grads import per_sample_losses
     from synth_core.models import resolve_model
     from synth_core.train import pad_batch, wants_bf16
 
@@ -146,15 +131,7 @@ def heldout_loss(cfg: RunConfig, train_out: str, split: str, out: str | None = N
 
     from synth_core.chat import load_template, training_chats
     from synth_core.procs import run_in_subprocess
-    from synth_core.storage import (
-        commit_dataset,
-        dataset_has_fingerprint,
-        fingerprint,
-        hide_stale_dataset,
-        join_uri,
-        read_manifest,
-        write_part,
-    )
+    from synth_core.storage import OnePart, fingerprint, join_uri, read_manifest, write_one_part_dataset
     from synth_core.train import checkpoints_of
 
     template = load_template(cfg)
@@ -169,36 +146,23 @@ def heldout_loss(cfg: RunConfig, train_out: str, split: str, out: str | None = N
         cfg.train.dtype,
     )
     out = out or join_uri(cfg.storage.root, "heldout_loss", fp)
-    if dataset_has_fingerprint(out, fp, cfg.storage):
-        return out
-    hide_stale_dataset(out, fp, cfg.storage)
-    rows = heldout_rows(split, cfg)
-    res = {"losses": [], "no_answer": 0, "tokens": 0, "seconds": 0.0}
-    if rows:
-        res = run_in_subprocess(losses_in_process, ckpt, training_chats(rows, template), cfg, cfg.train.batch_size)
-    losses = res["losses"]
-    mean = sum(losses) / len(losses) if losses else None
-    schema = pa.schema([pa.field(n, t) for n, t in _LOSS_SCHEMA_FIELDS]).append(pa.field("reject_reason", pa.string()))
-    table = pa.Table.from_pylist(
-        [{"checkpoint": ckpt, "rows": len(losses), "mean_loss": mean, "reject_reason": None}], schema=schema
-    )
-    part = write_part(out, 0, table, fp, storage=cfg.storage)
-    commit_dataset(
-        out,
-        [part],
-        schema,
-        fp,
-        stage="heldout_loss",
-        inputs=[train_out, split],
-        stats={
-            "mean_loss": mean,
-            "rows": len(losses),
-            "checkpoint": ckpt,
-            **{k: v for k, v in res.items() if k != "losses"},
-        },
-        storage=cfg.storage,
-    )
-    return out
+
+    def build() -> OnePart:
+        rows = heldout_rows(split, cfg)
+        res = {"losses": [], "no_answer": 0, "tokens": 0, "seconds": 0.0}
+        if rows:
+            res = run_in_subprocess(losses_in_process, ckpt, training_chats(rows, template), cfg, cfg.train.batch_size)
+        losses = res["losses"]
+        mean = sum(losses) / len(losses) if losses else None
+        fields = [pa.field(n, t) for n, t in _LOSS_SCHEMA_FIELDS]
+        schema = pa.schema(fields).append(pa.field("reject_reason", pa.string()))
+        table = pa.Table.from_pylist(
+            [{"checkpoint": ckpt, "rows": len(losses), "mean_loss": mean, "reject_reason": None}], schema=schema
+        )
+        stats = {"mean_loss": mean, "rows": len(losses), "checkpoint": ckpt}
+        return OnePart(table, inputs=[train_out, split], stats=stats | {k: v for k, v in res.items() if k != "losses"})
+
+    return write_one_part_dataset(out, fp, build, stage="heldout_loss", storage=cfg.storage)
 
 
 def survival(stages: Mapping[str, str], cfg: RunConfig) -> dict[str, float | None]:

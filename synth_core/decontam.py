@@ -27,6 +27,7 @@ from pathlib import PurePosixPath
 
 from synth_core.benchmarks import BUILTIN_BENCHMARKS
 from synth_core.config import DecontamConfig, StorageConfig
+from synth_core.errors import ScoderError
 from synth_core.text import collapse_whitespace, token_ngrams, tokenize_code
 
 CONTAMINATED = "contaminated"
@@ -39,7 +40,7 @@ _FIELD_KEYS = {
 }
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(ScoderError, ValueError):
     """A benchmark name or file cannot be used; the message names it."""
 
 

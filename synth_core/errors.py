@@ -8,13 +8,31 @@ that names its cause, for the CLI's `error:` line and for logs.
 Unknown exception types count as transient, as before this module existed: a retry of a deterministic bug costs
 a minute, while a transient failure treated as permanent fails a nightly run.
 
-This module knows nothing of Prefect or of the CLI; tasks/retry.py and flows/cli.py use it. botocore is not
+`ScoderError` is the one base of the errors the project raises on purpose (a wrong config, a missing dataset, an
+unusable teacher): the CLI catches it as an expected failure, instead of a list of classes.
+
+This module knows nothing of Prefect or of the CLI; tasks/retry.py and flows/cli/ use it. botocore is not
 imported (its exceptions are recognised by module and name), so the check costs nothing where S3 is not used.
 """
 
 from __future__ import annotations
 
 import errno
+
+
+class ScoderError(Exception):
+    """Base of the errors this project raises on purpose: the message is written for the user, names what is wrong
+    and says it all, so the CLI prints it as one `error: MESSAGE` line with status 2 and no traceback. Catch this
+    class instead of a list of its subclasses.
+
+    It says nothing about permanence (it has no `permanent` attribute): every subclass also derives from the built-in
+    error it is, ValueError for bad input (permanent) or RuntimeError (its own `permanent` attribute or its cause
+    decide), and is_permanent reads that, as it did before this base existed.
+
+    procs.SubprocessError is deliberately not one: it reports a crash in a child process and its message holds the
+    child's traceback, which the CLI reports through describe() (first line, status by is_permanent).
+    """
+
 
 # errnos of OSErrors that a retry cannot mend: a read-only file system, a full disk, a name that exists (a file
 # where a folder should be) or does not, no permission, a name too long, a file where a folder is expected.

@@ -1,6 +1,7 @@
 """Evaluation: does a model write code that passes benchmark tests? pass@1 (greedy) and pass@k (sampled).
 
-plan_eval -> evaluate_model (generate, extract, execute, write, commit), or run_eval for both; train_student
+plan_eval -> evaluate_shard (generate, extract, execute, write) -> commit_eval, as the synth_core.stage.Stage
+`STAGE` (one shard), or run_eval for all of it in this process; train_student
 fine-tunes a student on a dataset first (synth_core.train, problem -> solution chats); leakage_report
 measures the n-gram overlap of a dataset with each benchmark (synth_core.decontam's index).
 
@@ -49,12 +50,17 @@ import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from synth_core.config import GenerationConfig, RunConfig, SandboxConfig
+from synth_core.errors import ScoderError
 from synth_core.generate import Completion, GenRequest
 from synth_core.models import ResolvedModel
 from synth_core.sandbox import SandboxResult, verdict_limits
+from synth_core.stage import StageArtifact, run_stage_local
+
+if TYPE_CHECKING:
+    from synth_core.storage import Manifest, ShardResult
 
 # 2: bodies without a header are extracted whole (issue 16: dedented, comment- or blank-first bodies, column-0
 # comments, helpers after the body) and `name = entry_point(...)` examples are dropped.
@@ -64,7 +70,7 @@ STATUS_ORDER = ("failed", "timeout", "killed", "error", PROMPT_TOO_LONG)
 _FLOAT_REL_TOL = 1e-6  # relative tolerance of float outputs in differential tests where atol is 0
 
 
-class EvalError(ValueError):
+class EvalError(ScoderError, ValueError):
     """A benchmark, dataset or setting cannot be evaluated; the message names it."""
 
 
@@ -542,12 +548,6 @@ def plan_eval(cfg: RunConfig, model_ref: str, out: str | None = None, trained_on
     return EvalPlan(model, problems, out or join_uri(cfg.storage.root, "eval", fp), fp, trained_on)
 
 
-def eval_done(plan: EvalPlan, cfg: RunConfig) -> bool:
-    from synth_core.storage import dataset_has_fingerprint
-
-    return dataset_has_fingerprint(plan.out_uri, plan.fp, cfg.storage)
-
-
 def generate_for_eval(
     base_path: str,
     adapters: dict[str, str],
@@ -593,15 +593,18 @@ def _last_line(text: str) -> str | None:
     return lines[-1][:300] if lines else None
 
 
-def evaluate_model(plan: EvalPlan, cfg: RunConfig) -> str:
-    """Generate, extract, execute and write every completion; commit the dataset with its summary."""
+def evaluate_shard(plan: EvalPlan, index: int, cfg: RunConfig) -> ShardResult:
+    """Generate, extract and execute every completion; write them as part `index` (the evaluation is one shard) and
+    return it with the summary (pass@k, throughput, leakage) as its stats.
+
+    No finished-shard check: the summary lives in the manifest only, so a part left without one is redone."""
     import pyarrow as pa
 
     from synth_core.chat import encode_prompts
     from synth_core.models import adapter_rank, context_length
     from synth_core.procs import run_in_subprocess
     from synth_core.schema import EVAL_SCHEMA
-    from synth_core.storage import commit_dataset, compute_funnel, hide_stale_dataset, write_part
+    from synth_core.storage import ShardResult, compute_funnel, write_part
 
     t_start = time.perf_counter()
     ecfg = cfg.evaluation
@@ -705,23 +708,83 @@ def evaluate_model(plan: EvalPlan, cfg: RunConfig) -> str:
         stats["leakage"] = leakage_report(cfg, plan.trained_on)
     stats["wall_s"] = round(time.perf_counter() - t_start, 3)
 
-    hide_stale_dataset(plan.out_uri, plan.fp, cfg.storage)
     table = pa.Table.from_pylist(rows, schema=EVAL_SCHEMA)
-    funnel = compute_funnel(table, STATUS_ORDER)
-    part = write_part(plan.out_uri, 0, table, plan.fp, funnel, cfg.storage)
-    commit_dataset(
+    part = write_part(plan.out_uri, index, table, plan.fp, compute_funnel(table, STATUS_ORDER), cfg.storage)
+    return ShardResult(part, stats["wall_s"], stats=stats)
+
+
+def commit_eval(plan: EvalPlan, results: list[ShardResult], cfg: RunConfig) -> Manifest:
+    """The results dataset's manifest: its funnel (statuses) and the summary its shard computed."""
+    from synth_core.schema import EVAL_SCHEMA
+    from synth_core.storage import commit_dataset, merge_funnels
+
+    ecfg = cfg.evaluation
+    return commit_dataset(
         plan.out_uri,
-        [part],
+        [r.part for r in results],
         EVAL_SCHEMA,
         plan.fp,
         stage="eval",
-        funnel=funnel,
-        inputs=[model.ref, *ecfg.benchmarks, *([plan.trained_on] if plan.trained_on else [])],
+        funnel=merge_funnels([r.funnel for r in results], STATUS_ORDER),
+        inputs=[plan.model.ref, *ecfg.benchmarks, *([plan.trained_on] if plan.trained_on else [])],
         config=cfg.model_dump(mode="json", include={"evaluation", "sandbox"}),
-        stats=stats,
+        stats=results[0].stats if len(results) == 1 else {},
         storage=cfg.storage,
     )
-    return plan.out_uri
+
+
+class EvalStage:
+    """An evaluation as a synth_core.stage.Stage of one shard (generation batches every problem in one engine)."""
+
+    name = "evaluate"
+
+    def out_uri(self, plan: EvalPlan) -> str:
+        return plan.out_uri
+
+    def fingerprint(self, plan: EvalPlan) -> str:
+        return plan.fp
+
+    def done(self, plan: EvalPlan, cfg: RunConfig) -> bool:
+        from synth_core.storage import dataset_has_fingerprint
+
+        return dataset_has_fingerprint(plan.out_uri, plan.fp, cfg.storage)
+
+    def prepare(self, plan: EvalPlan, cfg: RunConfig) -> None:
+        from synth_core.storage import hide_stale_dataset
+
+        hide_stale_dataset(plan.out_uri, plan.fp, cfg.storage)
+
+    def shards(self, plan: EvalPlan) -> list[None]:
+        return [None]
+
+    def window(self, cfg: RunConfig) -> int | None:
+        return None
+
+    def run_shard(self, plan: EvalPlan, shard: None, index: int, cfg: RunConfig) -> ShardResult:
+        return evaluate_shard(plan, index, cfg)
+
+    def commit(self, plan: EvalPlan, results: list[ShardResult], cfg: RunConfig, elapsed_s: float) -> Manifest:
+        return commit_eval(plan, results, cfg)
+
+    def describe(self, plan: EvalPlan, cfg: RunConfig) -> str:
+        benches = ", ".join(cfg.evaluation.benchmarks)
+        return f"evaluation {plan.fp} of {plan.model.ref}: {len(plan.problems)} problems of {benches}"
+
+    def summary(self, plan: EvalPlan, manifest: Manifest) -> str:
+        parts = [", ".join(f"{k} {v}" for k, v in rec.items()) for rec in summary_rows(manifest.stats)]
+        return f"evaluation of {plan.model.ref} written to {plan.out_uri}: " + "; ".join(parts)
+
+    def artifacts(self, plan: EvalPlan, manifest: Manifest, cfg: RunConfig) -> list[StageArtifact]:
+        return [
+            StageArtifact(
+                key="eval-results",
+                description=f"Evaluation of {plan.model.ref}",
+                markdown=results_markdown(plan.out_uri, manifest.stats),
+            )
+        ]
+
+
+STAGE = EvalStage()
 
 
 def _rate(n: int, seconds: float) -> float | None:
@@ -766,11 +829,8 @@ def _row(
 
 
 def run_eval(cfg: RunConfig, model_ref: str, out: str | None = None, trained_on: str | None = None) -> str:
-    """Evaluate a model (a free re-run when this evaluation exists); returns the results dataset's URI."""
-    plan = plan_eval(cfg, model_ref, out, trained_on)
-    if eval_done(plan, cfg):
-        return plan.out_uri
-    return evaluate_model(plan, cfg)
+    """Evaluate a model in this process (a free re-run when this evaluation exists); returns the results' URI."""
+    return run_stage_local(STAGE, plan_eval(cfg, model_ref, out, trained_on), cfg).out_uri
 
 
 def train_student(cfg: RunConfig, data: str, student: str | None = None) -> str:

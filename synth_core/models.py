@@ -45,6 +45,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from synth_core.errors import ScoderError
+
 if TYPE_CHECKING:
     from synth_core.config import StorageConfig
 
@@ -57,7 +59,7 @@ _BUILDER_VERSION = "1"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ModelError(ValueError):
+class ModelError(ScoderError, ValueError):
     """A model reference cannot be resolved (missing folder, unknown builtin, offline hub id, ...)."""
 
 

@@ -18,6 +18,9 @@ below for scripts and notebooks):
 4. `decontaminate_shard`: benchmark decontamination (synth_core.decontam).
 5. `commit_pool`: the pool dataset's manifest with the whole funnel.
 
+Steps 2 and 4 are synth_core.stage.Stage objects (`INGEST`, `DECONTAMINATE`; `dedup_and_plan` between them), so
+every executor runs them the same way.
+
 Every step writes a dataset whose location derives from its fingerprint, and skips itself when that
 dataset (or that shard's part) already exists. This module knows nothing of Prefect.
 """
@@ -40,9 +43,11 @@ from typing import TYPE_CHECKING, Any
 from synth_core.config import RunConfig
 from synth_core.decontam import CONTAMINATED, benchmark_index, benchmark_stamps
 from synth_core.dedup import EXACT_DUPLICATE, NEAR_DUPLICATE, compute_signatures, find_duplicates
-from synth_core.errors import describe
+from synth_core.errors import ScoderError, describe
 from synth_core.schema import POOL_SCHEMA, content_id, pool_schema_with_minhash
+from synth_core.stage import StageArtifact, funnel_artifact, run_stage_local
 from synth_core.storage import (
+    Manifest,
     PartInfo,
     ShardResult,
     commit_dataset,
@@ -125,7 +130,7 @@ PATH_MAX = _path_max()
 _PARSER_CRASHES = (RecursionError, MemoryError, SystemError)
 
 
-class SourceError(ValueError):
+class SourceError(ScoderError, ValueError):
     """A source cannot be used at all (missing path, offline hub dataset); the message names it."""
 
 
@@ -903,7 +908,7 @@ def decontaminate_shard(plan: PoolTargets, part: PartInfo, index: int, cfg: RunC
     return ShardResult(info, time.perf_counter() - t0)
 
 
-def commit_pool(plan: PoolTargets, results: list[ShardResult], cfg: RunConfig, stats: dict[str, Any]):
+def commit_pool(plan: PoolTargets, results: list[ShardResult], cfg: RunConfig, stats: dict[str, Any]) -> Manifest:
     """Write the pool's manifest: parts, funnel, config and per-step throughput."""
     funnel = merge_funnels([r.funnel for r in results], REASON_ORDER)
     return commit_dataset(
@@ -937,31 +942,9 @@ def dedup_step_stats(parts: list[PartInfo], wall_s: float) -> dict[str, Any]:
     }
 
 
-def build_pool(cfg: RunConfig, out: str | None = None) -> str:
-    """Build the pool in this process, step after step (no orchestrator); return its URI."""
-    full_plan = plan_pool(cfg, out)
-    plan = full_plan.targets
-    if pool_is_built(plan, cfg):
-        return plan.out_uri
-    t = time.perf_counter()
-    ingest = [ingest_shard(units, i, plan, cfg) for i, units in enumerate(full_plan.shards)]
-    commit_ingest(plan, ingest, cfg)
-    steps = [step_stats("ingest", ingest, time.perf_counter() - t)]
-    t = time.perf_counter()
-    parts = dedup_pool(plan, cfg)
-    dedup_s = time.perf_counter() - t
-    steps.append(dedup_step_stats(parts, dedup_s))
-    t = time.perf_counter()
-    prepare_output(plan, cfg)
-    results = [decontaminate_shard(plan, p, i, cfg) for i, p in enumerate(parts)]
-    steps.append(step_stats("decontaminate", results, time.perf_counter() - t))
-    commit_pool(plan, results, cfg, {"steps": steps, "peak_rss_mb": round(peak_rss_mb(), 1)})
-    return plan.out_uri
-
-
-def commit_ingest(plan: PoolTargets, results: list[ShardResult], cfg: RunConfig) -> None:
+def commit_ingest(plan: PoolTargets, results: list[ShardResult], cfg: RunConfig) -> Manifest:
     """Write the ingest dataset's manifest (the input of dedup)."""
-    commit_dataset(
+    return commit_dataset(
         plan.ingest_uri,
         [r.part for r in results],
         pool_schema_with_minhash(cfg.dedup.num_perm),
@@ -972,6 +955,130 @@ def commit_ingest(plan: PoolTargets, results: list[ShardResult], cfg: RunConfig)
         config=cfg.pool.model_dump(mode="json"),
         storage=cfg.storage,
     )
+
+
+@dataclass
+class DecontamPlan:
+    """The pool's last step: the dedup parts to decontaminate (one shard each), and the earlier steps' throughput
+    for the pool's manifest."""
+
+    targets: PoolTargets
+    parts: list[PartInfo]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def dedup_and_plan(plan: PoolPlan, ingest: list[ShardResult], ingest_wall_s: float, cfg: RunConfig) -> DecontamPlan:
+    """Global dedup of the ingested rows (one step: it needs every signature), then the decontamination's plan."""
+    t = time.perf_counter()
+    parts = dedup_pool(plan.targets, cfg)
+    steps = [step_stats("ingest", ingest, ingest_wall_s), dedup_step_stats(parts, time.perf_counter() - t)]
+    return DecontamPlan(plan.targets, parts, steps)
+
+
+class IngestStage:
+    """The pool's ingest step as a synth_core.stage.Stage: one shard of source units per task.
+
+    Never `done` on its own: the pool's build checks the pool first (pool_is_built); past that, every shard runs
+    (a finished one returns at once from its marker, and the step's stats count it cached) and the ingest manifest
+    is written again, as the build always did."""
+
+    name = "ingest"
+
+    def out_uri(self, plan: PoolPlan) -> str:
+        return plan.targets.ingest_uri
+
+    def fingerprint(self, plan: PoolPlan) -> str:
+        return plan.targets.ingest_fp
+
+    def done(self, plan: PoolPlan, cfg: RunConfig) -> bool:
+        return False
+
+    def prepare(self, plan: PoolPlan, cfg: RunConfig) -> None:
+        pass  # the ingest location is its fingerprint's own: nothing stale can be there
+
+    def shards(self, plan: PoolPlan) -> list[list[SourceUnit]]:
+        return plan.shards
+
+    def window(self, cfg: RunConfig) -> int | None:
+        return None
+
+    def run_shard(self, plan: PoolPlan, shard: list[SourceUnit], index: int, cfg: RunConfig) -> ShardResult:
+        return ingest_shard(shard, index, plan.targets, cfg)
+
+    def commit(self, plan: PoolPlan, results: list[ShardResult], cfg: RunConfig, elapsed_s: float) -> Manifest:
+        return commit_ingest(plan.targets, results, cfg)
+
+    def describe(self, plan: PoolPlan, cfg: RunConfig) -> str:
+        t = plan.targets
+        return f"pool {t.pool_fp}: {len(plan.shards)} ingest shards from {', '.join(t.sources)}"
+
+    def summary(self, plan: PoolPlan, manifest: Manifest) -> str:
+        return f"ingested into {plan.targets.ingest_uri}: {manifest.num_rows} rows, {manifest.kept_rows} kept"
+
+    def artifacts(self, plan: PoolPlan, manifest: Manifest, cfg: RunConfig) -> list[StageArtifact]:
+        return []
+
+
+class DecontamStage:
+    """The pool's decontamination step as a synth_core.stage.Stage: one dedup part per task, then the pool's
+    manifest (the whole funnel, every step's throughput)."""
+
+    name = "decontaminate"
+
+    def out_uri(self, plan: DecontamPlan) -> str:
+        return plan.targets.out_uri
+
+    def fingerprint(self, plan: DecontamPlan) -> str:
+        return plan.targets.pool_fp
+
+    def done(self, plan: DecontamPlan, cfg: RunConfig) -> bool:
+        return pool_is_built(plan.targets, cfg)
+
+    def prepare(self, plan: DecontamPlan, cfg: RunConfig) -> None:
+        prepare_output(plan.targets, cfg)
+
+    def shards(self, plan: DecontamPlan) -> list[PartInfo]:
+        return plan.parts
+
+    def window(self, cfg: RunConfig) -> int | None:
+        return None
+
+    def run_shard(self, plan: DecontamPlan, shard: PartInfo, index: int, cfg: RunConfig) -> ShardResult:
+        return decontaminate_shard(plan.targets, shard, index, cfg)
+
+    def commit(self, plan: DecontamPlan, results: list[ShardResult], cfg: RunConfig, elapsed_s: float) -> Manifest:
+        steps = [*plan.steps, step_stats("decontaminate", results, elapsed_s)]
+        # The build's wall time: its steps' (planning left out).
+        total = {
+            "step": "total",
+            "rows": sum(r.rows for r in results),
+            "wall_s": round(sum(s["wall_s"] for s in steps), 3),
+        }
+        return commit_pool(
+            plan.targets, results, cfg, {"steps": [*steps, total], "peak_rss_mb": round(peak_rss_mb(), 1)}
+        )
+
+    def describe(self, plan: DecontamPlan, cfg: RunConfig) -> str:
+        return f"pool {plan.targets.pool_fp}: decontaminating {len(plan.parts)} shards"
+
+    def summary(self, plan: DecontamPlan, manifest: Manifest) -> str:
+        return f"pool written to {plan.targets.out_uri}: {manifest.num_rows} rows, {manifest.funnel['kept']} kept"
+
+    def artifacts(self, plan: DecontamPlan, manifest: Manifest, cfg: RunConfig) -> list[StageArtifact]:
+        return [funnel_artifact("pool-funnel", "Pool", manifest, plan.targets.out_uri)]
+
+
+INGEST = IngestStage()
+DECONTAMINATE = DecontamStage()
+
+
+def build_pool(cfg: RunConfig, out: str | None = None) -> str:
+    """Build the pool in this process, step after step (no orchestrator); return its URI."""
+    plan = plan_pool(cfg, out)
+    if pool_is_built(plan.targets, cfg):
+        return plan.targets.out_uri
+    ingest = run_stage_local(INGEST, plan, cfg)
+    return run_stage_local(DECONTAMINATE, dedup_and_plan(plan, ingest.results, ingest.wall_s, cfg), cfg).out_uri
 
 
 def prepare_output(plan: PoolTargets, cfg: RunConfig) -> None:

@@ -61,15 +61,13 @@ def select_random(
 
     from synth_core.config import StorageConfig
     from synth_core.storage import (
-        commit_dataset,
+        OnePart,
         compute_funnel,
-        dataset_has_fingerprint,
         fingerprint,
-        hide_stale_dataset,
         join_uri,
         read_dataset,
         read_manifest,
-        write_part,
+        write_one_part_dataset,
     )
 
     storage = storage or StorageConfig()
@@ -78,37 +76,31 @@ def select_random(
     count = fmanifest.kept_rows
     fp = fingerprint("random_selection", STAGE_VERSION, manifest.fingerprint, count, seed)
     out = out or join_uri(storage.root, "random_selection", fp)
-    if dataset_has_fingerprint(out, fp, storage):
-        return out
-    hide_stale_dataset(out, fp, storage)
-    table = read_dataset(samples, storage=storage)
-    columns = [
-        c for c in ("sample_id", "reject_reason", "response", "language", "exec_status") if c in table.schema.names
-    ]
-    records = table.select(columns).to_pylist()
-    reasons = [r["reject_reason"] if r["reject_reason"] is not None else ineligible_reason(r) for r in records]
-    ids = [r["sample_id"] for r in records]
-    parsed = [i for i, r in zip(ids, reasons, strict=True) if r is None]
-    if count > len(parsed):  # a filter cannot keep more than it was given; a mismatch means wrong inputs
-        raise ValueError(
-            f"{filtered} keeps {count} rows but {samples} has only {len(parsed)} rows the filters may keep"
+
+    def build() -> OnePart:
+        table = read_dataset(samples, storage=storage)
+        columns = [
+            c for c in ("sample_id", "reject_reason", "response", "language", "exec_status") if c in table.schema.names
+        ]
+        records = table.select(columns).to_pylist()
+        reasons = [r["reject_reason"] if r["reject_reason"] is not None else ineligible_reason(r) for r in records]
+        ids = [r["sample_id"] for r in records]
+        parsed = [i for i, r in zip(ids, reasons, strict=True) if r is None]
+        if count > len(parsed):  # a filter cannot keep more than it was given; a mismatch means wrong inputs
+            raise ValueError(
+                f"{filtered} keeps {count} rows but {samples} has only {len(parsed)} rows the filters may keep"
+            )
+        chosen = choose_random(parsed, count, seed)
+        new = [r if r is not None else (None if i in chosen else DROPPED) for i, r in zip(ids, reasons, strict=True)]
+        col = table.schema.get_field_index("reject_reason")
+        table = table.set_column(col, table.schema.field(col), pa.array(new, pa.string()))
+        return OnePart(
+            table,
+            funnel=compute_funnel(table),
+            inputs=[samples, filtered],
+            config={"seed": seed, "count": count},
+            stats={"eligible": len(parsed), "kept": count, "filtered_by": fmanifest.stage},
+            part_if_empty=False,
         )
-    chosen = choose_random(parsed, count, seed)
-    new = [r if r is not None else (None if i in chosen else DROPPED) for i, r in zip(ids, reasons, strict=True)]
-    col = table.schema.get_field_index("reject_reason")
-    table = table.set_column(col, table.schema.field(col), pa.array(new, pa.string()))
-    funnel = compute_funnel(table)
-    parts = [write_part(out, 0, table, fp, funnel, storage)] if table.num_rows else []
-    commit_dataset(
-        out,
-        parts,
-        table.schema,
-        fp,
-        stage="random_selection",
-        funnel=funnel,
-        inputs=[samples, filtered],
-        config={"seed": seed, "count": count},
-        stats={"eligible": len(parsed), "kept": count, "filtered_by": fmanifest.stage},
-        storage=storage,
-    )
-    return out
+
+    return write_one_part_dataset(out, fp, build, stage="random_selection", storage=storage)

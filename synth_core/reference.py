@@ -41,6 +41,7 @@ import pyarrow as pa
 
 # Moved to chat.py (issue 18); the name stays importable from here for its importers.
 from synth_core.chat import format_synthesis as format_synthesis
+from synth_core.errors import ScoderError
 from synth_core.schema import content_id
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ REFERENCE_SCHEMA = pa.schema(
 )
 
 
-class ReferenceSetError(ValueError):
+class ReferenceSetError(ScoderError, ValueError):
     """A reference file cannot be used; the message names the file, the line (or Parquet row) and the field."""
 
 

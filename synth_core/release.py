@@ -17,15 +17,13 @@ from typing import Any
 
 from synth_core.config import RunConfig
 from synth_core.storage import (
-    commit_dataset,
-    dataset_has_fingerprint,
+    OnePart,
     fingerprint,
     get_fs,
-    hide_stale_dataset,
     join_uri,
     read_dataset,
     read_manifest,
-    write_part,
+    write_one_part_dataset,
 )
 
 STAGE_VERSION = 1
@@ -126,36 +124,31 @@ def build_release(
     manifest = read_manifest(final_uri, cfg.storage)
     fp = fingerprint("release", STAGE_VERSION, manifest.fingerprint, cfg.round.release_name, list(stages))
     out = out or join_uri(cfg.storage.root, "release", fp)
-    if dataset_has_fingerprint(out, fp, cfg.storage):
-        return out
-    hide_stale_dataset(out, fp, cfg.storage)
-    table = read_dataset(final_uri, kept_only=True, storage=cfg.storage)
-    schema = release_schema(table.schema)
-    rows = []
-    for r in table.to_pylist():
-        rec = {c: r.get(c) for c in schema.names if c in r}
-        rec["messages"] = [
-            {"role": "user", "content": r["instruction"]},
-            {"role": "assistant", "content": r["response"]},
-        ]
-        rows.append(rec)
-    # No part for an empty release: readers of Parquet (datasets) refuse a file without a row group.
-    parts = [write_part(out, 0, pa.Table.from_pylist(rows, schema=schema), fp, storage=cfg.storage)] if rows else []
-    fs, root = get_fs(out, cfg.storage)
-    fs.makedirs(root, exist_ok=True)
-    with fs.open(f"{root}/{CARD_NAME}", "w") as f:
-        f.write(data_card(cfg.round.release_name, len(rows), stages, cfg, extra_card))
-    commit_dataset(
-        out,
-        parts,
-        schema,
-        fp,
-        stage="release",
-        funnel={"rows_in": manifest.funnel.get("rows_in", manifest.num_rows), "kept": len(rows), "rejected": {}},
-        inputs=[final_uri],
-        config=cfg.model_dump(mode="json"),
-        stats={"rows": len(rows), "stages": [{"stage": label, "uri": uri} for label, uri in stages]}
-        | (extra_stats or {}),
-        storage=cfg.storage,
-    )
-    return out
+
+    def build() -> OnePart:
+        table = read_dataset(final_uri, kept_only=True, storage=cfg.storage)
+        schema = release_schema(table.schema)
+        rows = []
+        for r in table.to_pylist():
+            rec = {c: r.get(c) for c in schema.names if c in r}
+            rec["messages"] = [
+                {"role": "user", "content": r["instruction"]},
+                {"role": "assistant", "content": r["response"]},
+            ]
+            rows.append(rec)
+        fs, root = get_fs(out, cfg.storage)
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(f"{root}/{CARD_NAME}", "w") as f:
+            f.write(data_card(cfg.round.release_name, len(rows), stages, cfg, extra_card))
+        return OnePart(
+            pa.Table.from_pylist(rows, schema=schema),
+            funnel={"rows_in": manifest.funnel.get("rows_in", manifest.num_rows), "kept": len(rows), "rejected": {}},
+            inputs=[final_uri],
+            config=cfg.model_dump(mode="json"),
+            stats={"rows": len(rows), "stages": [{"stage": label, "uri": uri} for label, uri in stages]}
+            | (extra_stats or {}),
+            funnel_in_part=False,
+            part_if_empty=False,  # readers of Parquet (datasets) refuse a file without a row group
+        )
+
+    return write_one_part_dataset(out, fp, build, stage="release", storage=cfg.storage)

@@ -19,13 +19,14 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from synth_core.config import RunConfig
+from synth_core.errors import ScoderError
 
 REPORT_MD = "report.md"
 REPORT_PNG = "pass_at_1.png"
 REPORT_JSON = "report.json"
 
 
-class ReportError(ValueError):
+class ReportError(ScoderError, ValueError):
     """A run given to the report has no evaluation to show; the message names it."""
 
 

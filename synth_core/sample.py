@@ -1,7 +1,7 @@
 """The sample stage: every kept seed snippet x every checkpoint x N completions, parsed into pairs.
 
-plan_sample -> sample_shard (one per shard of pool rows) -> commit_samples, or build_samples for all
-three in one call (a notebook, a test). The orchestrator (flows/sample.py) runs the shards as tasks.
+plan_sample -> sample_shard (one per shard of pool rows) -> commit_samples, as the synth_core.stage.Stage `STAGE`;
+build_samples runs all three in one call (a notebook, a test). flows/sample.py runs the shards as tasks.
 
 - Checkpoints are resolved before anything runs (synth_core.models), so a missing checkpoint is a
   one-line error and no engine ever starts for it.
@@ -43,6 +43,7 @@ from synth_core.models import ResolvedModel, adapter_rank, context_length, resol
 from synth_core.procs import TreeMemorySampler, run_in_subprocess
 from synth_core.sandbox import verdict_limits
 from synth_core.schema import SAMPLE_SCHEMA, content_id
+from synth_core.stage import StageArtifact, funnel_artifact, run_stage_local
 from synth_core.storage import (
     Manifest,
     PartInfo,
@@ -203,11 +204,6 @@ def plan_sample(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> Sa
 def grounds_asserts(cfg: RunConfig) -> bool:
     """True when the sample stage grounds failing asserts (sample.ground_asserts, which needs sample.execute)."""
     return cfg.sample.execute and cfg.sample.ground_asserts
-
-
-def samples_done(plan: SamplePlan, cfg: RunConfig) -> bool:
-    """True when the output already holds exactly these samples: re-running is free."""
-    return dataset_has_fingerprint(plan.out_uri, plan.fp, cfg.storage)
 
 
 def request_seed(base_seed: int, snippet_id: str, checkpoint_id: str, iteration: int) -> int:
@@ -506,13 +502,55 @@ def commit_samples(plan: SamplePlan, results: list[ShardResult], cfg: RunConfig,
     )
 
 
+class SampleStage:
+    """The sample stage as a synth_core.stage.Stage: one shard of kept pool rows per task, then the manifest."""
+
+    name = "sample"
+
+    def out_uri(self, plan: SamplePlan) -> str:
+        return plan.out_uri
+
+    def fingerprint(self, plan: SamplePlan) -> str:
+        return plan.fp
+
+    def done(self, plan: SamplePlan, cfg: RunConfig) -> bool:
+        return dataset_has_fingerprint(plan.out_uri, plan.fp, cfg.storage)
+
+    def prepare(self, plan: SamplePlan, cfg: RunConfig) -> None:
+        prepare_output(plan, cfg)
+
+    def shards(self, plan: SamplePlan) -> list[SampleShard]:
+        return plan.shards
+
+    def window(self, cfg: RunConfig) -> int | None:
+        return cfg.sample.parallel_shards
+
+    def run_shard(self, plan: SamplePlan, shard: SampleShard, index: int, cfg: RunConfig) -> ShardResult:
+        return sample_shard(plan, shard, index, cfg)
+
+    def commit(self, plan: SamplePlan, results: list[ShardResult], cfg: RunConfig, elapsed_s: float) -> Manifest:
+        return commit_samples(plan, results, cfg, elapsed_s)
+
+    def describe(self, plan: SamplePlan, cfg: RunConfig) -> str:
+        ckpts = ", ".join(m.ref for m in plan.checkpoints)
+        return f"samples {plan.fp}: {len(plan.shards)} shards of {plan.snippets_uri}, checkpoints: {ckpts}"
+
+    def summary(self, plan: SamplePlan, manifest: Manifest) -> str:
+        s = manifest.stats
+        return (
+            f"samples written to {plan.out_uri}: {manifest.num_rows} rows, {manifest.funnel.get('kept', 0)} kept; "
+            f"{s['output_tokens']} output tokens at {s['output_tokens_per_s']} tokens/s, "
+            f"engine loads {s['engine_load_s']:.1f} s"
+        )
+
+    def artifacts(self, plan: SamplePlan, manifest: Manifest, cfg: RunConfig) -> list[StageArtifact]:
+        return [funnel_artifact("sample-funnel", "Sample", manifest, plan.out_uri)]
+
+
+STAGE = SampleStage()
+
+
 def build_samples(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> str:
     """The whole stage in this process, shard after shard (no orchestrator); returns the output URI."""
     t0 = time.perf_counter()
-    plan = plan_sample(cfg, snippets_uri, out)
-    if samples_done(plan, cfg):
-        return plan.out_uri
-    prepare_output(plan, cfg)
-    results = [sample_shard(plan, shard, i, cfg) for i, shard in enumerate(plan.shards)]
-    commit_samples(plan, results, cfg, time.perf_counter() - t0)
-    return plan.out_uri
+    return run_stage_local(STAGE, plan_sample(cfg, snippets_uri, out), cfg, t0).out_uri

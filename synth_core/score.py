@@ -1,7 +1,7 @@
 """The score stage: every kept candidate rated 0-9 on several aspects, an overall score, initial selection.
 
-plan_score -> score_shard (one per shard of candidates) -> commit_score, or build_score for all three in one
-call. The orchestrator (flows/score.py) runs the shards as tasks.
+plan_score -> score_shard (one per shard of candidates) -> commit_score, as the synth_core.stage.Stage `STAGE`;
+build_score runs all three in one call. flows/score.py runs the shards as tasks.
 
 - Judge aspects (config `score.aspects`, kind 'judge'): the judge model reads the candidate (seed snippet,
   problem, solution) and then the aspect's question, and its answer starts with `answer_prefix` (prefilled).
@@ -39,11 +39,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from synth_core.config import AspectConfig, ConfigError, RunConfig, ScoreConfig
+from synth_core.errors import ScoderError
 from synth_core.generate import GenRequest, NextTokenProbs, open_generator
 from synth_core.models import ResolvedModel, adapter_rank, context_length, resolve_model
 from synth_core.parse import has_asserts, parse_error, solution_code
 from synth_core.procs import TreeMemorySampler, run_in_subprocess
 from synth_core.sandbox import VERDICTS, verdict_limits
+from synth_core.stage import StageArtifact, funnel_artifact, run_stage_local
 from synth_core.storage import (
     Manifest,
     PartInfo,
@@ -72,7 +74,7 @@ REASONS = (EMPTY_RESPONSE, NO_PARSE, BELOW_THRESHOLD, NOT_BEST)
 DIGITS = "0123456789"
 
 
-class ScoreError(ValueError):
+class ScoreError(ScoderError, ValueError):
     """The judge cannot score (no single-token digits in its vocabulary, an input without the needed columns)."""
 
 
@@ -378,10 +380,6 @@ def plan_score(cfg: RunConfig, samples_uri: str, out: str | None = None) -> Scor
     return plan
 
 
-def score_done(plan: ScorePlan, cfg: RunConfig) -> bool:
-    return dataset_has_fingerprint(plan.out_uri, plan.fp, cfg.storage)
-
-
 def prepare_output(plan: ScorePlan, cfg: RunConfig) -> None:
     hide_stale_dataset(plan.out_uri, plan.fp, cfg.storage)
 
@@ -580,16 +578,69 @@ def commit_score(plan: ScorePlan, results: list[ShardResult], cfg: RunConfig, wa
     )
 
 
+class ScoreStage:
+    """The score stage as a synth_core.stage.Stage: one shard of whole seed snippets per task, then the manifest."""
+
+    name = "score"
+
+    def out_uri(self, plan: ScorePlan) -> str:
+        return plan.out_uri
+
+    def fingerprint(self, plan: ScorePlan) -> str:
+        return plan.fp
+
+    def done(self, plan: ScorePlan, cfg: RunConfig) -> bool:
+        return dataset_has_fingerprint(plan.out_uri, plan.fp, cfg.storage)
+
+    def prepare(self, plan: ScorePlan, cfg: RunConfig) -> None:
+        prepare_output(plan, cfg)
+
+    def shards(self, plan: ScorePlan) -> list[ScoreShard]:
+        return plan.shards
+
+    def window(self, cfg: RunConfig) -> int | None:
+        return cfg.score.parallel_shards
+
+    def run_shard(self, plan: ScorePlan, shard: ScoreShard, index: int, cfg: RunConfig) -> ShardResult:
+        return score_shard(plan, shard, index, cfg)
+
+    def commit(self, plan: ScorePlan, results: list[ShardResult], cfg: RunConfig, elapsed_s: float) -> Manifest:
+        return commit_score(plan, results, cfg, elapsed_s)
+
+    def describe(self, plan: ScorePlan, cfg: RunConfig) -> str:
+        aspects = ", ".join(f"{a.name} ({a.kind}, w={a.weight:g})" for a in cfg.score.aspects)
+        return (
+            f"score {plan.fp}: {plan.rows} rows of {plan.samples_uri} in {len(plan.shards)} shards, "
+            f"judge {plan.judge.ref}, aspects: {aspects}"
+        )
+
+    def summary(self, plan: ScorePlan, manifest: Manifest) -> str:
+        s = manifest.stats
+        return (
+            f"scores written to {plan.out_uri}: {manifest.num_rows} rows, {manifest.funnel.get('kept', 0)} kept; "
+            f"{s['judgements']} judgements at {s['judgements_per_s']}/s (prefix cache served "
+            f"{s['prefix_cache_hit_rate']} of prompt tokens), {s['executions']} executions at "
+            f"{s['executions_per_s']}/s, peak {s['peak_memory_mb']} MiB"
+        )
+
+    def artifacts(self, plan: ScorePlan, manifest: Manifest, cfg: RunConfig) -> list[StageArtifact]:
+        return [
+            funnel_artifact("score-funnel", "Score", manifest, plan.out_uri),
+            StageArtifact(
+                key="score-histogram",
+                description=f"Overall scores and aspect means: {plan.out_uri}",
+                markdown=score_histogram_markdown(plan.out_uri, cfg),
+            ),
+        ]
+
+
+STAGE = ScoreStage()
+
+
 def build_score(cfg: RunConfig, samples_uri: str, out: str | None = None) -> str:
     """The whole stage in this process, shard after shard (no orchestrator); returns the output URI."""
     t0 = time.perf_counter()
-    plan = plan_score(cfg, samples_uri, out)
-    if score_done(plan, cfg):
-        return plan.out_uri
-    prepare_output(plan, cfg)
-    results = [score_shard(plan, shard, i, cfg) for i, shard in enumerate(plan.shards)]
-    commit_score(plan, results, cfg, time.perf_counter() - t0)
-    return plan.out_uri
+    return run_stage_local(STAGE, plan_score(cfg, samples_uri, out), cfg, t0).out_uri
 
 
 def score_histogram_markdown(out_uri: str, cfg: RunConfig, bins: int = 10) -> str:

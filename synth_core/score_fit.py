@@ -17,7 +17,7 @@
   through the train stage, then measure its agreement with the teacher on held-out candidates (Spearman per
   aspect), next to the untrained judge's. The config can then name the scorer as `score.judge`.
 
-Knows nothing of Prefect; the CLI (flows/cli.py `scoder score ...`) calls these directly.
+Knows nothing of Prefect; the CLI (flows/cli/scoring.py, `scoder score ...`) calls these directly.
 """
 
 from __future__ import annotations
@@ -170,14 +170,14 @@ def teacher_judgements(
     import pyarrow as pa
 
     from synth_core.storage import (
+        OnePart,
         WriterLock,
-        commit_dataset,
+        commit_one_part,
         compute_funnel,
         fingerprint,
         hide_stale_dataset,
         read_dataset,
         read_manifest,
-        write_part,
     )
     from synth_core.teacher import redact_url, run_chats
 
@@ -245,16 +245,12 @@ def teacher_judgements(
             fresh[(r["sample_id"], name)] = rec
         records = [earlier.get((r["sample_id"], n)) or fresh[(r["sample_id"], n)] for r in rows for n, _ in questions]
         table = pa.Table.from_pylist(records, schema=judgement_schema())
-        part = write_part(out, 0, table, fp, compute_funnel(table, REASON_ORDER), cfg.storage)
         config = cfg.model_dump(mode="json", include={"score", "teacher"})
         config["teacher"]["endpoint"] = redact_url(cfg.teacher.endpoint)
-        commit_dataset(
-            out,
-            [part],
-            judgement_schema(),
-            fp,
-            stage="judgements",
-            funnel=part.funnel,
+        one = OnePart(
+            table,
+            schema=judgement_schema(),
+            funnel=compute_funnel(table, REASON_ORDER),
             inputs=[scored_uri, redact_url(cfg.teacher.endpoint)],
             config=config,
             stats={
@@ -262,8 +258,8 @@ def teacher_judgements(
                 "questions": [q for q, _ in questions],
                 "teacher": stats.as_dict(time.perf_counter() - t0),
             },
-            storage=cfg.storage,
         )
+        commit_one_part(out, fp, one, stage="judgements", storage=cfg.storage)
     return out
 
 
@@ -366,7 +362,7 @@ def scorer_training_data(cfg: RunConfig, judgements_uri: str, out: str) -> tuple
     and the held-out judgements (split by candidate, so no candidate is on both sides)."""
     import pyarrow as pa
 
-    from synth_core.storage import commit_dataset, fingerprint, write_part
+    from synth_core.storage import OnePart, commit_one_part, fingerprint
 
     rows, _ = _read_judgements(cfg, judgements_uri)
     rows = [r for r in rows if r["aspect"] != OVERALL]
@@ -396,8 +392,7 @@ def scorer_training_data(cfg: RunConfig, judgements_uri: str, out: str) -> tuple
     ]
     table = pa.Table.from_pylist(records, schema=schema)
     fp = fingerprint("scorer-data", records)
-    part = write_part(out, 0, table, fp, storage=cfg.storage)
-    commit_dataset(out, [part], schema, fp, stage="scorer-data", inputs=[judgements_uri], storage=cfg.storage)
+    commit_one_part(out, fp, OnePart(table, inputs=[judgements_uri]), stage="scorer-data", storage=cfg.storage)
     return out, held
 
 

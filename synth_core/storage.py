@@ -23,12 +23,12 @@ import resource
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from synth_core.config import StorageConfig
-from synth_core.errors import is_permanent
+from synth_core.errors import ScoderError, is_permanent
 
 if TYPE_CHECKING:
     import fsspec
@@ -40,7 +40,7 @@ MARKERS_DIR = "_parts"
 FORMAT_VERSION = 1
 
 
-class DatasetError(RuntimeError):
+class DatasetError(ScoderError, RuntimeError):
     """A dataset is missing, incomplete or unreadable; the message names the URI."""
 
     # synth_core.errors.is_permanent: an input dataset that is missing or torn stays so on a retry (the stages
@@ -499,6 +499,66 @@ def commit_dataset(
     with storage_call(dataset_uri, storage):
         _write_bytes_atomic(fs, f"{root}/{MANIFEST_NAME}", manifest.to_json().encode("utf-8"))
     return manifest
+
+
+@dataclass
+class OnePart:
+    """What the builder of a one-part dataset returns: the part's rows and the manifest's fields.
+
+    `funnel` goes into the manifest, and into the part's record too unless `funnel_in_part` is off (the train
+    and release parts never carried one; kept so their manifests stay as they were). `part_if_empty` off writes no
+    part for a table without rows: Parquet readers (datasets) refuse a file without a row group.
+    """
+
+    table: pa.Table
+    schema: pa.Schema | None = None  # the manifest's Arrow schema; None = the table's
+    funnel: dict[str, Any] | None = None
+    inputs: Sequence[str] = ()
+    config: dict[str, Any] | None = None
+    stats: dict[str, Any] | None = None
+    funnel_in_part: bool = True
+    part_if_empty: bool = True
+
+
+def commit_one_part(
+    dataset_uri: str, fp: str, one: OnePart, *, stage: str, storage: StorageConfig | None = None
+) -> Manifest:
+    """Write `one` as part 0 of dataset `fp`, then its manifest (for a caller that has checked done-ness and hidden
+    a stale manifest itself; `write_one_part_dataset` does the whole sequence)."""
+    parts = []
+    if one.table.num_rows or one.part_if_empty:
+        part_funnel = one.funnel if one.funnel_in_part else None
+        parts.append(write_part(dataset_uri, 0, one.table, fp, part_funnel, storage))
+    return commit_dataset(
+        dataset_uri,
+        parts,
+        one.schema if one.schema is not None else one.table.schema,
+        fp,
+        stage=stage,
+        funnel=one.funnel,
+        inputs=one.inputs,
+        config=one.config,
+        stats=one.stats,
+        storage=storage,
+    )
+
+
+def write_one_part_dataset(
+    dataset_uri: str,
+    fp: str,
+    build: Callable[[], OnePart],
+    *,
+    stage: str,
+    storage: StorageConfig | None = None,
+) -> str:
+    """A dataset of one part, written once: free when dataset `fp` is already at `dataset_uri`; otherwise hide a
+    stale manifest there, `build()` the rows (only now: it is the expensive part), write part 0 and commit.
+    Returns `dataset_uri`."""
+    if dataset_has_fingerprint(dataset_uri, fp, storage):
+        return dataset_uri
+    hide_stale_dataset(dataset_uri, fp, storage)
+    commit_one_part(dataset_uri, fp, build(), stage=stage, storage=storage)
+    return dataset_uri
 
 
 def dataset_exists(dataset_uri: str, storage: StorageConfig | None = None) -> bool:

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from synth_core.errors import ScoderError
+
 if TYPE_CHECKING:
     from synth_core.config import TeacherConfig
 
@@ -83,7 +85,7 @@ _MIN_SCRUB_CHARS = 8  # any run of this many characters of the key is removed (c
 _MAX_DETAIL_CHARS = 500
 
 
-class TeacherError(RuntimeError):
+class TeacherError(ScoderError, RuntimeError):
     """The teacher cannot be used as configured (no model named, an unusable endpoint URL)."""
 
 

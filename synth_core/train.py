@@ -287,7 +287,25 @@ def load_model_for_training(base_path: str, cfg: TrainConfig, bf16: bool):
             for module in model.modules():
                 if hasattr(module, "cast_input_dtype_enabled"):
                     module.cast_input_dtype_enabled = False
+    if cfg.compile_layers:
+        compile_decoder_layers(model)
     return model
+
+
+def compile_decoder_layers(model) -> int:
+    """Compile every decoder layer in place (`nn.Module.compile`); returns how many were compiled.
+
+    Regional compilation: the layers share one code object, so dynamo traces one graph and reuses it with each
+    layer's weights as inputs (compile time of one layer, not of the model), and the state dict's names stay
+    as they are (checkpoints and the moments' names are unchanged, unlike torch.compile(model)'s `_orig_mod.`).
+    Packed micro-batches change length every step: the second length recompiles once with dynamic shapes.
+    """
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise ValueError(f"compile_layers: no *DecoderLayer module in {type(model).__name__}")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def train_model(
@@ -481,7 +499,7 @@ class _ListDataset:
 STAGE_VERSION = 1
 # TrainConfig fields that change how the same loss and gradients are computed, not what is trained: left out of
 # the fingerprint, so switching them neither re-trains a finished run nor changes the fingerprints of earlier runs.
-TRAIN_PERF_FIELDS = ("lora_cast_inputs", "answer_logits_only")
+TRAIN_PERF_FIELDS = ("lora_cast_inputs", "answer_logits_only", "compile_layers")
 _TRAIN_COLUMNS = ["snippet", "language", "instruction", "response"]
 
 
@@ -542,14 +560,7 @@ def run_train(
     from synth_core.chat import load_template
     from synth_core.models import cache_dir, is_remote, resolve_model
     from synth_core.schema import CHECKPOINT_SCHEMA
-    from synth_core.storage import (
-        commit_dataset,
-        dataset_has_fingerprint,
-        fingerprint,
-        hide_stale_dataset,
-        join_uri,
-        write_part,
-    )
+    from synth_core.storage import OnePart, fingerprint, join_uri, write_one_part_dataset
 
     base_ref = base_ref or cfg.models.synthesizer
     base = resolve_model(base_ref)
@@ -563,49 +574,43 @@ def run_train(
     if chat_format == "instruction":  # the synthesis format keeps the fingerprints it always had
         fp = fingerprint(fp, chat_format)
     out = out or join_uri(cfg.storage.root, "train", fp)
-    if dataset_has_fingerprint(out, fp, cfg.storage):
-        return out
-    hide_stale_dataset(out, fp, cfg.storage)
-    # Training writes local folders; an object-storage output is trained in a local staging folder and the
-    # checkpoints uploaded (the sample stage copies them back into its cache: synth_core.models).
-    remote = is_remote(out)
-    work = cache_dir() / "train-staging" / fp if remote else Path(out)
-    if remote:
-        shutil.rmtree(work, ignore_errors=True)  # what a crashed earlier attempt left
-    chats = instruction_chats(rows) if chat_format == "instruction" else training_chats(rows, template)
-    result = launch_training(base.path, chats, cfg.train, str(work / "checkpoints"), base_ref)
-    states = [json.loads((Path(c) / "train_state.json").read_text(encoding="utf-8")) for c in result.checkpoints]
-    uris = [upload_folder(c, join_uri(out, "checkpoints", Path(c).name), cfg) for c in result.checkpoints]
-    if remote:
-        shutil.rmtree(work, ignore_errors=True)
-    records = [
-        state | {"checkpoint": uri, "base": base_ref, "reject_reason": None}
-        for state, uri in zip(states, uris, strict=True)
-    ]
-    table = pa.Table.from_pylist(records, schema=CHECKPOINT_SCHEMA)  # keeps the schema's fields only
-    part = write_part(out, 0, table, fp, storage=cfg.storage)
-    commit_dataset(
-        out,
-        [part],
-        CHECKPOINT_SCHEMA,
-        fp,
-        stage="train",
-        funnel={"rows_in": len(rows), "kept": len(rows), "rejected": {}},
-        inputs=list(data) + [base_ref],
-        config=cfg.model_dump(mode="json", include={"train"}),
-        stats={
-            "train_rows": len(rows),
-            "loss_curve": result.loss_curve,
-            "train_tokens": result.train_tokens,
-            "seconds": result.seconds,
-            "tokens_per_s": result.tokens_per_s,
-            "peak_memory_mb": result.peak_memory_mb,
-            "peak_gpu_memory_mb": result.peak_gpu_memory_mb,
-            "num_processes": cfg.train.num_processes,
-        },
-        storage=cfg.storage,
-    )
-    return out
+
+    def build() -> OnePart:
+        # Training writes local folders; an object-storage output is trained in a local staging folder and the
+        # checkpoints uploaded (the sample stage copies them back into its cache: synth_core.models).
+        remote = is_remote(out)
+        work = cache_dir() / "train-staging" / fp if remote else Path(out)
+        if remote:
+            shutil.rmtree(work, ignore_errors=True)  # what a crashed earlier attempt left
+        chats = instruction_chats(rows) if chat_format == "instruction" else training_chats(rows, template)
+        result = launch_training(base.path, chats, cfg.train, str(work / "checkpoints"), base_ref)
+        states = [json.loads((Path(c) / "train_state.json").read_text(encoding="utf-8")) for c in result.checkpoints]
+        uris = [upload_folder(c, join_uri(out, "checkpoints", Path(c).name), cfg) for c in result.checkpoints]
+        if remote:
+            shutil.rmtree(work, ignore_errors=True)
+        records = [
+            state | {"checkpoint": uri, "base": base_ref, "reject_reason": None}
+            for state, uri in zip(states, uris, strict=True)
+        ]
+        return OnePart(
+            pa.Table.from_pylist(records, schema=CHECKPOINT_SCHEMA),  # keeps the schema's fields only
+            funnel={"rows_in": len(rows), "kept": len(rows), "rejected": {}},
+            inputs=list(data) + [base_ref],
+            config=cfg.model_dump(mode="json", include={"train"}),
+            stats={
+                "train_rows": len(rows),
+                "loss_curve": result.loss_curve,
+                "train_tokens": result.train_tokens,
+                "seconds": result.seconds,
+                "tokens_per_s": result.tokens_per_s,
+                "peak_memory_mb": result.peak_memory_mb,
+                "peak_gpu_memory_mb": result.peak_gpu_memory_mb,
+                "num_processes": cfg.train.num_processes,
+            },
+            funnel_in_part=False,
+        )
+
+    return write_one_part_dataset(out, fp, build, stage="train", storage=cfg.storage)
 
 
 def upload_folder(local: str, uri: str, cfg: RunConfig) -> str:

@@ -1,17 +1,22 @@
 """Prefect tasks of a round's own steps: the held-out split of R, the held-out loss of a synthesizer, the random
-selection ablation, the fit of the aspect weights, the round's report (one task run each).
+selection ablation, the fit of the aspect weights, the convergence record of each iteration, the release and the
+round's report (one task run each).
 
-Thin wrappers over synth_core.convergence, synth_core.random_selection, synth_core.score_fit and
-synth_core.round_report; each skips
-work whose output (fingerprinted) already exists, so no Prefect result cache is used.
+Thin wrappers over synth_core.convergence, synth_core.random_selection, synth_core.score_fit, synth_core.release
+and synth_core.round_report; each skips work whose output (fingerprinted) already exists, so no Prefect result
+cache is used. Retried like every task: the convergence records and the release read and write storage, which a
+hiccup must not turn into a failed round after every stage succeeded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from synth_core import convergence, random_selection, round_report, score_fit
+from synth_core import convergence, random_selection, release, round_report, score_fit
 from synth_core.config import RunConfig
 from tasks.retry import RETRY
 
@@ -45,3 +50,25 @@ def fit_weights(cfg: RunConfig, scored: str | None) -> dict:
 def write_report(cfg: RunConfig, evals: dict[str, str | None], folder: str, title: str) -> str:
     """report.md + pass_at_1.png + report.json in `folder` from evaluation outputs; returns the report's markdown."""
     return round_report.write_report(evals, folder, cfg, title=title)
+
+
+@task(name="convergence-record", task_run_name="convergence-{iteration}", **RETRY, cache_policy=NO_CACHE)
+def convergence_record(
+    cfg: RunConfig, iteration: int | str, stages: Mapping[str, str], loss_uri: str | None
+) -> dict[str, Any]:
+    """One iteration's convergence record (synth_core.convergence.convergence_record): survival per filter, kept
+    rows, training and held-out losses, what the sampling shows."""
+    return convergence.convergence_record(iteration, stages, loss_uri, cfg)
+
+
+@task(name="release", **RETRY, cache_policy=NO_CACHE)
+def build_release(
+    cfg: RunConfig,
+    final: str,
+    stages: Sequence[tuple[str, str]],
+    out: str | None,
+    extra_card: str,
+    extra_stats: dict[str, Any],
+) -> str:
+    """The release (kept rows as chat messages + lineage) with its data card; returns its URI."""
+    return release.build_release(cfg, final, stages, out, extra_card=extra_card, extra_stats=extra_stats)

@@ -165,3 +165,61 @@ def test_a_missing_dataset_is_permanent_and_a_storage_error_follows_its_cause():
         raise StorageError("s3://b/x: cannot connect") from ConnectionRefusedError(111, "Connection refused")
     except StorageError as err:
         assert not is_permanent(err)
+
+
+# Every error class the project defines, by name, with is_permanent of a plain instance as it was before ScoderError
+# existed (pinned at be75e66): inheriting the base must change no verdict.
+PERMANENCE = {
+    "ConfigError": True,
+    "SeedShortfallError": True,
+    "PoolTooSmallError": True,
+    "DatasetError": True,
+    "StorageError": False,  # no verdict of its own and no cause: transient
+    "WriterLockError": True,
+    "TeacherError": False,
+    "ReferenceSetError": True,
+    "SourceError": True,
+    "ReportError": True,
+    "ScoreError": True,
+    "BenchmarkError": True,
+    "EvalError": True,
+    "ModelError": True,
+    "UnsetBenchmarkFileError": True,
+    "DeployError": True,
+    "SubprocessError": False,
+    "InfluenceError": True,
+}
+# Not ScoderErrors on purpose: a child process's crash, whose message is its traceback (see ScoderError's docstring).
+NOT_SCODER_ERRORS = {"SubprocessError"}
+
+
+def _project_error_classes() -> dict[str, type[BaseException]]:
+    """Every top-level `class ...Error` in synth_core, tasks and flows (found in the source, then imported)."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = {}
+    for pkg in ("synth_core", "tasks", "flows"):
+        for path in sorted((root / pkg).rglob("*.py")):
+            module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.ClassDef) and node.name.endswith("Error") and node.name != "ScoderError":
+                    found[node.name] = getattr(importlib.import_module(module), node.name)
+    return found
+
+
+def test_every_project_error_is_a_scoder_error_with_its_old_verdict():
+    """The CLI catches ScoderError alone, so a new error class must be one (or say why not in NOT_SCODER_ERRORS);
+    the base has no `permanent` attribute, so each class keeps the verdict its built-in base (or itself) gives."""
+    from synth_core.errors import ScoderError
+
+    classes = _project_error_classes()
+    assert set(classes) == set(PERMANENCE), "list the new error class in PERMANENCE (and make it a ScoderError)"
+    assert not hasattr(ScoderError, "permanent")
+    for name, cls in classes.items():
+        assert is_permanent(cls("x")) is PERMANENCE[name], name
+        if name not in NOT_SCODER_ERRORS:
+            assert issubclass(cls, ScoderError), name
+    assert not issubclass(classes["SubprocessError"], ScoderError)

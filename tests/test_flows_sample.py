@@ -28,7 +28,7 @@ def test_sample_flow_on_s3_one_task_per_shard(cfg, tiny_loras, s3_endpoint):
     out = state.result()
     assert out.startswith("s3://scoder/work/samples/")
     names = sorted(t.name for t in task_runs_of(state.state_details.flow_run_id))
-    assert names == ["sample-shard-0", "sample-shard-1"]
+    assert names == ["sample-commit", "sample-shard-0", "sample-shard-1"]  # the commit is a retried task
     m = read_manifest(out, cfg.storage)
     assert m.num_rows == read_dataset(out, storage=cfg.storage).num_rows == 4 * 2 * 2
     with get_client(sync_client=True) as client:

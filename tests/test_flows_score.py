@@ -36,7 +36,7 @@ def test_score_flow_on_s3_one_task_per_shard(cfg, tiny_model, s3_endpoint):
     out = state.result()
     assert out.startswith("s3://scoder/work/scored/")
     names = sorted(t.name for t in task_runs_of(state.state_details.flow_run_id))
-    assert names == ["score-shard-0", "score-shard-1", "score-shard-2"]
+    assert names == ["score-commit", "score-shard-0", "score-shard-1", "score-shard-2"]  # the commit is a task
     rows = read_dataset(out, storage=cfg.storage).to_pylist()
     assert len(rows) == 6 and all(r["exec_status"] == "passed" for r in rows)
     m = read_manifest(out, cfg.storage)

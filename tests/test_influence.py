@@ -334,7 +334,12 @@ def test_projection_is_resolved_by_the_device_type_and_validated():
     keeps Rademacher's as it was."""
     from pydantic import ValidationError
 
-    from synth_core.influence import CHUNK_ELEMS, PROJECTION_VERSION, projection_fingerprint, resolve_projection
+    from synth_core.influence.projection import (
+        CHUNK_ELEMS,
+        PROJECTION_VERSION,
+        projection_fingerprint,
+        resolve_projection,
+    )
 
     auto = InfluenceConfig()
     assert auto.projection == "auto" and auto.sparse_jl_nonzeros == 8
@@ -486,7 +491,7 @@ def check_kernels_interpreted() -> None:
     """The body of the test above, run in a process with TRITON_INTERPRET=1."""
     import torch
 
-    from synth_core import influence_kernels as kernels
+    from synth_core.influence import kernels
 
     g = torch.Generator().manual_seed(0)
     grads = torch.randn(3, 5000, generator=g) * 1e-3
@@ -519,7 +524,7 @@ def test_batched_pass_restores_the_model_and_refuses_lora_variants(ckpt, tiny_mo
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from synth_core.influence import lora_layers
+    from synth_core.influence.lora_grads import lora_layers
     from synth_core.models import resolve_model
 
     ids = torch.tensor([_rows([(12, 3)])[0]["input_ids"]])
@@ -792,7 +797,7 @@ def test_stage_scores_every_row_keeps_the_top_fraction_and_reruns_free(cfg, tmp_
     manifest)."""
     import numpy as np
 
-    from synth_core.influence import NO_ANSWER_REASON, build_influence
+    from synth_core.influence.stage import NO_ANSWER_REASON, build_influence
     from synth_core.storage import read_dataset, read_manifest
 
     stage_cfg(cfg)
@@ -832,7 +837,7 @@ def test_stage_scores_every_row_keeps_the_top_fraction_and_reruns_free(cfg, tmp_
 def test_stage_bad_inputs(cfg, tmp_path, trained_ckpts, tiny_loras, reference_file):
     """No candidate rows: an empty output (no model is loaded); a checkpoint without optimiser state, a full model,
     no checkpoint, a dataset without instruction/response: one-line InfluenceErrors before any gradient."""
-    from synth_core.influence import build_influence
+    from synth_core.influence.stage import build_influence
     from synth_core.storage import read_dataset, read_manifest
 
     stage_cfg(cfg)
@@ -861,7 +866,7 @@ def test_stage_refuses_candidates_and_targets_of_different_projections(cfg, tmp_
     another run), s > proj_dim is refused at planning, and a shard whose candidates would be projected otherwise
     than its targets (the config changed between the targets and the shard) is refused with a one-line error
     before anything is written."""
-    from synth_core.influence import influence_shard, plan_influence, prepare_output, target_features
+    from synth_core.influence.stage import influence_shard, plan_influence, prepare_output, target_features
     from synth_core.storage import finished_shard
 
     stage_cfg(cfg)
@@ -889,7 +894,7 @@ def test_stage_refuses_candidates_and_targets_of_different_projections(cfg, tmp_
 
 def test_choose_targets_is_a_seeded_subset_in_r_order():
     from synth_core.config import InfluenceConfig
-    from synth_core.influence import choose_targets
+    from synth_core.influence.stage import choose_targets
 
     rows = [{"ref_id": f"r{i}"} for i in range(100)]
     picked = choose_targets(rows, InfluenceConfig(max_targets=10, seed=3))
@@ -904,7 +909,7 @@ def test_stage_max_group_takes_the_max_over_groups_of_targets(cfg, tmp_path, tra
     """aggregate max_group in the stage groups R's rows by influence.group_by (issue 19: it took the max over single
     targets whatever its text said): one group (every target is Python) gives exactly the mean's scores; a group
     per target ('ref_id') gives the max over single targets, another ranking."""
-    from synth_core.influence import build_influence, target_group_keys
+    from synth_core.influence.stage import build_influence, target_group_keys
     from synth_core.storage import read_dataset
 
     def scores(aggregate: str, group_by: str) -> list[float | None]:

@@ -10,6 +10,7 @@ import pytest
 from synth_core.config import StorageConfig
 from synth_core.storage import (
     DatasetError,
+    OnePart,
     StorageError,
     WriterLock,
     WriterLockError,
@@ -24,6 +25,7 @@ from synth_core.storage import (
     read_dataset,
     read_manifest,
     read_part_marker,
+    write_one_part_dataset,
     write_part,
 )
 
@@ -406,3 +408,35 @@ def test_writers_racing_for_a_free_location_one_wins(tmp_path):
         ]
         outcomes = sorted(r.communicate(timeout=60)[0].strip() for r in racers)
         assert outcomes == ["lost", "lost", "won"], (attempt, outcomes)
+
+
+def test_one_part_dataset_is_built_once_and_replaces_a_stale_one(tmp_path):
+    uri = str(tmp_path / "one")
+    builds = []
+
+    def build():
+        builds.append(1)
+        t = _table([1, 2], [None, "bad"])
+        return OnePart(t, funnel=compute_funnel(t), inputs=["in"], stats={"n": 2})
+
+    assert write_one_part_dataset(uri, "fpA", build, stage="s") == uri
+    m = read_manifest(uri)
+    assert (m.fingerprint, m.stage, m.inputs, m.stats, m.kept_rows) == ("fpA", "s", ["in"], {"n": 2}, 1)
+    assert m.parts[0].funnel == m.funnel and read_dataset(uri).num_rows == 2
+    write_one_part_dataset(uri, "fpA", build, stage="s")
+    assert len(builds) == 1  # done: free
+
+    def empty():
+        return OnePart(_table([], []), funnel={"rows_in": 0, "kept": 0, "rejected": {}}, part_if_empty=False)
+
+    write_one_part_dataset(uri, "fpB", empty, stage="s")  # another fingerprint at the same location
+    m = read_manifest(uri)
+    assert (m.fingerprint, m.parts, m.num_rows) == ("fpB", [], 0)
+    assert read_dataset(uri).schema == SCHEMA
+
+    def raw():
+        return OnePart(_table([3], [None]), funnel={"rows_in": 5, "kept": 1, "rejected": {}}, funnel_in_part=False)
+
+    write_one_part_dataset(uri, "fpC", raw, stage="s")
+    m = read_manifest(uri)
+    assert m.parts[0].funnel == {} and m.funnel["rows_in"] == 5

@@ -140,3 +140,23 @@ def test_waiting_shards_stop_once_the_flow_has_failed(prefect_api, monkeypatch, 
     # Generous bounds (a loaded 2-core machine spawns workers slowly); without the fix: 210 s and 70 s.
     assert elapsed < (20 if runner == "threads" else 45), f"the flow took {elapsed:.1f} s to end"
     assert open(counter).read() == "1"
+
+
+def test_every_stage_shard_and_commit_is_a_retried_task_under_its_ui_name():
+    from synth_core import evaluate, pool, sample, score
+    from tasks import round as round_tasks
+    from tasks import stage as stage_tasks
+
+    names = {
+        sample.STAGE: ("sample-shard", "sample-commit"),
+        score.STAGE: ("score-shard", "score-commit"),
+        pool.INGEST: ("pool-ingest-shard", "pool-commit-ingest"),
+        pool.DECONTAMINATE: ("pool-decontaminate-shard", "pool-commit"),
+        evaluate.STAGE: ("evaluate", "evaluate-commit"),
+    }
+    for stage, (shard_name, commit_name) in names.items():
+        shard, commit = stage_tasks.shard_task(stage), stage_tasks.stage_commit_task(stage)
+        assert (shard.name, commit.name) == (shard_name, commit_name)
+        for t in (shard, commit, round_tasks.build_release, round_tasks.convergence_record):
+            assert t.retries == RETRIES and t.retry_condition_fn is retry.is_transient, t.name
+    assert "gpu" in stage_tasks.shard_task(sample.STAGE).tags and not stage_tasks.stage_commit_task(sample.STAGE).tags

@@ -270,7 +270,7 @@ def test_speed_switches_keep_the_train_fingerprint():
         (TrainConfig(), ["a", "b"], "bace8dd0fb18230c"),
         (TrainConfig(method="full", lora_r=8), ["a"], "d60616ddb6ba76ee"),
     ):
-        for switches in ({}, {"lora_cast_inputs": True}, {"answer_logits_only": True}):
+        for switches in ({}, {"lora_cast_inputs": True}, {"answer_logits_only": True}, {"compile_layers": True}):
             assert train_fingerprint(data, cfg.model_copy(update=switches), "base", "tmpl") == expected
 
 
@@ -328,6 +328,33 @@ def test_training_with_the_speed_switches_follows_the_same_loss_curve(tmp_path, 
         assert [s for s, _ in curve] == [s for s, _ in curves[0]]
         for (_, a), (_, b) in zip(curve, curves[0], strict=True):
             assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_compile_layers_follows_the_same_loss_curve(tmp_path, tiny_model):
+    """compile_layers compiles every decoder layer in place (the checkpoint's weight names unchanged) and trains
+    the same loss curve as eager layers (CPU, packed sdpa rows, fp32: inductor's fusions reorder float sums)."""
+    from synth_core.train import compile_decoder_layers, load_model_for_training
+
+    base = resolve_model(tiny_model)
+    cfg = TrainConfig(epochs=1, batch_size=2, max_seq_len=256, num_checkpoints=1, lora_r=4, packing=True)
+    eager = load_model_for_training(base.path, cfg, bf16=False)
+    assert compile_decoder_layers(eager) == eager.config.num_hidden_layers
+    curves, names = [], []
+    for i, switches in enumerate(({}, {"compile_layers": True})):
+        res = train_model(base.path, _chats(4), cfg.model_copy(update=switches), str(tmp_path / str(i)))
+        curves.append(res.loss_curve)
+        names.append(sorted(torch_load_keys(res.checkpoints[-1])))
+    assert names[0] == names[1]
+    assert [s for s, _ in curves[1]] == [s for s, _ in curves[0]] == [1, 2]
+    for (_, a), (_, b) in zip(curves[1], curves[0], strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+
+
+def torch_load_keys(ckpt: str) -> list[str]:
+    """The parameter names of a checkpoint's optimiser moments (what influence matches adapters by)."""
+    import torch
+
+    return list(torch.load(f"{ckpt}/optimizer_moments.pt"))
 
 
 @pytest.mark.gpu

@@ -10,10 +10,10 @@ launches); one kernel each reads its inputs once and writes its output once, in 
   takes 22 us per block.
 - `adam_precondition_into`: LESS's m' / (sqrt(v') + eps) of per-sample gradients [b, n] (bf16 or fp32) with
   the checkpoint's moments [n] fp32, computed in fp32 and written (rounded to the buffer's dtype) into a
-  strided [b, n] view of the gradient buffer: torch's version (influence.adam_precondition) makes about eight
+  strided [b, n] view of the gradient buffer: torch's version (checkpoint.adam_precondition) makes about eight
   fp32 passes, 80 bytes per element, this one about 4.
 
-Nothing here knows about models or how a block's seed is derived: synth_core.influence calls these on CUDA
+Nothing here knows about models or how a block's seed is derived: projection.py and lora_grads.py call these on CUDA
 tensors (the module imports triton at the top, so it is imported only there). The tests run both kernels on the
 CPU through Triton's interpreter (TRITON_INTERPRET=1 set before triton is first imported).
 """
