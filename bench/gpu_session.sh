@@ -2,10 +2,12 @@
 # One call on a lent GPU machine (issue 20): install the wheels that machine lacks, then run the named sections,
 # each with the baseline in the same run. Wheels (peft, pydantic(+core, annotated_types, typing_inspection), psutil,
 # pytest(+pluggy, iniconfig), pyarrow for cp312 manylinux) go in WHEELS (default .whl/ at the repository root,
-# ignored by git); results and logs go to $OUT (default bench/results/gpu).
+# ignored by git; relative to the directory above this script, so a copy in .gpu/ needs WHEELS=../.whl: without
+# it the first call of 2026-12-07 ran with no pydantic); results and logs go to $OUT (default bench/results/gpu).
 #   bash bench/gpu_session.sh test train1b gen150m train7b gen1b gen7b infl1b infl1b256 infl7b
-# Sections: test (the `gpu` speed-switch test), train1b/train7b (bench/train.py: 'cast' = peft's input casts, the
-# behaviour before train.lora_cast_inputs, vs the default vs 'answer-logits'), gen150m/gen1b/gen7b (HF generate;
+# Sections: test (the `gpu` speed-switch test), train1b/train7b (bench/train.py: the default vs 'answer-logits'; B
+# rows a micro-batch, 16 by default: use B=8 for 7B on an 80 GB card), compile1b/compile7b (answer-logits vs
+# + compile_layers), gen150m/gen1b/gen7b (HF generate;
 # gen150m is the GPU side of `bench/generate.py --vllm-shape 150m` on a CPU), infl1b/infl1b256/infl7b
 # (bench/influence.py at the default pass size and --projection-rows 256). T, TG, TI: per-section time limits (s).
 cd "$(dirname "$0")/.." || exit 1
@@ -22,8 +24,13 @@ done
 export PYTHONPATH=/tmp/site:$PWD
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-# The default, then each speed switch on top: the default is the baseline of every row in the same run.
-flex=${FLEX:-"lora packed flex,lora packed flex answer-logits,lora packed flex answer-logits layers-compiled"}
+# The default, then the speed switch on top: the default is the baseline of every row in the same run. The
+# compile sections (compile1b/compile7b: answer-logits vs + compile_layers) have their own time limit TC, since
+# compiling may outlast the others (on 2026-12-07 it did not finish in what was left of train1b's 230 s).
+flex=${FLEX:-"lora packed flex,lora packed flex answer-logits"}
+compiled="lora packed flex answer-logits,lora packed flex answer-logits layers-compiled"
+# 7B's KV cache at batch 256 (512 KiB/token) did not fit next to its weights on an 80 GB H100 (2026-12-07).
+big=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory > 100e9))" 2>/dev/null)
 for s in "$@"; do
   echo "=============== $s $(date -u +%T)"
   case "$s" in
@@ -32,9 +39,13 @@ for s in "$@"; do
       --steps 12 --warmup-steps 4 --compile --only "$flex" --out-json "$OUT/train_1b.json";;
     train7b) timeout "${T:-300}" python3 bench/train.py --model builtin:random-llama-7b --rows 512 --batch-size "${B:-16}" \
       --steps 12 --warmup-steps 4 --compile --only "$flex" --out-json "$OUT/train_7b.json";;
+    compile1b | compile7b) timeout "${TC:-420}" python3 bench/train.py --model "builtin:random-llama-${s#compile}" \
+      --rows 512 --batch-size "${B:-16}" --steps 12 --warmup-steps 4 --compile --only "$compiled" \
+      --out-json "$OUT/train_${s#compile}_compiled.json";;
     gen150m) timeout "${TG:-120}" python3 bench/generate.py --gpu-shape 150m --gpu-batch-sizes 64 --max-new-tokens 128 \
       --out-json "$OUT/gen_150m.json";;
-    gen1b | gen7b) timeout "${TG:-240}" python3 bench/generate.py --gpu-shape "${s#gen}" --gpu-batch-sizes 64,128,256 \
+    gen1b | gen7b) sizes=64,128,256; [ "$s" = gen7b ] && [ "$big" != 1 ] && sizes=64,128
+      timeout "${TG:-240}" python3 bench/generate.py --gpu-shape "${s#gen}" --gpu-batch-sizes "$sizes" \
       --out-json "$OUT/gen_${s#gen}.json";;
     infl1b) timeout "${TI:-240}" python3 bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 0 \
       --batch-size 16 --out-json "$OUT/infl_1b.json";;

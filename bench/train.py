@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from common import (
@@ -207,6 +208,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     rows: list[dict[str, Any]] = []
+    device_name = torch.cuda.get_device_name() if on_gpu else cpu_name()
+    results = {
+        "model": args.model,
+        "device": device_name,
+        "matrix_rate_flops": rate,
+        "matrix_rate_how": rate_how,
+        "rows": len(chats),
+        "row_tokens": sum(lengths),
+        "batch_size": args.batch_size,
+        "lora_r": rank,
+        "warmup_steps": args.warmup_steps,
+        "torch": package_version("torch"),
+        "transformers": package_version("transformers"),
+        "peft": package_version("peft"),
+        "complete": False,  # True once every configuration ran (a run killed by a time limit keeps its rows)
+        "results": rows,
+    }
+    name = "train.json" if not on_gpu else f"train_{args.model.split(':')[-1]}.json"
+    out_json = RESULTS_DIR / name if args.out_json is None else Path(args.out_json)
     with tempfile.TemporaryDirectory(prefix="scoder-bench-train-") as tmp:
         for name, cfg in configs.items():
             print(f"... {name}", flush=True)
@@ -246,13 +266,13 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             print(f"    {tps:,.0f} tokens/s, MFU {rows[-1]['mfu']:.1%}", flush=True)
+            write_json(out_json, results)  # after every configuration: a time limit loses only the one running
 
     for method in ("lora", "full"):
         padded = next((r for r in rows if r["config"] == f"{method} padded" and "error" not in r), None)
         for r in rows:
             if r.get("method") == method and padded:
                 r["vs_padded"] = round(r["tokens_per_s"] / padded["tokens_per_s"], 2)
-    device_name = torch.cuda.get_device_name() if on_gpu else cpu_name()
     title = (
         f"bench/train.py — {args.model} on {device_name}; {len(chats)} rows x 1 epoch, batch {args.batch_size}, "
         f"LoRA r={rank}; steady state after {args.warmup_steps} steps; matrix rate {rate / 1e12:.1f} TFLOP/s"
@@ -302,23 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "met" if best_lora >= GOAL_LORA_MFU else "NOT met"
         print(f"Goal: LoRA MFU >= {GOAL_LORA_MFU:.0%} of the measured bf16 rate: best {best_lora:.1%}, {verdict}.")
     print(f"Total benchmark wall time: {time.perf_counter() - t_start:.0f} s")
-    results = {
-        "model": args.model,
-        "device": device_name,
-        "matrix_rate_flops": rate,
-        "matrix_rate_how": rate_how,
-        "rows": len(chats),
-        "row_tokens": sum(lengths),
-        "batch_size": args.batch_size,
-        "lora_r": rank,
-        "warmup_steps": args.warmup_steps,
-        "torch": package_version("torch"),
-        "transformers": package_version("transformers"),
-        "peft": package_version("peft"),
-        "results": rows,
-    }
-    name = "train.json" if not on_gpu else f"train_{args.model.split(':')[-1]}.json"
-    write_json(RESULTS_DIR / name if args.out_json is None else __import__("pathlib").Path(args.out_json), results)
+    results["complete"] = True
+    write_json(out_json, results)
     return 0
 
 
