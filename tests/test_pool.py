@@ -390,7 +390,7 @@ def test_a_parser_crash_is_one_files_parse_error(tmp_path, cfg, source_tree, mon
                 raise exc("AST constructor recursion depth mismatch (before=48, after=47)")
         return real_parse(source, *args, **kwargs)
 
-    monkeypatch.setattr(pool.ast, "parse", parse)
+    monkeypatch.setattr(ast, "parse", parse)
     for marker in crashes:
         (source_tree / f"{marker.lower()}.py").write_text(f"{marker} = 1\nother = 2\n")
     cfg.pool.sources = [str(source_tree)]
