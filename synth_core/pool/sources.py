@@ -66,7 +66,7 @@ def _is_glob(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     """The first line of an exception's message (or its type): library errors can span pages."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -97,7 +97,7 @@ def _load_hf_source(name: str, cfg: RunConfig) -> str:
         ds = datasets.load_dataset(name, split=cfg.pool.hf_split)
     except Exception as err:  # network, auth, missing dataset: one clear line, not a traceback
         raise SourceError(
-            f"cannot load Hugging Face dataset '{name}' (split {cfg.pool.hf_split}): {_first_line(err)}"
+            f"cannot load Hugging Face dataset '{name}' (split {cfg.pool.hf_split}): {first_line(err)}"
         ) from None
     if cfg.pool.content_column not in ds.column_names:
         raise SourceError(
@@ -127,7 +127,7 @@ def _parquet_units(uri: str, info: dict[str, Any], cfg: RunConfig) -> list[Sourc
             meta = pq.ParquetFile(f).metadata
     except Exception:  # corrupt or unreadable: ingest records the exact error as a rejected row
         return [SourceUnit("parquet", uri, size, stamp)]
-    _check_content_column(uri, meta.schema.names, cfg)
+    check_content_column(uri, meta.schema.names, cfg)
     units, first, rows = [], 0, 0
     for g in range(meta.num_row_groups):
         rows += meta.row_group(g).num_rows
@@ -137,7 +137,7 @@ def _parquet_units(uri: str, info: dict[str, Any], cfg: RunConfig) -> list[Sourc
     return units or [SourceUnit("parquet", uri, size, stamp, 0, 0)]
 
 
-def _check_content_column(uri: str, columns: list[str], cfg: RunConfig) -> None:
+def check_content_column(uri: str, columns: list[str], cfg: RunConfig) -> None:
     """A Parquet source without the content column is a mistake in the run, not a bad row: one line, no retry."""
     column = cfg.pool.content_column
     if column not in columns:
@@ -163,7 +163,8 @@ _FILE_KINDS = (
 )
 
 
-def _kind_of(mode: int) -> str:
+def kind_of(mode: int) -> str:
+    """What a file that is not a regular one is, in words (a FIFO, a socket, ...): a rejected row's detail."""
     return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
 
 
@@ -184,7 +185,7 @@ def _local_file_unit(path: str, cfg: RunConfig) -> list[SourceUnit]:
     except OSError as err:
         return [_rejected_unit(path, UNREADABLE, describe(err))]
     if not stat.S_ISREG(st.st_mode):
-        return [_rejected_unit(path, UNREADABLE, f"{_kind_of(st.st_mode)}, not a regular file: not opened")]
+        return [_rejected_unit(path, UNREADABLE, f"{kind_of(st.st_mode)}, not a regular file: not opened")]
     if path.lower().endswith(".parquet"):
         return _parquet_units(path, {"size": st.st_size, "mtime": st.st_mtime}, cfg)
     return [SourceUnit("file", path, st.st_size, str(st.st_mtime))]
@@ -360,7 +361,7 @@ def _check_parquet_columns(fs, path: str, cfg: RunConfig) -> None:
                 names = pq.ParquetFile(f).schema_arrow.names
         except Exception:  # corrupt or unreadable: ingest records the exact error as a rejected row
             continue
-        _check_content_column(p, names, cfg)
+        check_content_column(p, names, cfg)
 
 
 def preflight(cfg: RunConfig) -> None:

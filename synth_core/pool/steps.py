@@ -17,9 +17,9 @@ from synth_core.config import RunConfig
 from synth_core.decontam import CONTAMINATED, benchmark_index
 from synth_core.dedup import EXACT_DUPLICATE, compute_signatures, find_duplicates
 from synth_core.errors import describe
-from synth_core.pool.documents import _PARSER_CRASHES, _rejected_doc_row, check_document, snippet_rows
+from synth_core.pool.documents import PARSER_CRASHES, check_document, rejected_doc_row, snippet_rows
 from synth_core.pool.plan import DecontamPlan, PoolPlan, PoolTargets
-from synth_core.pool.read import _read_unit
+from synth_core.pool.read import read_unit
 from synth_core.pool.reasons import EMPTY, PARSE_ERROR, REASON_ORDER
 from synth_core.pool.sources import SourceUnit
 from synth_core.schema import POOL_SCHEMA, pool_schema_with_minhash
@@ -51,21 +51,21 @@ def ingest_shard(units: list[SourceUnit], index: int, plan: PoolTargets, cfg: Ru
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for unit in units:
-        for doc in _read_unit(unit, cfg):
+        for doc in read_unit(unit, cfg):
             if doc.reject_reason is None:
                 check_document(doc, cfg)
             if doc.reject_reason is not None:
-                rows.append(_rejected_doc_row(doc))
+                rows.append(rejected_doc_row(doc))
                 continue
             try:
                 cut = snippet_rows(doc, cfg)
-            except _PARSER_CRASHES as err:  # 'ast' mode parses again: the same crash, the same answer
+            except PARSER_CRASHES as err:  # 'ast' mode parses again: the same crash, the same answer
                 doc.reject_reason, doc.detail = PARSE_ERROR, describe(err)
-                rows.append(_rejected_doc_row(doc))
+                rows.append(rejected_doc_row(doc))
                 continue
             if not cut:
                 doc.reject_reason, doc.detail = EMPTY, "no snippet could be cut"
-                rows.append(_rejected_doc_row(doc))
+                rows.append(rejected_doc_row(doc))
             rows.extend(cut)
     kept = [i for i, r in enumerate(rows) if r["reject_reason"] is None]
     signatures = (
