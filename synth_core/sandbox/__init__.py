@@ -59,14 +59,25 @@ Started without root, a program runs as our own uid: the limits, the namespaces 
 allowed) and the cleanup of its tree still hold, but it can signal our processes, read what we can read,
 and fork until the wall timeout; use that mode for trusted code only.
 
-How it is built: a small launcher (`_launcher`, a function of this module compiled once here and sent to
+How it is built: a small launcher (`launcher._launcher`, a function compiled once by this process and sent to
 `python -I -S -c` as a marshalled code object, so that it starts in ~10 ms without importing this package or
-compiling its source: 3 ms a run) is started by a thread here. It forks
+compiling its source: 3 ms a run) is started by a thread of ours. It forks
 the program's process, which sets the limits, enters the namespaces, switches uid and execs the
 interpreter; the launcher stays as the program's parent (as root where we are root, out of the program's
 reach), ends it at the wall timeout or when asked (SIGTERM: output cap), kills and reaps what it leaves
 behind, and reports on a status pipe. All of that is one fork-and-exec of a single-threaded process, so
 the sandbox is safe to use from threads (no preexec_fn in a threaded parent).
+
+One module per side of a run; each imports only modules above it in this list:
+- result.py    what a run returns: SandboxResult, the status and protection names, verdict_limits (what stages
+               import to judge and to fingerprint)
+- host.py      our side before and after the program: the uid slot, the memory cgroup, the mount plan the
+               launcher is given, the clean environment, removing what a run left
+- launcher.py  the launcher process (plain standard library, sent as code, never imported by the program)
+- runner.py    run_program / run_programs / probe_sandbox: starts the launcher, reads its pipes, turns its
+               report into a SandboxResult
+This package re-exports every public name the single module synth_core/sandbox.py had, so
+`from synth_core.sandbox import X` keeps working.
 
 What it leaves to others: deciding what to run and what a pass means (the score stage builds the program
 text, e.g. a solution followed by its own asserts). What it does not stop: reading world-readable files of the

@@ -36,7 +36,7 @@ MAIN_FILE = "main.py"
 MEMORY_CGROUP_OFF = "memory_cgroup: off (sandbox.memory_cgroup is null)"
 
 
-def _kill_uid_processes(uid: int) -> None:
+def kill_uid_processes(uid: int) -> None:
     """Kill every process of `uid` from a short-lived process that becomes it (kill(-1) spares only itself)."""
     code = (
         "import os, signal\n"
@@ -47,7 +47,7 @@ def _kill_uid_processes(uid: int) -> None:
     subprocess.run([sys.executable, "-I", "-S", "-c", code], env={}, check=False, timeout=30)
 
 
-def _clean_env(workdir: Path) -> dict[str, str]:
+def clean_env(workdir: Path) -> dict[str, str]:
     """The program's whole environment. No PYTHON* variables: `-I` ignores them (hence -B for bytecode)."""
     return {
         "PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
@@ -62,7 +62,7 @@ def _clean_env(workdir: Path) -> dict[str, str]:
     }
 
 
-def _tmp_root(cfg: SandboxConfig) -> str:
+def tmp_root(cfg: SandboxConfig) -> str:
     if cfg.tmp_root is None:
         return tempfile.gettempdir()
     os.makedirs(cfg.tmp_root, exist_ok=True)
@@ -70,7 +70,7 @@ def _tmp_root(cfg: SandboxConfig) -> str:
 
 
 @functools.cache
-def _interpreter_paths() -> list[str]:
+def interpreter_paths() -> list[str]:
     """Folders the program's interpreter must read: its binary's, the standard library's, the environment's."""
     paths = {
         os.path.dirname(os.path.realpath(sys.executable)),
@@ -84,7 +84,7 @@ def _interpreter_paths() -> list[str]:
 def _interpreter_entry_paths() -> list[str]:
     """The interpreter's folders as the program names them (sys.executable's folder, sys.prefix), unresolved:
     a virtualenv's `bin/python` is a link, and the program starts through the link's own folder."""
-    paths = {os.path.dirname(os.path.abspath(sys.executable)), os.path.abspath(sys.prefix), *_interpreter_paths()}
+    paths = {os.path.dirname(os.path.abspath(sys.executable)), os.path.abspath(sys.prefix), *interpreter_paths()}
     return sorted(p for p in paths if os.path.isdir(p))
 
 
@@ -96,7 +96,7 @@ def _interpreter_mounts() -> tuple[tuple[str, tuple[str, ...]], ...]:
     with only the interpreter's folders bound back, so the sandbox uid reaches the interpreter and nothing else.
     """
     closed: dict[str, set[str]] = {}
-    for path in _interpreter_paths() + [os.path.realpath(sys.base_prefix)]:
+    for path in interpreter_paths() + [os.path.realpath(sys.base_prefix)]:
         parts = Path(path).parts
         for i in range(1, len(parts)):
             folder = os.path.join(*parts[:i])
@@ -111,7 +111,7 @@ def _interpreter_mounts() -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(out)
 
 
-def _mount_plan(workdir: str, cfg: SandboxConfig, expose_interpreter: bool) -> dict:
+def mount_plan(workdir: str, cfg: SandboxConfig, expose_interpreter: bool) -> dict:
     """What the launcher mounts in the program's namespace: `disk`, its one tmpfs (working folder, /tmp, /var/tmp,
     /dev/shm, with the folders of the interpreter that live in those bound back), and `closed`, (folder, kept
     folders) for each folder above the interpreter that the sandbox uid may not enter."""
@@ -137,7 +137,7 @@ _cgroup_ids = itertools.count()
 
 
 @contextmanager
-def _memory_cgroup(cfg: SandboxConfig) -> Iterator[tuple[str | None, str]]:
+def memory_cgroup(cfg: SandboxConfig) -> Iterator[tuple[str | None, str]]:
     """A cgroup v2 of this run's own under `cfg.memory_cgroup`, its memory.max = memory_mb and no swap, removed
     after the run; (its path, "") or (None, why there is none)."""
     if cfg.memory_cgroup is None:
@@ -180,7 +180,7 @@ def _memory_cgroup(cfg: SandboxConfig) -> Iterator[tuple[str | None, str]]:
             log.warning("sandbox: cannot remove the cgroup %s", path)
 
 
-def _oom_kills(cgroup: str) -> int:
+def oom_kills(cgroup: str) -> int:
     """How many processes of the run the kernel killed at its cgroup's memory.max."""
     try:
         for line in Path(cgroup, "memory.events").read_text().splitlines():
@@ -193,7 +193,7 @@ def _oom_kills(cgroup: str) -> int:
 
 
 @contextmanager
-def _uid_slot(cfg: SandboxConfig) -> Iterator[int | None]:
+def uid_slot(cfg: SandboxConfig) -> Iterator[int | None]:
     """The uid this run uses, held exclusively (flock) until the run ends; None = no uid switch."""
     if cfg.uid_base is None or os.geteuid() != 0:
         yield None
@@ -218,7 +218,7 @@ def _uid_slot(cfg: SandboxConfig) -> Iterator[int | None]:
         time.sleep(0.01)  # every slot busy: wait for one
 
 
-def _sweep_shared_tmp(uid: int) -> None:
+def sweep_shared_tmp(uid: int) -> None:
     """Remove what `uid` left at the top of the world-writable folders (only it can have made those entries)."""
     for folder in SHARED_TMP_DIRS:
         try:
@@ -230,14 +230,14 @@ def _sweep_shared_tmp(uid: int) -> None:
                 if entry.stat(follow_symlinks=False).st_uid != uid:
                     continue
                 if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, onerror=_force_remove)
+                    shutil.rmtree(entry.path, onerror=force_remove)
                 else:
                     os.unlink(entry.path)
             except FileNotFoundError:
                 pass
 
 
-def _force_remove(func: Callable[[str], object], path: str, exc_info: tuple) -> None:
+def force_remove(func: Callable[[str], object], path: str, exc_info: tuple) -> None:
     """rmtree's error hook: a folder the program made unreadable is opened up and removed; others are logged."""
     err = exc_info[1]
     if isinstance(err, FileNotFoundError):

@@ -431,7 +431,7 @@ LAUNCHER_STUB = "import marshal, sys; exec(marshal.loads(bytes.fromhex(sys.argv[
 
 
 @functools.cache
-def _launcher_code() -> str:
+def launcher_code() -> str:
     """The launcher's code object, marshalled, as hex (an argument of at most 128 KiB: MAX_ARG_STRLEN)."""
     # optimize=2 drops its docstrings (the launcher has no asserts): 5% less to send.
     code = marshal.dumps(compile(_launcher_source(), "<scoder-sandbox-launcher>", "exec", optimize=2)).hex()

@@ -27,18 +27,18 @@ from synth_core.sandbox.host import (
     MAIN_FILE,
     MAX_SLOTS,
     MEMORY_CGROUP_OFF,
-    _clean_env,
-    _force_remove,
-    _interpreter_paths,
-    _kill_uid_processes,
-    _memory_cgroup,
-    _mount_plan,
-    _oom_kills,
-    _sweep_shared_tmp,
-    _tmp_root,
-    _uid_slot,
+    clean_env,
+    force_remove,
+    interpreter_paths,
+    kill_uid_processes,
+    memory_cgroup,
+    mount_plan,
+    oom_kills,
+    sweep_shared_tmp,
+    tmp_root,
+    uid_slot,
 )
-from synth_core.sandbox.launcher import LAUNCHER_STUB, _launcher_code
+from synth_core.sandbox.launcher import LAUNCHER_STUB, launcher_code
 from synth_core.sandbox.result import PARENT_PROTECTIONS, PROTECTIONS, SandboxResult
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,8 @@ READ_CHUNK = 65536
 def run_program(code: str, cfg: SandboxConfig | None = None, args: Sequence[str] = ()) -> SandboxResult:
     """Run `code` as a Python program in the sandbox (argv[1:] = args); how it ended."""
     cfg = cfg or SandboxConfig()
-    with _uid_slot(cfg) as uid, _memory_cgroup(cfg) as (cgroup, cgroup_off):
-        workdir = Path(tempfile.mkdtemp(prefix="scoder-sbx-", dir=_tmp_root(cfg)))
+    with uid_slot(cfg) as uid, memory_cgroup(cfg) as (cgroup, cgroup_off):
+        workdir = Path(tempfile.mkdtemp(prefix="scoder-sbx-", dir=tmp_root(cfg)))
         try:
             main = workdir / MAIN_FILE
             main.write_text(code, encoding="utf-8", errors="surrogatepass")
@@ -65,12 +65,12 @@ def run_program(code: str, cfg: SandboxConfig | None = None, args: Sequence[str]
                 os.chown(workdir, uid, uid)
                 os.chown(main, uid, uid)
             result = _execute(workdir, uid, cfg, list(args), cgroup, cgroup_off)
-            if cgroup and result.signal == "SIGKILL" and result.limit is None and _oom_kills(cgroup):
+            if cgroup and result.signal == "SIGKILL" and result.limit is None and oom_kills(cgroup):
                 result = dataclasses.replace(result, limit="memory")
             if uid is not None and "private_tmp" not in result.protections:
-                _sweep_shared_tmp(uid)  # what it left in /tmp & co. would otherwise outlive it
+                sweep_shared_tmp(uid)  # what it left in /tmp & co. would otherwise outlive it
         finally:
-            shutil.rmtree(workdir, onerror=_force_remove)
+            shutil.rmtree(workdir, onerror=force_remove)
     _warn_inactive(result)
     return result
 
@@ -118,7 +118,7 @@ class _Tail:
 def _execute(
     workdir: Path, uid: int | None, cfg: SandboxConfig, args: list[str], cgroup: str | None, cgroup_off: str
 ) -> SandboxResult:
-    env = _clean_env(workdir)
+    env = clean_env(workdir)
     status_r, status_w = os.pipe()
     spec = {
         "status_fd": status_w,
@@ -130,18 +130,18 @@ def _execute(
         "uid": uid,
         "gid": uid,
         "netns": cfg.network == "deny",
-        "mounts": _mount_plan(str(workdir), cfg, expose_interpreter=uid is not None) if os.geteuid() == 0 else {},
+        "mounts": mount_plan(str(workdir), cfg, expose_interpreter=uid is not None) if os.geteuid() == 0 else {},
         "nofile": cfg.max_open_files,
         "cgroup": cgroup,
         "cgroup_off": cgroup_off,
-        "must_reach": _interpreter_paths(),
+        "must_reach": interpreter_paths(),
         "workdir": str(workdir),
         "required": [p for p in cfg.required if p not in PARENT_PROTECTIONS],
         "cleanup_s": CLEANUP_S,
         "argv": [sys.executable, "-I", "-B", MAIN_FILE, *args],
     }
     # -S: the launcher needs no site-packages, which saves ~15 ms a run; the program gets them (no -S).
-    argv = [sys.executable, "-I", "-S", "-B", "-c", LAUNCHER_STUB, _launcher_code(), marshal.dumps(spec).hex()]
+    argv = [sys.executable, "-I", "-S", "-B", "-c", LAUNCHER_STUB, launcher_code(), marshal.dumps(spec).hex()]
     try:
         proc = subprocess.Popen(
             argv,
@@ -173,7 +173,7 @@ def _execute(
         os.close(status_r)
     report = _parse_status(bytes(status.buf))
     if uid is not None and ("outcome" not in report or report.get("unkilled")):
-        _kill_uid_processes(uid)  # the launcher died or gave up: kill what it could not
+        kill_uid_processes(uid)  # the launcher died or gave up: kill what it could not
     return _result(report, out, err, proc.returncode, stopped, backstop, cfg)
 
 

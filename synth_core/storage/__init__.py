@@ -9,7 +9,16 @@ Shards write their part and then a small `_parts/part-NNNNN.json` marker; a re-r
 exists is done. The commit step gathers the markers into the manifest. Parts without a manifest
 entry are garbage.
 
-This module knows nothing of stages or Prefect: it moves Arrow tables and JSON.
+One module per concept; each imports only modules above it in this list:
+- fs.py       the filesystem of a URI (local or s3://, every S3 call bounded), storage errors, check_writable,
+              atomic small writes
+- dataset.py  parts, done-markers, the manifest, fingerprints, funnels, one-part datasets, reading what a
+              manifest lists
+- lock.py     the writer lock of an output location and its heartbeat
+This package re-exports every public name the single module synth_core/storage.py had: `synth_core.storage` is
+the one entry point callers import from.
+
+This package knows nothing of stages or Prefect: it moves Arrow tables and JSON.
 """
 
 from synth_core.storage.dataset import (

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from synth_core.config import StorageConfig
-from synth_core.storage.fs import DatasetError, _is_local, _write_bytes_atomic, get_fs, storage_call
+from synth_core.storage.fs import DatasetError, get_fs, is_local, storage_call, write_bytes_atomic
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -152,7 +152,7 @@ def _write_part(
     fs, root = get_fs(dataset_uri, storage)
     fs.makedirs(root, exist_ok=True)
     name = part_name(index)
-    if _is_local(fs):
+    if is_local(fs):
         # A temporary name, then a rename: a second writer or a crash never leaves a half-written part under the
         # final name that a committed manifest (or a reader holding one) lists.
         tmp = f"{root}/{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -169,7 +169,7 @@ def _write_part(
         with fs.open(f"{root}/{name}", "wb") as f:
             pq.write_table(table, f, compression=storage.part_compression)
     info = PartInfo(name=name, rows=table.num_rows, fingerprint=fingerprint, funnel=funnel or {})
-    _write_bytes_atomic(fs, f"{root}/{MARKERS_DIR}/{index:05d}.json", json.dumps(asdict(info)).encode())
+    write_bytes_atomic(fs, f"{root}/{MARKERS_DIR}/{index:05d}.json", json.dumps(asdict(info)).encode())
     return info
 
 
@@ -270,7 +270,7 @@ def commit_dataset(
         stats=stats or {},
     )
     with storage_call(dataset_uri, storage):
-        _write_bytes_atomic(fs, f"{root}/{MANIFEST_NAME}", manifest.to_json().encode("utf-8"))
+        write_bytes_atomic(fs, f"{root}/{MANIFEST_NAME}", manifest.to_json().encode("utf-8"))
     return manifest
 
 

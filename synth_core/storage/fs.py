@@ -212,12 +212,12 @@ def join_uri(base: str, *parts: str) -> str:
     return out
 
 
-def _write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a small file so that readers see all of it or nothing.
 
     Object stores publish a PUT atomically; on a local disk, write a temporary file and rename it.
     """
-    if _is_local(fs):
+    if is_local(fs):
         tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # two writers' threads never share a temp name
         fs.makedirs(fs._parent(path), exist_ok=True)
         with fs.open(tmp, "wb") as f:
@@ -228,6 +228,6 @@ def _write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -
             f.write(data)
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")

@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 from synth_core.config import StorageConfig
-from synth_core.storage.fs import StorageError, _write_bytes_atomic, get_fs, join_uri
+from synth_core.storage.fs import StorageError, get_fs, join_uri, write_bytes_atomic
 
 LOCK_NAME = "_writer.lock"
 
@@ -79,7 +79,7 @@ class WriterLock:
 
     def _write(self) -> None:
         fs, path = get_fs(self.path_uri, self.storage)
-        _write_bytes_atomic(fs, path, json.dumps(self._record()).encode("utf-8"))
+        write_bytes_atomic(fs, path, json.dumps(self._record()).encode("utf-8"))
 
     def _is_stale(self, holder: dict[str, Any]) -> bool:
         age = time.time() - float(holder.get("heartbeat_at") or 0)
