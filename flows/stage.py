@@ -1,8 +1,9 @@
 """`run_stage`: how every stage flow runs a planned synth_core.stage.Stage under Prefect.
 
-done? -> prepare -> one task per shard (at most the stage's window in flight, a progress artifact) -> the commit
-as a task -> the stage's artifacts (its funnel table, histograms) -> one log line. Wiring only: what each step
-does is the stage's (synth_core), the tasks are tasks/stage.py's. A stage flow plans, then calls this.
+done? -> prepare -> [a task per setup step ->] one task per shard (at most the stage's window in flight, a
+progress artifact) -> the commit as a task -> the stage's artifacts (its funnel table, histograms) -> one log
+line. Wiring only: what each step does is the stage's (synth_core), the tasks are tasks/stage.py's. A stage flow
+plans, then calls this.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from flows.runtime import run_shards
 from synth_core.config import RunConfig
-from synth_core.stage import Stage, StageArtifact, StageRun, done_message
+from synth_core.stage import Stage, StageArtifact, StageRun, done_message, setup_items
 from tasks import stage as stage_tasks
 
 
@@ -52,14 +53,18 @@ def run_stage(
         logger.info(done_message(stage, plan))
         return StageRun(out, None)
     stage.prepare(plan, cfg)
-    shards = list(stage.shards(plan))
+    setup, shards = setup_items(stage, plan), list(stage.shards(plan))
     if progress is None:
-        progress = Progress(f"{stage.name}-progress", stage.name, 0, max(len(shards), 1))
+        progress = Progress(f"{stage.name}-progress", stage.name, 0, max(len(setup) + len(shards), 1))
+    window = stage.window(cfg)
+    if setup:  # what every shard reads (influence: R's features), first, as many at once as shards may run
+        task = stage_tasks.setup_task(stage)
+        submits = [partial(task.submit, stage, plan, item, i, cfg) for i, item in enumerate(setup)]
+        run_shards(submits, f"{stage.name} setup", progress.id(), progress.done_before, progress.total, window)
     task = stage_tasks.shard_task(stage)
     submits = [partial(task.submit, stage, plan, shard, i, cfg) for i, shard in enumerate(shards)]
-    results = run_shards(
-        submits, stage.name, progress.id(), progress.done_before, progress.total, window=stage.window(cfg)
-    )
+    done_before = progress.done_before + len(setup)
+    results = run_shards(submits, stage.name, progress.id(), done_before, progress.total, window=window)
     manifest = stage_tasks.stage_commit_task(stage)(stage, plan, results, cfg, time.perf_counter() - t0)
     for artifact in stage.artifacts(plan, manifest, cfg):
         publish(artifact)

@@ -571,7 +571,7 @@ SandboxProtection = Literal[
 
 
 class SandboxConfig(StrictModel):
-    """Limits of the sandbox that runs untrusted generated code (synth_core/sandbox.py says what each one does)."""
+    """Limits of the sandbox that runs untrusted generated code (synth_core/sandbox/ says what each one does)."""
 
     timeout_s: float = Field(10.0, gt=0, description="Wall-clock limit of one program (seconds); then its tree dies.")
     cpu_s: int = Field(10, ge=1, description="CPU time each process of a program may use (seconds, RLIMIT_CPU).")

@@ -6,6 +6,8 @@ in the datatrove shape: a step whose methods an executor calls in a fixed order,
     plan = <the stage's own plan function>(cfg, inputs...)   what to do, where (fingerprint, output), the shards
     done(plan, cfg)?            the output already holds this fingerprint: nothing to do, re-running is free
     prepare(plan, cfg)          hide another dataset's manifest at the output before any part is written
+    run_setup(plan, item, i)    optional: work every shard reads, for each item of setup(plan) (influence: R's
+                                features per checkpoint); a stage without it has no such step
     run_shard(plan, shard, i)   one shard -> its part (at once when its marker says it is finished)
     commit(plan, results, ...)  the manifest, written last: from now on the dataset exists
     describe / summary / artifacts   the log lines before and after, and what the UI shows
@@ -58,7 +60,9 @@ class Stage(Protocol[PlanT]):
     """A sharded stage; see the module docstring for the order an executor calls these in.
 
     `name` names the stage's tasks, progress bar and log lines (tasks/stage.py maps it to the task names the
-    Prefect UI shows)."""
+    Prefect UI shows). A stage may also define `setup(plan) -> Sequence` and `run_setup(plan, item, index, cfg)`:
+    steps that run before the first shard (`setup_items` reads them; optional, so that the other stages do not
+    each spell out an empty one)."""
 
     name: str
 
@@ -107,6 +111,12 @@ class Stage(Protocol[PlanT]):
         ...
 
 
+def setup_items(stage: Stage[Any], plan: Any) -> list[Any]:
+    """The setup steps of a stage (its optional `setup(plan)`); [] for a stage without."""
+    setup = getattr(stage, "setup", None)
+    return list(setup(plan)) if setup is not None else []
+
+
 def done_message(stage: Stage[Any], plan: Any) -> str:
     """The log line of a stage whose output is already there."""
     return f"{stage.name}: already at {stage.out_uri(plan)} (fingerprint {stage.fingerprint(plan)}): nothing to do"
@@ -127,6 +137,8 @@ def run_stage_local(stage: Stage[PlanT], plan: PlanT, cfg: RunConfig, t0: float 
     if stage.done(plan, cfg):
         return StageRun(out, None)
     stage.prepare(plan, cfg)
+    for i, item in enumerate(setup_items(stage, plan)):
+        stage.run_setup(plan, item, i, cfg)  # type: ignore[attr-defined]
     results = [stage.run_shard(plan, shard, i, cfg) for i, shard in enumerate(stage.shards(plan))]
     manifest = stage.commit(plan, results, cfg, time.perf_counter() - t0)
     return StageRun(out, manifest, results, time.perf_counter() - t0)

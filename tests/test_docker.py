@@ -99,4 +99,4 @@ def test_workers_poll_declared_pools_and_storage_reaches_minio():
     assert cfg.storage.root == "s3://scoder/work"
     # No endpoint or key in the config (it becomes a visible deployment parameter): the environment supplies them.
     assert (cfg.storage.endpoint_url, cfg.storage.key, cfg.storage.secret) == (None, None, None)
-    assert "AWS_ENDPOINT_URL" in (REPO / "synth_core" / "storage.py").read_text()
+    assert "AWS_ENDPOINT_URL" in (REPO / "synth_core" / "storage" / "fs.py").read_text()

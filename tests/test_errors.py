@@ -137,7 +137,7 @@ def test_missing_s3_credentials_are_permanent(monkeypatch):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no network call to instance metadata
-    monkeypatch.setattr(storage, "_FOUND_AWS_CREDENTIALS", None, raising=False)
+    monkeypatch.setattr(storage.fs, "_FOUND_AWS_CREDENTIALS", False)  # the module whose global get_fs reads
     with pytest.raises(storage.StorageError, match="no S3 credentials") as info:
         storage.get_fs("s3://bucket/out")
     assert is_permanent(info.value)

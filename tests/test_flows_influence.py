@@ -25,7 +25,7 @@ def test_influence_flow_targets_once_then_one_task_per_shard(cfg, tmp_path, trai
     assert state.is_completed()
     out = state.result()
     names = sorted(t.name for t in task_runs_of(state.state_details.flow_run_id))
-    assert names == ["influence-shard-0", "influence-shard-1", "influence-targets-ckpt-0"]
+    assert names == ["influence-commit", "influence-shard-0", "influence-shard-1", "influence-targets-ckpt-0"]
     table = read_dataset(out, storage=cfg.storage)
     assert table.num_rows == 4 and table.column("reject_reason").to_pylist().count(None) == 2  # ceil(0.5 x 3)
     assert read_manifest(out, cfg.storage).stats["scored"] == 3

@@ -171,14 +171,14 @@ def test_silent_endpoint_with_default_timeouts(monkeypatch):
 
 
 def test_missing_credentials_is_one_prompt_line(monkeypatch, tmp_path):
-    import synth_core.storage as storage_mod
+    import synth_core.storage.fs as storage_fs  # the module whose global get_fs reads
 
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata probe on a machine that has one
-    monkeypatch.setattr(storage_mod, "_FOUND_AWS_CREDENTIALS", False)
+    monkeypatch.setattr(storage_fs, "_FOUND_AWS_CREDENTIALS", False)
     storage = StorageConfig(endpoint_url="http://127.0.0.1:9")
     msg, took = _one_line_error(lambda: check_writable("s3://scoder/out", storage))
     assert "no S3 credentials" in msg and "127.0.0.1:9" in msg and took < 5

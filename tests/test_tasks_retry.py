@@ -144,6 +144,7 @@ def test_waiting_shards_stop_once_the_flow_has_failed(prefect_api, monkeypatch, 
 
 def test_every_stage_shard_and_commit_is_a_retried_task_under_its_ui_name():
     from synth_core import evaluate, pool, sample, score
+    from synth_core.influence import stage as influence
     from tasks import round as round_tasks
     from tasks import stage as stage_tasks
 
@@ -153,6 +154,7 @@ def test_every_stage_shard_and_commit_is_a_retried_task_under_its_ui_name():
         pool.INGEST: ("pool-ingest-shard", "pool-commit-ingest"),
         pool.DECONTAMINATE: ("pool-decontaminate-shard", "pool-commit"),
         evaluate.STAGE: ("evaluate", "evaluate-commit"),
+        influence.STAGE: ("influence-shard", "influence-commit"),
     }
     for stage, (shard_name, commit_name) in names.items():
         shard, commit = stage_tasks.shard_task(stage), stage_tasks.stage_commit_task(stage)
@@ -160,3 +162,5 @@ def test_every_stage_shard_and_commit_is_a_retried_task_under_its_ui_name():
         for t in (shard, commit, round_tasks.build_release, round_tasks.convergence_record):
             assert t.retries == RETRIES and t.retry_condition_fn is retry.is_transient, t.name
     assert "gpu" in stage_tasks.shard_task(sample.STAGE).tags and not stage_tasks.stage_commit_task(sample.STAGE).tags
+    targets = stage_tasks.setup_task(influence.STAGE)  # R's features per checkpoint, before the shards
+    assert targets.name == "influence-targets" and targets.retries == RETRIES and "gpu" in targets.tags

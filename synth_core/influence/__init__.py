@@ -25,7 +25,7 @@ One module per concept; each imports only modules above it in this list:
 This package re-exports every public name the single module synth_core/influence.py had, so
 `from synth_core.influence import X` and `influence.X` keep working; new code may import from the submodule.
 
-What it leaves to others: the Prefect tasks, flow and CLI (tasks/influence.py, flows/influence.py), and training
+What it leaves to others: the Prefect tasks, flow and CLI (tasks/stage.py, flows/influence.py), and training
 the checkpoints (synth_core.train writes the adapter, `optimizer_moments.pt` and `train_state.json` read here).
 """
 

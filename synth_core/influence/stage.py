@@ -1,9 +1,10 @@
 """The influence stage: plan -> target features -> shards -> commit, with a fingerprinted output.
 
 plan_influence -> target_features (one per checkpoint) -> influence_shard (one per shard of candidate rows)
--> commit_influence, or build_influence for all of it in one call. The orchestrator (flows/influence.py) runs
-the targets and shards as tasks. Every gradient pass (one checkpoint x one shard, or x R) runs in a spawned
-process (synth_core.procs, `features_in_process`), so a model's memory is gone when it returns.
+-> commit_influence, as the synth_core.stage.Stage `STAGE` (the targets are its setup steps), or build_influence
+for all of it in one call. flows/influence.py runs the targets and shards as tasks (flows/stage.run_stage). Every
+gradient pass (one checkpoint x one shard, or x R) runs in a spawned process (synth_core.procs,
+`features_in_process`), so a model's memory is gone when it returns.
 
 Layout of the output folder (a dataset, like every stage's):
   part-*.parquet + _manifest.json   every candidate row, with `influence`, `influence_status`, reject_reason
@@ -14,7 +15,7 @@ response), rendered as synth_core.train renders them, so the gradients are those
 Top-fraction selection is global, so shards only compute and score; the commit decides and writes the rows.
 
 What it leaves to others: the math (the other modules of synth_core.influence), the Prefect tasks, flow and CLI
-(tasks/influence.py, flows/influence.py), and training the checkpoints (synth_core.train).
+(tasks/stage.py, flows/influence.py), and training the checkpoints (synth_core.train).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from synth_core.influence.errors import InfluenceError
 from synth_core.influence.lora_grads import compute_grad_features, encode_rows, token_limit
 from synth_core.influence.projection import check_same_projection, projection_device_type, projection_fingerprint
 from synth_core.influence.scores import DROP_REASON, influence_scores, select_top_fraction
+from synth_core.stage import StageArtifact, funnel_artifact, run_stage_local
 
 if TYPE_CHECKING:
     from synth_core.config import StorageConfig
@@ -278,46 +280,31 @@ def target_features(plan: InfluencePlan, checkpoint: int, cfg: Any) -> str:
     from synth_core.procs import run_in_subprocess
     from synth_core.reference import load_reference
     from synth_core.schema import feature_schema
-    from synth_core.storage import (
-        commit_dataset,
-        dataset_has_fingerprint,
-        fingerprint,
-        hide_stale_dataset,
-        write_part,
-    )
+    from synth_core.storage import OnePart, fingerprint, write_one_part_dataset
 
     uri = plan.target_uri(checkpoint)
     fp = fingerprint(plan.fp, "targets", checkpoint)
-    if dataset_has_fingerprint(uri, fp, cfg.storage):
-        return uri
-    hide_stale_dataset(uri, fp, cfg.storage)
-    ref = load_reference(plan.reference, cfg.storage)
-    rows = choose_targets(ref.select([*_TEXT_COLUMNS, "ref_id"]).to_pylist(), cfg.influence)
-    ckpt = plan.checkpoints[checkpoint]
-    res = run_in_subprocess(
-        features_in_process,
-        ckpt.ref,
-        training_chats(rows, plan.template),
-        cfg.influence,
-        cfg.storage,
-        False,
-        plan.device_type,
-    )
-    table = _feature_table(range(len(rows)), [r["ref_id"] for r in rows], [res], cfg.influence.proj_dim)
-    part = write_part(uri, 0, table, fp, storage=cfg.storage)
-    stats = {k: v for k, v in res.items() if k not in ("feats", "row_tokens", "truncated", "no_answer")}
-    stats |= {"rows": len(rows), "truncated": len(res["truncated"]), "no_answer": len(res["no_answer"])}
-    commit_dataset(
-        uri,
-        [part],
-        feature_schema(cfg.influence.proj_dim),
-        fp,
-        stage="influence-targets",
-        inputs=[plan.reference, ckpt.ref],
-        stats=stats,
-        storage=cfg.storage,
-    )
-    return uri
+
+    def build() -> OnePart:
+        ref = load_reference(plan.reference, cfg.storage)
+        rows = choose_targets(ref.select([*_TEXT_COLUMNS, "ref_id"]).to_pylist(), cfg.influence)
+        ckpt = plan.checkpoints[checkpoint]
+        res = run_in_subprocess(
+            features_in_process,
+            ckpt.ref,
+            training_chats(rows, plan.template),
+            cfg.influence,
+            cfg.storage,
+            False,
+            plan.device_type,
+        )
+        table = _feature_table(range(len(rows)), [r["ref_id"] for r in rows], [res], cfg.influence.proj_dim)
+        stats = {k: v for k, v in res.items() if k not in ("feats", "row_tokens", "truncated", "no_answer")}
+        stats |= {"rows": len(rows), "truncated": len(res["truncated"]), "no_answer": len(res["no_answer"])}
+        schema = feature_schema(cfg.influence.proj_dim)
+        return OnePart(table, schema=schema, inputs=[plan.reference, ckpt.ref], stats=stats)
+
+    return write_one_part_dataset(uri, fp, build, stage="influence-targets", storage=cfg.storage)
 
 
 def _read_targets(plan: InfluencePlan, cfg: Any) -> tuple[list[Any], list[float], list[str], list[str]]:
@@ -552,21 +539,77 @@ def commit_influence(plan: InfluencePlan, results: list[Any], cfg: Any, wall_s: 
     )
 
 
+class InfluenceStage:
+    """The influence stage as a synth_core.stage.Stage: R's features per checkpoint first (its setup steps, every
+    shard reads them), then one shard of candidates per task, then the commit (which selects the top fraction)."""
+
+    name = "influence"
+
+    def out_uri(self, plan: InfluencePlan) -> str:
+        return plan.out_uri
+
+    def fingerprint(self, plan: InfluencePlan) -> str:
+        return plan.fp
+
+    def done(self, plan: InfluencePlan, cfg: Any) -> bool:
+        return influence_done(plan, cfg)
+
+    def prepare(self, plan: InfluencePlan, cfg: Any) -> None:
+        prepare_output(plan, cfg)
+
+    def setup(self, plan: InfluencePlan) -> list[int]:
+        return list(range(len(plan.checkpoints))) if plan.scorable_rows else []  # nothing to score: no targets
+
+    def run_setup(self, plan: InfluencePlan, checkpoint: int, index: int, cfg: Any) -> str:
+        return target_features(plan, checkpoint, cfg)
+
+    def shards(self, plan: InfluencePlan) -> list[InfluenceShard]:
+        return plan.shards
+
+    def window(self, cfg: Any) -> int | None:
+        return cfg.influence.parallel_shards
+
+    def run_shard(self, plan: InfluencePlan, shard: InfluenceShard, index: int, cfg: Any) -> Any:
+        return influence_shard(plan, shard, index, cfg)
+
+    def commit(self, plan: InfluencePlan, results: list[Any], cfg: Any, elapsed_s: float) -> Any:
+        return commit_influence(plan, results, cfg, elapsed_s)
+
+    def describe(self, plan: InfluencePlan, cfg: Any) -> str:
+        return (
+            f"influence {plan.fp}: {plan.scorable_rows} rows to score in {len(plan.shards)} shards, "
+            f"{len(plan.checkpoints)} checkpoints, {plan.reference_rows} reference rows, on {plan.device_type}"
+        )
+
+    def summary(self, plan: InfluencePlan, manifest: Any) -> str:
+        s = manifest.stats
+        return (
+            f"influence written to {plan.out_uri}: {manifest.num_rows} rows, {s['scored']} scored, {s['kept']} kept; "
+            f"{s['features_per_s']} features/s, {s['tokens_per_s']} tokens/s, peak {s['peak_memory_mb']} MiB; "
+            f"notes: {'; '.join(s['notes']) or 'none'}"
+        )
+
+    def artifacts(self, plan: InfluencePlan, manifest: Any, cfg: Any) -> list[StageArtifact]:
+        return [
+            funnel_artifact("influence-funnel", "Influence", manifest, plan.out_uri),
+            StageArtifact(
+                key="influence-histogram",
+                description=f"Influence scores: {plan.out_uri}",
+                markdown=histogram_markdown(plan.out_uri, cfg),
+            ),
+        ]
+
+
+STAGE = InfluenceStage()
+
+
 def build_influence(
     cfg: Any, candidates_uri: str, reference: str | None, checkpoints: Sequence[str], out: str | None = None
 ) -> str:
     """The whole stage in this process, target set after target set and shard after shard; returns the output."""
     t0 = time.perf_counter()
     plan = plan_influence(cfg, candidates_uri, reference, checkpoints, out)
-    if influence_done(plan, cfg):
-        return plan.out_uri
-    prepare_output(plan, cfg)
-    if plan.scorable_rows:
-        for c in range(len(plan.checkpoints)):
-            target_features(plan, c, cfg)
-    results = [influence_shard(plan, shard, i, cfg) for i, shard in enumerate(plan.shards)]
-    commit_influence(plan, results, cfg, time.perf_counter() - t0)
-    return plan.out_uri
+    return run_stage_local(STAGE, plan, cfg, t0).out_uri
 
 
 def histogram_markdown(out_uri: str, cfg: Any, bins: int = 10) -> str:
