@@ -7,8 +7,10 @@ Prefect server on a temporary SQLite database.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +98,32 @@ def s3_endpoint():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def log_handlers_on_open_streams():
+    """After each test, point any log handler whose stream is closed back at the real stderr.
+
+    click's CliRunner swaps sys.stdout/stderr for streams it closes after `invoke`. A library that sets up logging
+    during an in-process CLI call (Prefect's console handler; torch's and transformers' stream handlers when they are
+    first imported there) keeps that closed stream, and a later test's log line then fails: Prefect's handler ended
+    test_flows_pool in a RecursionError when it ran after test_evaluate's `scoder eval` test. The real `scoder`
+    process never swaps its streams, so this is the tests' concern alone.
+    """
+    yield
+    loggers = [
+        logging.getLogger(),
+        *(x for x in logging.root.manager.loggerDict.values() if isinstance(x, logging.Logger)),
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                # Not setStream: it flushes the closed stream first. sys.__stderr__ (pytest captures fd 2 anyway)
+                # is never swapped or closed by a test.
+                handler.stream = sys.__stderr__
+                console = getattr(handler, "console", None)  # PrefectConsoleHandler prints through a rich Console
+                if console is not None:
+                    console.file = sys.__stderr__
 
 
 @pytest.fixture(scope="session")
