@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from synth_core.config import TrainConfig
     from synth_core.models import resolve_model, synthetic_chats
-    from synth_core.train import attention_kernel, encode_chat, launch_training
+    from synth_core.train import encode_chat, launch_training
+    from synth_core.train_setup import attention_kernel
 
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"

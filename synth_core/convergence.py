@@ -7,7 +7,7 @@ synthesizer's loss on a held-out part of the reference set R (issue 8).
   silently. Content-addressed: the same R, fraction and seed give the same dataset.
 - `heldout_loss`: the mean loss of a train output's last checkpoint on the held-out rows, in the synthesizer's own
   task (seed snippet -> problem + solution, synth_core.train.training_chats, response tokens only), computed by one
-  forward pass per batch in a spawned process (padded with synth_core.train.pad_batch, per-row losses by
+  forward pass per batch in a spawned process (padded with synth_core.train_setup.pad_batch, per-row losses by
   synth_core.influence.lora_grads.per_sample_losses). Written as a one-row dataset, so a re-run is free.
 - `convergence_records` / `convergence_markdown`: per iteration, from the stages' manifests (their funnels) and
   those losses; the round flow stores the records in the release's manifest and renders the table in the data card.
@@ -91,7 +91,7 @@ def losses_in_process(
     from synth_core.chat import IGNORE_INDEX, encode_chat
     from synth_core.influence.lora_grads import per_sample_losses
     from synth_core.models import resolve_model
-    from synth_core.train import pad_batch, wants_bf16
+    from synth_core.train_setup import pad_batch, wants_bf16
 
     t0 = time.perf_counter()
     resolved = resolve_model(model_ref, storage=cfg.storage)

@@ -1,7 +1,7 @@
 """Teacher judgements of scored candidates, aspect weights fitted to them, and a dedicated scorer trained on them.
 
 - `teacher_judgements`: a teacher (any OpenAI-compatible endpoint, synth_core.teacher) answers the judge's own
-  questions (synth_core.score.judge_user_prompt) about scored candidates, one request per (candidate, aspect), plus
+  questions (synth_core.judge.judge_user_prompt) about scored candidates, one request per (candidate, aspect), plus
   an overall question. The teacher is asked to end its answer with a line `Score: N` (TEACHER_ANSWER_FORMAT), and
   its score is read there and nowhere else (the last such line): never a digit found anywhere, which would take a
   `10` in echoed code for a score. When the endpoint returns top logprobs, the score is the probability-weighted
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from synth_core.config import ConfigError, RunConfig
-from synth_core.score import expected_digit, judge_user_prompt
+from synth_core.judge import expected_digit, judge_user_prompt
 from synth_core.storage import join_uri
 
 OVERALL = "overall"
@@ -398,8 +398,8 @@ def scorer_training_data(cfg: RunConfig, judgements_uri: str, out: str) -> tuple
 
 def agreement(cfg: RunConfig, judge_ref: str, held: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Spearman between a judge's scores and the teacher's on held-out judgements, per aspect."""
+    from synth_core.judge import digit_token_groups, encode_judge_prompt, judge_prompts, open_judge_tokenizer
     from synth_core.models import resolve_model
-    from synth_core.score import digit_token_groups, encode_judge_prompt, judge_prompts, open_judge_tokenizer
 
     judge = resolve_model(judge_ref, base=cfg.score.judge_base, storage=cfg.storage)
     tok = open_judge_tokenizer(judge)

@@ -894,7 +894,7 @@ def test_stage_refuses_candidates_and_targets_of_different_projections(cfg, tmp_
 
 def test_choose_targets_is_a_seeded_subset_in_r_order():
     from synth_core.config import InfluenceConfig
-    from synth_core.influence.stage import choose_targets
+    from synth_core.influence.scores import choose_targets
 
     rows = [{"ref_id": f"r{i}"} for i in range(100)]
     picked = choose_targets(rows, InfluenceConfig(max_targets=10, seed=3))
@@ -909,7 +909,8 @@ def test_stage_max_group_takes_the_max_over_groups_of_targets(cfg, tmp_path, tra
     """aggregate max_group in the stage groups R's rows by influence.group_by (issue 19: it took the max over single
     targets whatever its text said): one group (every target is Python) gives exactly the mean's scores; a group
     per target ('ref_id') gives the max over single targets, another ranking."""
-    from synth_core.influence.stage import build_influence, target_group_keys
+    from synth_core.influence.scores import target_group_keys
+    from synth_core.influence.stage import build_influence
     from synth_core.storage import read_dataset
 
     def scores(aggregate: str, group_by: str) -> list[float | None]:

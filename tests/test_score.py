@@ -8,7 +8,7 @@ import math
 import pytest
 from conftest import write_samples
 
-from synth_core import parse, score
+from synth_core import judge, parse, score
 from synth_core.config import AspectConfig, ConfigError, ScoreConfig, parse_config
 from synth_core.storage import read_dataset, read_manifest
 
@@ -236,10 +236,10 @@ def test_batched_judge_equals_one_prompt_at_a_time(tiny_model):
         score.encode_judge_prompt(tok, score.judge_user_prompt("x", ADD, r, "Is it right?"), "Rating: ")
         for r in (GOOD, WRONG, NO_ASSERT, "```python\nx = 1\n```")
     ]
-    batched, _ = score.judge_in_engine(
+    batched, _ = judge.judge_in_engine(
         model.path, None, prompts, groups, GenerationConfig(backend="transformers", batch_size=4), 0
     )
-    single, _ = score.judge_in_engine(
+    single, _ = judge.judge_in_engine(
         model.path, None, prompts, groups, GenerationConfig(backend="transformers", batch_size=1), 0
     )
     for b, s in zip(batched, single, strict=True):

@@ -195,7 +195,7 @@ def test_packed_batch_gives_the_padded_batch_loss_and_no_row_sees_another():
     import torch
     from transformers import AutoTokenizer
 
-    from synth_core.train import load_model_for_training, make_collator, pad_batch
+    from synth_core.train_setup import load_model_for_training, make_collator, pad_batch
 
     base = resolve_model("builtin:smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(base.path)
@@ -281,7 +281,7 @@ def test_answer_logits_loss_equals_the_full_loss_and_gradients(packing):
     import torch
     from transformers import AutoTokenizer
 
-    from synth_core.train import AnswerLogitsCollator, answer_logits_loss, load_model_for_training, make_collator
+    from synth_core.train_setup import AnswerLogitsCollator, answer_logits_loss, load_model_for_training, make_collator
 
     base = resolve_model("builtin:tiny-random-llama")
     tok = AutoTokenizer.from_pretrained(base.path)
@@ -333,7 +333,7 @@ def test_training_with_the_speed_switches_follows_the_same_loss_curve(tmp_path, 
 def test_compile_layers_follows_the_same_loss_curve(tmp_path, tiny_model):
     """compile_layers compiles every decoder layer in place (the checkpoint's weight names unchanged) and trains
     the same loss curve as eager layers (CPU, packed sdpa rows, fp32: inductor's fusions reorder float sums)."""
-    from synth_core.train import compile_decoder_layers, load_model_for_training
+    from synth_core.train_setup import compile_decoder_layers, load_model_for_training
 
     base = resolve_model(tiny_model)
     cfg = TrainConfig(epochs=1, batch_size=2, max_seq_len=256, num_checkpoints=1, lora_r=4, packing=True)
@@ -369,7 +369,7 @@ def test_gpu_speed_switches_give_the_same_bf16_loss_and_gradients():
     from transformers import AutoTokenizer
 
     from synth_core.models import synthetic_chats
-    from synth_core.train import answer_logits_loss, load_model_for_training, make_collator
+    from synth_core.train_setup import answer_logits_loss, load_model_for_training, make_collator
 
     base = resolve_model("builtin:random-llama-150m")
     tok = AutoTokenizer.from_pretrained(base.path)

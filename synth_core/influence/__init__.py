@@ -76,8 +76,10 @@ from synth_core.influence.projection import (
 )
 from synth_core.influence.scores import (
     DROP_REASON,
+    choose_targets,
     influence_scores,
     select_top_fraction,
+    target_group_keys,
 )
 from synth_core.influence.stage import (
     NO_ANSWER_REASON,
@@ -85,7 +87,6 @@ from synth_core.influence.stage import (
     InfluencePlan,
     InfluenceShard,
     build_influence,
-    choose_targets,
     commit_influence,
     features_in_process,
     histogram_markdown,
@@ -94,7 +95,6 @@ from synth_core.influence.stage import (
     plan_influence,
     prepare_output,
     target_features,
-    target_group_keys,
 )
 
 __all__ = [

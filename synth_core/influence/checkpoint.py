@@ -129,7 +129,7 @@ def load_checkpoint_for_influence(
     from transformers import AutoModelForCausalLM
 
     from synth_core.models import resolve_model
-    from synth_core.train import wants_bf16
+    from synth_core.train_setup import wants_bf16
 
     resolved = resolve_model(ckpt_ref, base=base, storage=storage)
     if not resolved.is_lora:

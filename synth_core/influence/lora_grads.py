@@ -115,7 +115,7 @@ def _pad(rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, labels), each [b, t] int64 on the CPU (labels IGNORE_INDEX on padding).
 
     Right padding is what lets the batched pass run without an attention mask (see _backward_per_sample)."""
-    from synth_core.train import pad_batch
+    from synth_core.train_setup import pad_batch
 
     batch = pad_batch(rows, pad_id=0)  # pad id 0: never attended to by a real position, any id would do
     return batch["input_ids"], batch["labels"]

@@ -1,4 +1,6 @@
-"""From gradient features to a decision: influence scores and the top-fraction selection.
+"""From gradient features to a decision: which rows of R are targets, influence scores, the top-fraction selection.
+
+`choose_targets`: all of R or a seeded subset of it; `target_group_keys`: R's rows grouped for aggregate 'max_group'.
 
 `influence_scores`: sum over checkpoints of (mean LR of the checkpoint, normalised over checkpoints) x cosine to the
 targets, aggregated as the mean over targets or the max over target groups. `select_top_fraction`: keep the
@@ -9,14 +11,18 @@ What it leaves to others: computing the features (lora_grads.py) and reading/wri
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from synth_core.influence.errors import InfluenceError
 
 if TYPE_CHECKING:
     import torch
+
+    from synth_core.config import InfluenceConfig
 
 DROP_REASON = "influence_below_top_fraction"
 
@@ -87,3 +93,26 @@ def select_top_fraction(
     for i in order[:n_keep]:
         kept[i] = True
     return kept, [None if k else DROP_REASON for k in kept]
+
+
+def target_group_keys(rows: list[dict[str, Any]], group_by: str) -> dict[str, str]:
+    """ref_id -> the group of that row of R for aggregate 'max_group': its `group_by` column ('source': the file,
+    without the ':LINE' or '#ROW' a JSONL or Parquet source carries; 'language'; 'ref_id': every row its own
+    group)."""
+    out = {}
+    for r in rows:
+        key = str(r.get(group_by) or "")
+        if group_by == "source":
+            key = re.sub(r"(:\d+|#\d+)$", "", key)
+        out[r["ref_id"]] = key
+    return out
+
+
+def choose_targets(rows: list[dict[str, Any]], cfg: InfluenceConfig) -> list[dict[str, Any]]:
+    """R's rows used as targets: all of them, or `max_targets` chosen by a seeded hash of their ref_id (the same
+    rows on every checkpoint and every run), kept in R's order."""
+    if cfg.max_targets is None or len(rows) <= cfg.max_targets:
+        return rows
+    rank = sorted(range(len(rows)), key=lambda i: hashlib.sha256(f"{cfg.seed}:{rows[i]['ref_id']}".encode()).digest())
+    chosen = set(rank[: cfg.max_targets])
+    return [r for i, r in enumerate(rows) if i in chosen]

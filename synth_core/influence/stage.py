@@ -20,9 +20,7 @@ What it leaves to others: the math (the other modules of synth_core.influence), 
 
 from __future__ import annotations
 
-import hashlib
 import math
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +31,13 @@ from synth_core.influence.checkpoint import load_checkpoint_for_influence, resol
 from synth_core.influence.errors import InfluenceError
 from synth_core.influence.lora_grads import compute_grad_features, encode_rows, token_limit
 from synth_core.influence.projection import check_same_projection, projection_device_type, projection_fingerprint
-from synth_core.influence.scores import DROP_REASON, influence_scores, select_top_fraction
+from synth_core.influence.scores import (
+    DROP_REASON,
+    choose_targets,
+    influence_scores,
+    select_top_fraction,
+    target_group_keys,
+)
 from synth_core.stage import StageArtifact, funnel_artifact, run_stage_local
 
 if TYPE_CHECKING:
@@ -248,29 +252,6 @@ def _feature_table(
         ],
         schema=feature_schema(proj_dim),
     )
-
-
-def target_group_keys(rows: list[dict[str, Any]], group_by: str) -> dict[str, str]:
-    """ref_id -> the group of that row of R for aggregate 'max_group': its `group_by` column ('source': the file,
-    without the ':LINE' or '#ROW' a JSONL or Parquet source carries; 'language'; 'ref_id': every row its own
-    group)."""
-    out = {}
-    for r in rows:
-        key = str(r.get(group_by) or "")
-        if group_by == "source":
-            key = re.sub(r"(:\d+|#\d+)$", "", key)
-        out[r["ref_id"]] = key
-    return out
-
-
-def choose_targets(rows: list[dict[str, Any]], cfg: InfluenceConfig) -> list[dict[str, Any]]:
-    """R's rows used as targets: all of them, or `max_targets` chosen by a seeded hash of their ref_id (the same
-    rows on every checkpoint and every run), kept in R's order."""
-    if cfg.max_targets is None or len(rows) <= cfg.max_targets:
-        return rows
-    rank = sorted(range(len(rows)), key=lambda i: hashlib.sha256(f"{cfg.seed}:{rows[i]['ref_id']}".encode()).digest())
-    chosen = set(rank[: cfg.max_targets])
-    return [r for i, r in enumerate(rows) if i in chosen]
 
 
 def target_features(plan: InfluencePlan, checkpoint: int, cfg: Any) -> str:
