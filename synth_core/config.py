@@ -248,6 +248,12 @@ class SampleConfig(StrictModel):
         description="Keep only samples whose code ran and whose asserts passed (reject: asserts_failed); false = "
         "record the verdict only (needs execute).",
     )
+    add_imports: bool = Field(
+        True,
+        description="Before a sample's code runs, add an import line for each standard-library name it reads and "
+        "never binds (`os`, `Set`, `defaultdict`: synth_core.repair); rows record them in imports_added. Needs "
+        "execute.",
+    )
     ground_asserts: bool = Field(
         True,
         description="Execution-grounded asserts (synth_core.ground): when a sample's asserts fail, run its code once "

@@ -41,6 +41,7 @@ from synth_core.decontam import CONTAMINATED, benchmark_index, benchmark_stamps
 from synth_core.generate import Completion, GenRequest, open_generator
 from synth_core.models import ResolvedModel, adapter_rank, context_length, resolve_model
 from synth_core.procs import TreeMemorySampler, run_in_subprocess
+from synth_core.repair import REPAIR_VERSION
 from synth_core.sandbox import verdict_limits
 from synth_core.schema import SAMPLE_SCHEMA, content_id
 from synth_core.stage import StageArtifact, funnel_artifact, run_stage_local
@@ -155,6 +156,7 @@ def plan_sample(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> Sa
                 "ground_asserts",
                 "ground_max_chars",
                 "ground_predicates",
+                "add_imports",
             },
         ),
         template,
@@ -170,6 +172,8 @@ def plan_sample(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> Sa
             if grounds_asserts(cfg)
             else []
         ),
+        # add_imports joined after grounding; off, a run keeps its location (the repair's rules are its version).
+        *([("add_imports", REPAIR_VERSION)] if cfg.sample.execute and cfg.sample.add_imports else []),
     )
     plan = SamplePlan(
         snippets_uri=snippets_uri,
@@ -367,6 +371,8 @@ def screen_rows(rows: list[dict[str, Any]], template: str, cfg: RunConfig) -> di
 
         # The sandbox runs Python: code of other languages is not run (exec_status stays null) and not rejected.
         todo = [r for r in rows if r["reject_reason"] is None and parse.is_python(r["language"])]
+        if scfg.add_imports:
+            add_imports(todo)
         results = run_programs([parse.solution_code(r["response"]) for r in todo], cfg.sandbox)
         runs = len(results)
         if scfg.ground_asserts:
@@ -387,7 +393,24 @@ def screen_rows(rows: list[dict[str, Any]], template: str, cfg: RunConfig) -> di
         "exec_s": round(time.perf_counter() - t1, 3),
         "asserts_grounded_rows": sum(1 for r in rows if r.get("asserts_grounded")),
         "asserts_grounded": sum(r.get("asserts_grounded") or 0 for r in rows),
+        "imports_added_rows": sum(1 for r in rows if r.get("imports_added")),
     }
+
+
+def add_imports(rows: list[dict[str, Any]]) -> None:
+    """sample.add_imports, in place: a row whose code reads a standard-library name it never binds gets the import
+    lines in its code (synth_core.repair) and lists them in `imports_added`. Only a response with one code block is
+    rewritten (the constrained format writes one)."""
+    from synth_core.ground import replace_solution_code
+    from synth_core.repair import add_missing_imports
+
+    for row in rows:
+        if len(parse.CODE_BLOCK.findall(row["response"])) != 1:
+            continue
+        fixed = add_missing_imports(parse.solution_code(row["response"]))
+        if fixed.added:
+            row["response"] = replace_solution_code(row["response"], fixed.code)
+            row["imports_added"] = list(fixed.added)
 
 
 def ground_rows(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[int, Any]:
@@ -442,6 +465,7 @@ def _row(
         "exec_detail": None,
         "asserts_grounded": None,
         "original_asserts": None,
+        "imports_added": None,
     }
 
 
@@ -482,6 +506,9 @@ def commit_samples(plan: SamplePlan, results: list[ShardResult], cfg: RunConfig,
             "rows": grounded,
             "asserts": sum(r.stats.get("asserts_grounded", 0) for r in results),
         }
+    imported = sum(r.stats.get("imports_added_rows", 0) for r in results)
+    if imported:  # rows whose code got standard-library imports before it ran (sample.add_imports)
+        funnel["imports_added"] = {"rows": imported}
     if plan.seed_shortfall:
         funnel["seed_shortfall"] = {
             "requested": plan.requested,

@@ -105,6 +105,8 @@ SAMPLE_SCHEMA = pa.schema(
         # returned, and those asserts as the synthesizer wrote them; null = not grounded
         pa.field("asserts_grounded", pa.int32()),
         pa.field("original_asserts", pa.list_(pa.string())),
+        # sample.add_imports (synth_core.repair): import lines added to the code before it ran; null = none
+        pa.field("imports_added", pa.list_(pa.string())),
     ]
 )
 

@@ -31,6 +31,7 @@ POOL_SOURCE = Path("/tmp/scoder-fingerprint-pin/src")
 MTIME = 1_700_000_000
 
 SAMPLE_WITHOUT_GROUNDING = "a72af3bfe11dfa85"  # main's sample pin before sample.ground_asserts existed
+SAMPLE_WITHOUT_IMPORTS = "ab63982f47cd8a16"  # main's sample pin before sample.add_imports existed (git bbde3fe)
 # The values main derived on 2026-12-06 (commit 76d999c), before issue 18's refactor.
 PINNED = {
     "model": "7edb8244ae4e8d9f",
@@ -39,7 +40,8 @@ PINNED = {
     "pool": "7b5ee71c51284656",
     # yield15: sample.ground_asserts (on by default) rewrites failing asserts, so the default sample stage writes other
     # rows and moves on purpose; off, it keeps main's old location (SAMPLE_WITHOUT_GROUNDING, tested below).
-    "sample": "ab63982f47cd8a16",
+    # Then sample.add_imports (on by default) moved it again: SAMPLE_WITHOUT_IMPORTS is the location before it.
+    "sample": "3c4e5f04c77ff563",
     "score": "cf3544257fd90017",
     "train": "6490109ee6009161",
     "eval": "4e756042c1caac5b",
@@ -106,5 +108,15 @@ def test_sample_without_grounding_keeps_its_old_location(pin_cfg, tmp_path):
     from synth_core.sample import plan_sample
 
     pin_cfg.sample.ground_asserts = False
+    pin_cfg.sample.add_imports = False
     snippets = write_pool(str(tmp_path / "snippets"), SNIPPETS)
     assert plan_sample(pin_cfg, snippets).fp == SAMPLE_WITHOUT_GROUNDING
+
+
+def test_sample_without_imports_keeps_its_old_location(pin_cfg, tmp_path):
+    """sample.add_imports off: the fingerprint main derived before the field existed (the output is the same)."""
+    from synth_core.sample import plan_sample
+
+    pin_cfg.sample.add_imports = False
+    snippets = write_pool(str(tmp_path / "snippets"), SNIPPETS)
+    assert plan_sample(pin_cfg, snippets).fp == SAMPLE_WITHOUT_IMPORTS
