@@ -201,7 +201,7 @@ def test_packed_batch_gives_the_padded_batch_loss_and_no_row_sees_another():
     tok = AutoTokenizer.from_pretrained(base.path)
     rows = [encode_chat(tok, c, 600) for c in _chats(3)]
     rows[1] = {k: v[:420] for k, v in rows[1].items()}  # mixed lengths: the padded batch has real padding
-    cfg = TrainConfig(packing=True, lora_r=4)
+    cfg = TrainConfig(packing=True, lora_r=4, answer_logits_only=False)  # model(**batch).loss: logits everywhere
     model = load_model_for_training(base.path, cfg, bf16=False).eval()
     packed = make_collator(cfg, tok.pad_token_id)(rows)
     assert packed["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
@@ -287,7 +287,7 @@ def test_answer_logits_loss_equals_the_full_loss_and_gradients(packing):
     tok = AutoTokenizer.from_pretrained(base.path)
     rows = [encode_chat(tok, c, 600) for c in _chats(3)]
     rows[1] = {k: v[:420] for k, v in rows[1].items()}
-    cfg = TrainConfig(packing=packing, lora_r=4)
+    cfg = TrainConfig(packing=packing, lora_r=4, answer_logits_only=False)  # the full loss: the reference
     torch.manual_seed(0)
     model = load_model_for_training(base.path, cfg, bf16=False)
     for n, p in model.named_parameters():  # lora_B starts at zero: give both adapters' gradients some weight
@@ -321,7 +321,9 @@ def test_training_with_the_speed_switches_follows_the_same_loss_curve(tmp_path, 
     cfg = TrainConfig(epochs=1, batch_size=1, grad_accum=2, max_seq_len=384, num_checkpoints=1, lora_r=4)
     curves = [
         train_model(base.path, _chats(4), cfg.model_copy(update=switches), str(tmp_path / str(i))).loss_curve
-        for i, switches in enumerate(({}, {"answer_logits_only": True}, {"lora_cast_inputs": True}))
+        for i, switches in enumerate(
+            ({"answer_logits_only": False}, {"answer_logits_only": True}, {"lora_cast_inputs": True})
+        )
     ]
     assert len(curves[0]) == 2
     for curve in curves[1:]:
@@ -376,7 +378,7 @@ def test_gpu_speed_switches_give_the_same_bf16_loss_and_gradients():
     rows = [encode_chat(tok, c, 1024) for c in synthetic_chats(8, 256, 32768, seed=0)]
     results = []
     for switches in ({"lora_cast_inputs": True}, {}, {"answer_logits_only": True}):
-        cfg = TrainConfig(packing=True, lora_r=16, **switches)
+        cfg = TrainConfig(packing=True, lora_r=16, **({"answer_logits_only": False} | switches))
         torch.manual_seed(0)
         model = load_model_for_training(base.path, cfg, bf16=True).cuda()
         for n, p in model.named_parameters():
