@@ -83,3 +83,19 @@ def test_plugin_is_registered_and_installs(monkeypatch):
     monkeypatch.delenv("SCODER_VLLM_CPU_LORA")
     assert vllm_cpu_lora.register() is True
     assert all(getattr(punica_cpu, name) is fn for name, fn in vllm_cpu_lora.OPS.items())
+
+
+def test_bf16_adapters_are_multiplied_in_bf16_within_bf16_rounding_of_vllms_fp32_ops():
+    """A bf16 engine's adapters are bf16: the product runs in bf16 (fp32 accumulation), vLLM's op upcasts to its
+    fp32 buffer first; the two agree to bf16 rounding, and the shrink's output buffer keeps its dtype."""
+    a, b, x, idx = _case(64, 7)
+    a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    ref, ours = torch.zeros(64, RANK), torch.zeros(64, RANK)
+    torch_ops.bgmv_shrink(x, a, ref, idx, 0.5)
+    vllm_cpu_lora.bgmv_shrink(x, a, ours, idx, 0.5)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=2e-2, atol=2e-2)
+    y_ref, y_ours = torch.zeros(64, OUT, dtype=torch.bfloat16), torch.zeros(64, OUT, dtype=torch.bfloat16)
+    torch_ops.bgmv_expand(ref, b, y_ref, idx, True)
+    vllm_cpu_lora.bgmv_expand(ours, b, y_ours, idx, True)
+    torch.testing.assert_close(y_ours.float(), y_ref.float(), rtol=3e-2, atol=5e-2)
