@@ -765,10 +765,10 @@ class RoundConfig(StrictModel):
         8, ge=1, description="Seed snippets sampled per iteration (each iteration takes the next ones); None = all."
     )
     synthesize_snippets: int | None = Field(
-        # 56: measured with sample.ground_asserts on the built-in model (2-core CPU, shared): 56 seeds x 2 checkpoints
-        # x 2 samples = 224 answers released 81 rows (22 passed as written, 59 after grounding); 16 seeds capped the
-        # release below issue 15's 64 rows. Sampling them took 655 s at load average 4-7.
-        56,
+        # 48: measured on the built-in model (2-core CPU): 56 seeds x 2 checkpoints x 2 samples = 224 answers
+        # released 81 rows with sample.ground_asserts (git bbde3fe), 91 with sample.add_imports too (git de9521d),
+        # 1.6 rows a seed; 48 seeds keep issue 15's 64 rows with a margin and cut the release's sampling by 1/7.
+        48,
         ge=1,
         description="Seed snippets of the released dataset (after the iterations' ones); None = all the rest.",
     )
