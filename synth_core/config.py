@@ -370,11 +370,13 @@ class InfluenceConfig(StrictModel):
 
     proj_dim: int = Field(8192, ge=1, description="Dimension of the random projection of each gradient (features).")
     seed: int = Field(0, description="Seed of the random projection; candidates and targets must share it.")
-    projection: Literal["auto", "rademacher", "sparse_jl"] = Field(
+    projection: Literal["auto", "rademacher", "sparse_jl", "hashed_rademacher"] = Field(
         "auto",
-        description="Random projection of the gradients: 'rademacher' (dense +-1 matrix, fused kernels on a GPU), "
-        "'sparse_jl' (sparse JL transform, sparse_jl_nonzeros per parameter: O(s) per element instead of "
-        "O(proj_dim)); 'auto' = sparse_jl on a CPU, rademacher on a GPU.",
+        description="Random projection of the gradients: 'rademacher' (dense +-1 matrix drawn into memory per pass, "
+        "fused kernels on a GPU; CPU and GPU matrices differ), 'sparse_jl' (sparse JL transform, sparse_jl_nonzeros "
+        "per parameter: O(s) per element instead of O(proj_dim)), 'hashed_rademacher' (dense +-1 matrix whose signs "
+        "a hash makes inside the GPU's matmul, never stored; the same matrix on CPU and GPU, O(proj_dim) per element "
+        "on a CPU); 'auto' = sparse_jl on a CPU, rademacher on a GPU.",
     )
     sparse_jl_nonzeros: int = Field(
         8,
