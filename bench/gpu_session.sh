@@ -10,7 +10,9 @@
 # + compile_layers), gen150m/gen1b/gen7b (HF generate;
 # gen150m is the GPU side of `bench/generate.py --vllm-shape 150m` on a CPU), infl1b/infl1b256/infl7b
 # (bench/influence.py at the default pass size and --projection-rows 256), gen1bstatic (gen1b with --gpu-static-cache).
-# T, TG, TI, TC: per-section time limits (s); DEADLINE (seconds since the epoch, optional): no section runs past it,
+# infl1bhash/infl7bhash (the same with --projection hashed_rademacher), proj (bench/projection.py: the projection
+# pass alone, rademacher vs hashed_rademacher), gputests (the `gpu` tests of test_influence.py and test_train.py).
+# T, TG, TI, TC, TP, TT: per-section time limits (s); DEADLINE (seconds since the epoch, optional): no section runs past it,
 # so the last sections of a call get what the first left (a device call is killed whole at its limit).
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -66,6 +68,13 @@ for s in "$@"; do
       --batch-size 16 --out-json "$OUT/infl_1b.json";;
     infl1b256) timeout "${TI:-240}" python3 bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 0 \
       --batch-size 16 --projection-rows 256 --out-json "$OUT/infl_1b_256.json";;
+    infl1bhash) timeout "${TI:-240}" python3 bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 0 \
+      --batch-size 16 --projection hashed_rademacher --out-json "$OUT/infl_1b_hashed.json";;
+    infl7bhash) timeout "${TI:-300}" python3 bench/influence.py --model builtin:random-llama-7b --rows 128 \
+      --loop-rows 0 --batch-size 8 --projection hashed_rademacher --out-json "$OUT/infl_7b_hashed.json";;
+    proj) timeout "${TP:-200}" python3 bench/projection.py --rows 96,256 --out-json "$OUT/projection_1b.json";;
+    gputests) timeout "${TT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_influence.py \
+      tests/test_train.py;;
     infl7b) timeout "${TI:-300}" python3 bench/influence.py --model builtin:random-llama-7b --rows 128 --loop-rows 0 \
       --batch-size 8 --out-json "$OUT/infl_7b.json";;
     *) echo "unknown section $s";;

@@ -189,9 +189,12 @@ class HashedRademacherProjector:
         """S for parameters (name, numel) in this order, whole: [sum numel, proj_dim] float32 (reference only)."""
         import torch
 
-        blocks = [
-            hashed_signs(parameter_seed(self.seed, n), 0, numel, self.proj_dim, self.device) for n, numel in shapes
-        ]
-        if not blocks:
-            return torch.empty(0, self.proj_dim, dtype=torch.float32, device=self.device)
-        return torch.cat(blocks).to(torch.float32).mul_(self.scale)
+        out = torch.empty(sum(n for _, n in shapes), self.proj_dim, dtype=torch.float32, device=self.device)
+        row, block = 0, max(1, 2**26 // (self.proj_dim * 8))  # hashed_signs' int64 bits: 64 MiB at a time
+        for name, numel in shapes:
+            pseed = parameter_seed(self.seed, name)
+            for row0 in range(0, numel, block):
+                rows = min(block, numel - row0)
+                out[row : row + rows] = hashed_signs(pseed, row0, rows, self.proj_dim, self.device)
+                row += rows
+        return out.mul_(self.scale)
