@@ -274,6 +274,28 @@ def test_speed_switches_keep_the_train_fingerprint():
             assert train_fingerprint(data, cfg.model_copy(update=switches), "base", "tmpl") == expected
 
 
+def test_answer_logits_only_auto_is_on_for_gpus_only():
+    """train.answer_logits_only 'auto' (the default) resolves to on when training on a GPU, off on a CPU; True and
+    False are kept as given; YAML's `auto`, true and false load; other strings are errors; the collator follows."""
+    import torch
+    from pydantic import ValidationError
+
+    from synth_core.train_setup import AnswerLogitsCollator, make_collator, uses_answer_logits
+
+    auto = TrainConfig()
+    assert auto.answer_logits_only == "auto"
+    assert uses_answer_logits(auto, on_gpu=True) and not uses_answer_logits(auto, on_gpu=False)
+    for value in (True, False):
+        cfg = TrainConfig(answer_logits_only=value)
+        assert uses_answer_logits(cfg, on_gpu=True) is value and uses_answer_logits(cfg, on_gpu=False) is value
+    assert uses_answer_logits(auto) == torch.cuda.is_available()
+    assert isinstance(make_collator(auto, 0), AnswerLogitsCollator) == torch.cuda.is_available()
+    assert TrainConfig.model_validate({"answer_logits_only": "auto"}).answer_logits_only == "auto"
+    assert TrainConfig.model_validate({"answer_logits_only": True}).answer_logits_only is True
+    with pytest.raises(ValidationError):
+        TrainConfig(answer_logits_only="sometimes")
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_answer_logits_loss_equals_the_full_loss_and_gradients(packing):
     """The loss from logits kept at the answer positions only equals the model's own loss over all logits, and so
@@ -287,7 +309,7 @@ def test_answer_logits_loss_equals_the_full_loss_and_gradients(packing):
     tok = AutoTokenizer.from_pretrained(base.path)
     rows = [encode_chat(tok, c, 600) for c in _chats(3)]
     rows[1] = {k: v[:420] for k, v in rows[1].items()}
-    cfg = TrainConfig(packing=packing, lora_r=4)
+    cfg = TrainConfig(packing=packing, lora_r=4, answer_logits_only=False)  # 'auto' would be on on a GPU
     torch.manual_seed(0)
     model = load_model_for_training(base.path, cfg, bf16=False)
     for n, p in model.named_parameters():  # lora_B starts at zero: give both adapters' gradients some weight
@@ -375,7 +397,8 @@ def test_gpu_speed_switches_give_the_same_bf16_loss_and_gradients():
     tok = AutoTokenizer.from_pretrained(base.path)
     rows = [encode_chat(tok, c, 1024) for c in synthetic_chats(8, 256, 32768, seed=0)]
     results = []
-    for switches in ({"lora_cast_inputs": True}, {}, {"answer_logits_only": True}):
+    off = {"answer_logits_only": False}  # explicit: 'auto' (the default) is on on a GPU
+    for switches in ({"lora_cast_inputs": True, **off}, off, {"answer_logits_only": True}):
         cfg = TrainConfig(packing=True, lora_r=16, **switches)
         torch.manual_seed(0)
         model = load_model_for_training(base.path, cfg, bf16=True).cuda()
@@ -384,7 +407,7 @@ def test_gpu_speed_switches_give_the_same_bf16_loss_and_gradients():
                 torch.nn.init.normal_(p, std=0.02)
         batch = {k: v.cuda() for k, v in make_collator(cfg, tok.pad_token_id)(rows).items()}
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            if cfg.answer_logits_only:
+            if cfg.answer_logits_only is True:
                 labels = batch.pop("labels")
                 loss = answer_logits_loss(model(**batch), labels)
             else:
