@@ -9,7 +9,11 @@
 # rows a micro-batch, 16 by default: use B=8 for 7B on an 80 GB card), compile1b/compile7b (answer-logits vs
 # + compile_layers), gen150m/gen1b/gen7b (HF generate;
 # gen150m is the GPU side of `bench/generate.py --vllm-shape 150m` on a CPU), infl1b/infl1b256/infl7b
-# (bench/influence.py at the default pass size and --projection-rows 256). T, TG, TI: per-section time limits (s).
+# (bench/influence.py at the default pass size and --projection-rows 256), gen1bstatic (gen1b with --gpu-static-cache).
+# infl1bhash/infl7bhash (the same with --projection hashed_rademacher), proj (bench/projection.py: the projection
+# pass alone, rademacher vs hashed_rademacher), gputests (the `gpu` tests of test_influence.py and test_train.py).
+# T, TG, TI, TC, TP, TT: per-section time limits (s); DEADLINE (seconds since the epoch, optional): no section runs past it,
+# so the last sections of a call get what the first left (a device call is killed whole at its limit).
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 OUT=${OUT:-bench/results/gpu}
@@ -28,9 +32,20 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # compile sections (compile1b/compile7b: answer-logits vs + compile_layers) have their own time limit TC, since
 # compiling may outlast the others (on 2026-12-07 it did not finish in what was left of train1b's 230 s).
 flex=${FLEX:-"lora packed flex,lora packed flex answer-logits"}
-compiled="lora packed flex answer-logits,lora packed flex answer-logits layers-compiled"
+compiled=${COMPILED:-"lora packed flex answer-logits,lora packed flex answer-logits layers-compiled"}
 # 7B's KV cache at batch 256 (512 KiB/token) did not fit next to its weights on an 80 GB H100 (2026-12-07).
 big=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory > 100e9))" 2>/dev/null)
+# `timeout` with the section's limit cut to what DEADLINE leaves (at least 10 s).
+timeout() {
+  local t=$1; shift
+  if [ -n "$DEADLINE" ]; then
+    local left=$((DEADLINE - $(date +%s)))
+    [ "$left" -lt 10 ] && left=10
+    [ "$left" -lt "$t" ] && t=$left
+  fi
+  echo "(limit ${t} s)"
+  command timeout "$t" "$@"
+}
 for s in "$@"; do
   echo "=============== $s $(date -u +%T)"
   case "$s" in
@@ -47,10 +62,19 @@ for s in "$@"; do
     gen1b | gen7b) sizes=64,128,256; [ "$s" = gen7b ] && [ "$big" != 1 ] && sizes=64,128
       timeout "${TG:-240}" python3 bench/generate.py --gpu-shape "${s#gen}" --gpu-batch-sizes "$sizes" \
       --out-json "$OUT/gen_${s#gen}.json";;
+    gen1bstatic) timeout "${TG:-240}" python3 bench/generate.py --gpu-shape 1b --gpu-batch-sizes 64,128,256 \
+      --gpu-static-cache --out-json "$OUT/gen_1b_static.json";;
     infl1b) timeout "${TI:-240}" python3 bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 0 \
       --batch-size 16 --out-json "$OUT/infl_1b.json";;
     infl1b256) timeout "${TI:-240}" python3 bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 0 \
       --batch-size 16 --projection-rows 256 --out-json "$OUT/infl_1b_256.json";;
+    infl1bhash) timeout "${TI:-240}" python3 bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 0 \
+      --batch-size 16 --projection hashed_rademacher --out-json "$OUT/infl_1b_hashed.json";;
+    infl7bhash) timeout "${TI:-300}" python3 bench/influence.py --model builtin:random-llama-7b --rows 128 \
+      --loop-rows 0 --batch-size 8 --projection hashed_rademacher --out-json "$OUT/infl_7b_hashed.json";;
+    proj) timeout "${TP:-200}" python3 bench/projection.py --rows 96,256 --out-json "$OUT/projection_1b.json";;
+    gputests) timeout "${TT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_influence.py \
+      tests/test_train.py;;
     infl7b) timeout "${TI:-300}" python3 bench/influence.py --model builtin:random-llama-7b --rows 128 --loop-rows 0 \
       --batch-size 8 --out-json "$OUT/infl_7b.json";;
     *) echo "unknown section $s";;

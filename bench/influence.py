@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--proj-dim", type=int, default=8192, help="Projection dimension (features).")
     ap.add_argument(
         "--projection",
-        choices=["auto", "rademacher", "sparse_jl"],
+        choices=["auto", "rademacher", "sparse_jl", "hashed_rademacher"],
         default="auto",
         help="Projection of both paths (InfluenceConfig.projection; 'auto' = sparse_jl on a CPU, rademacher on a "
         "GPU). On a CPU the batched path is timed with the other one too, at --proj-dim.",
@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             loss_positions = sum(sum(lab != IGNORE_INDEX for lab in r["labels"][1 : args.max_seq_len]) for r in rows_)
             head = config.hidden_size * config.vocab_size
             flops = 4 * (matmul_params(config) - head) * tokens + 4 * head * loss_positions + 6 * n_lora * tokens
-            per_element = c.proj_dim if c.projection == "rademacher" else c.sparse_jl_nonzeros  # multiply-adds
+            dense = c.projection in ("rademacher", "hashed_rademacher")
+            per_element = c.proj_dim if dense else c.sparse_jl_nonzeros  # multiply-adds
             flops += 12 * config.num_hidden_layers * config.hidden_size * sq + 2 * n_lora * per_element * len(rows_)
             passes = -(-len(rows_) // out.projection_rows) if projection_rows_of(out) else None
             res = {

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         lora_r=rank,
         lora_alpha=2 * rank,
         seed=args.seed,
-        answer_logits_only=False,  # logits at every position: the 'answer-logits' rows turn it on (now the default)
+        answer_logits_only=False,  # explicit: 'auto' turns it on on a GPU, and the rows without it are baselines
     )
     # One epoch of `steps` optimiser steps: the rows are cut or repeated to steps * batch_size.
     chats = [chats[i % len(chats)] for i in range(args.steps * args.batch_size)]
@@ -169,15 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         if on_gpu:  # the GPU default ('auto'): packed rows with flex_attention
             flex = dict(method=method, packing=True, attn_implementation="flex_attention", **common)
             configs[f"{method} packed flex"] = TrainConfig(**flex)
-            configs[f"{method} packed flex answer-logits"] = TrainConfig(**flex | {"answer_logits_only": True})
+            configs[f"{method} packed flex answer-logits"] = TrainConfig(**{**flex, "answer_logits_only": True})
             if method == "lora":  # peft's own input casts (the behaviour before lora_cast_inputs): the baseline
                 configs["lora packed flex cast"] = TrainConfig(lora_cast_inputs=True, **flex)
             if args.compile:
                 configs[f"{method} packed flex answer-logits compiled"] = TrainConfig(
-                    **flex | {"answer_logits_only": True, "torch_compile": True}
+                    **{**flex, "answer_logits_only": True, "torch_compile": True}
                 )
                 configs[f"{method} packed flex answer-logits layers-compiled"] = TrainConfig(
-                    **flex | {"answer_logits_only": True, "compile_layers": True}
+                    **{**flex, "answer_logits_only": True, "compile_layers": True}
                 )
         if not on_gpu:  # the CPU default ('auto'): bf16 where the CPU has bf16 dot products (avx512_bf16, AMX)
             configs[f"{method} padded bf16"] = TrainConfig(

@@ -45,7 +45,14 @@ from synth_core.chat import encode_chat as encode_chat
 from synth_core.chat import instruction_chats as instruction_chats
 from synth_core.chat import training_chats as training_chats
 from synth_core.config import ConfigError, RunConfig, TrainConfig
-from synth_core.train_setup import answer_logits_loss, load_model_for_training, make_collator, uses_packing, wants_bf16
+from synth_core.train_setup import (
+    answer_logits_loss,
+    load_model_for_training,
+    make_collator,
+    uses_answer_logits,
+    uses_packing,
+    wants_bf16,
+)
 
 
 @dataclass
@@ -196,7 +203,7 @@ def train_model(
         train_dataset=_ListDataset(rows),
         data_collator=make_collator(cfg, pad_id),
         callbacks=[callback, *extra_callbacks],
-        compute_loss_func=answer_logits_loss if cfg.answer_logits_only else None,
+        compute_loss_func=answer_logits_loss if uses_answer_logits(cfg, on_gpu) else None,
     )
     # The loss curve goes into the manifest; Trainer's printing of every log dict to stdout is noise there.
     trainer.remove_callback(PrinterCallback)

@@ -3,10 +3,10 @@
 The building blocks of synth_core/train.py's `train_model` (and of the influence and held-out-loss passes, which
 pad batches the same way): `pad_batch` (right padding, labels masked), `make_collator` (padded, packed
 padding-free with positions restarting per row, or answer-logits-only), `answer_logits_loss` (the LM head and the
-loss at the answer positions only), `attention_kernel`/`uses_packing` (what a TrainConfig asks for on this device),
-`wants_bf16`/`cpu_has_native_bf16`, `load_model_for_training` (base model + LoRA through peft, or full
-fine-tuning) and `compile_decoder_layers` (regional torch.compile). What it leaves to others: the training loop,
-checkpoints and the stage (synth_core/train.py).
+loss at the answer positions only), `attention_kernel`/`uses_packing`/`uses_answer_logits` (what a TrainConfig
+asks for on this device), `wants_bf16`/`cpu_has_native_bf16`, `load_model_for_training` (base model + LoRA
+through peft, or full fine-tuning) and `compile_decoder_layers` (regional torch.compile). What it leaves to
+others: the training loop, checkpoints and the stage (synth_core/train.py).
 """
 
 from __future__ import annotations
@@ -123,7 +123,20 @@ def make_collator(cfg: TrainConfig, pad_id: int):
             # flash-attention's varlen kernel takes the row boundaries directly instead of a mask.
             return_flash_attn_kwargs=attention_kernel(cfg) == "flash_attention_2",
         )
-    return AnswerLogitsCollator(collate) if cfg.answer_logits_only else collate
+    return AnswerLogitsCollator(collate) if uses_answer_logits(cfg) else collate
+
+
+def uses_answer_logits(cfg: TrainConfig, on_gpu: bool | None = None) -> bool:
+    """train.answer_logits_only resolved: True/False as given; 'auto' = on when training on a GPU (on_gpu None:
+    torch.cuda.is_available()), where cutting the LM head to the answer positions measured +13% tokens/s at 1B and
+    +3% at 7B (H100); off on a CPU, where it was not measured."""
+    if cfg.answer_logits_only != "auto":
+        return bool(cfg.answer_logits_only)
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    return on_gpu
 
 
 @functools.cache

@@ -14,6 +14,7 @@ from synth_core.config import InfluenceConfig, TrainConfig
 from synth_core.influence import (
     DROP_REASON,
     AdamState,
+    HashedRademacherProjector,
     InfluenceError,
     RademacherProjector,
     SparseJLProjector,
@@ -44,7 +45,7 @@ CFG = InfluenceConfig(
     require_optimizer_state=False,
     projection="rademacher",
 )
-PROJECTIONS = ["rademacher", "sparse_jl"]
+PROJECTIONS = ["rademacher", "sparse_jl", "hashed_rademacher"]
 
 
 def _rows(lengths: list[tuple[int, int]], seed: int = 0, vocab: int = 49152) -> list[dict[str, list[int]]]:
@@ -136,7 +137,8 @@ def test_features_equal_the_dense_loop_reference(ckpt, projection):
         assert (fast.feats.float() - slow.feats.float()).abs().max().item() < 1e-3
         assert fast.feats.float().norm(dim=1).sub(1).abs().max().item() < 1e-3  # L2-normalised
         assert fast.preconditioned == (adam is not None) and fast.projection_id == slow.projection_id
-        assert fast.projection_id.startswith({"rademacher": "rademacher-v", "sparse_jl": "sparsejl-v"}[projection])
+        prefix = {"rademacher": "rademacher-v", "sparse_jl": "sparsejl-v", "hashed_rademacher": "hashrad-v"}
+        assert fast.projection_id.startswith(prefix[projection])
         assert fast.tokens == sum(n for n, _ in MIXED) and fast.truncated == [] and fast.no_answer == []
     plain = compute_grad_features(ckpt.model, rows, cfg).feats.float()
     preconditioned = compute_grad_features(ckpt.model, rows, cfg, optimizer_state=_random_adam(ckpt.model)).feats
@@ -163,6 +165,48 @@ def test_features_on_cuda_equal_the_dense_loop_reference(tmp_path):
         fast = compute_grad_features(ck.model, rows, cfg, optimizer_state=adam)
         slow = grad_features_loop(ck.model, rows, cfg, optimizer_state=adam)
         assert fast.projection_id == slow.projection_id and "cuda" in fast.projection_id
+        err = (fast.feats.float() - slow.feats.float()).abs().max().item()
+        assert err < tol, (dtype, err)
+
+
+@pytest.mark.gpu
+def test_hashed_projection_on_cuda_equals_its_torch_reference(tmp_path):
+    """The hashed Rademacher kernel (signs made inside the matmul) on a GPU gives the torch reference's features:
+    bf16 (the bit trick the interpreter cannot check) and fp32 inputs, aligned and unaligned layouts, many rows;
+    and compute_grad_features with it equals the LESS-style loop on the same device, whose projection_id (no device
+    type) is the CPU's too."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from synth_core.influence.hashed import hashed_tile_table
+    from synth_core.influence.kernels import hashed_project
+    from synth_core.models import build_random_lora
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    proj = HashedRademacherProjector(8192, seed=5, device="cuda")
+    for layout in ([("a", 262144), ("b", 262144)], [("a", 1000), ("b", 70001), ("c", 3)]):
+        x = torch.randn(200, sum(n for _, n in layout), generator=g, device="cuda")
+        for dtype in (torch.bfloat16, torch.float32):
+            got = proj.project_flat(x.to(dtype), layout)
+            # the torch path (signs made by hashed_signs, fp32 matmul) on the same values
+            exact = HashedRademacherProjector(8192, seed=5, device="cuda").project_flat(
+                x.to(dtype).float().cpu().cuda(), layout, group_bytes=2**28
+            )
+            err = ((got - exact).norm(dim=1) / exact.norm(dim=1)).max().item()
+            assert err < 1e-5, (layout, dtype, err)
+        tiles = hashed_tile_table(layout, 5, "cuda")
+        one = hashed_project(x.bfloat16(), tiles, 8192, proj.scale, False, split_k=1)
+        assert torch.allclose(one, proj.project_flat(x.bfloat16(), layout), rtol=1e-4, atol=1e-4)
+    path = build_random_lora("builtin:random-llama-150m", tmp_path / "lora", rank=8, seed=3, scale=4.0)
+    rows = _rows(MIXED, seed=1, vocab=32768)
+    for dtype, tol in (("float32", 1e-3), ("bfloat16", 3e-2)):
+        cfg = CFG.model_copy(update={"dtype": dtype, "projection": "hashed_rademacher"})
+        ck = load_checkpoint_for_influence(str(path), cfg, device="cuda")
+        adam = _random_adam(ck.model)
+        fast = compute_grad_features(ck.model, rows, cfg, optimizer_state=adam)
+        slow = grad_features_loop(ck.model, rows, cfg, optimizer_state=adam)
+        assert fast.projection_id == slow.projection_id == make_projector(cfg, "cpu").projection_id
         err = (fast.feats.float() - slow.feats.float()).abs().max().item()
         assert err < tol, (dtype, err)
 
@@ -275,6 +319,51 @@ def test_sparse_jl_is_unbiased_over_seeds():
         assert (mean - exact).abs().max().item() < 5 * math.sqrt(2 / (seeds * d)), (s, mean, exact)
 
 
+def test_hashed_projection_follows_its_definition_and_preserves_inner_products():
+    """The hashed Rademacher matrix (hashed.py): a few entries recomputed with Python integers from the docstring's
+    formula (the torch reference wraps int64 arithmetic to 32 bits, the GPU kernel uses uint32: all three must
+    agree); |<xS, yS> - <x, y>| < 5/sqrt(d) = 0.11 for all 465 pairs of the 30 unit vectors of _jl_vectors (random,
+    concentrated, shared support; a dense Rademacher matrix's variance, at most 2/d per pair); balanced signs; the
+    projection in blocks of rows equals x @ dense_matrix; other seeds and other parameter names give other signs."""
+    import torch
+
+    from synth_core.influence.hashed import hashed_signs, parameter_seed
+
+    def fmix(h: int) -> int:
+        h ^= h >> 16
+        h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+        h ^= h >> 13
+        h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+        return h ^ (h >> 16)
+
+    pseed = parameter_seed(7, "layer.lora_A")
+    lo, hi = pseed & 0xFFFFFFFF, pseed >> 32
+    signs = hashed_signs(pseed, 5000, 40, 100)
+    for i, j in ((0, 0), (3, 31), (17, 32), (39, 99), (25, 64)):
+        a = fmix(((5000 + i) * 0x9E3779B1 + lo) & 0xFFFFFFFF)
+        h = fmix(a ^ (((j // 32) * 0x85EBCA77 + hi) & 0xFFFFFFFF))
+        assert signs[i, j].item() == (-1 if (h >> (j % 32)) & 1 else 1), (i, j)
+    assert torch.equal(hashed_signs(pseed, 0, 5040, 100)[5000:], signs)  # a row's signs do not depend on the block
+
+    d, n = 2048, 6000
+    x = _jl_vectors(n)
+    proj = HashedRademacherProjector(d, seed=0)
+    layout = [("a", 4500), ("b", 1500)]
+    p = proj.project_flat(x.float(), layout, group_bytes=1000 * d * 8).double()  # blocks of 1000 rows
+    err = (p @ p.T - x @ x.T).abs()
+    for kind, rows in (("random", slice(0, 16)), ("concentrated", slice(16, 22)), ("shared support", slice(22, 30))):
+        assert err[rows, rows].max().item() < 5 / math.sqrt(d), (kind, err[rows, rows].max().item())
+    dense = proj.dense_matrix(layout)
+    assert dense.shape == (n, d) and dense.unique().tolist() == pytest.approx([-1 / math.sqrt(d), 1 / math.sqrt(d)])
+    assert abs(dense.mean().item()) < 1e-3 and abs(dense[:, 0].mean().item()) < 0.05  # balanced, per column too
+    assert (p - x @ dense.double()).abs().max().item() < 1e-5
+    other_seed = HashedRademacherProjector(d, seed=1).dense_matrix(layout)
+    assert (other_seed != dense).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    renamed = proj.dense_matrix([("b", 4500), ("a", 1500)])
+    assert (renamed[:1500] != dense[:1500]).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    assert proj.projection_id == "hashrad-v1-d2048-seed0" != HashedRademacherProjector(d, seed=1).projection_id
+
+
 def test_sparse_jl_is_deterministic_whatever_the_grouping():
     """out += x @ S is the same (to 1e-5 relative: float32 sums in another order) however it is computed: one
     chunk per group, the default groups, the rows split, each parameter alone in either order (a parameter's S
@@ -363,6 +452,11 @@ def test_projection_is_resolved_by_the_device_type_and_validated():
     with pytest.raises(InfluenceError, match=r"sparse_jl_nonzeros \(8\) must be at most influence.proj_dim \(4\)"):
         make_projector(tiny, "cpu")
     assert isinstance(make_projector(tiny.model_copy(update={"projection": "rademacher"}), "cpu"), RademacherProjector)
+    hashed = auto.model_copy(update={"projection": "hashed_rademacher"})
+    assert resolve_projection(hashed, "cpu") == resolve_projection(hashed, "cuda") == "hashed_rademacher"
+    assert isinstance(make_projector(hashed, "cpu"), HashedRademacherProjector)
+    # one matrix on every device type: the fingerprint names none (and differs from the other projections')
+    assert projection_fingerprint(hashed, "cpu") == projection_fingerprint(hashed, "cuda") == ["hashed_rademacher-v1"]
     for bad in ({"projection": "gaussian"}, {"sparse_jl_nonzeros": 0}):
         with pytest.raises(ValidationError):
             InfluenceConfig(**bad)
@@ -516,6 +610,30 @@ def check_kernels_interpreted() -> None:
     assert together[:, :100].abs().eq(1).all() and not together[:, 100:].any()
     assert not torch.equal(together[:300], alone) and abs(together[:, :100].mean().item()) < 0.01
 
+    # the hashed projection's kernel against its torch reference: float32 (ieee dot) and float16 (the bf16 path's
+    # bit trick with fp16's exponent; the interpreter has no bf16), tiles straddling no parameter, split K or not,
+    # aligned loads or not, rows and columns not multiples of the tiles
+    from synth_core.influence.hashed import HashedRademacherProjector, hashed_tile_table
+
+    layout = [("a", 300), ("b", 4096), ("c", 77)]
+    x = torch.randn(5, 4473, generator=g)
+    proj = HashedRademacherProjector(100, seed=3)
+    tiles = hashed_tile_table(layout, 3, "cpu")
+    assert tiles.shape == (5 + 64 + 2, 4) and tiles[5].tolist()[:3] == [300, 64, 0] and tiles[4, 1] == 300 - 256
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 1e-4)):
+        xd = x.to(dtype)
+        ref = proj.project_flat(xd.float(), layout)
+        for config, split, aligned in (({"BM": 16, "BN": 32}, 1, False), ({"BM": 16, "BN": 64}, 3, False)):
+            got = kernels.hashed_project(xd, tiles, 100, proj.scale, aligned, split_k=split, config=config)
+            assert (got - ref).abs().max().item() < tol * ref.abs().max().item(), (dtype, config, split)
+    x8 = torch.randn(3, 4096 + 512, generator=g)  # every column a multiple of 8: aligned loads
+    layout8 = [("a", 512), ("b", 4096)]
+    got = kernels.hashed_project(
+        x8, hashed_tile_table(layout8, 3, "cpu"), 100, proj.scale, True, 2, {"BM": 16, "BN": 32}
+    )
+    ref = proj.project_flat(x8, layout8)
+    assert (got - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
+
 
 def test_batched_pass_restores_the_model_and_refuses_lora_variants(ckpt, tiny_model):
     """The batched pass swaps each LoRA layer's forward for its own and freezes the LoRA weights only while it
@@ -623,20 +741,23 @@ def test_near_copies_of_the_targets_rank_first(tmp_path, model, combos):
     candidates = encode_rows(tok, unrelated[:2] + near[:2] + unrelated[2:4] + near[2:] + unrelated[4:])
     near_idx = {2, 3, 6}
     cfg = CFG.model_copy(update={"require_optimizer_state": True})
-    feats = {(p, kind): [] for p in PROJECTIONS for kind in ("adam", "plain", "targets")}
+    # hashed_rademacher is left out here: its torch path makes S at O(proj_dim) per element without a cache, over
+    # 10 minutes on 2 CPU cores for this model's LoRA (its features are checked on the tiny model above).
+    projections = ["rademacher", "sparse_jl"]
+    feats = {(p, kind): [] for p in projections for kind in ("adam", "plain", "targets")}
     lrs = []
     for ref in ckpts:
         ck = load_checkpoint_for_influence(ref, cfg, device="cpu")
         assert ck.adam is not None and ck.notes == [] and ck.mean_lr > 0
         lrs.append(ck.mean_lr)
-        for projection in PROJECTIONS:
+        for projection in projections:
             pcfg = cfg.model_copy(update={"projection": projection})
             cand = compute_grad_features(ck.model, candidates, pcfg, optimizer_state=ck.adam)
             assert cand.preconditioned
             feats[projection, "adam"].append(cand.feats)
             feats[projection, "plain"].append(compute_grad_features(ck.model, candidates, pcfg).feats)
             feats[projection, "targets"].append(compute_grad_features(ck.model, targets, pcfg).feats)
-    for projection in PROJECTIONS:
+    for projection in projections:
         for kind, aggregate in combos:
             groups = target_keys if aggregate == "max_group" else None
             scores = influence_scores(feats[projection, kind], feats[projection, "targets"], lrs, aggregate, groups)

@@ -201,7 +201,7 @@ def test_packed_batch_gives_the_padded_batch_loss_and_no_row_sees_another():
     tok = AutoTokenizer.from_pretrained(base.path)
     rows = [encode_chat(tok, c, 600) for c in _chats(3)]
     rows[1] = {k: v[:420] for k, v in rows[1].items()}  # mixed lengths: the padded batch has real padding
-    cfg = TrainConfig(packing=True, lora_r=4, answer_logits_only=False)  # model(**batch).loss: logits everywhere
+    cfg = TrainConfig(packing=True, lora_r=4)
     model = load_model_for_training(base.path, cfg, bf16=False).eval()
     packed = make_collator(cfg, tok.pad_token_id)(rows)
     assert packed["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
@@ -274,6 +274,28 @@ def test_speed_switches_keep_the_train_fingerprint():
             assert train_fingerprint(data, cfg.model_copy(update=switches), "base", "tmpl") == expected
 
 
+def test_answer_logits_only_auto_is_on_for_gpus_only():
+    """train.answer_logits_only 'auto' (the default) resolves to on when training on a GPU, off on a CPU; True and
+    False are kept as given; YAML's `auto`, true and false load; other strings are errors; the collator follows."""
+    import torch
+    from pydantic import ValidationError
+
+    from synth_core.train_setup import AnswerLogitsCollator, make_collator, uses_answer_logits
+
+    auto = TrainConfig()
+    assert auto.answer_logits_only == "auto"
+    assert uses_answer_logits(auto, on_gpu=True) and not uses_answer_logits(auto, on_gpu=False)
+    for value in (True, False):
+        cfg = TrainConfig(answer_logits_only=value)
+        assert uses_answer_logits(cfg, on_gpu=True) is value and uses_answer_logits(cfg, on_gpu=False) is value
+    assert uses_answer_logits(auto) == torch.cuda.is_available()
+    assert isinstance(make_collator(auto, 0), AnswerLogitsCollator) == torch.cuda.is_available()
+    assert TrainConfig.model_validate({"answer_logits_only": "auto"}).answer_logits_only == "auto"
+    assert TrainConfig.model_validate({"answer_logits_only": True}).answer_logits_only is True
+    with pytest.raises(ValidationError):
+        TrainConfig(answer_logits_only="sometimes")
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_answer_logits_loss_equals_the_full_loss_and_gradients(packing):
     """The loss from logits kept at the answer positions only equals the model's own loss over all logits, and so
@@ -287,7 +309,7 @@ def test_answer_logits_loss_equals_the_full_loss_and_gradients(packing):
     tok = AutoTokenizer.from_pretrained(base.path)
     rows = [encode_chat(tok, c, 600) for c in _chats(3)]
     rows[1] = {k: v[:420] for k, v in rows[1].items()}
-    cfg = TrainConfig(packing=packing, lora_r=4, answer_logits_only=False)  # the full loss: the reference
+    cfg = TrainConfig(packing=packing, lora_r=4, answer_logits_only=False)  # 'auto' would be on on a GPU
     torch.manual_seed(0)
     model = load_model_for_training(base.path, cfg, bf16=False)
     for n, p in model.named_parameters():  # lora_B starts at zero: give both adapters' gradients some weight
@@ -321,9 +343,7 @@ def test_training_with_the_speed_switches_follows_the_same_loss_curve(tmp_path, 
     cfg = TrainConfig(epochs=1, batch_size=1, grad_accum=2, max_seq_len=384, num_checkpoints=1, lora_r=4)
     curves = [
         train_model(base.path, _chats(4), cfg.model_copy(update=switches), str(tmp_path / str(i))).loss_curve
-        for i, switches in enumerate(
-            ({"answer_logits_only": False}, {"answer_logits_only": True}, {"lora_cast_inputs": True})
-        )
+        for i, switches in enumerate(({}, {"answer_logits_only": True}, {"lora_cast_inputs": True}))
     ]
     assert len(curves[0]) == 2
     for curve in curves[1:]:
@@ -377,8 +397,9 @@ def test_gpu_speed_switches_give_the_same_bf16_loss_and_gradients():
     tok = AutoTokenizer.from_pretrained(base.path)
     rows = [encode_chat(tok, c, 1024) for c in synthetic_chats(8, 256, 32768, seed=0)]
     results = []
-    for switches in ({"lora_cast_inputs": True}, {}, {"answer_logits_only": True}):
-        cfg = TrainConfig(packing=True, lora_r=16, **({"answer_logits_only": False} | switches))
+    off = {"answer_logits_only": False}  # explicit: 'auto' (the default) is on on a GPU
+    for switches in ({"lora_cast_inputs": True, **off}, off, {"answer_logits_only": True}):
+        cfg = TrainConfig(packing=True, lora_r=16, **switches)
         torch.manual_seed(0)
         model = load_model_for_training(base.path, cfg, bf16=True).cuda()
         for n, p in model.named_parameters():
@@ -386,7 +407,7 @@ def test_gpu_speed_switches_give_the_same_bf16_loss_and_gradients():
                 torch.nn.init.normal_(p, std=0.02)
         batch = {k: v.cuda() for k, v in make_collator(cfg, tok.pad_token_id)(rows).items()}
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            if cfg.answer_logits_only:
+            if cfg.answer_logits_only is True:
                 labels = batch.pop("labels")
                 loss = answer_logits_loss(model(**batch), labels)
             else:

@@ -14,7 +14,8 @@ One module per concept; each imports only modules above it in this list:
 - errors.py      InfluenceError
 - kernels.py     the Triton kernels on a GPU (Rademacher signs, fused Adam); imports triton, so only imported
                  lazily on CUDA, never from here
-- projection.py  the random projections (Rademacher, sparse JL): their choice, ids, fingerprint and pass sizing
+- hashed.py      the hashed Rademacher matrix: its definition in torch, its projector (the kernel is in kernels.py)
+- projection.py  the random projections (Rademacher, sparse JL, hashed): their choice, ids, fingerprint, pass sizing
 - checkpoint.py  a LoRA checkpoint for influence: resolving references, the model, mean LR, AdamW moments, and
                  the Adam preconditioning
 - lora_grads.py  per-sample LoRA gradients in one backward pass, and the projected features of rows
@@ -40,6 +41,11 @@ from synth_core.influence.checkpoint import (
 )
 from synth_core.influence.errors import (
     InfluenceError,
+)
+from synth_core.influence.hashed import (
+    HASHED_VERSION,
+    HashedRademacherProjector,
+    hashed_signs,
 )
 from synth_core.influence.loop import (
     grad_features_loop,
@@ -137,6 +143,9 @@ __all__ = [
     "lora_layers",
     "lora_linears",
     "make_projector",
+    "HASHED_VERSION",
+    "HashedRademacherProjector",
+    "hashed_signs",
     "per_sample_grads",
     "per_sample_grads_loop",
     "per_sample_losses",

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from synth_core.influence.hashed import HASH_ROW_MUL, HASH_WORD_MUL, HASHED_BLOCK_K
+
 ADAM_BLOCK = 2048  # elements per program
 
 
@@ -137,3 +139,136 @@ def rademacher_signs(seeds: list[int], counts: list[int], out: torch.Tensor, pro
         BLOCK_ROWS=block_rows,
         BLOCK_WORDS=block_words,
     )
+
+
+# --- hashed Rademacher projection: out = x @ S with S's signs made inside the matmul, never stored --------------
+# The hash is hashed.py's (the torch reference there is the definition; this is the same arithmetic in uint32).
+_ROW_MUL = tl.constexpr(HASH_ROW_MUL)
+_WORD_MUL = tl.constexpr(HASH_WORD_MUL)
+
+
+@triton.jit
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser (a bijection of uint32 with full avalanche)."""
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _hashed_project_kernel(
+    x_ptr,
+    x_stride,
+    tiles_ptr,
+    n_tiles,
+    tiles_per_prog,
+    part_ptr,
+    M,
+    N,
+    scale,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    n_blocks_n = tl.cdiv(N, BN)
+    pid_m = tl.program_id(0) // n_blocks_n
+    pid_n = tl.program_id(0) % n_blocks_n
+    pid_k = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    kk = tl.arange(0, BK)
+    words = (pid_n * (BN // 32) + tl.arange(0, BN // 32)).to(tl.uint32)  # 32 columns of S per hash
+    bit = tl.arange(0, 32).to(tl.uint32)
+    row_ptr = x_ptr + rm.to(tl.int64)[:, None] * x_stride
+    row_ok = (rm < M)[:, None]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    t_end = tl.minimum((pid_k + 1) * tiles_per_prog, n_tiles)
+    for t in range(pid_k * tiles_per_prog, t_end):
+        # tile t: flat column `col` of x, `count` <= BK rows of S, rows row0.. of one parameter of seed `seed`
+        col = tl.load(tiles_ptr + 4 * t)
+        count = tl.load(tiles_ptr + 4 * t + 1)
+        row0 = tl.load(tiles_ptr + 4 * t + 2)
+        seed = tl.load(tiles_ptr + 4 * t + 3)
+        if ALIGNED:
+            col = tl.multiple_of(col, 8)  # every tile starts 16 bytes in: vector loads
+        x = tl.load(row_ptr + col + kk[None, :], mask=row_ok & (kk < count)[None, :], other=0.0)
+        seed_lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+        seed_hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        a = _fmix32((row0 + kk).to(tl.uint32) * _ROW_MUL + seed_lo)  # [BK]: one hash per row of S
+        h = _fmix32(a[:, None] ^ (words * _WORD_MUL + seed_hi)[None, :])  # [BK, BN/32]: one per 32 columns
+        bits = tl.reshape((h[:, :, None] >> bit[None, None, :]) & 1, (BK, BN))  # bit k of word w: column 32w + k
+        if IEEE:
+            s = (1.0 - 2.0 * bits.to(tl.float32)).to(x.dtype)
+            acc += tl.dot(x, s, input_precision="ieee")
+        else:  # bf16/fp16 +-1 straight from the bit: sign bit | the exponent of 1.0
+            if x.dtype == tl.bfloat16:
+                s = ((bits << 15) | 0x3F80).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            else:
+                s = ((bits << 15) | 0x3C00).to(tl.uint16).to(tl.float16, bitcast=True)
+            acc += tl.dot(x, s)
+    dst = part_ptr + pid_k.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    tl.store(dst, acc * scale, mask=row_ok & (rn < N)[None, :])
+
+
+_HASHED_CONFIGS = [
+    triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
+    for bm, bn, w, st in ((128, 128, 4, 3), (128, 256, 8, 3), (256, 128, 8, 3), (64, 256, 4, 3))
+]
+# Tuned once per process and shape of S (not per row count: a stage's passes differ only in their last one, and
+# each tuning run of a pass at 90M parameters takes about as long as the pass).
+_hashed_project_tuned = triton.autotune(configs=_HASHED_CONFIGS, key=["N", "ALIGNED", "IEEE"])(_hashed_project_kernel)
+
+
+def hashed_project(
+    x: torch.Tensor,
+    tiles: torch.Tensor,
+    proj_dim: int,
+    scale: float,
+    aligned: bool,
+    split_k: int | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """x [b, K] (columns contiguous; bf16, fp16 or fp32) @ S [K, proj_dim] * scale -> [b, proj_dim] float32, S made
+    tile by tile from `tiles` [n_tiles, 4] int64 (hashed.hashed_tile_table, for HASHED_BLOCK_K rows a tile).
+
+    The K tiles are cut into split_k contiguous ranges (default: enough programs for two per SM), each program
+    writes its partial product, and the partials are summed in a fixed order: the result does not depend on
+    timing. config: {"BM", "BN", "num_warps", "num_stages"} to bypass the autotuner (tests, the interpreter).
+    `aligned`: every tile's column is a multiple of 8 and x's row stride too (16-byte vector loads)."""
+    if x.stride(1) != 1 or tiles.dtype != torch.int64 or tiles.shape[1:] != (4,):
+        raise ValueError(f"hashed_project: x {tuple(x.shape)} stride {x.stride()}, tiles {tuple(tiles.shape)}")
+    b = x.shape[0]
+    n_tiles = tiles.shape[0]
+    if split_k is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        split_k = max(1, min(64, -(-2 * sms // (triton.cdiv(b, 128) * triton.cdiv(proj_dim, 256)))))
+    split_k = max(1, min(split_k, n_tiles))
+    per_prog = triton.cdiv(n_tiles, split_k)
+    split_k = triton.cdiv(n_tiles, per_prog)
+    part = torch.empty(split_k, b, proj_dim, dtype=torch.float32, device=x.device)
+    ieee = x.dtype == torch.float32
+    args = (x, x.stride(0), tiles, n_tiles, per_prog, part, b, proj_dim, float(scale))
+    if config is None:
+
+        def grid(meta: dict) -> tuple[int, int]:
+            return (triton.cdiv(b, meta["BM"]) * triton.cdiv(proj_dim, meta["BN"]), split_k)
+
+        _hashed_project_tuned[grid](*args, BK=HASHED_BLOCK_K, ALIGNED=aligned, IEEE=ieee)
+    else:
+        grid = (triton.cdiv(b, config["BM"]) * triton.cdiv(proj_dim, config["BN"]), split_k)
+        _hashed_project_kernel[grid](
+            *args,
+            BM=config["BM"],
+            BN=config["BN"],
+            BK=HASHED_BLOCK_K,
+            ALIGNED=aligned,
+            IEEE=ieee,
+            num_warps=config.get("num_warps", 4),
+            num_stages=config.get("num_stages", 3),
+        )
+    return part[0] if split_k == 1 else part.sum(0)

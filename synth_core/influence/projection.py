@@ -2,7 +2,7 @@
 
 P is cut into chunks of CHUNK_ELEMS flat elements of each parameter, each drawn from a random stream seeded from
 (seed, parameter name, chunk index), so the same seed gives the same features whatever the batch size or the
-parameter order. Two matrices, one interface (`Projector`), chosen by influence.projection ('auto': by the device
+parameter order. Three matrices, one interface (`Projector`), chosen by influence.projection ('auto': by the device
 type, `resolve_projection`):
 - RademacherProjector (GPU): dense +-1/sqrt(proj_dim), drawn on the device as sign bits (fused Triton kernels on a
   GPU, synth_core.influence.kernels). Drawing and unpacking R costs about as much per pass as the matmul itself, so
@@ -13,11 +13,15 @@ type, `resolve_projection`):
   & Nelson's sparse JL), added with index_add_: O(s) per element where R costs O(proj_dim) (on a CPU ~30 GFLOP
   and 15 G signs per row of the built-in model's LoRA at d = 8192), with the same inner-product variance. Drawn on
   the CPU, so the same on every device.
+- HashedRademacherProjector (hashed.py; by name only): dense +-1/sqrt(proj_dim) whose signs are a hash of
+  (seed, parameter, element, column), made inside the GPU's matmul and never stored, so a pass costs its matmul
+  and no drawing; the same matrix on every device (a CPU makes it with torch, O(proj_dim) per element).
 Targets and candidates must share the projection: `projection_id` names it (kind, s, d, seed, device type where
 it matters; `check_same_projection` compares them), `projection_device_type` says which device type this machine's
 passes will use, and `projection_fingerprint` is what the stage's fingerprint holds of it.
 
-What it leaves to others: where the gradients come from (lora_grads.py) and the kernels' code (kernels.py).
+What it leaves to others: where the gradients come from (lora_grads.py), the kernels' code (kernels.py) and the
+hashed matrix's definition (hashed.py).
 """
 
 from __future__ import annotations
@@ -399,7 +403,8 @@ class Projector(Protocol):
 
 
 def resolve_projection(cfg: InfluenceConfig, device_type: str) -> str:
-    """The projection the features use on this device type: 'rademacher' or 'sparse_jl' (cfg.projection 'auto':
+    """The projection the features use on this device type: 'rademacher', 'sparse_jl' or 'hashed_rademacher'
+    (hashed.py; only when asked for by name) (cfg.projection 'auto':
     Rademacher on a GPU, whose fused kernels make it cheap, sparse JL elsewhere, where drawing and multiplying
     by the dense R costs ~30 GFLOP and 15 G signs per row at d = 8192). InfluenceError when s > proj_dim."""
     kind = cfg.projection
@@ -415,9 +420,15 @@ def resolve_projection(cfg: InfluenceConfig, device_type: str) -> str:
 
 def projection_fingerprint(cfg: InfluenceConfig, device_type: str) -> list[Any]:
     """What defines the features' projection for the stage's fingerprint. Rademacher's is what it was before
-    sparse JL existed (GPU outputs stay valid); sparse JL's names itself and s."""
-    if resolve_projection(cfg, device_type) == "rademacher":
+    sparse JL existed (GPU outputs stay valid); sparse JL's names itself and s; hashed Rademacher's names itself and
+    no device type (its matrix is the same on every device)."""
+    kind = resolve_projection(cfg, device_type)
+    if kind == "rademacher":
         return [PROJECTION_VERSION, CHUNK_ELEMS, device_type]
+    if kind == "hashed_rademacher":  # the same matrix on every device type: none named
+        from synth_core.influence.hashed import HASHED_VERSION
+
+        return [f"hashed_rademacher-v{HASHED_VERSION}"]
     return [PROJECTION_VERSION, CHUNK_ELEMS, device_type, f"sparse_jl-v{SPARSE_JL_VERSION}", cfg.sparse_jl_nonzeros]
 
 
@@ -427,8 +438,13 @@ def make_projector(cfg: InfluenceConfig, device: torch.device | str, cache_mb: i
 
     device = torch.device(device)
     cache_mb = cfg.projector_cache_mb if cache_mb is None else cache_mb
-    if resolve_projection(cfg, device.type) == "rademacher":
+    kind = resolve_projection(cfg, device.type)
+    if kind == "rademacher":
         return RademacherProjector(cfg.proj_dim, cfg.seed, device, cache_mb)
+    if kind == "hashed_rademacher":
+        from synth_core.influence.hashed import HashedRademacherProjector
+
+        return HashedRademacherProjector(cfg.proj_dim, cfg.seed, device)
     return SparseJLProjector(cfg.proj_dim, cfg.seed, cfg.sparse_jl_nonzeros, device, cache_mb)
 
 
