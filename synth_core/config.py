@@ -248,6 +248,12 @@ class SampleConfig(StrictModel):
         description="Keep only samples whose code ran and whose asserts passed (reject: asserts_failed); false = "
         "record the verdict only (needs execute).",
     )
+    add_imports: bool = Field(
+        True,
+        description="Before a sample's code runs, add an import line for each standard-library name it reads and "
+        "never binds (`os`, `Set`, `defaultdict`: synth_core.repair); rows record them in imports_added. Needs "
+        "execute.",
+    )
     ground_asserts: bool = Field(
         True,
         description="Execution-grounded asserts (synth_core.ground): when a sample's asserts fail, run its code once "
@@ -356,8 +362,8 @@ class TrainConfig(StrictModel):
         description="Compute the LM head and the cross-entropy only at positions whose next token is an answer "
         "token (the loss's positions): the same loss up to float summation order, with the vocabulary-sized "
         "matmul and fp32 logits cut to the answer share of the tokens. 'auto' = on when training on a GPU "
-        "(H100, LoRA: +13% tokens/s at 1B, +3% at 7B, docs/evidence/gpu.md), off on a CPU (no gain measured there: the "
-        "demo's bootstrap trained at 356.7 tokens/s off, 360.9-377.7 on, 2-core CPU).",
+        "(H100, LoRA: +13% tokens/s at 1B, +3% at 7B, docs/evidence/gpu.md), off on a CPU (no gain measured "
+        "there: the demo's bootstrap trained at 356.7 tokens/s off, 360.9-377.7 on, 2-core CPU).",
     )
     compile_layers: bool = Field(
         False,
@@ -762,10 +768,11 @@ class RoundConfig(StrictModel):
         8, ge=1, description="Seed snippets sampled per iteration (each iteration takes the next ones); None = all."
     )
     synthesize_snippets: int | None = Field(
-        # 56: measured with sample.ground_asserts on the built-in model (2-core CPU, shared): 56 seeds x 2 checkpoints
-        # x 2 samples = 224 answers released 81 rows (22 passed as written, 59 after grounding); 16 seeds capped the
-        # release below issue 15's 64 rows. Sampling them took 655 s at load average 4-7.
-        56,
+        # 44: measured on the built-in model (2-core CPU): 56 seeds x 2 checkpoints x 2 samples = 224 answers
+        # released 81 rows with sample.ground_asserts (git bbde3fe), 91 with sample.add_imports too (git de9521d);
+        # 48 seeds released 73 rows, 71 of them from the first 44 (git 79204f2, make demo in 15.5 min in all):
+        # 44 keep issue 15's 64 rows and its 15 minutes.
+        44,
         ge=1,
         description="Seed snippets of the released dataset (after the iterations' ones); None = all the rest.",
     )
