@@ -98,8 +98,9 @@ class VLLMGenerator:
                 # own). vLLM's default on the CPU is two more processes: an engine core that busy-waits on the
                 # worker (~70% of a core) and a worker whose OpenMP gets the cores left after one is reserved for
                 # that engine core, i.e. ONE of 2. Measured on the 2-core CPU, the built-in model with a LoRA
-                # checkpoint, 96 constrained answers: engine load 13.9 s vs 30.6-53.4 s, 106.7 vs 64.5-69.1
-                # tokens/s, peak memory 2.8 vs 3.9 GB. VLLM_ENABLE_V1_MULTIPROCESSING=1 restores vLLM's default.
+                # checkpoint, 96 constrained answers: engine load 10-14 s vs 25-53 s, peak memory 2.8 vs 3.9 GB
+                # (tokens/s about the same: the default's runs shared the CPU, so no figure is claimed).
+                # VLLM_ENABLE_V1_MULTIPROCESSING=1 restores vLLM's default.
                 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
         from vllm.lora.request import LoRARequest
