@@ -136,6 +136,13 @@ def resolve_checkpoints(cfg: RunConfig) -> list[ResolvedModel]:
     return resolved
 
 
+def constrains_format(setting: bool | str, checkpoint: ResolvedModel) -> bool:
+    """Whether requests to `checkpoint` decode under the synthesis format (sample.constrain_format)."""
+    if setting == "base_model":
+        return not checkpoint.is_lora
+    return bool(setting)
+
+
 def plan_sample(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> SamplePlan:
     """Resolve checkpoints, read the pool's manifest and kept-row counts, cut shards, derive the output."""
     checkpoints = resolve_checkpoints(cfg)
@@ -296,7 +303,7 @@ def sample_shard(plan: SamplePlan, shard: SampleShard, index: int, cfg: RunConfi
                 adapter = f"ckpt{ci}" if ckpt.is_lora else None
                 regex = (
                     parse.synthesis_regex(snippet["language"], max_code_lines=scfg.max_code_lines)
-                    if scfg.constrain_format
+                    if constrains_format(scfg.constrain_format, ckpt)
                     else None
                 )
                 requests.append(GenRequest(ids, seed, adapter, min(gen.max_new_tokens, room), regex))

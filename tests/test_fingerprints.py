@@ -32,6 +32,8 @@ MTIME = 1_700_000_000
 
 SAMPLE_WITHOUT_GROUNDING = "a72af3bfe11dfa85"  # main's sample pin before sample.ground_asserts existed
 SAMPLE_WITHOUT_IMPORTS = "ab63982f47cd8a16"  # main's sample pin before sample.add_imports existed (git bbde3fe)
+# main's sample pin while sample.constrain_format was true by default (git 84579d6)
+SAMPLE_CONSTRAINED = "3c4e5f04c77ff563"
 # The values main derived on 2026-12-06 (commit 76d999c), before issue 18's refactor.
 PINNED = {
     "model": "7edb8244ae4e8d9f",
@@ -41,7 +43,8 @@ PINNED = {
     # yield15: sample.ground_asserts (on by default) rewrites failing asserts, so the default sample stage writes other
     # rows and moves on purpose; off, it keeps main's old location (SAMPLE_WITHOUT_GROUNDING, tested below).
     # Then sample.add_imports (on by default) moved it again: SAMPLE_WITHOUT_IMPORTS is the location before it.
-    "sample": "3c4e5f04c77ff563",
+    # Then sample.constrain_format became 'base_model' by default: SAMPLE_CONSTRAINED is the location with true.
+    "sample": "c720d59cd427ebaf",
     "score": "cf3544257fd90017",
     "train": "6490109ee6009161",
     "eval": "4e756042c1caac5b",
@@ -109,6 +112,7 @@ def test_sample_without_grounding_keeps_its_old_location(pin_cfg, tmp_path):
 
     pin_cfg.sample.ground_asserts = False
     pin_cfg.sample.add_imports = False
+    pin_cfg.sample.constrain_format = True
     snippets = write_pool(str(tmp_path / "snippets"), SNIPPETS)
     assert plan_sample(pin_cfg, snippets).fp == SAMPLE_WITHOUT_GROUNDING
 
@@ -118,5 +122,15 @@ def test_sample_without_imports_keeps_its_old_location(pin_cfg, tmp_path):
     from synth_core.sample import plan_sample
 
     pin_cfg.sample.add_imports = False
+    pin_cfg.sample.constrain_format = True
     snippets = write_pool(str(tmp_path / "snippets"), SNIPPETS)
     assert plan_sample(pin_cfg, snippets).fp == SAMPLE_WITHOUT_IMPORTS
+
+
+def test_sample_constrained_everywhere_keeps_its_old_location(pin_cfg, tmp_path):
+    """sample.constrain_format true (the default until 'base_model'): the fingerprint main derived then."""
+    from synth_core.sample import plan_sample
+
+    pin_cfg.sample.constrain_format = True
+    snippets = write_pool(str(tmp_path / "snippets"), SNIPPETS)
+    assert plan_sample(pin_cfg, snippets).fp == SAMPLE_CONSTRAINED

@@ -117,6 +117,21 @@ def test_request_seeds_are_spread_and_stable():
     assert sample.request_seed(0, "s1", "ckpt", 0) != sample.request_seed(0, "s1", "ckpt", 1)
 
 
+def test_format_constraint_by_default_only_for_bare_models(cfg):
+    """sample.constrain_format: 'base_model' (the default) constrains the untrained synthesizer and full-weight
+    models, not LoRA checkpoints; true and false apply to every checkpoint; other values name the key."""
+    from synth_core.config import RunConfig
+    from synth_core.models import ResolvedModel
+
+    bare = ResolvedModel("builtin:tiny", "/models/tiny")
+    lora = ResolvedModel("runs/ckpt-1", "/models/tiny", adapter_path="runs/ckpt-1")
+    assert cfg.sample.constrain_format == "base_model"
+    assert sample.constrains_format("base_model", bare) and not sample.constrains_format("base_model", lora)
+    assert sample.constrains_format(True, lora) and not sample.constrains_format(False, bare)
+    with pytest.raises(ValueError, match="constrain_format"):
+        RunConfig.model_validate({"sample": {"constrain_format": "lora"}})
+
+
 @pytest.mark.slow
 def test_vllm_stage_two_lora_checkpoints_one_engine_deterministic(tmp_path, cfg, tiny_loras, snippet_pool):
     """The default engine end to end: both checkpoints from ONE vLLM engine, and the same samples twice."""
