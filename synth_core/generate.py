@@ -215,6 +215,16 @@ def _vllm_lora_rank(rank: int) -> int:
 _STATIC_WIDTH_STEP = 64  # tokens; prompt widths are padded to a multiple of this with hf_static_cache
 
 
+def uses_static_cache(cfg: GenerationConfig, device: str) -> bool:
+    """generation.hf_static_cache resolved for the transformers backend on `device` ('cuda' or 'cpu'): True/False
+    as given; 'auto' = on on a GPU, where the static cache with compiled decoding measured 2.6-6.5x the dynamic
+    cache's tokens/s (H100, 1B shape, batch 64-256: a decoding step of 7.4 ms instead of 50 ms at batch 64); off on
+    a CPU, where it was not measured and compiling would cost more than it saves on small runs."""
+    if cfg.hf_static_cache != "auto":
+        return bool(cfg.hf_static_cache)
+    return device == "cuda"
+
+
 class HFGenerator:
     """transformers `generate`: batched, left-padded, prompts sorted by length; adapters through peft."""
 
@@ -236,6 +246,7 @@ class HFGenerator:
                 model.load_adapter(adapters[name], adapter_name=name)
         self.model = model.eval()
         self.adapters = adapters
+        self.static_cache = uses_static_cache(cfg, self.device)
         gen = self.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -309,7 +320,7 @@ class HFGenerator:
         if adapter is not None:
             self.model.set_adapter(adapter)
         width = max(len(requests[i].prompt_ids) for i in batch)
-        if cfg.hf_static_cache:
+        if self.static_cache:
             # A static cache compiles one graph per shape: round widths up so batches share a few shapes.
             width = -(-width // _STATIC_WIDTH_STEP) * _STATIC_WIDTH_STEP
         # One generate call has one length cap: the tightest of the batch's requests.
@@ -333,7 +344,7 @@ class HFGenerator:
                 top_p=cfg.top_p if sampling else None,
                 top_k=None,
                 num_return_sequences=cfg.samples_per_prompt,
-                cache_implementation="static" if cfg.hf_static_cache else None,
+                cache_implementation="static" if self.static_cache else None,
                 pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.eos_ids),
             )

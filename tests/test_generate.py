@@ -3,6 +3,8 @@ engine, the transformers fallback on the same checkpoints, and determinism of bo
 
 from __future__ import annotations
 
+import pytest
+
 from synth_core.config import GenerationConfig
 from synth_core.generate import GenRequest, HFGenerator
 from synth_core.models import resolve_model
@@ -69,6 +71,24 @@ def test_transformers_static_cache_gives_the_same_greedy_output(tiny_model):
     plain = HFGenerator(base.path, {}, cfg).generate(reqs)
     static = HFGenerator(base.path, {}, cfg.model_copy(update={"hf_static_cache": True})).generate(reqs)
     assert [c[0].text for c in static] == [c[0].text for c in plain]
+
+
+def test_hf_static_cache_auto_is_on_for_gpus_only():
+    """generation.hf_static_cache 'auto' resolves to on on a GPU, off on a CPU; True and False win on both; the
+    value validates from YAML's spellings and rejects others. (The default is still False: see config.py.)"""
+    import pydantic
+
+    from synth_core.generate import uses_static_cache
+
+    assert GenerationConfig().hf_static_cache is False
+    auto = GenerationConfig.model_validate({"hf_static_cache": "auto"})
+    assert uses_static_cache(auto, "cuda") and not uses_static_cache(auto, "cpu")
+    for value in (True, False):
+        cfg = GenerationConfig(hf_static_cache=value)
+        assert uses_static_cache(cfg, "cuda") is value and uses_static_cache(cfg, "cpu") is value
+    assert GenerationConfig.model_validate({"hf_static_cache": False}).hf_static_cache is False
+    with pytest.raises(pydantic.ValidationError):
+        GenerationConfig(hf_static_cache="sometimes")
 
 
 # A format small enough that a random model finishes it within max_new_tokens, with a choice and a count in it.
