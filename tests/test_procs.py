@@ -13,10 +13,10 @@ import pytest
 from synth_core.procs import SubprocessError, run_in_subprocess
 
 PARENT = """
-import os, sys, time
+import os
 from synth_core.procs import run_in_subprocess
 print(os.getpid(), flush=True)
-run_in_subprocess(time.sleep, 120)
+run_in_subprocess(exec, "import os, time; print(os.getpid(), flush=True); time.sleep(120)")
 """
 
 
@@ -36,16 +36,38 @@ def test_child_dies_with_its_parent():
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
     try:
         assert int(parent.stdout.readline()) == parent.pid
-        deadline = time.monotonic() + 60
-        children: list = []
-        while not children and time.monotonic() < deadline:
-            children = psutil.Process(parent.pid).children()
-            time.sleep(0.1)
-        assert children, "the child process did not start"
+        child = psutil.Process(int(parent.stdout.readline()))  # printed by the child itself: it runs
+        family = psutil.Process(parent.pid).children(recursive=True)  # the child, and the forkserver if any
+        assert child in family
         time.sleep(1.0)  # let the child pass its prctl
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        gone, alive = psutil.wait_procs(children, timeout=10)
+        gone, alive = psutil.wait_procs([child], timeout=10)
         assert not alive, f"orphaned child still running: {alive}"
     finally:
         parent.kill()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the forkserver is the default on Linux only")
+def test_forkserver_children_start_with_the_heavy_imports_done_and_the_callers_environment(tmp_path, monkeypatch):
+    """The child is a fork of a server that imported torch (and the rest of PRELOAD) once; the caller's current
+    environment and directory reach it all the same, also when set after the server started."""
+    run_in_subprocess(divmod, 1, 1)  # the server runs from here on
+    monkeypatch.setenv("SCODER_PROCS_PROBE", "set after the server started")
+    monkeypatch.chdir(tmp_path)
+    probe = "__import__('sys').modules.get('torch') is not None, __import__('os').environ.get('SCODER_PROBE_X')"
+    monkeypatch.setenv("SCODER_PROBE_X", "42")
+    assert run_in_subprocess(eval, probe) == (True, "42")
+    assert run_in_subprocess(os.getcwd) == str(tmp_path)
+    late = run_in_subprocess(eval, "__import__('os').environ.get('SCODER_PROCS_PROBE')")
+    assert late == "set after the server started"
+    monkeypatch.delenv("SCODER_PROBE_X")
+    assert run_in_subprocess(eval, "__import__('os').environ.get('SCODER_PROBE_X')") is None
+
+
+def test_spawn_on_request_and_a_bad_start_method_named(monkeypatch):
+    monkeypatch.setenv("SCODER_SUBPROCESS_START", "spawn")
+    assert run_in_subprocess(eval, "__import__('sys').modules.get('torch') is None")  # a fresh interpreter
+    monkeypatch.setenv("SCODER_SUBPROCESS_START", "fork")
+    with pytest.raises(ValueError, match="SCODER_SUBPROCESS_START='fork'"):
+        run_in_subprocess(divmod, 1, 1)
