@@ -197,7 +197,11 @@ def test_hashed_projection_on_cuda_equals_its_torch_reference(tmp_path):
             assert err < 1e-5, (layout, dtype, err)
         tiles = hashed_tile_table(layout, 5, "cuda")
         one = hashed_project(x.bfloat16(), tiles, 8192, proj.scale, False, split_k=1)
-        assert torch.allclose(one, proj.project_flat(x.bfloat16(), layout), rtol=1e-4, atol=1e-4)
+        # One K split sums 262,144 products per output in one fp32 accumulator, the default splits add partials: on
+        # the H100 (2026-12-07) they differed by ~8e-5 of an entry's size (20.9179 vs 20.9196), past an elementwise
+        # 1e-4 absolute bound near zero; the comparison is per row, like the one against the reference above.
+        exact = proj.project_flat(x.bfloat16(), layout)
+        assert ((one - exact).norm(dim=1) / exact.norm(dim=1)).max().item() < 3e-4
     path = build_random_lora("builtin:random-llama-150m", tmp_path / "lora", rank=8, seed=3, scale=4.0)
     rows = _rows(MIXED, seed=1, vocab=32768)
     for dtype, tol in (("float32", 1e-3), ("bfloat16", 3e-2)):

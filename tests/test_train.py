@@ -274,7 +274,7 @@ def test_speed_switches_keep_the_train_fingerprint():
             assert train_fingerprint(data, cfg.model_copy(update=switches), "base", "tmpl") == expected
 
 
-def test_answer_logits_only_auto_is_on_for_gpus_only():
+def test_answer_logits_only_and_compile_layers_auto_are_on_for_gpus_only():
     """train.answer_logits_only 'auto' (the default) resolves to on when training on a GPU, off on a CPU; True and
     False are kept as given; YAML's `auto`, true and false load; other strings are errors; the collator follows."""
     import torch
@@ -289,6 +289,13 @@ def test_answer_logits_only_auto_is_on_for_gpus_only():
         cfg = TrainConfig(answer_logits_only=value)
         assert uses_answer_logits(cfg, on_gpu=True) is value and uses_answer_logits(cfg, on_gpu=False) is value
     assert uses_answer_logits(auto) == torch.cuda.is_available()
+    # compile_layers follows the same rule (GPU only: +34-38% tokens/s on an H100, never measured on a CPU)
+    from synth_core.train_setup import uses_compiled_layers
+
+    assert auto.compile_layers == "auto" and uses_compiled_layers(auto) == torch.cuda.is_available()
+    assert uses_compiled_layers(auto, on_gpu=True) and not uses_compiled_layers(auto, on_gpu=False)
+    assert not uses_compiled_layers(TrainConfig(compile_layers=False), on_gpu=True)
+    assert uses_compiled_layers(TrainConfig(compile_layers=True), on_gpu=False)
     assert isinstance(make_collator(auto, 0), AnswerLogitsCollator) == torch.cuda.is_available()
     assert TrainConfig.model_validate({"answer_logits_only": "auto"}).answer_logits_only == "auto"
     assert TrainConfig.model_validate({"answer_logits_only": True}).answer_logits_only is True
