@@ -9,7 +9,8 @@
 # rows a micro-batch, 16 by default: use B=8 for 7B on an 80 GB card), compile1b/compile7b (answer-logits vs
 # + compile_layers), gen150m/gen1b/gen7b (HF generate;
 # gen150m is the GPU side of `bench/generate.py --vllm-shape 150m` on a CPU), infl1b/infl1b256/infl7b
-# (bench/influence.py at the default pass size and --projection-rows 256), gen1bstatic (gen1b with --gpu-static-cache).
+# (bench/influence.py at the default pass size and --projection-rows 256), gen1bstatic/gen7bstatic (gen1b/gen7b with
+# --gpu-static-cache).
 # infl1bhash/infl7bhash (the same with --projection hashed_rademacher), proj (bench/projection.py: the projection
 # pass alone, rademacher vs hashed_rademacher), gputests (the `gpu` tests of test_influence.py and test_train.py).
 # T, TG, TI, TC, TP, TT: per-section time limits (s); DEADLINE (seconds since the epoch, optional): no section runs past it,
@@ -62,8 +63,10 @@ for s in "$@"; do
     gen1b | gen7b) sizes=64,128,256; [ "$s" = gen7b ] && [ "$big" != 1 ] && sizes=64,128
       timeout "${TG:-240}" python3 bench/generate.py --gpu-shape "${s#gen}" --gpu-batch-sizes "$sizes" \
       --out-json "$OUT/gen_${s#gen}.json";;
-    gen1bstatic) timeout "${TG:-240}" python3 bench/generate.py --gpu-shape 1b --gpu-batch-sizes 64,128,256 \
-      --gpu-static-cache --out-json "$OUT/gen_1b_static.json";;
+    gen1bstatic | gen7bstatic) shape=${s#gen}; shape=${shape%static}; sizes=64,128,256
+      [ "$shape" = 7b ] && [ "$big" != 1 ] && sizes=64,128
+      timeout "${TG:-240}" python3 bench/generate.py --gpu-shape "$shape" --gpu-batch-sizes "$sizes" \
+      --gpu-static-cache --out-json "$OUT/gen_${shape}_static.json";;
     infl1b) timeout "${TI:-240}" python3 bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 0 \
       --batch-size 16 --out-json "$OUT/infl_1b.json";;
     infl1b256) timeout "${TI:-240}" python3 bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 0 \
