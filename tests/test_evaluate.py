@@ -398,9 +398,11 @@ def test_cli_eval_fine_tunes_and_evaluates_end_to_end(tmp_path, tiny_model, monk
 
     m = read_manifest(str(out))
     rows = read_dataset(str(out)).to_pylist()
-    assert len(rows) == m.num_rows == 3 * (1 + 2)
-    assert {r["task_id"] for r in rows} == {"HumanEval/0", "HumanEval/1", "HumanEval/2"}
-    for tid in ("HumanEval/0", "HumanEval/1", "HumanEval/2"):
+    # The default benchmarks: HumanEval and the shipped MBPP, the first 3 problems of each.
+    assert len(rows) == m.num_rows == 2 * 3 * (1 + 2)
+    tids = {"HumanEval/0", "HumanEval/1", "HumanEval/2", "11", "12", "13"}
+    assert {r["task_id"] for r in rows} == tids
+    for tid in tids:
         modes = sorted(r["mode"] for r in rows if r["task_id"] == tid)
         assert modes == ["greedy", "sampled", "sampled"]
     for row in rows:
@@ -410,6 +412,7 @@ def test_cli_eval_fine_tunes_and_evaluates_end_to_end(tmp_path, tiny_model, monk
         assert row["passed"] is (row["reject_reason"] is None)
     s = m.stats
     assert s["benchmarks"]["humaneval"]["problems"] == 3 and "pass@2 (sampled)" in s["benchmarks"]["humaneval"]
+    assert s["benchmarks"]["mbpp"]["problems"] == 3 and "pass@2 (sampled)" in s["benchmarks"]["mbpp"]
     assert s["generation"]["greedy_problems_per_s"] > 0 and s["execution"]["problems_per_s"] > 0
     assert s["leakage"]["humaneval"]["rows"] == 4
     assert data in m.inputs

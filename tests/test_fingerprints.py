@@ -39,18 +39,23 @@ PINNED = {
     "model": "7edb8244ae4e8d9f",
     "pool.ingest": "f5d1e89614afd133",
     "pool.dedup": "6d7ceec52b9d7069",
-    "pool": "7b5ee71c51284656",
+    # decontam.benchmarks became [humaneval, mbpp] when MBPP's test split shipped: the pool, the sample stage (its
+    # generated-data decontamination) and eval (evaluation.benchmarks) moved on purpose; BEFORE_MBPP keeps theirs.
+    "pool": "7f69322cf4818e38",
     # yield15: sample.ground_asserts (on by default) rewrites failing asserts, so the default sample stage writes other
     # rows and moves on purpose; off, it keeps main's old location (SAMPLE_WITHOUT_GROUNDING, tested below).
     # Then sample.add_imports (on by default) moved it again: SAMPLE_WITHOUT_IMPORTS is the location before it.
     # Then sample.constrain_format became 'base_model' by default: SAMPLE_CONSTRAINED is the location with true.
-    "sample": "c720d59cd427ebaf",
+    "sample": "7904de4bf841f702",
     "score": "cf3544257fd90017",
     "train": "6490109ee6009161",
-    "eval": "4e756042c1caac5b",
+    "eval": "89fa7ade66e08904",
     "release": "24418d46e88467b9",
     "influence.projection": "f3b899be232a229d",
 }
+
+# The values with decontam.benchmarks and evaluation.benchmarks [humaneval] (the defaults before mbpp shipped).
+BEFORE_MBPP = {"pool": "7b5ee71c51284656", "sample": "c720d59cd427ebaf", "eval": "4e756042c1caac5b"}
 
 
 @pytest.fixture
@@ -106,31 +111,46 @@ def test_stage_fingerprints_are_those_of_main_before_the_refactor(pin_cfg, tmp_p
     assert got == PINNED
 
 
-def test_sample_without_grounding_keeps_its_old_location(pin_cfg, tmp_path):
+def test_humaneval_only_keeps_the_locations_from_before_mbpp(pin_cfg, tmp_path):
+    """decontam/evaluation.benchmarks [humaneval]: the pool, sample and eval fingerprints main derived before the
+    built-in mbpp existed; every other stage's is unchanged."""
+    pin_cfg.decontam.benchmarks = ["humaneval"]
+    pin_cfg.evaluation.benchmarks = ["humaneval"]
+    assert observed(pin_cfg, tmp_path) == {**PINNED, **BEFORE_MBPP}
+
+
+@pytest.fixture
+def pin_cfg_before_mbpp(pin_cfg):
+    """The older sample pins below were taken with decontam.benchmarks [humaneval]."""
+    pin_cfg.decontam.benchmarks = ["humaneval"]
+    return pin_cfg
+
+
+def test_sample_without_grounding_keeps_its_old_location(pin_cfg_before_mbpp, tmp_path):
     """sample.ground_asserts off: the fingerprint main derived before the field existed (the output is the same)."""
     from synth_core.sample import plan_sample
 
-    pin_cfg.sample.ground_asserts = False
-    pin_cfg.sample.add_imports = False
-    pin_cfg.sample.constrain_format = True
+    pin_cfg_before_mbpp.sample.ground_asserts = False
+    pin_cfg_before_mbpp.sample.add_imports = False
+    pin_cfg_before_mbpp.sample.constrain_format = True
     snippets = write_pool(str(tmp_path / "snippets"), SNIPPETS)
-    assert plan_sample(pin_cfg, snippets).fp == SAMPLE_WITHOUT_GROUNDING
+    assert plan_sample(pin_cfg_before_mbpp, snippets).fp == SAMPLE_WITHOUT_GROUNDING
 
 
-def test_sample_without_imports_keeps_its_old_location(pin_cfg, tmp_path):
+def test_sample_without_imports_keeps_its_old_location(pin_cfg_before_mbpp, tmp_path):
     """sample.add_imports off: the fingerprint main derived before the field existed (the output is the same)."""
     from synth_core.sample import plan_sample
 
-    pin_cfg.sample.add_imports = False
-    pin_cfg.sample.constrain_format = True
+    pin_cfg_before_mbpp.sample.add_imports = False
+    pin_cfg_before_mbpp.sample.constrain_format = True
     snippets = write_pool(str(tmp_path / "snippets"), SNIPPETS)
-    assert plan_sample(pin_cfg, snippets).fp == SAMPLE_WITHOUT_IMPORTS
+    assert plan_sample(pin_cfg_before_mbpp, snippets).fp == SAMPLE_WITHOUT_IMPORTS
 
 
-def test_sample_constrained_everywhere_keeps_its_old_location(pin_cfg, tmp_path):
+def test_sample_constrained_everywhere_keeps_its_old_location(pin_cfg_before_mbpp, tmp_path):
     """sample.constrain_format true (the default until 'base_model'): the fingerprint main derived then."""
     from synth_core.sample import plan_sample
 
-    pin_cfg.sample.constrain_format = True
+    pin_cfg_before_mbpp.sample.constrain_format = True
     snippets = write_pool(str(tmp_path / "snippets"), SNIPPETS)
-    assert plan_sample(pin_cfg, snippets).fp == SAMPLE_CONSTRAINED
+    assert plan_sample(pin_cfg_before_mbpp, snippets).fp == SAMPLE_CONSTRAINED

@@ -224,8 +224,16 @@ def test_generated_text_is_decontaminated_against_the_pools_benchmarks(cfg):
         "Write a function `count_evens(values: list[int]) -> int` returning how many of the values are even.",
         "def count_evens(values):\n    return sum(v % 2 == 0 for v in values)\n\nassert count_evens([1, 2, 4]) == 2\n",
     )
-    assert cfg.decontam.benchmarks == ["humaneval"]
-    stats = sample.screen_rows([planted, clean], sample.load_template(cfg), cfg)
+    planted_mbpp = _candidate(  # MBPP task 11's reference solution, as the shipped file has it (CRLF and all)
+        "Write a python function to remove first and last occurrence of a given character from the string.",
+        "def remove_Occ(s,ch): \r\n    for i in range(len(s)): \r\n        if (s[i] == ch): \r\n"
+        "            s = s[0 : i] + s[i + 1:] \r\n            break\r\n    for i in range(len(s) - 1,-1,-1):  \r\n"
+        "        if (s[i] == ch): \r\n            s = s[0 : i] + s[i + 1:] \r\n            break\r\n    return s \n\n"
+        'assert remove_Occ("hello","l") == "heo"\n',
+    )
+    assert cfg.decontam.benchmarks == ["humaneval", "mbpp"]
+    stats = sample.screen_rows([planted, planted_mbpp, clean], sample.load_template(cfg), cfg)
     assert planted["reject_reason"] == "contaminated" and planted["contaminated_by"] == "humaneval:HumanEval/0"
+    assert planted_mbpp["reject_reason"] == "contaminated" and planted_mbpp["contaminated_by"] == "mbpp:11"
     assert planted["exec_status"] is None and stats["executions"] == 1  # contaminated code never ran
     assert clean["reject_reason"] is None and clean["exec_status"] == "passed"
