@@ -29,7 +29,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-REPAIR_VERSION = 1  # bump when the rules below change what is added: the sample stage's fingerprint holds it
+REPAIR_VERSION = 2  # bump when the rules below change what is added: the sample stage's fingerprint holds it
 
 # Names commonly used bare, from standard modules other than typing. A name both here and in typing (Counter,
 # OrderedDict, ChainMap) comes from here: typing's alias can annotate but not be called (`Counter(words)`).
@@ -42,7 +42,7 @@ KNOWN_NAMES: dict[str, str] = {
     **dict.fromkeys(
         ["chain", "groupby", "permutations", "combinations", "product", "islice", "accumulate"], "itertools"
     ),
-    **dict.fromkeys(["ABC", "abstractmethod"], "abc"),
+    **dict.fromkeys(["ABC", "ABCMeta", "abstractmethod"], "abc"),
     **dict.fromkeys(["Enum", "IntEnum", "auto"], "enum"),
     "Path": "pathlib",
     "Decimal": "decimal",

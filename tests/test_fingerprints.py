@@ -32,8 +32,9 @@ MTIME = 1_700_000_000
 
 SAMPLE_WITHOUT_GROUNDING = "a72af3bfe11dfa85"  # main's sample pin before sample.ground_asserts existed
 SAMPLE_WITHOUT_IMPORTS = "ab63982f47cd8a16"  # main's sample pin before sample.add_imports existed (git bbde3fe)
-# main's sample pin while sample.constrain_format was true by default (git 84579d6)
-SAMPLE_CONSTRAINED = "3c4e5f04c77ff563"
+# main's sample pin while sample.constrain_format was true by default (git 84579d6: 3c4e5f04c77ff563), moved on
+# purpose by REPAIR_VERSION 2 (ABCMeta is imported too)
+SAMPLE_CONSTRAINED = "cef8e60e8154f86e"
 # The values main derived on 2026-12-06 (commit 76d999c), before issue 18's refactor.
 PINNED = {
     "model": "7edb8244ae4e8d9f",
@@ -46,7 +47,7 @@ PINNED = {
     # rows and moves on purpose; off, it keeps main's old location (SAMPLE_WITHOUT_GROUNDING, tested below).
     # Then sample.add_imports (on by default) moved it again: SAMPLE_WITHOUT_IMPORTS is the location before it.
     # Then sample.constrain_format became 'base_model' by default: SAMPLE_CONSTRAINED is the location with true.
-    "sample": "7904de4bf841f702",
+    "sample": "f8754805bf9609e3",
     "score": "cf3544257fd90017",
     "train": "6490109ee6009161",
     "eval": "89fa7ade66e08904",
@@ -54,8 +55,9 @@ PINNED = {
     "influence.projection": "f3b899be232a229d",
 }
 
-# The values with decontam.benchmarks and evaluation.benchmarks [humaneval] (the defaults before mbpp shipped).
-BEFORE_MBPP = {"pool": "7b5ee71c51284656", "sample": "c720d59cd427ebaf", "eval": "4e756042c1caac5b"}
+# The values with decontam.benchmarks and evaluation.benchmarks [humaneval] (the defaults before mbpp shipped): pool
+# and eval as main derived them; sample moved once more with REPAIR_VERSION 2 (ABCMeta; it was c720d59cd427ebaf).
+BEFORE_MBPP = {"pool": "7b5ee71c51284656", "sample": "221b66b615a498fc", "eval": "4e756042c1caac5b"}
 
 
 @pytest.fixture
