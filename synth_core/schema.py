@@ -172,7 +172,7 @@ def feature_schema(proj_dim: int) -> pa.Schema:
 EVAL_SCHEMA = pa.schema(
     [
         pa.field("eval_id", pa.string(), nullable=False),  # content hash of model, problem, mode and sample index
-        pa.field("benchmark", pa.string()),  # humaneval | humaneval+ | mbpp+ | a file's stem
+        pa.field("benchmark", pa.string()),  # humaneval | mbpp | humaneval+ | mbpp+ | a file's stem
         pa.field("task_id", pa.string()),  # the benchmark's own id, e.g. HumanEval/0
         pa.field("model", pa.string()),  # the evaluated model's reference (a checkpoint folder, builtin:NAME)
         pa.field("model_id", pa.string()),  # its weights' fingerprint

@@ -42,7 +42,11 @@ def pool_build(
     ] = None,
     benchmark: Annotated[
         list[str] | None,
-        typer.Option("--benchmark", "-b", help="Benchmark name (humaneval) or JSONL/Parquet file; repeatable."),
+        typer.Option(
+            "--benchmark",
+            "-b",
+            help="Benchmark name (humaneval, mbpp, humaneval+, mbpp+) or JSONL/Parquet file; repeatable.",
+        ),
     ] = None,
     out: Annotated[
         str | None, typer.Option("--out", "-o", help="Where to write the pool (path or s3:// URI).")
@@ -219,7 +223,9 @@ def eval_cmd(
     benchmark: Annotated[
         list[str] | None,
         typer.Option(
-            "--benchmark", "-b", help="humaneval, humaneval+, mbpp+ (evalplus override files) or a JSONL; repeatable."
+            "--benchmark",
+            "-b",
+            help="humaneval, mbpp, humaneval+, mbpp+ (evalplus override files) or a JSONL; repeatable.",
         ),
     ] = None,
     max_problems: Annotated[

@@ -7,7 +7,7 @@ each benchmark (synth_core.decontam's index).
 
 One module per concept; each imports only modules above it in this list:
 - errors.py      EvalError
-- problems.py    benchmark problems (humaneval, evalplus/HumanEval/MBPP files) and the prompt that asks for each
+- problems.py    benchmark problems (humaneval, mbpp, evalplus/HumanEval/MBPP files) and the prompt that asks for each
 - extraction.py  the code in a model's answer (extract_code, complete_body, sanitize_code): lenient, because a
                  small model rarely formats well
 - execution.py   the program the sandbox runs (candidate + test or differential harness, completion marker) and
