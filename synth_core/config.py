@@ -943,7 +943,10 @@ class PlanConfig(StrictModel):
     )
     sample_tokens_per_s: PlanEstimate = Field(
         default_factory=lambda: PlanEstimate(
-            value=104, basis="measured", note="README: make demo's release sample, 104 tokens/s on 2 CPU cores"
+            value=217,
+            basis="measured",
+            note="make demo's release sample on 2 CPU cores: 248, 217 and 199 tokens/s (git 27610d1, faf3e5c, "
+            "0cb128c; docs/evidence/demo.md)",
         ),
         description="Output tokens per second of one sample engine (tokens/s, one device).",
     )
