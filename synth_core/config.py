@@ -214,7 +214,8 @@ class SampleConfig(StrictModel):
 
     checkpoints: list[str] = Field(
         default_factory=list,
-        description="Checkpoints to sample from (LoRA adapter folders or full models); empty = models.synthesizer.",
+        description="Checkpoints to sample from (LoRA adapter folders, full models, or train outputs: all their "
+        "checkpoints); empty = models.synthesizer.",
     )
     base: str | None = Field(
         None, description="Base model of LoRA checkpoints; None = each adapter's own base_model_name_or_path."

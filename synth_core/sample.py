@@ -125,8 +125,11 @@ def shortfall_message(plan: SamplePlan, cfg: RunConfig) -> str:
 
 
 def resolve_checkpoints(cfg: RunConfig) -> list[ResolvedModel]:
-    """Every checkpoint of the config, resolved (ModelError on the first that does not exist)."""
-    refs = cfg.sample.checkpoints or [cfg.models.synthesizer]
+    """Every checkpoint of the config, resolved (ModelError on the first that does not exist); a train output
+    stands for its checkpoints, in order."""
+    from synth_core.train import expand_train_outputs
+
+    refs = expand_train_outputs(cfg.sample.checkpoints, cfg) or [cfg.models.synthesizer]
     resolved = [resolve_model(r, base=cfg.sample.base, storage=cfg.storage) for r in refs]
     seen: dict[str, str] = {}
     for m in resolved:

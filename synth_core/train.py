@@ -456,5 +456,21 @@ def checkpoints_of(train_out: str, cfg: RunConfig | None = None) -> list[str]:
     return read_dataset(train_out, columns=["checkpoint"], storage=storage).column(0).to_pylist()
 
 
+def expand_train_outputs(refs: list[str], cfg: RunConfig | None = None) -> list[str]:
+    """Checkpoint references with each finished train output replaced by its checkpoints, in training order (what
+    `-k` of `scoder sample` and `scoder influence` accepts); any other reference is left as it is."""
+    from synth_core.storage import dataset_exists, read_manifest
+
+    storage = cfg.storage if cfg else None
+    expanded: list[str] = []
+    for ref in refs:
+        try:
+            is_train = dataset_exists(ref, storage) and read_manifest(ref, storage).stage == "train"
+        except (OSError, ValueError):  # not a dataset (a model folder, builtin:NAME, a hub id)
+            is_train = False
+        expanded.extend(checkpoints_of(ref, cfg) if is_train else [ref])
+    return expanded
+
+
 if __name__ == "__main__":  # python -m synth_core.train SPEC.json: one torchrun process (launch_training)
     _torchrun_worker(sys.argv[1])

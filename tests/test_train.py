@@ -124,6 +124,11 @@ def test_train_stage_then_sample_from_its_checkpoints(tmp_path, cfg, tiny_model)
     cfg.sample.generation.max_new_tokens = 8
     samples = read_dataset(sample.build_samples(cfg, pool, str(tmp_path / "samples"))).to_pylist()
     assert {r["checkpoint"] for r in samples} == set(ckpts) and len(samples) == 2 * 2 * 2
+    # The train output itself stands for its checkpoints (`scoder sample -k OUT`, as influence): the same plan.
+    explicit = sample.plan_sample(cfg, pool)
+    cfg.sample.checkpoints = [out]
+    plan = sample.plan_sample(cfg, pool)
+    assert plan.fp == explicit.fp and [m.ref for m in plan.checkpoints] == ckpts
 
 
 def test_train_bad_inputs_are_clear_errors(tmp_path, cfg, tiny_loras):

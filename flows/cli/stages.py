@@ -73,7 +73,8 @@ def sample_cmd(
         typer.Option(
             "--checkpoint",
             "-k",
-            help="LoRA adapter folder, model folder, builtin:NAME or hub id; repeatable. Default: the synthesizer.",
+            help="LoRA adapter folder, train output (all its checkpoints), model folder, builtin:NAME or hub id; "
+            "repeatable. Default: the synthesizer.",
         ),
     ] = None,
     base: Annotated[

@@ -166,18 +166,11 @@ def resolve_influence_checkpoints(refs: Sequence[str], cfg: Any) -> tuple[list[A
     adapters only, distinct weights, each with its optimiser state unless the config allows plain gradients.
     Returns (resolved, notes). Raises InfluenceError or ModelError with one line."""
     from synth_core.models import resolve_model
-    from synth_core.storage import dataset_exists, read_manifest
-    from synth_core.train import checkpoints_of
+    from synth_core.train import expand_train_outputs
 
     if not refs:
         raise InfluenceError("no checkpoint given: influence needs at least one LoRA checkpoint (--checkpoint)")
-    expanded: list[str] = []
-    for ref in refs:
-        try:
-            is_train = dataset_exists(ref, cfg.storage) and read_manifest(ref, cfg.storage).stage == "train"
-        except (OSError, ValueError):
-            is_train = False
-        expanded.extend(checkpoints_of(ref, cfg) if is_train else [ref])
+    expanded = expand_train_outputs(list(refs), cfg)
     resolved, notes, seen = [], [], {}
     for ref in expanded:
         m = resolve_model(ref, storage=cfg.storage)
