@@ -82,16 +82,19 @@ def test_round_convergence_holdout_and_report(tmp_path):
     card = (Path(release) / "README.md").read_text()
     assert "## Convergence" in card and "| bootstrap |" in card and "held-out rows of R" in card
 
-    # The report next to the data card: R evaluated (2 HumanEval problems), the empty data listed as not evaluated.
+    # The report next to the data card: R evaluated (2 problems of each default benchmark: HumanEval and the
+    # shipped MBPP), the empty data listed as not evaluated.
     report = json.loads((Path(release) / "report.json").read_text())
     evals = report["evaluations"]
     assert list(evals) == ["bootstrap (R)", "iteration 1", "release"]
     assert evals["bootstrap (R)"] and evals["iteration 1"] is None and evals["release"] is None
     assert report["records"] == [
-        {"run": "bootstrap (R)", "benchmark": "humaneval", "problems": 2, "pass@1": report["records"][0]["pass@1"]}
+        {"run": "bootstrap (R)", "benchmark": bench, "problems": 2, "pass@1": record["pass@1"]}
+        for bench, record in zip(["humaneval", "mbpp"], report["records"], strict=True)
     ]
     md = (Path(release) / "report.md").read_text()
-    assert "| bootstrap (R) | humaneval | 2 |" in md and "Not evaluated" in md and "pass_at_1.png" in md
+    assert "| bootstrap (R) | humaneval | 2 |" in md and "| bootstrap (R) | mbpp | 2 |" in md
+    assert "Not evaluated" in md and "pass_at_1.png" in md
     assert (Path(release) / "pass_at_1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     wanted = ["round-convergence", "round-report"]
     with get_client(sync_client=True) as client:
