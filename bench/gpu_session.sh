@@ -60,13 +60,11 @@ for s in "$@"; do
       --out-json "$OUT/train_${s#compile}_compiled.json";;
     gen150m) timeout "${TG:-120}" python3 bench/generate.py --gpu-shape 150m --gpu-batch-sizes 64 --max-new-tokens 128 \
       --out-json "$OUT/gen_150m.json";;
-    gen1b | gen7b) sizes=64,128,256; [ "$s" = gen7b ] && [ "$big" != 1 ] && sizes=64,128
-      timeout "${TG:-240}" python3 bench/generate.py --gpu-shape "${s#gen}" --gpu-batch-sizes "$sizes" \
-      --out-json "$OUT/gen_${s#gen}.json";;
-    gen1bstatic | gen7bstatic) shape=${s#gen}; shape=${shape%static}; sizes=64,128,256
+    gen1b | gen7b | gen1bstatic | gen7bstatic) shape=${s#gen}; shape=${shape%static}; sizes=64,128,256; static=
       [ "$shape" = 7b ] && [ "$big" != 1 ] && sizes=64,128
-      timeout "${TG:-240}" python3 bench/generate.py --gpu-shape "$shape" --gpu-batch-sizes "$sizes" \
-      --gpu-static-cache --out-json "$OUT/gen_${shape}_static.json";;
+      [ "$s" != "gen$shape" ] && static=--gpu-static-cache
+      timeout "${TG:-240}" python3 bench/generate.py --gpu-shape "$shape" --gpu-batch-sizes "$sizes" $static \
+      --out-json "$OUT/gen_${shape}${static:+_static}.json";;
     infl1b) timeout "${TI:-240}" python3 bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 0 \
       --batch-size 16 --out-json "$OUT/infl_1b.json";;
     infl1b256) timeout "${TI:-240}" python3 bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 0 \

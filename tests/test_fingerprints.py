@@ -113,19 +113,18 @@ def test_stage_fingerprints_are_those_of_main_before_the_refactor(pin_cfg, tmp_p
     assert got == PINNED
 
 
-def test_humaneval_only_keeps_the_locations_from_before_mbpp(pin_cfg, tmp_path):
-    """decontam/evaluation.benchmarks [humaneval]: the pool, sample and eval fingerprints main derived before the
-    built-in mbpp existed; every other stage's is unchanged."""
-    pin_cfg.decontam.benchmarks = ["humaneval"]
-    pin_cfg.evaluation.benchmarks = ["humaneval"]
-    assert observed(pin_cfg, tmp_path) == {**PINNED, **BEFORE_MBPP}
-
-
 @pytest.fixture
 def pin_cfg_before_mbpp(pin_cfg):
-    """The older sample pins below were taken with decontam.benchmarks [humaneval]."""
+    """decontam.benchmarks [humaneval], as before mbpp shipped: the older sample pins below were taken so."""
     pin_cfg.decontam.benchmarks = ["humaneval"]
     return pin_cfg
+
+
+def test_humaneval_only_keeps_the_locations_from_before_mbpp(pin_cfg_before_mbpp, tmp_path):
+    """decontam/evaluation.benchmarks [humaneval]: the pool and eval fingerprints main derived before the built-in
+    mbpp existed, sample's as BEFORE_MBPP says (REPAIR_VERSION 2 moved it too); every other stage's is unchanged."""
+    pin_cfg_before_mbpp.evaluation.benchmarks = ["humaneval"]
+    assert observed(pin_cfg_before_mbpp, tmp_path) == {**PINNED, **BEFORE_MBPP}
 
 
 def test_sample_without_grounding_keeps_its_old_location(pin_cfg_before_mbpp, tmp_path):
