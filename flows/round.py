@@ -22,11 +22,11 @@ from flows.pool import pool_flow
 from flows.sample import sample_flow
 from synth_core import score_fit
 from synth_core.config import RunConfig, parse_config
-from synth_core.convergence import FILTER_STAGES, convergence_markdown
+from synth_core.convergence import FILTER_STAGES, convergence_markdown, probe_markdown
 from synth_core.reference import BUILTIN_REFERENCE
 from synth_core.release import funnel_section
 from synth_core.round_estimate import check_pool_feeds
-from synth_core.round_plan import dated_config, parse_run_date, stage_config
+from synth_core.round_plan import dated_config, parse_run_date, probe_config, probe_synthesizers, stage_config
 from synth_core.score_fit import weights_card_section
 from synth_core.storage import dataset_exists, kept_rows
 from tasks import round as round_tasks
@@ -109,6 +109,7 @@ def round_flow(
     }
     final = filter_stages(scfg, synth["sample"], checkpoints, reference, synth)
     stages += [(f"synthesize: {stage}", uri) for stage, uri in synth.items()]
+    probe = run_probe(cfg, pool, iterations, stages) if rc.probe_snippets else None
     record = round_tasks.convergence_record
     convergence = [record(cfg, "base", {"sample": base_samples}, None)] if base_samples else []
     convergence += [
@@ -117,6 +118,8 @@ def round_flow(
     ]
     convergence.append(record(cfg, "release", synth, None))
     conv_md = convergence_section(convergence, split)
+    if probe:
+        conv_md += "\n" + probe_markdown(probe)
     create_markdown_artifact(
         key="round-convergence",
         markdown=conv_md,
@@ -128,7 +131,7 @@ def round_flow(
         stages,
         out,
         extra_card=conv_md + "\n" + weights_card_section(weights) + "\n",
-        extra_stats={"convergence": convergence, "split": split, "aspect_weights": weights},
+        extra_stats={"convergence": convergence, "split": split, "aspect_weights": weights, "probe": probe},
     )
     stages.append(("release", release))
     create_markdown_artifact(
@@ -140,6 +143,20 @@ def round_flow(
         evaluate_round(cfg, reference, iterations, release)
     logger.info("round done in %.1f s: the release is %s", time.perf_counter() - t0, release)
     return release
+
+
+def run_probe(
+    cfg: RunConfig, pool: str, iterations: list[dict[str, str]], stages: list[tuple[str, str]]
+) -> dict[str, Any]:
+    """The probe (round.probe_snippets): one sample stage in which every synthesizer of the round samples the same
+    unused seeds, then its per-synthesizer evidence. Appends the sample output to `stages`."""
+    groups = probe_synthesizers(cfg, [outs["train"] for outs in iterations], base=cfg.round.compare_base)
+    pcfg, groups = probe_config(cfg, groups)
+    uri = as_subflow(sample_flow, pcfg).with_options(flow_run_name="sample-probe")(
+        snippets=pool, config=pcfg.model_dump(mode="json")
+    )
+    stages.append(("probe: sample", uri))
+    return round_tasks.probe_evidence(cfg, uri, groups)
 
 
 def convergence_section(records: list[dict[str, Any]], split: str | None) -> str:

@@ -816,6 +816,16 @@ class RoundConfig(StrictModel):
         description="Also sample the base synthesizer on iteration 1's seed snippets (same base seed), so the "
         "convergence table shows what the bootstrap changed (a 'base' row: parse and assert-pass rates).",
     )
+    probe_snippets: int = Field(
+        # Off in the embedded default: make demo has about 1.5 min left of issue 15's 15 minutes, and 16 seeds x 4
+        # checkpoints x 2 samples cost about 1.5 min on 2 cores. configs/evidence.yaml probes 32 seeds.
+        0,
+        ge=0,
+        description="The probe: every synthesizer of the round (the base model with compare_base, the bootstrap, "
+        "each iteration's) samples these many seed snippets that no iteration and no release uses (the window after "
+        "the release's), in ONE sample stage, so their parse and assert-pass rates compare on the same seeds, with a "
+        "per-seed sign test against the bootstrap (the data card's probe section); 0 = off.",
+    )
     release_influence: bool = Field(
         False,
         description="Filter the released dataset by influence too. Off by default: influence picks the rows that "

@@ -11,6 +11,9 @@ synthesizer's loss on a held-out part of the reference set R (issue 8).
   synth_core.influence.lora_grads.per_sample_losses). Written as a one-row dataset, so a re-run is free.
 - `convergence_records` / `convergence_markdown`: per iteration, from the stages' manifests (their funnels) and
   those losses; the round flow stores the records in the release's manifest and renders the table in the data card.
+- `probe_evidence` / `probe_markdown`: the probe (round.probe_snippets). Each iteration samples other seeds, so the
+  rates above mix the synthesizer's progress with its seeds' difficulty; the probe has every synthesizer sample the
+  same unused seeds and compares them seed by seed with the bootstrap (an exact sign test).
 
 Knows nothing of Prefect or of how a round is wired (flows/round.py calls this).
 """
@@ -18,10 +21,13 @@ Knows nothing of Prefect or of how a round is wired (flows/round.py calls this).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from synth_core.config import DedupConfig, RunConfig
 from synth_core.random_selection import choose_random
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 STAGE_VERSION = 1
 HOLDOUT = "holdout"
@@ -192,6 +198,43 @@ def distinct_share(texts: Sequence[str], cfg: DedupConfig) -> float | None:
     return round(1 - sum(d is not None for d in dups) / len(texts), 4)
 
 
+def read_samples(uri: str, cfg: RunConfig, extra: Sequence[str] = ()) -> pa.Table:
+    """The columns of a sample output that its evidence needs (plus `extra`); samples written before
+    sample.ground_asserts have no asserts_grounded column."""
+    from synth_core.storage import read_dataset, read_manifest
+
+    cols = ["instruction", "reject_reason", "exec_status", *extra]
+    if "asserts_grounded" in read_manifest(uri, cfg.storage).arrow().names:
+        cols.append("asserts_grounded")
+    return read_dataset(uri, columns=cols, storage=cfg.storage)
+
+
+def answers_evidence(rows: Sequence[Mapping[str, Any]], cfg: RunConfig) -> dict[str, Any]:
+    """What a set of sampled answers (sample rows) shows: the share that parse (the format, before screening), pass
+    the screen, passed their own asserts in the sandbox (and of those, the share that passed only after
+    sample.ground_asserts rewrote expected values), how many ran, and the distinct share of the parsed problems."""
+    from synth_core import parse
+
+    n = len(rows)
+    parse_fail = {"prompt_too_long", *parse.REASONS}
+    parsed = [r for r in rows if r["reject_reason"] not in parse_fail]
+    statuses = [r["exec_status"] for r in rows]
+
+    def share(k: int) -> float | None:
+        return round(k / n, 4) if n else None
+
+    return {
+        "parse_rate": share(len(parsed)),
+        "screen_pass_rate": share(sum(r["reject_reason"] in (None, "asserts_failed") for r in rows)),
+        "assert_pass_rate": share(statuses.count("passed")),
+        "executed": sum(s is not None for s in statuses),
+        "grounded_rate": (
+            share(sum(bool(r["asserts_grounded"]) for r in rows)) if rows and "asserts_grounded" in rows[0] else None
+        ),
+        "distinct_problems": distinct_share([r["instruction"] for r in parsed if r["instruction"]], cfg.dedup),
+    }
+
+
 def sample_evidence(stages: Mapping[str, str], cfg: RunConfig) -> dict[str, Any]:
     """What a stage set's sampling shows of the synthesizer (issue 15): the share of candidates that parse (the
     format, before screening), pass the screen, ran in the sandbox and passed their own asserts, the distinct
@@ -199,35 +242,12 @@ def sample_evidence(stages: Mapping[str, str], cfg: RunConfig) -> dict[str, Any]
     filter kept per hour of the stages' wall time (this machine's cores or GPU: the manifests name it)."""
     import pyarrow.compute as pc
 
-    from synth_core import parse
     from synth_core.storage import read_dataset, read_manifest
 
     if "sample" not in stages:
         return {}
-    cols = ["instruction", "reject_reason", "exec_status"]
-    if "asserts_grounded" in read_manifest(stages["sample"], cfg.storage).arrow().names:
-        cols.append("asserts_grounded")  # samples written before sample.ground_asserts have no such column
-    table = read_dataset(stages["sample"], columns=cols, storage=cfg.storage)
-    n = table.num_rows
-    reasons = table.column("reject_reason").to_pylist()
-    parse_fail = {"prompt_too_long", *parse.REASONS}
-    parsed = [i for i, r in enumerate(reasons) if r not in parse_fail]
-    statuses = table.column("exec_status").to_pylist()
-    ran = [s for s in statuses if s is not None]
-    instructions = table.column("instruction").to_pylist()
-    out: dict[str, Any] = {
-        "parse_rate": round(len(parsed) / n, 4) if n else None,
-        "screen_pass_rate": round(sum(r is None or r == "asserts_failed" for r in reasons) / n, 4) if n else None,
-        "assert_pass_rate": round(statuses.count("passed") / n, 4) if n else None,
-        "executed": len(ran),
-        # Of assert_pass_rate, the share that passed only after sample.ground_asserts rewrote expected values.
-        "grounded_rate": (
-            round(sum(1 for g in table.column("asserts_grounded").to_pylist() if g) / n, 4)
-            if n and "asserts_grounded" in cols
-            else None
-        ),
-        "distinct_problems": distinct_share([instructions[i] for i in parsed if instructions[i]], cfg.dedup),
-    }
+    table = read_samples(stages["sample"], cfg)
+    out = answers_evidence(table.to_pylist(), cfg)
     if "score" in stages:
         scored = read_dataset(stages["score"], columns=["aspect_scores", "score"], storage=cfg.storage)
         scored = scored.filter(pc.is_valid(scored.column("score")))
@@ -242,6 +262,86 @@ def sample_evidence(stages: Mapping[str, str], cfg: RunConfig) -> dict[str, Any]
     kept = read_manifest(stages[last], cfg.storage).funnel.get("kept", 0)
     out["kept_per_hour"] = round(kept / hours, 1) if hours > 0 else None
     return out
+
+
+def sign_test(gained: int, lost: int) -> float | None:
+    """Two-sided exact sign test: the chance of a split at least this uneven between `gained` and `lost` seeds if
+    each untied seed were a fair coin (ties left out); None without an untied seed."""
+    import math
+
+    n = gained + lost
+    if not n:
+        return None
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2**n
+    return round(min(1.0, 2 * tail), 4)
+
+
+def probe_evidence(
+    sample_uri: str, synthesizers: Sequence[tuple[str, Sequence[str]]], cfg: RunConfig
+) -> dict[str, Any]:
+    """The probe (round.probe_snippets): per synthesizer (label, its checkpoint refs, as the sample rows name them),
+    answers_evidence on the probe's seeds, and per seed the count of answers that passed their own asserts against
+    the bootstrap's (the first label that is not the base model): seeds gained, lost and tied, and a sign test.
+    The same seeds, snippets and sampling for every synthesizer, so their rates compare; the answers' own random
+    draws differ per checkpoint (synth_core.sample.request_seed). A synthesizer whose checkpoints are an earlier
+    one's (the same weights, sampled once: synth_core.round_plan.probe_config) is marked `same_weights_as`."""
+    table = read_samples(sample_uri, cfg, extra=["checkpoint", "snippet_id"])
+    rows = table.to_pylist()
+    seeds = sorted({r["snippet_id"] for r in rows})
+    records: list[dict[str, Any]] = []
+    passed: dict[str, dict[str, int]] = {}
+    for label, refs in synthesizers:
+        own = [r for r in rows if r["checkpoint"] in set(refs)]
+        passed[label] = {s: 0 for s in seeds}
+        for r in own:
+            passed[label][r["snippet_id"]] += r["exec_status"] == "passed"
+        rec = {"synthesizer": label, "answers": len(own), **answers_evidence(own, cfg)}
+        twin = next((earlier for earlier, theirs in synthesizers[: len(records)] if theirs == refs), None)
+        records.append(rec | ({"same_weights_as": twin} if twin else {}))
+    against = next((label for label, _ in synthesizers if label != "base model"), None)
+    for rec in records:
+        if against is None or rec["synthesizer"] == against:
+            continue
+        mine, theirs = passed[rec["synthesizer"]], passed[against]
+        gained = sum(mine[s] > theirs[s] for s in seeds)
+        lost = sum(mine[s] < theirs[s] for s in seeds)
+        rec["vs"] = {"against": against, "gained": gained, "lost": lost, "tied": len(seeds) - gained - lost}
+        rec["vs"]["p"] = sign_test(gained, lost)
+    return {"sample": sample_uri, "seeds": len(seeds), "records": records}
+
+
+def probe_markdown(probe: Mapping[str, Any]) -> str:
+    """The data card's probe section: one row per synthesizer, the same seeds for all."""
+    recs = probe["records"]
+    against = next((r["vs"]["against"] for r in recs if r.get("vs")), None)
+    lines = [
+        "## Probe: every synthesizer on the same unused seeds",
+        "",
+        f"Each synthesizer of the round sampled the same {probe['seeds']} seed snippets, which no iteration and no "
+        f"release used (`{probe['sample']}`), with the round's sampling settings. Asserts passed: the share of its "
+        "answers whose code passed its own asserts in the sandbox. Per seed, the answers that passed are compared "
+        f"with the {against or 'bootstrap'}'s: seeds with more (gained), fewer (lost) or as many (tied), and a "
+        "two-sided sign test over the untied seeds (p; small = unlikely to be chance).",
+        "",
+        "| synthesizer | answers | parsed | passed screen | asserts passed | distinct problems | seeds gained / lost "
+        "/ tied | p |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in recs:
+        vs = r.get("vs")
+        twin = r.get("same_weights_as")
+        cells = [
+            r["synthesizer"] + (f" (the same weights as the {twin})" if twin else ""),
+            str(r["answers"]),
+            _pct(r["parse_rate"]),
+            _pct(r["screen_pass_rate"]),
+            _pct(r["assert_pass_rate"]),
+            _pct(r["distinct_problems"]),
+            f"{vs['gained']} / {vs['lost']} / {vs['tied']}" if vs else "",
+            "" if not vs or vs["p"] is None else f"{vs['p']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def loss_drop(curve: Sequence[Sequence[float]]) -> tuple[float, float] | None:

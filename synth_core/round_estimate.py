@@ -3,7 +3,8 @@
 From the config alone (no model is loaded, no pool is built) it derives, per sample stage of a round (iterations
 1..T and the release): the seed snippets it takes, the candidates it samples, the rows left after each filter at
 the rates of the `plan:` section, and the device-hours of sampling, judging, influence and training at its
-throughputs. Every rate and throughput carries its basis (measured or inferred), and the printout says which.
+throughputs; with round.probe_snippets, the probe's seeds and sampling hours (every synthesizer, no filter).
+Every rate and throughput carries its basis (measured or inferred), and the printout says which.
 
 It also answers the question the sample stage would answer too late: can the pool feed the plan? `seed_windows`
 lays out which kept snippets each stage takes (synth_core.round_plan's arithmetic) and `check_pool_feeds` fails
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from synth_core.config import ConfigError, PlanEstimate, RunConfig
-from synth_core.round_plan import first_snippet
+from synth_core.round_plan import first_snippet, probe_first_snippet
 
 
 class PoolTooSmallError(ConfigError):
@@ -35,7 +36,7 @@ class PoolTooSmallError(ConfigError):
 class StageEstimate:
     """One sample stage of a round (an iteration or the release) and what follows it."""
 
-    label: str  # "iteration 2" | "release"
+    label: str  # "iteration 2" | "release" | "probe"
     first: int  # kept snippets skipped before its seeds
     requested: int | None  # seeds it asks for; None = every kept snippet left
     seeds: int  # seeds the pool gives it
@@ -61,7 +62,7 @@ class RoundEstimate:
 
     @property
     def release(self) -> StageEstimate:
-        return self.stages[-1]
+        return next(s for s in self.stages if s.label == "release")
 
     @property
     def device_hours(self) -> float:
@@ -92,12 +93,14 @@ def seed_windows(cfg: RunConfig) -> list[tuple[str, int, int | None]]:
         (f"iteration {t}", first_snippet(cfg, t), rc.snippets_per_iteration) for t in range(1, rc.iterations + 1)
     ]
     out.append(("release", first_snippet(cfg, rc.iterations + 1), rc.synthesize_snippets))
+    if rc.probe_snippets:
+        out.append(("probe", probe_first_snippet(cfg), rc.probe_snippets))
     return out
 
 
 def stage_name(label: str) -> str:
     """The name the round flow gives a stage's sample step ('iteration 1: sample', 'synthesize: sample')."""
-    return "synthesize: sample" if label == "release" else f"{label}: sample"
+    return "synthesize: sample" if label == "release" else f"{label}: sample"  # 'probe: sample' too
 
 
 def check_pool_feeds(cfg: RunConfig, kept_snippets: int) -> list[str]:
@@ -155,6 +158,12 @@ def estimate_round(cfg: RunConfig, reference_rows: int) -> RoundEstimate:
         release = label == "release"
         seeds = max(0, pool - first) if asked is None else max(0, min(asked, pool - first))
         st = StageEstimate(label, first, asked, seeds, float(seeds * per_seed))
+        if label == "probe":  # the base model (compare_base), the bootstrap and each iteration's synthesizer
+            models = (rc.iterations + 1) * ckpts + (1 if rc.compare_base else 0)
+            st.candidates = float(seeds * models * cfg.sample.generation.samples_per_prompt)
+            st.hours["sample"] = _hours(st.candidates * pc.answer_tokens.value, pc.sample_tokens_per_s)
+            stages.append(st)
+            continue
         st.hours["sample"] = _hours(st.candidates * pc.answer_tokens.value, pc.sample_tokens_per_s)
         passed = st.candidates * p_sample
         st.after.append(("sample checks", passed))

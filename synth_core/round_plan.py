@@ -1,7 +1,8 @@
 """How a round configures its stages: which checkpoints each iteration samples from and which seed snippets it takes.
 
 Iteration t (1..T) samples `round.snippets_per_iteration` kept snippets starting after those of iterations 1..t-1,
-and the release takes the next `round.synthesize_snippets`, so no seed is used twice in a round; a dated run (a
+the release takes the next `round.synthesize_snippets` and the probe (`probe_config`) the next `round.probe_snippets`,
+so no seed is used twice in a round; a dated run (a
 nightly schedule) moves that window along the pool and reseeds sampling by date (`dated_config`). Pure config
 arithmetic, shared by the iteration and round flows (flows/iteration.py, flows/round.py), which only wire stages.
 """
@@ -29,7 +30,17 @@ def snippets_per_round(cfg: RunConfig) -> int | None:
     rc = cfg.round
     if rc.synthesize_snippets is None or (rc.iterations and rc.snippets_per_iteration is None):
         return None
-    return rc.iterations * (rc.snippets_per_iteration or 0) + rc.synthesize_snippets
+    return rc.iterations * (rc.snippets_per_iteration or 0) + rc.synthesize_snippets + rc.probe_snippets
+
+
+def probe_first_snippet(cfg: RunConfig) -> int:
+    """The probe's first seed snippet: right after the release's window (round.synthesize_snippets must be set)."""
+    if cfg.round.synthesize_snippets is None:
+        raise ConfigError(
+            "round.probe_snippets needs round.synthesize_snippets: with None the release takes every kept snippet "
+            "and no unused seed is left to probe"
+        )
+    return first_snippet(cfg, cfg.round.iterations + 1) + cfg.round.synthesize_snippets
 
 
 def dated_config(cfg: RunConfig, date: datetime.date, kept_snippets: int) -> RunConfig:
@@ -93,3 +104,38 @@ def stage_config(cfg: RunConfig, checkpoints: str, iteration: int) -> RunConfig:
     if release:  # a release wants every row that passed; one per seed capped the demo's at its 16 seeds
         out.score.top_k_per_seed = cfg.round.release_top_k_per_seed
     return out
+
+
+def probe_synthesizers(cfg: RunConfig, train_outputs: list[str], base: bool = False) -> list[tuple[str, list[str]]]:
+    """(label, checkpoint refs) of each synthesizer the probe compares: the base synthesizer when `base`, then the
+    bootstrap (train_outputs[0]) and each iteration's train output, with all its checkpoints (only the last one
+    when round.multi_checkpoint is off, as the iterations sample)."""
+    groups = [("base model", [cfg.models.synthesizer])] if base else []
+    for t, train_out in enumerate(train_outputs):
+        own = checkpoints_of(train_out, cfg)
+        label = "bootstrap" if t == 0 else f"after iteration {t}"
+        groups.append((label, own if cfg.round.multi_checkpoint else own[-1:]))
+    return groups
+
+
+def probe_config(
+    cfg: RunConfig, synthesizers: list[tuple[str, list[str]]]
+) -> tuple[RunConfig, list[tuple[str, list[str]]]]:
+    """The probe's sample config: every checkpoint of `synthesizers` (probe_synthesizers) in ONE sample stage (one
+    engine: vLLM serves the adapters and their base together) on the `round.probe_snippets` seeds after the
+    release's; lineage iteration 0 (the probe trains nothing). A checkpoint with the same weights as an earlier one
+    (an iteration that kept no row trains on R alone, as the bootstrap did) is sampled once: the returned groups
+    name the checkpoint whose rows stand for it."""
+    from synth_core.models import resolve_model
+
+    first: dict[str, str] = {}  # weights' fingerprint -> the first checkpoint with them
+    groups = []
+    for label, refs in synthesizers:
+        fps = [resolve_model(r, base=cfg.sample.base, storage=cfg.storage).fingerprint for r in refs]
+        groups.append((label, [first.setdefault(fp, ref) for fp, ref in zip(fps, refs, strict=True)]))
+    out = cfg.model_copy(deep=True)
+    out.sample.checkpoints = list(first.values())
+    out.sample.iteration = 0
+    out.sample.max_snippets = cfg.round.probe_snippets
+    out.sample.first_snippet = probe_first_snippet(cfg)
+    return out, groups

@@ -119,7 +119,42 @@ def compare_rounds(
     if losses:
         notes = "\n## Held-out loss of the last synthesizer\n\n| run | iteration | held-out loss |\n|---|---:|---:|\n"
         notes += "\n".join(losses) + "\n"
+    notes += probe_comparison(runs, cfg)
     return write_report(evals, out, cfg, title=title, kind="bar", notes=notes)
+
+
+def probe_comparison(runs: Mapping[str, str], cfg: RunConfig) -> str:
+    """Per run whose release records a probe (round.probe_snippets): its bootstrap's and its last synthesizer's
+    share of answers that passed their own asserts on the probe's seeds. Runs of one config and pool probe the same
+    seeds (the window after the release's), so their last synthesizers compare across ablations."""
+    from synth_core.storage import dataset_exists, read_manifest
+
+    lines = []
+    for name, uri in runs.items():
+        probe = read_manifest(uri, cfg.storage).stats.get("probe") if dataset_exists(uri, cfg.storage) else None
+        if not probe:
+            continue
+        recs = {r["synthesizer"]: r for r in probe["records"]}
+        first, last = recs.get("bootstrap"), probe["records"][-1]
+        vs = last.get("vs") or {}
+        p = "" if vs.get("p") is None else f"{vs['p']:.2f}"
+        start = _pct(first["assert_pass_rate"] if first else None)
+        lines.append(
+            f"| {name} | {probe['seeds']} | {start} | {last['synthesizer']} | "
+            f"{_pct(last['assert_pass_rate'])} | {vs.get('gained', '')} / {vs.get('lost', '')} / "
+            f"{vs.get('tied', '')} | {p} |"
+        )
+    if not lines:
+        return ""
+    head = (
+        "\n## Probe: asserts passed on the same unused seeds\n\n| run | seeds | bootstrap | last synthesizer | "
+        "asserts passed | seeds gained / lost / tied | p |\n|---|---:|---:|---|---:|---|---:|\n"
+    )
+    return head + "\n".join(lines) + "\n"
+
+
+def _pct(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:.1f}%"
 
 
 def _fmt(v: float | None) -> str:

@@ -61,6 +61,13 @@ def convergence_record(
     return convergence.convergence_record(iteration, stages, loss_uri, cfg)
 
 
+@task(name="probe-evidence", **RETRY, cache_policy=NO_CACHE)
+def probe_evidence(cfg: RunConfig, sample_uri: str, synthesizers: Sequence[tuple[str, Sequence[str]]]) -> dict:
+    """Per synthesizer, what its answers on the probe's seeds show, and a per-seed sign test against the bootstrap
+    (synth_core.convergence.probe_evidence)."""
+    return convergence.probe_evidence(sample_uri, synthesizers, cfg)
+
+
 @task(name="release", **RETRY, cache_policy=NO_CACHE)
 def build_release(
     cfg: RunConfig,

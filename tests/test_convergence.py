@@ -122,3 +122,58 @@ def test_sample_evidence_says_how_many_passed_only_after_grounding(cfg, tmp_path
     uri = write_samples(str(tmp_path / "samples"), rows)
     ev = sample_evidence({"sample": uri}, cfg)
     assert (ev["assert_pass_rate"], ev["grounded_rate"]) == (0.75, 0.25)
+
+
+def test_sign_test_is_the_exact_two_sided_binomial():
+    from synth_core.convergence import sign_test
+
+    assert sign_test(0, 0) is None
+    assert sign_test(5, 5) == 1.0 and sign_test(7, 8) == 1.0
+    assert sign_test(10, 0) == sign_test(0, 10) == round(2 / 2**10, 4)
+    # 15 gained, 8 lost: 2 x P(X <= 8), X ~ Binomial(23, 1/2) (the evidence probe's third iteration)
+    assert sign_test(15, 8) == 0.2100
+
+
+def test_probe_compares_every_synthesizer_with_the_bootstrap_seed_by_seed(cfg, tmp_path):
+    """probe_evidence groups the probe's answers by the checkpoints of each synthesizer and counts, per seed, the
+    answers that passed their own asserts against the bootstrap's: gained, lost, tied, and the sign test."""
+    from conftest import write_samples
+
+    from synth_core.convergence import probe_evidence, probe_markdown
+
+    code = "```python\ndef f():\n    return 1\n\nassert f() == 1\n```"
+    passes = {  # checkpoint -> passed? per seed 0..3, one answer each
+        "boot/ckpt-1": [1, 0, 0, 0],
+        "boot/ckpt-2": [0, 1, 0, 0],
+        "it1/ckpt-1": [1, 1, 1, 0],
+        "it1/ckpt-2": [1, 0, 1, 1],
+        "base": [0, 0, 0, 0],
+    }
+    rows = []
+    for ckpt, marks in passes.items():
+        for seed, ok in enumerate(marks):
+            row = {"snippet": f"x = {seed}\n", "instruction": f"Problem {seed} of {ckpt}.", "response": code}
+            row |= {"checkpoint": ckpt, "exec_status": "passed" if ok else "failed"}
+            row["reject_reason"] = None if ok else "asserts_failed"
+            rows.append(row)
+    rows.append({"snippet": "x = 0\n", "instruction": "", "response": "", "checkpoint": "it1/ckpt-1"})
+    rows[-1]["reject_reason"] = "no_code_block"  # a third answer of it1 on seed 0 that did not parse
+    uri = write_samples(str(tmp_path / "probe"), rows)
+    groups = [
+        ("base model", ["base"]),
+        ("bootstrap", ["boot/ckpt-1", "boot/ckpt-2"]),
+        ("after iteration 1", ["it1/ckpt-1", "it1/ckpt-2"]),
+        ("after iteration 2", ["boot/ckpt-1", "boot/ckpt-2"]),  # kept nothing: the bootstrap's weights
+    ]
+    probe = probe_evidence(uri, groups, cfg)
+    assert probe["seeds"] == 4
+    base, boot, it1, it2 = probe["records"]
+    assert it2["same_weights_as"] == "bootstrap" and it2["vs"] == {**it2["vs"], "gained": 0, "lost": 0, "p": None}
+    assert (boot["answers"], boot["assert_pass_rate"], "vs" in boot) == (8, 0.25, False)
+    assert (it1["answers"], it1["assert_pass_rate"], it1["parse_rate"]) == (9, round(6 / 9, 4), round(8 / 9, 4))
+    # it1 per seed 2, 1, 2, 1 passed against the bootstrap's 1, 1, 0, 0: seeds 0, 2, 3 gained, seed 1 tied.
+    assert it1["vs"] == {"against": "bootstrap", "gained": 3, "lost": 0, "tied": 1, "p": 0.25}
+    assert base["vs"] | {"p": None} == {"against": "bootstrap", "gained": 0, "lost": 2, "tied": 2, "p": None}
+    md = probe_markdown(probe)
+    assert "## Probe" in md and "| after iteration 1 | 9 | 88.9% |" in md and "| 3 / 0 / 1 | 0.25 |" in md
+    assert "| after iteration 2 (the same weights as the bootstrap) | 8 |" in md

@@ -28,6 +28,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def _config(tmp_path: Path, name: str) -> Path:
     cfg = tiny_round_config(tmp_path, name)
+    cfg["round"]["probe_snippets"] = 2  # the probe: the bootstrap and iteration 1 on 2 seeds nothing else used
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -118,6 +119,7 @@ def test_round_release_and_resume_after_sigkill(tiny_round, prefect_server):
         "iteration 1: train",
         "synthesize: sample",
         "synthesize: score",
+        "probe: sample",
     ]  # the release is not influence-filtered by default (round.release_influence)
     # The tiny random model writes nothing usable: the release is empty (tests/test_release.py fills one).
     assert read_manifest(release).num_rows == 0 and "0 code-instruction pairs" in card
@@ -126,6 +128,18 @@ def test_round_release_and_resume_after_sigkill(tiny_round, prefect_server):
     it1 = read_dataset(samples["iteration 1: sample"]).column("snippet_id").to_pylist()
     syn = read_dataset(samples["synthesize: sample"]).column("snippet_id").to_pylist()
     assert len(it1) == len(syn) == 8 and not set(it1) & set(syn)
+    # The probe: both synthesizers on the same 2 seeds, which no other stage used. Iteration 1 kept nothing, so it
+    # trained on R alone and has the bootstrap's weights: sampled once (2 checkpoints x 2 samples x 2 seeds).
+    probe_rows = read_dataset(samples["probe: sample"]).to_pylist()
+    assert len(probe_rows) == 8 and not {r["snippet_id"] for r in probe_rows} & (set(it1) | set(syn))
+    probe = read_manifest(release).stats["probe"]
+    assert probe["seeds"] == 2 and [(r["synthesizer"], r["answers"]) for r in probe["records"]] == [
+        ("bootstrap", 8),
+        ("after iteration 1", 8),
+    ]
+    assert probe["records"][1]["same_weights_as"] == "bootstrap"
+    assert probe["records"][1]["vs"] == {"against": "bootstrap", "gained": 0, "lost": 0, "tied": 2, "p": None}
+    assert "## Probe" in card and "after iteration 1 (the same weights as the bootstrap)" in card
     # The date's round: its seed-snippet window and sampling seed (synth_core.round_plan.dated_config).
     dated = dated_config(
         parse_config(yaml.safe_load(_config(tmp_path, "a").read_text())),

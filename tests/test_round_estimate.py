@@ -97,6 +97,25 @@ def test_pool_feeds_check_names_the_first_stage_that_runs_dry():
     assert [line.split(":")[0] for line in lines] == ["iteration 2", "synthesize"]
 
 
+def test_the_probe_is_planned_and_fed_after_the_release():
+    """The probe's window comes after the release's; the plan samples it from every synthesizer (base, bootstrap,
+    each iteration: their checkpoints x samples) and filters and trains nothing."""
+    cfg = parse_config(
+        {"round": {"iterations": 2, "snippets_per_iteration": 5, "synthesize_snippets": 10, "probe_snippets": 4}}
+    )
+    assert check_pool_feeds(cfg, 24) == []
+    with pytest.raises(PoolTooSmallError, match=r"^probe: sample: .* \(short by 1\);"):
+        check_pool_feeds(cfg, 23)
+    cfg.round.compare_base = True
+    probe = plan_record(estimate_round(cfg, 48))["stages"][-1]
+    assert probe["stage"] == "probe" and probe["seeds"] == 4
+    assert probe["candidates"] == 4 * (3 * 2 + 1) * 2 and probe["train_rows"] == 0
+    assert list(probe["hours"]) == ["sample"]
+    released = plan_record(estimate_round(cfg, 48))["release_rows"]
+    cfg.round.probe_snippets = 0
+    assert plan_record(estimate_round(cfg, 48))["release_rows"] == released
+
+
 def test_sample_stage_that_runs_out_of_seeds_says_so(tmp_path, cfg, tiny_model):
     """A real sample stage on a pool of 4 kept snippets asked for 6: an error by default; with 'warn', the samples
     of the 4 and a funnel line with the shortfall."""

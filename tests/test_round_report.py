@@ -37,6 +37,7 @@ def _round_config(tmp_path: Path) -> dict:
         "generation": {"backend": "transformers", "max_new_tokens": 16},
     }
     cfg["round"].update(random_selection=True, reference=str(ref), holdout_fraction=0.25, evaluate=True)
+    cfg["round"]["probe_snippets"] = 2  # scoder report compares the runs' probes
     return cfg
 
 
@@ -123,6 +124,9 @@ def test_round_convergence_holdout_and_report(tmp_path):
     text = (out / "report.md").read_text()
     assert "| full | humaneval | 2 |" in text and "| direct | humaneval | 2 |" in text
     assert "Held-out loss of the last synthesizer" in text and "| full | 1 |" in text
+    # The probe (2 seeds): iteration 1 kept nothing, so it has the bootstrap's weights and ties it on every seed.
+    assert "## Probe: asserts passed on the same unused seeds" in text
+    assert "| full | 2 | 0.0% | after iteration 1 | 0.0% | 0 / 0 / 2 |  |" in text
     assert (out / "pass_at_1.png").stat().st_size > 0
     r = CliRunner().invoke(app, ["report", "--run", f"x={release}", "--config", str(tmp_path / "round.yaml")])
     assert r.exit_code == 2 and "has no evaluation 'release'" in r.output
