@@ -47,6 +47,7 @@ def write_report(
     title: str = "Round report",
     kind: Literal["line", "bar"] = "line",
     notes: str = "",
+    why_not_evaluated: str = "no kept rows to train on",
 ) -> str:
     """report.md, pass_at_1.png and report.json in `folder`; returns the report's markdown.
 
@@ -61,7 +62,7 @@ def write_report(
     md += (records_markdown(records) or "No evaluation.") + "\n"
     skipped = [label for label, uri in evals.items() if not uri]
     if skipped:
-        md += f"\nNot evaluated (no kept rows to train on): {', '.join(skipped)}.\n"
+        md += f"\nNot evaluated ({why_not_evaluated}): {', '.join(skipped)}.\n"
     if records:
         plot_pass_at_1(records, join_uri(folder, REPORT_PNG), kind=kind, title=title, cfg=cfg)
         md += f"\n![pass@1 per run]({REPORT_PNG})\n"
@@ -104,11 +105,20 @@ def compare_rounds(
     runs: Mapping[str, str], out: str, cfg: RunConfig, label: str = "release", title: str = "Ablations"
 ) -> str:
     """One report over several rounds (label -> a release evaluated by its round, or an evaluation output), bars
-    per run; plus each release's last held-out loss when its manifest has convergence records. Returns the
-    markdown (also written to `out`/report.md with the PNG and JSON)."""
+    per run; plus each release's last held-out loss when its manifest has convergence records, and its probe
+    (probe_comparison). A run without the evaluation but with a probe (an ablation run with round.evaluate off) is
+    listed as not evaluated. Returns the markdown (also written to `out`/report.md with the PNG and JSON)."""
     from synth_core.storage import dataset_exists, read_manifest
 
-    evals = {name: evaluation_of(uri, cfg, label) for name, uri in runs.items()}
+    evals: dict[str, str | None] = {}
+    for name, uri in runs.items():
+        try:
+            evals[name] = evaluation_of(uri, cfg, label)
+        except ReportError:
+            # An ablation run with round.evaluate off still compares by its probe; a run with neither is an error.
+            if not (dataset_exists(uri, cfg.storage) and read_manifest(uri, cfg.storage).stats.get("probe")):
+                raise
+            evals[name] = None
     losses = []
     for name, uri in runs.items():
         conv = read_manifest(uri, cfg.storage).stats.get("convergence") if dataset_exists(uri, cfg.storage) else None
@@ -120,7 +130,8 @@ def compare_rounds(
         notes = "\n## Held-out loss of the last synthesizer\n\n| run | iteration | held-out loss |\n|---|---:|---:|\n"
         notes += "\n".join(losses) + "\n"
     notes += probe_comparison(runs, cfg)
-    return write_report(evals, out, cfg, title=title, kind="bar", notes=notes)
+    why = "round.evaluate was off; the probe below compares them"
+    return write_report(evals, out, cfg, title=title, kind="bar", notes=notes, why_not_evaluated=why)
 
 
 def probe_comparison(runs: Mapping[str, str], cfg: RunConfig) -> str:

@@ -128,8 +128,15 @@ def test_round_convergence_holdout_and_report(tmp_path):
     assert "## Probe: asserts passed on the same unused seeds" in text
     assert "| full | 2 | 0.0% | after iteration 1 | 0.0% | 0 / 0 / 2 |  |" in text
     assert (out / "pass_at_1.png").stat().st_size > 0
-    r = CliRunner().invoke(app, ["report", "--run", f"x={release}", "--config", str(tmp_path / "round.yaml")])
-    assert r.exit_code == 2 and "has no evaluation 'release'" in r.output
+    # The release was not evaluated (no kept rows) but has a probe: listed as not evaluated, compared by its probe.
+    yaml_path, x_out = str(tmp_path / "round.yaml"), str(tmp_path / "x")
+    r = CliRunner().invoke(app, ["report", "--run", f"x={release}", "--out", x_out, "--config", yaml_path])
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "x" / "report.md").read_text()
+    assert "Not evaluated (round.evaluate was off; the probe below compares them): x." in text and "| x | 2 |" in text
+    # Neither an evaluation nor a probe: one line naming the run.
+    r = CliRunner().invoke(app, ["report", "--run", f"y={stats['split']}", "--config", yaml_path])
+    assert r.exit_code == 2 and "no report.json" in r.output
 
 
 def _write_yaml(tmp_path: Path, data: dict) -> Path:
