@@ -1,6 +1,7 @@
 """A whole self-distillation round: the pool, the bootstrap (when the run has no checkpoints yet), T iterations, then
-the released dataset synthesised from the pool by the final synthesizer through the same score and filter, with
-its data card.
+the released dataset synthesised from the pool by the final synthesizer through the same score and filter, without
+near-duplicate problems (round.release_dedup), with its data card; with round.probe_snippets, the probe (every
+synthesizer on the same unused seeds) in the card.
 
 Wiring only: every step is a stage flow (a subflow in the Prefect UI) or a task, every output content-addressed.
 Re-running a round after a crash, a kill or a failed shard recomputes nothing that finished; `scoder run` and the
@@ -108,6 +109,8 @@ def round_flow(
         "sample": as_subflow(sample_flow, scfg)(snippets=pool, config=scfg.model_dump(mode="json"))
     }
     final = filter_stages(scfg, synth["sample"], checkpoints, reference, synth)
+    if rc.release_dedup:  # a student should not see one problem twice
+        final = synth["dedup"] = round_tasks.dedup_problems(scfg, final)
     stages += [(f"synthesize: {stage}", uri) for stage, uri in synth.items()]
     probe = run_probe(cfg, pool, iterations, stages) if rc.probe_snippets else None
     record = round_tasks.convergence_record

@@ -826,6 +826,12 @@ class RoundConfig(StrictModel):
         "the release's), in ONE sample stage, so their parse and assert-pass rates compare on the same seeds, with a "
         "per-seed sign test against the bootstrap (the data card's probe section); 0 = off.",
     )
+    release_dedup: bool = Field(
+        True,
+        description="Reject near-duplicate problems in the release (the pool's MinHash settings, on the problem "
+        "statement): the best-scored row of each group stays, the others get reason duplicate_problem and name it "
+        "(synth_core.problem_dedup).",
+    )
     release_influence: bool = Field(
         False,
         description="Filter the released dataset by influence too. Off by default: influence picks the rows that "

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 STAGE_VERSION = 1
 HOLDOUT = "holdout"
 # Filter stages of an iteration, in pipeline order: the share of each one's input that it keeps.
-FILTER_STAGES = ("sample", "score", "influence", "random_selection")
+FILTER_STAGES = ("sample", "score", "influence", "random_selection", "dedup")  # dedup: the release's only
 _LOSS_SCHEMA_FIELDS = (("checkpoint", "string"), ("rows", "int64"), ("mean_loss", "float64"))
 
 

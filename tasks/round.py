@@ -16,7 +16,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from synth_core import convergence, random_selection, release, round_report, score_fit
+from synth_core import convergence, problem_dedup, random_selection, release, round_report, score_fit
 from synth_core.config import RunConfig
 from tasks.retry import RETRY
 
@@ -37,6 +37,13 @@ def heldout_loss(cfg: RunConfig, train_out: str, split: str) -> str:
 def select_random(cfg: RunConfig, samples: str, filtered: str) -> str:
     """As many samples as `filtered` keeps, drawn at random among those the filters may keep (ablation)."""
     return random_selection.select_random(samples, filtered, cfg.round.seed, cfg.storage)
+
+
+@task(name="dedup-problems", **RETRY, cache_policy=NO_CACHE)
+def dedup_problems(cfg: RunConfig, candidates: str) -> str:
+    """The kept rows of `candidates` without near-duplicate problems (the best-ranked of each group stays; the
+    others are rejected as duplicate_problem, naming it); returns the output's URI."""
+    return problem_dedup.dedup_problems(candidates, cfg)
 
 
 @task(name="fit-weights", **RETRY, cache_policy=NO_CACHE)

@@ -119,6 +119,7 @@ def test_round_release_and_resume_after_sigkill(tiny_round, prefect_server):
         "iteration 1: train",
         "synthesize: sample",
         "synthesize: score",
+        "synthesize: dedup",
         "probe: sample",
     ]  # the release is not influence-filtered by default (round.release_influence)
     # The tiny random model writes nothing usable: the release is empty (tests/test_release.py fills one).
