@@ -948,6 +948,15 @@ class PlanConfig(StrictModel):
         default_factory=lambda: PlanEstimate(value=1.0, basis="inferred", note="score.min_score 0 keeps every score"),
         description="Share of scored candidates at or above score.min_score (0-1).",
     )
+    distinct_problem_rate: PlanEstimate = Field(
+        default_factory=lambda: PlanEstimate(
+            value=0.94,
+            basis="measured",
+            note="the evidence round's probe (git 6e69122): 92-97% of one synthesizer's kept answers (2 checkpoints x "
+            "2 samples per seed) were not near duplicates of another",
+        ),
+        description="Share of the release's kept rows that round.release_dedup keeps (not near-duplicate problems).",
+    )
     answer_tokens: PlanEstimate = Field(
         default_factory=lambda: PlanEstimate(
             value=210, basis="measured", note="README: ~210 output tokens per answer of the 135M model"

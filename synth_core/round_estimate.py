@@ -176,6 +176,8 @@ def estimate_round(cfg: RunConfig, reference_rows: int) -> RoundEstimate:
             rows_in = st.rows_out
             st.hours["influence"] = _hours(rows_in * ckpts, pc.influence_rows_per_s)
             st.after.append(("influence", float(math.ceil(cfg.influence.keep_fraction * rows_in - 1e-9))))
+        if release and rc.release_dedup:
+            st.after.append(("dedup", st.rows_out * pc.distinct_problem_rate.value))
         if not release:
             earlier = kept_so_far if rc.accumulate_kept else 0.0
             st.train_rows = r_train + earlier + st.rows_out

@@ -58,7 +58,8 @@ def test_gpu_round_plan_releases_the_papers_size_from_a_pool_that_feeds_it():
 def test_cli_plan_prints_the_plan_and_fails_in_one_line_when_the_pool_cannot_feed_it():
     ok = _scoder("run", "--plan", "--config", str(GPU))
     assert ok.returncode == 0, ok.stderr
-    assert "released dataset: 63,928 rows expected" in ok.stdout
+    assert "after score 63,928, after dedup 60,092" in ok.stdout
+    assert "released dataset: 60,092 rows expected" in ok.stdout
     assert "[inferred]" in ok.stdout and "device-hours" in ok.stdout
     bad = _scoder("run", "--plan", "--config", str(GPU), "--set", "plan.pool_snippets=100000")
     assert bad.returncode == 2
