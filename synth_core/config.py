@@ -260,6 +260,12 @@ class SampleConfig(StrictModel):
         "never binds (`os`, `Set`, `defaultdict`: synth_core.repair); rows record them in imports_added. Needs "
         "execute.",
     )
+    drop_repeated_asserts: bool = Field(
+        True,
+        description="After a sample's code passed, remove the module-level asserts that repeat an earlier one word "
+        "for word (what ground_asserts leaves of several asserts of one call; synth_core.repair) and run it again: "
+        "the shorter code replaces it if it passes too; rows record the count in asserts_dropped. Needs execute.",
+    )
     ground_asserts: bool = Field(
         True,
         description="Execution-grounded asserts (synth_core.ground): when a sample's asserts fail, run its code once "

@@ -31,7 +31,7 @@ CARD_NAME = "README.md"
 # Lineage columns carried into the release when the final dataset has them (score/influence only after those stages).
 _LINEAGE = (
     "sample_id", "snippet_id", "snippet", "language", "checkpoint", "iteration", "seed", "exec_status",
-    "asserts_grounded", "original_asserts", "imports_added", "score", "influence",
+    "asserts_grounded", "original_asserts", "imports_added", "asserts_dropped", "score", "influence",
 )  # fmt: skip
 
 
@@ -61,6 +61,9 @@ def funnel_section(stages: Sequence[tuple[str, str]], cfg: RunConfig) -> str:
             rejected += f"; asserts grounded in {g['rows']} rows ({g['asserts']} asserts)"
         if "imports_added" in f:  # sample.add_imports: a repair, not a rejection
             rejected += f"; imports added in {f['imports_added']['rows']} rows"
+        if "asserts_dropped" in f:  # sample.drop_repeated_asserts: a repair, not a rejection
+            d = f["asserts_dropped"]
+            rejected += f"; repeated asserts dropped in {d['rows']} rows ({d['asserts']} asserts)"
         lines.append(f"| {label} | {f.get('rows_in', 0)} | {f.get('kept', 0)} | {rejected} | `{uri}` |")
     return "| stage | rows in | kept | rejected (reason: rows) | dataset |\n|---|---:|---:|---|---|\n" + "\n".join(
         lines

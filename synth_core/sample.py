@@ -167,6 +167,7 @@ def plan_sample(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> Sa
                 "ground_max_chars",
                 "ground_predicates",
                 "add_imports",
+                "drop_repeated_asserts",
             },
         ),
         template,
@@ -184,6 +185,8 @@ def plan_sample(cfg: RunConfig, snippets_uri: str, out: str | None = None) -> Sa
         ),
         # add_imports joined after grounding; off, a run keeps its location (the repair's rules are its version).
         *([("add_imports", REPAIR_VERSION)] if cfg.sample.execute and cfg.sample.add_imports else []),
+        # drop_repeated_asserts joined after add_imports; off, a run keeps its location.
+        *(["drop_repeated_asserts"] if cfg.sample.execute and cfg.sample.drop_repeated_asserts else []),
     )
     plan = SamplePlan(
         snippets_uri=snippets_uri,
@@ -397,6 +400,8 @@ def screen_rows(rows: list[dict[str, Any]], template: str, cfg: RunConfig) -> di
                     row["reject_reason"] = ASSERTS_FAILED
                     last = tail.strip().splitlines()[-1] if tail.strip() else res.status
                     row["detail"] = f"sandbox: {res.status}: {last[:200]}"
+        if scfg.drop_repeated_asserts:
+            drop_repeats([r for r in todo if r["exec_status"] == "passed"], cfg)
     return {
         "screen_s": round(t1 - t0, 3),
         "executions": runs,
@@ -404,6 +409,8 @@ def screen_rows(rows: list[dict[str, Any]], template: str, cfg: RunConfig) -> di
         "asserts_grounded_rows": sum(1 for r in rows if r.get("asserts_grounded")),
         "asserts_grounded": sum(r.get("asserts_grounded") or 0 for r in rows),
         "imports_added_rows": sum(1 for r in rows if r.get("imports_added")),
+        "asserts_dropped_rows": sum(1 for r in rows if r.get("asserts_dropped")),
+        "asserts_dropped": sum(r.get("asserts_dropped") or 0 for r in rows),
     }
 
 
@@ -421,6 +428,27 @@ def add_imports(rows: list[dict[str, Any]]) -> None:
         if fixed.added:
             row["response"] = replace_solution_code(row["response"], fixed.code)
             row["imports_added"] = list(fixed.added)
+
+
+def drop_repeats(rows: list[dict[str, Any]], cfg: RunConfig) -> None:
+    """sample.drop_repeated_asserts, in place, on rows whose code passed: the code without the asserts it repeats
+    word for word (synth_core.repair) runs again in the sandbox, and replaces the row's code (its count in
+    `asserts_dropped`) only if it passed too; otherwise the row keeps the code that passed."""
+    from synth_core.ground import replace_solution_code
+    from synth_core.repair import drop_repeated_asserts
+    from synth_core.sandbox import run_programs
+
+    todo = []
+    for row in rows:
+        if len(parse.CODE_BLOCK.findall(row["response"])) == 1:  # the constrained format writes one
+            fixed = drop_repeated_asserts(parse.solution_code(row["response"]))
+            if fixed.dropped:
+                todo.append((row, fixed))
+    results = run_programs([fixed.code for _, fixed in todo], cfg.sandbox) if todo else []
+    for (row, fixed), res in zip(todo, results, strict=True):
+        if res.passed:
+            row["response"] = replace_solution_code(row["response"], fixed.code)
+            row["asserts_dropped"] = fixed.dropped
 
 
 def ground_rows(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[int, Any]:
@@ -476,6 +504,7 @@ def _row(
         "asserts_grounded": None,
         "original_asserts": None,
         "imports_added": None,
+        "asserts_dropped": None,
     }
 
 
@@ -519,6 +548,12 @@ def commit_samples(plan: SamplePlan, results: list[ShardResult], cfg: RunConfig,
     imported = sum(r.stats.get("imports_added_rows", 0) for r in results)
     if imported:  # rows whose code got standard-library imports before it ran (sample.add_imports)
         funnel["imports_added"] = {"rows": imported}
+    dropped = sum(r.stats.get("asserts_dropped_rows", 0) for r in results)
+    if dropped:  # passing rows whose word-for-word repeated asserts were removed (sample.drop_repeated_asserts)
+        funnel["asserts_dropped"] = {
+            "rows": dropped,
+            "asserts": sum(r.stats.get("asserts_dropped", 0) for r in results),
+        }
     if plan.seed_shortfall:
         funnel["seed_shortfall"] = {
             "requested": plan.requested,

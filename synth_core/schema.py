@@ -107,6 +107,9 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("original_asserts", pa.list_(pa.string())),
         # sample.add_imports (synth_core.repair): import lines added to the code before it ran; null = none
         pa.field("imports_added", pa.list_(pa.string())),
+        # sample.drop_repeated_asserts (synth_core.repair): assert statements removed from passing code because they
+        # repeated an earlier one word for word; null = none
+        pa.field("asserts_dropped", pa.int32()),
     ]
 )
 

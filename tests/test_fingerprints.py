@@ -35,6 +35,7 @@ SAMPLE_WITHOUT_IMPORTS = "ab63982f47cd8a16"  # main's sample pin before sample.a
 # main's sample pin while sample.constrain_format was true by default (git 84579d6: 3c4e5f04c77ff563), moved on
 # purpose by REPAIR_VERSION 2 (ABCMeta is imported too)
 SAMPLE_CONSTRAINED = "cef8e60e8154f86e"
+SAMPLE_WITHOUT_DROP = "f8754805bf9609e3"  # main's sample pin before sample.drop_repeated_asserts existed (git 91e382a)
 # The values main derived on 2026-12-06 (commit 76d999c), before issue 18's refactor.
 PINNED = {
     "model": "7edb8244ae4e8d9f",
@@ -47,7 +48,8 @@ PINNED = {
     # rows and moves on purpose; off, it keeps main's old location (SAMPLE_WITHOUT_GROUNDING, tested below).
     # Then sample.add_imports (on by default) moved it again: SAMPLE_WITHOUT_IMPORTS is the location before it.
     # Then sample.constrain_format became 'base_model' by default: SAMPLE_CONSTRAINED is the location with true.
-    "sample": "f8754805bf9609e3",
+    # Then sample.drop_repeated_asserts (on by default) moved it: SAMPLE_WITHOUT_DROP is the location before it.
+    "sample": "b11e88a68897dec3",
     "score": "cf3544257fd90017",
     "train": "6490109ee6009161",
     "eval": "89fa7ade66e08904",
@@ -115,9 +117,20 @@ def test_stage_fingerprints_are_those_of_main_before_the_refactor(pin_cfg, tmp_p
 
 @pytest.fixture
 def pin_cfg_before_mbpp(pin_cfg):
-    """decontam.benchmarks [humaneval], as before mbpp shipped: the older sample pins below were taken so."""
+    """decontam.benchmarks [humaneval], as before mbpp shipped, and no sample.drop_repeated_asserts (it came later):
+    the older sample pins below were taken so."""
     pin_cfg.decontam.benchmarks = ["humaneval"]
+    pin_cfg.sample.drop_repeated_asserts = False
     return pin_cfg
+
+
+def test_sample_without_dropping_repeats_keeps_its_old_location(pin_cfg, tmp_path):
+    """sample.drop_repeated_asserts off: the fingerprint main derived before the field existed."""
+    from synth_core.sample import plan_sample
+
+    pin_cfg.sample.drop_repeated_asserts = False
+    snippets = write_pool(str(tmp_path / "snippets"), SNIPPETS)
+    assert plan_sample(pin_cfg, snippets).fp == SAMPLE_WITHOUT_DROP
 
 
 def test_humaneval_only_keeps_the_locations_from_before_mbpp(pin_cfg_before_mbpp, tmp_path):

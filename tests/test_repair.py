@@ -116,3 +116,23 @@ def test_sample_rows_record_the_lines_and_only_single_block_responses_change():
     )
     assert "imports_added" not in rows[1] and "imports_added" not in rows[2]
     assert RunConfig().sample.add_imports  # on by default
+
+
+def test_repeated_asserts_are_dropped_word_for_word_only():
+    """Module-level asserts that repeat an earlier one (the same expression and message, layout and comments aside)
+    go; an assert with another message, one inside a function and one sharing a line through `;` stay."""
+    from synth_core.repair import RepeatRepair, drop_repeated_asserts
+
+    code = (
+        "def f(x):\n    assert x == x\n    assert x == x\n    return x\n\n"
+        "assert f(1) == 1\nassert f(1) == 1  # again\nassert f(2) == 2\nassert (f(1)\n        == 1)\n"
+        "y = 1; assert f(1) == 1\nassert f(2) == 2, 'msg'\n"
+    )
+    fixed = drop_repeated_asserts(code)
+    assert fixed.dropped == 2
+    assert fixed.code == (
+        "def f(x):\n    assert x == x\n    assert x == x\n    return x\n\n"
+        "assert f(1) == 1\nassert f(2) == 2\ny = 1; assert f(1) == 1\nassert f(2) == 2, 'msg'\n"
+    )
+    assert drop_repeated_asserts("assert 1 ==\nassert 1 ==\n") == RepeatRepair("assert 1 ==\nassert 1 ==\n")
+    assert drop_repeated_asserts(fixed.code).dropped == 0

@@ -210,6 +210,30 @@ def test_failing_asserts_are_grounded_to_what_the_code_returns(cfg):
     assert again["reject_reason"] == sample.ASSERTS_FAILED
 
 
+def test_asserts_repeated_word_for_word_are_dropped_from_passing_code(cfg):
+    """sample.drop_repeated_asserts (on by default): grounding turns three asserts of one call with different
+    expected values into one assert written three times; the passing code keeps one of them and counts the others.
+    Code whose shorter form fails (a repeat that saw other state) keeps what passed; off, nothing is dropped."""
+    problem = "Write a function `add(a: int, b: int) -> int` that returns the sum of two integers a and b."
+    code = "def add(a, b):\n    return a + b\n\nassert add(1, 2) == 4\nassert add(1, 2) == 5\nassert add(1, 2) == 3\n"
+    grounded = _candidate(problem, code)
+    stateful = _candidate(
+        "Write a class `Counter` whose `tick()` returns how many times it was called, and a function that checks it.",
+        "class Counter:\n    n = 0\n\n    def tick(self):\n        self.n += 1\n        return self.n\n\n\n"
+        "c = Counter()\nassert c.tick() > 0\nassert c.tick() > 0\nassert c.n == 2\n",
+    )
+    stats = sample.screen_rows([grounded, stateful], sample.load_template(cfg), cfg)
+    assert grounded["exec_status"] == "passed" and grounded["asserts_grounded"] == 2
+    assert grounded["response"].endswith("return a + b\n\nassert add(1, 2) == 3\n```")
+    assert grounded["asserts_dropped"] == 2 and stats["asserts_dropped_rows"] == 1 and stats["asserts_dropped"] == 2
+    assert stateful["exec_status"] == "passed" and stateful.get("asserts_dropped") is None
+    assert stateful["response"].count("assert c.tick() > 0") == 2
+    cfg.sample.drop_repeated_asserts = False
+    again = _candidate(problem, code)
+    sample.screen_rows([again], sample.load_template(cfg), cfg)
+    assert again["response"].count("assert add(1, 2) == 3") == 3 and again.get("asserts_dropped") is None
+
+
 def test_generated_text_is_decontaminated_against_the_pools_benchmarks(cfg):
     """A generated solution that is HumanEval/0's canonical solution (planted) is rejected as contaminated and names
     the item, before it runs; an unrelated one goes on to the sandbox."""
