@@ -36,6 +36,14 @@ bandwidth bound (each decode step reads every weight once: batch * bandwidth / w
 the KV cache of the mean context added), the bandwidth measured on the device by a large copy.
 `--gpu-shape tiny` runs the same code on a toy shape, on the CPU too, to check it.
 
+Stage mode (`--stage-gpu 1b`, issue 20: is `generation.hf_static_cache` worth turning on in the real sample
+stage?): the sample stage's own transformers backend (`synth_core.generate.HFGenerator`, peft adapters, batches
+of one adapter sorted by prompt length, widths rounded up to 64 tokens with the static cache) on
+`builtin:random-llama-SHAPE` (synthetic tokenizer: no download) with two random LoRA adapters of rank 16, random
+prompts of 160-480 tokens (the spread of real synthesis prompts), 2 samples each: the same requests with the
+dynamic cache, then with the static cache twice (cold: every (batch, width) shape compiles; warm: the same
+requests again in the same process). Wall times include everything the stage pays after the engine is open.
+
 Format mode (`--format`, issue 15): the same prompts and request seeds sampled twice, free and constrained to the
 synthesis format (synth_core.parse.synthesis_regex, as the sample stage does with sample.constrain_format), from
 the base model and from each LoRA checkpoint of `--checkpoints` (a train output, e.g. a round's bootstrap), all in
@@ -52,6 +60,7 @@ Defaults (24 prompts x 2 samples, 192 new tokens) keep the whole run near 13 min
                              [--samples-per-prompt 2] [--loras 4] [--skip-transformers]
     python bench/generate.py --gpu-shape 1b [--gpu-batch-sizes 1,8,32,128] [--gpu-prompt-tokens 256]
     python bench/generate.py --format [--checkpoints TRAIN_OUT] [--prompts 32] [--temperature 0.2]
+    python bench/generate.py --stage-gpu 1b [--prompts 128] [--batch-size 64] [--max-new-tokens 192]
 """
 
 from __future__ import annotations
@@ -137,6 +146,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "machine's vLLM build (the CPU one here), for the ratio to the GPU mode's HF generate.",
     )
     parser.add_argument(
+        "--stage-gpu",
+        choices=["tiny", "150m", "1b", "7b"],
+        default=None,
+        help="Stage mode: the sample stage's transformers backend with two random LoRAs on builtin:random-llama-SHAPE "
+        "(tiny: builtin:tiny-random-llama, a CPU check), dynamic vs static cache on the same requests "
+        "(--prompts per adapter, --batch-size, --max-new-tokens, --samples-per-prompt, --temperature).",
+    )
+    parser.add_argument(
         "--format",
         action="store_true",
         help="Format mode: parse rate (and screen / sandbox assert-pass rates) with and without the constrained "
@@ -151,6 +168,124 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out-json", type=Path, default=None, help="Where to write the JSON results (default under bench/results/)."
     )
     return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage mode: the sample stage's transformers backend, dynamic vs static cache, on a GPU.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def bench_stage_gpu(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from synth_core.config import GenerationConfig
+    from synth_core.generate import GenRequest, HFGenerator
+    from synth_core.models import build_random_lora, resolve_model
+
+    ref = "builtin:tiny-random-llama" if args.stage_gpu == "tiny" else f"builtin:random-llama-{args.stage_gpu}"
+    t0 = time.perf_counter()
+    base = resolve_model(ref).path
+    root = Path(tempfile.mkdtemp(prefix="stage-gpu-"))
+    adapters = {f"ckpt{i}": str(build_random_lora(ref, root / f"ckpt-{i}", rank=16, seed=i)) for i in (1, 2)}
+    setup_s = time.perf_counter() - t0
+    rng = random.Random(args.seed)
+    vocab = vocab_size_of(base)
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(160, 480))] for _ in range(args.prompts)]
+    requests = [
+        GenRequest(p, seed=rng.randrange(2**31), adapter=name) for name in adapters for p in prompts
+    ]  # fmt: skip
+    on_cuda = torch.cuda.is_available()
+    rows: list[dict[str, Any]] = []
+    for static in (False, True):
+        cfg = GenerationConfig(
+            backend="transformers",
+            samples_per_prompt=args.samples_per_prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            batch_size=args.batch_size,
+            dtype="bfloat16",
+            hf_static_cache=static,
+        )
+        gen = HFGenerator(base, adapters, cfg)
+        for pass_name in ("cold", "warm") if static else ("",):
+            if on_cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            print(f"static={static} {pass_name}: {len(requests)} requests", file=sys.stderr, flush=True)
+            t = time.perf_counter()
+            try:
+                out = gen.generate(requests)
+                error = None
+            except Exception as e:  # a bench row says what failed instead of losing the rest of the run
+                out, error = [], f"{type(e).__name__}: {str(e)[:300]}"
+            if on_cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+            tokens = sum(c.output_tokens for comps in out for c in comps)
+            rows.append(
+                {
+                    "cache": "static" if static else "dynamic",
+                    "pass": pass_name or "only",
+                    "wall_s": round(wall, 2),
+                    "output_tokens": tokens,
+                    "tokens_per_s": round(tokens / wall, 1) if tokens else None,
+                    "finished_by_length": sum(c.finish_reason == "length" for comps in out for c in comps),
+                    "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if on_cuda else None,
+                    "error": error,
+                }
+            )
+        gen.close()
+        if on_cuda:
+            torch.cuda.empty_cache()
+    base_tps = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["vs_dynamic"] = round(r["tokens_per_s"] / base_tps, 2) if r["tokens_per_s"] and base_tps else None
+    return {
+        "device": torch.cuda.get_device_name() if on_cuda else cpu_name(),
+        "torch": torch.__version__,
+        "model": ref,
+        "adapters": 2,
+        "lora_rank": 16,
+        "prompts_per_adapter": args.prompts,
+        "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
+        "samples_per_prompt": args.samples_per_prompt,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "temperature": args.temperature,
+        "setup_s": round(setup_s, 1),
+        "rows": rows,
+    }
+
+
+def vocab_size_of(path: str) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(path).vocab_size)
+
+
+def report_stage_gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
+    headers = ["cache", "pass", "wall s", "out tokens", "tok/s", "vs dynamic", "by length", "peak GPU MiB", "error"]
+    table = [
+        [
+            r["cache"],
+            r["pass"],
+            fmt_num(r["wall_s"], 1),
+            fmt_num(r["output_tokens"]),
+            fmt_num(r["tokens_per_s"], 1),
+            "" if r["vs_dynamic"] is None else f"{r['vs_dynamic']:.2f}x",
+            str(r["finished_by_length"]),
+            fmt_num(r["peak_gpu_mb"]),
+            r["error"] or "",
+        ]
+        for r in res["rows"]
+    ]
+    title = (
+        f"bench/generate.py --stage-gpu {args.stage_gpu} — {res['device']}; HFGenerator, 2 LoRA adapters, "
+        f"{res['prompts_per_adapter']} prompts of {res['prompt_tokens'][0]}-{res['prompt_tokens'][1]} tokens per "
+        f"adapter x {res['samples_per_prompt']} samples, batch {res['batch_size']}, {res['max_new_tokens']} new tokens"
+    )
+    print_table(title, headers, table, set(), use_rich=False)
+    return res
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -945,6 +1080,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.format:
         results = report_format(args, bench_format(args))
         write_json(args.out_json or RESULTS_DIR / "generate_format.json", results)
+        return 0
+    if args.stage_gpu is not None:
+        results = report_stage_gpu(args, bench_stage_gpu(args))
+        write_json(args.out_json or RESULTS_DIR / f"generate_stage_gpu_{args.stage_gpu}.json", results)
         return 0
     if args.vllm_shape is not None:
         results = bench_vllm_shape(args)

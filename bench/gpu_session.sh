@@ -12,8 +12,10 @@
 # (bench/influence.py at the default pass size and --projection-rows 256), gen1bstatic/gen7bstatic (gen1b/gen7b with
 # --gpu-static-cache).
 # infl1bhash/infl7bhash (the same with --projection hashed_rademacher), proj (bench/projection.py: the projection
-# pass alone, rademacher vs hashed_rademacher), gputests (the `gpu` tests of test_influence.py and test_train.py).
-# T, TG, TI, TC, TP, TT: per-section time limits (s); DEADLINE (seconds since the epoch, optional): no section runs past it,
+# pass alone, rademacher vs hashed_rademacher), gputests (the `gpu` tests of test_influence.py and test_train.py),
+# stage1b/stage7b (bench/generate.py --stage-gpu: the sample stage's HFGenerator, dynamic vs static cache; SP prompts
+# per adapter, SB a batch).
+# T, TG, TI, TC, TP, TT, TS: per-section time limits (s); DEADLINE (seconds since the epoch, optional): no section runs past it,
 # so the last sections of a call get what the first left (a device call is killed whole at its limit).
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -65,6 +67,8 @@ for s in "$@"; do
       [ "$s" != "gen$shape" ] && static=--gpu-static-cache
       timeout "${TG:-240}" python3 bench/generate.py --gpu-shape "$shape" --gpu-batch-sizes "$sizes" $static \
       --out-json "$OUT/gen_${shape}${static:+_static}.json";;
+    stage1b | stage7b) timeout "${TS:-480}" python3 bench/generate.py --stage-gpu "${s#stage}" --prompts "${SP:-128}" \
+      --batch-size "${SB:-64}" --max-new-tokens 192 --temperature 0.2 --out-json "$OUT/stage_${s#stage}.json";;
     infl1b) timeout "${TI:-240}" python3 bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 0 \
       --batch-size 16 --out-json "$OUT/infl_1b.json";;
     infl1b256) timeout "${TI:-240}" python3 bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 0 \
