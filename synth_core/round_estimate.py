@@ -204,8 +204,8 @@ def plan_lines(cfg: RunConfig, est: RoundEstimate) -> list[str]:
         hours = ", ".join(f"{k} {v:.2f}" for k, v in st.hours.items())
         train = f"; trains on {st.train_rows:,.0f} rows" if st.train_rows else ""
         lines.append(
-            f"{st.label}: seeds {st.seeds:,} (asked {asked}, from #{st.first:,}); candidates {st.candidates:,.0f}; "
-            f"{rows}{train}; device-hours: {hours}"
+            f"{st.label}: seeds {st.seeds:,} (asked {asked}, from #{st.first:,}); candidates {st.candidates:,.0f}"
+            f"{'; ' + rows if rows else ''}{train}; device-hours: {hours}"
         )
     lines.append(f"released dataset: {est.release.rows_out:,.0f} rows expected")
     lines.append(f"total: {est.device_hours:.1f} device-hours (one device; stages run one after another)")

@@ -19,6 +19,7 @@ from synth_core.round_estimate import (
     check_pool_feeds,
     estimate_round,
     expected_top_k,
+    plan_lines,
     plan_record,
     pool_size,
 )
@@ -112,6 +113,9 @@ def test_the_probe_is_planned_and_fed_after_the_release():
     assert probe["stage"] == "probe" and probe["seeds"] == 4
     assert probe["candidates"] == 4 * (3 * 2 + 1) * 2 and probe["train_rows"] == 0
     assert list(probe["hours"]) == ["sample"]
+    lines = plan_lines(cfg, estimate_round(cfg, 48))
+    want = "probe: seeds 4 (asked 4, from #20); candidates 56; device-hours: sample "
+    assert any(line.startswith(want) for line in lines)
     released = plan_record(estimate_round(cfg, 48))["release_rows"]
     cfg.round.probe_snippets = 0
     assert plan_record(estimate_round(cfg, 48))["release_rows"] == released
