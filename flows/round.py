@@ -143,7 +143,7 @@ def round_flow(
         description=f"Every stage of the round, its funnel and its dataset; the release is {release}",
     )
     if rc.evaluate:
-        evaluate_round(cfg, reference, iterations, release)
+        evaluate_round(cfg, reference, iterations, release, notes="\n" + probe_markdown(probe) if probe else "")
     logger.info("round done in %.1f s: the release is %s", time.perf_counter() - t0, release)
     return release
 
@@ -189,9 +189,12 @@ def _has_rows(uri: str, cfg: RunConfig) -> bool:
     return kept_rows(uri, cfg.storage) > 0
 
 
-def evaluate_round(cfg: RunConfig, reference: str | None, iterations: list[dict[str, str]], release: str) -> str:
+def evaluate_round(
+    cfg: RunConfig, reference: str | None, iterations: list[dict[str, str]], release: str, notes: str = ""
+) -> str:
     """A student fine-tuned and evaluated on R, each iteration's kept data and the release (one evaluation flow
-    each); the report (table + PNG) next to the data card and as an artifact. Returns the report's markdown."""
+    each); the report (table + PNG, then `notes`: the probe) next to the data card and as an artifact. Returns the
+    report's markdown."""
     data = cfg.model_dump(mode="json")
     runs = [("bootstrap (R)", reference or BUILTIN_REFERENCE)]
     runs += [(f"iteration {t}", kept_data(outs)) for t, outs in enumerate(iterations) if t]
@@ -201,6 +204,6 @@ def evaluate_round(cfg: RunConfig, reference: str | None, iterations: list[dict[
         name = "evaluate-" + label.replace(" (R)", "").replace(" ", "-")
         run = as_subflow(evaluate_flow, cfg).with_options(flow_run_name=name)
         evals[label] = run(config=data, data=uri) if _has_rows(uri, cfg) else None
-    md = round_tasks.write_report(cfg, evals, release, f"Round report: {cfg.round.release_name}")
+    md = round_tasks.write_report(cfg, evals, release, f"Round report: {cfg.round.release_name}", notes)
     create_markdown_artifact(key="round-report", markdown=md, description=f"pass@1 per iteration; files in {release}")
     return md

@@ -54,9 +54,10 @@ def fit_weights(cfg: RunConfig, scored: str | None) -> dict:
 
 
 @task(name="round-report", **RETRY, cache_policy=NO_CACHE)
-def write_report(cfg: RunConfig, evals: dict[str, str | None], folder: str, title: str) -> str:
-    """report.md + pass_at_1.png + report.json in `folder` from evaluation outputs; returns the report's markdown."""
-    return round_report.write_report(evals, folder, cfg, title=title)
+def write_report(cfg: RunConfig, evals: dict[str, str | None], folder: str, title: str, notes: str = "") -> str:
+    """report.md + pass_at_1.png + report.json in `folder` from evaluation outputs (and `notes`, markdown, after the
+    table); returns the report's markdown."""
+    return round_report.write_report(evals, folder, cfg, title=title, notes=notes)
 
 
 @task(name="convergence-record", task_run_name="convergence-{iteration}", **RETRY, cache_policy=NO_CACHE)

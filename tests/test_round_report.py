@@ -95,7 +95,7 @@ def test_round_convergence_holdout_and_report(tmp_path):
     ]
     md = (Path(release) / "report.md").read_text()
     assert "| bootstrap (R) | humaneval | 2 |" in md and "| bootstrap (R) | mbpp | 2 |" in md
-    assert "Not evaluated" in md and "pass_at_1.png" in md
+    assert "Not evaluated" in md and "pass_at_1.png" in md and "## Probe: every synthesizer" in md
     assert (Path(release) / "pass_at_1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     wanted = ["round-convergence", "round-report"]
     with get_client(sync_client=True) as client:
