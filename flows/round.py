@@ -23,7 +23,7 @@ from flows.pool import pool_flow
 from flows.sample import sample_flow
 from synth_core import score_fit
 from synth_core.config import RunConfig, parse_config
-from synth_core.convergence import FILTER_STAGES, convergence_markdown, probe_markdown
+from synth_core.convergence import FILTER_STAGES, best_synthesizer, convergence_markdown, probe_markdown
 from synth_core.reference import BUILTIN_REFERENCE
 from synth_core.release import funnel_section
 from synth_core.round_estimate import check_pool_feeds
@@ -103,7 +103,14 @@ def round_flow(
             cfg = score_fit.apply_weights(cfg, weights["weights"])
             data = cfg.model_dump(mode="json")
             logger.info("aspect weights fitted to the teacher: %s", weights["weights"])
-    # The release: the final synthesizer on seed snippets no iteration has used, through the same filters.
+    probe = run_probe(cfg, pool, iterations, stages) if rc.probe_snippets else None
+    if probe and rc.release_from == "best_probe":  # early stopping on the probe's held-out seeds
+        best = best_synthesizer(probe)
+        probe["release_from"] = probe["records"][best]["synthesizer"]
+        checkpoints = iterations[best - (1 if rc.compare_base else 0)]["train"]
+        logger.info("the release is written by the %s (round.release_from: best_probe)", probe["release_from"])
+    # The release: the final (or the probe's best) synthesizer on seed snippets no iteration has used, through the
+    # same filters.
     scfg = stage_config(cfg, checkpoints, rc.iterations + 1)
     synth: dict[str, str] = {
         "sample": as_subflow(sample_flow, scfg)(snippets=pool, config=scfg.model_dump(mode="json"))
@@ -112,7 +119,6 @@ def round_flow(
     if rc.release_dedup:  # a student should not see one problem twice
         final = synth["dedup"] = round_tasks.dedup_problems(scfg, final)
     stages += [(f"synthesize: {stage}", uri) for stage, uri in synth.items()]
-    probe = run_probe(cfg, pool, iterations, stages) if rc.probe_snippets else None
     record = round_tasks.convergence_record
     convergence = [record(cfg, "base", {"sample": base_samples}, None)] if base_samples else []
     convergence += [

@@ -834,6 +834,14 @@ class RoundConfig(StrictModel):
         "the release's), in ONE sample stage, so their parse and assert-pass rates compare on the same seeds, with a "
         "per-seed sign test against the bootstrap (the data card's probe section); 0 = off.",
     )
+    release_from: Literal["last", "best_probe"] = Field(
+        # The evidence round's replicate with train.seed=1 (git 6e69122): 22.7% -> 26.6% -> 33.6% -> 20.3% of the
+        # probe's answers passed their asserts; its last synthesizer was its worst trained one.
+        "last",
+        description="Which synthesizer writes the release: 'last' = the last iteration's; 'best_probe' = the trained "
+        "one (bootstrap or an iteration) whose probe answers passed their own asserts most often (ties: the later), "
+        "as early stopping on held-out seeds; needs round.probe_snippets. The probe then runs before the release.",
+    )
     release_dedup: bool = Field(
         True,
         description="Reject near-duplicate problems in the release (the pool's MinHash settings, on the problem "
@@ -893,6 +901,12 @@ class RoundConfig(StrictModel):
         "release (the evaluation section), and write report.md + pass_at_1.png next to the data card.",
     )
     release_name: str = Field("scoder-synthetic", description="Name of the released dataset (its data card title).")
+
+    @model_validator(mode="after")
+    def _check_release_from(self) -> RoundConfig:
+        if self.release_from == "best_probe" and not self.probe_snippets:
+            raise ValueError("round.release_from 'best_probe' needs the probe: set round.probe_snippets > 0")
+        return self
 
 
 class PlanEstimate(StrictModel):

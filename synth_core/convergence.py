@@ -310,6 +310,13 @@ def probe_evidence(
     return {"sample": sample_uri, "seeds": len(seeds), "records": records}
 
 
+def best_synthesizer(probe: Mapping[str, Any]) -> int:
+    """Index, in the probe's records, of the trained synthesizer (not the base model) whose answers passed their own
+    asserts most often; ties go to the later one (further along the loop)."""
+    trained = [i for i, r in enumerate(probe["records"]) if r["synthesizer"] != "base model"]
+    return max(trained, key=lambda i: (probe["records"][i]["assert_pass_rate"] or 0.0, i))
+
+
 def probe_markdown(probe: Mapping[str, Any]) -> str:
     """The data card's probe section: one row per synthesizer, the same seeds for all."""
     recs = probe["records"]
@@ -327,6 +334,12 @@ def probe_markdown(probe: Mapping[str, Any]) -> str:
         "/ tied | p |",
         "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
+    if probe.get("release_from"):
+        lines[-2:-2] = [
+            f"The release was written by the {probe['release_from']} (round.release_from: best_probe: the trained "
+            "synthesizer whose answers passed their asserts most often here).",
+            "",
+        ]
     for r in recs:
         vs = r.get("vs")
         twin = r.get("same_weights_as")

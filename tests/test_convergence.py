@@ -177,3 +177,26 @@ def test_probe_compares_every_synthesizer_with_the_bootstrap_seed_by_seed(cfg, t
     md = probe_markdown(probe)
     assert "## Probe" in md and "| after iteration 1 | 9 | 88.9% |" in md and "| 3 / 0 / 1 | 0.25 |" in md
     assert "| after iteration 2 (the same weights as the bootstrap) | 8 |" in md
+
+
+def test_the_best_probe_synthesizer_is_a_trained_one_and_ties_go_later():
+    from synth_core.convergence import best_synthesizer
+
+    def probe(*rates):
+        names = ["base model", "bootstrap", "after iteration 1", "after iteration 2"]
+        return {"records": [{"synthesizer": n, "assert_pass_rate": r} for n, r in zip(names, rates, strict=False)]}
+
+    assert best_synthesizer(probe(0.9, 0.2, 0.3, 0.1)) == 2  # the base model is never the release's writer
+    assert best_synthesizer(probe(0.0, 0.3, 0.3, 0.1)) == 2  # a tie: the later one
+    assert best_synthesizer(probe(0.0, None, 0.0, 0.0)) == 3
+
+
+def test_release_from_best_probe_needs_the_probe():
+    import pytest
+
+    from synth_core.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"round.release_from 'best_probe' needs the probe: set round.probe_snip"):
+        parse_config({"round": {"release_from": "best_probe"}})
+    cfg = parse_config({"round": {"release_from": "best_probe", "probe_snippets": 8}})
+    assert cfg.round.release_from == "best_probe"

@@ -29,6 +29,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def _config(tmp_path: Path, name: str) -> Path:
     cfg = tiny_round_config(tmp_path, name)
     cfg["round"]["probe_snippets"] = 2  # the probe: the bootstrap and iteration 1 on 2 seeds nothing else used
+    cfg["round"]["release_from"] = "best_probe"  # the probe picks the synthesizer of the release
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -117,10 +118,10 @@ def test_round_release_and_resume_after_sigkill(tiny_round, prefect_server):
         "iteration 1: score",
         "iteration 1: influence",
         "iteration 1: train",
+        "probe: sample",
         "synthesize: sample",
         "synthesize: score",
         "synthesize: dedup",
-        "probe: sample",
     ]  # the release is not influence-filtered by default (round.release_influence)
     # The tiny random model writes nothing usable: the release is empty (tests/test_release.py fills one).
     assert read_manifest(release).num_rows == 0 and "0 code-instruction pairs" in card
@@ -141,6 +142,11 @@ def test_round_release_and_resume_after_sigkill(tiny_round, prefect_server):
     assert probe["records"][1]["same_weights_as"] == "bootstrap"
     assert probe["records"][1]["vs"] == {"against": "bootstrap", "gained": 0, "lost": 0, "tied": 2, "p": None}
     assert "## Probe" in card and "after iteration 1 (the same weights as the bootstrap)" in card
+    # round.release_from best_probe: a tie (the same weights) goes to the later synthesizer, iteration 1.
+    assert probe["release_from"] == "after iteration 1" and "The release was written by the after iteration 1" in card
+    assert read_manifest(samples["synthesize: sample"]).config["sample"]["checkpoints"] == [
+        r["checkpoint"] for r in read_dataset(samples["iteration 1: train"]).to_pylist()
+    ]
     # The date's round: its seed-snippet window and sampling seed (synth_core.round_plan.dated_config).
     dated = dated_config(
         parse_config(yaml.safe_load(_config(tmp_path, "a").read_text())),
