@@ -184,7 +184,8 @@ class GenerationConfig(StrictModel):
         description="transformers backend: static KV cache so the decoding step is compiled (each (batch, prompt "
         "width rounded up to 64, length) shape compiles once). 'auto' = on when generating on a GPU (H100, random "
         "weights: 1B at batch 64/128/256 6.5x/4.1x/2.6x the dynamic cache's tokens/s, 7B at batch 64/128 4.0x/3.3x; "
-        "docs/evidence/gpu.md), off on a CPU (not measured there).",
+        "but in the sample stage's own generator, 256 requests at 1B, an engine that compiles first ran 0.47x and "
+        "only a warm one 2.41x: docs/evidence/gpu.md session 5), off on a CPU (not measured there).",
     )
     cpu_kvcache_gib: int = Field(
         1, ge=1, description="RAM reserved for vLLM's KV cache on CPU (GiB; VLLM_CPU_KVCACHE_SPACE wins if set)."
