@@ -107,6 +107,7 @@ def round_flow(
     if probe and rc.release_from == "best_probe":  # early stopping on the probe's held-out seeds
         best = best_synthesizer(probe)
         probe["release_from"] = probe["records"][best]["synthesizer"]
+        # The probe's records are [base model (compare_base)], bootstrap, iteration 1..T: iterations' order.
         checkpoints = iterations[best - (1 if rc.compare_base else 0)]["train"]
         logger.info("the release is written by the %s (round.release_from: best_probe)", probe["release_from"])
     # The release: the final (or the probe's best) synthesizer on seed snippets no iteration has used, through the
