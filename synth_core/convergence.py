@@ -187,14 +187,11 @@ def survival(stages: Mapping[str, str], cfg: RunConfig) -> dict[str, float | Non
 def distinct_share(texts: Sequence[str], cfg: DedupConfig) -> float | None:
     """The share of `texts` that are not near duplicates of an earlier one, by the pool's MinHash LSH (the same
     shingles, permutations and Jaccard threshold as synth_core.dedup): 1.0 = every problem is new. None if empty."""
-    from synth_core.dedup import compute_signatures, find_duplicates
-    from synth_core.schema import content_id
-    from synth_core.text import normalize_snippet
+    from synth_core.dedup import text_duplicates
 
     if not texts:
         return None
-    sigs = compute_signatures(list(texts), cfg) if cfg.near else None
-    dups = find_duplicates([content_id(normalize_snippet(t)) for t in texts], sigs, cfg)
+    dups = text_duplicates(texts, cfg)
     return round(1 - sum(d is not None for d in dups) / len(texts), 4)
 
 
@@ -291,7 +288,8 @@ def probe_evidence(
     records: list[dict[str, Any]] = []
     passed: dict[str, dict[str, int]] = {}
     for label, refs in synthesizers:
-        own = [r for r in rows if r["checkpoint"] in set(refs)]
+        mine = set(refs)
+        own = [r for r in rows if r["checkpoint"] in mine]
         passed[label] = {s: 0 for s in seeds}
         for r in own:
             passed[label][r["snippet_id"]] += r["exec_status"] == "passed"
@@ -346,10 +344,10 @@ def probe_markdown(probe: Mapping[str, Any]) -> str:
         cells = [
             r["synthesizer"] + (f" (the same weights as the {twin})" if twin else ""),
             str(r["answers"]),
-            _pct(r["parse_rate"]),
-            _pct(r["screen_pass_rate"]),
-            _pct(r["assert_pass_rate"]),
-            _pct(r["distinct_problems"]),
+            pct_cell(r["parse_rate"]),
+            pct_cell(r["screen_pass_rate"]),
+            pct_cell(r["assert_pass_rate"]),
+            pct_cell(r["distinct_problems"]),
             f"{vs['gained']} / {vs['lost']} / {vs['tied']}" if vs else "",
             "" if not vs or vs["p"] is None else f"{vs['p']:.2f}",
         ]
@@ -414,7 +412,7 @@ def convergence_markdown(records: Sequence[Mapping[str, Any]]) -> str:
         cells = [
             _label(r["iteration"]),
             _cell(r["candidates"]),
-            *[_pct(s) for s in shares],
+            *[pct_cell(s) for s in shares],
             _cell(r["kept"]),
             "" if not drop else f"{drop[0]:.3f} -> {drop[1]:.3f}",
             "" if r["heldout_loss"] is None else f"{r['heldout_loss']:.4f}",
@@ -431,11 +429,11 @@ def convergence_markdown(records: Sequence[Mapping[str, Any]]) -> str:
             means = r.get("judge_means") or {}
             cells = [
                 _label(r["iteration"]),
-                _pct(r["parse_rate"]),
-                _pct(r.get("screen_pass_rate")),
-                _pct(r.get("assert_pass_rate")),
-                _pct(r.get("grounded_rate")),
-                _pct(r.get("distinct_problems")),
+                pct_cell(r["parse_rate"]),
+                pct_cell(r.get("screen_pass_rate")),
+                pct_cell(r.get("assert_pass_rate")),
+                pct_cell(r.get("grounded_rate")),
+                pct_cell(r.get("distinct_problems")),
                 _cell(r.get("kept_per_hour")),
                 *["" if means.get(a) is None else f"{means[a]:.2f}" for a in aspects],
             ]
@@ -447,7 +445,8 @@ def _label(iteration: int | str) -> str:
     return {0: "bootstrap", "base": "base model"}.get(iteration, str(iteration))
 
 
-def _pct(share: float | None) -> str:
+def pct_cell(share: float | None) -> str:
+    """A share as a table cell: '12.3%', or empty for None."""
     return "" if share is None else f"{100 * share:.1f}%"
 
 

@@ -146,3 +146,14 @@ def find_duplicates(
         if cfg.exact:
             first_by_id[ids[i]] = i
     return result
+
+
+def text_duplicates(texts: Sequence[str], cfg: DedupConfig) -> list[Duplicate | None]:
+    """find_duplicates over free texts (generated problems): each text's id is the content id of its normalised form
+    (exact dedup), and its MinHash signature is taken of the text as given (near dedup), in order; the first of a
+    group is kept. For the pool's rows, see the pool stage."""
+    from synth_core.schema import content_id
+    from synth_core.text import normalize_snippet
+
+    sigs = compute_signatures(list(texts), cfg) if cfg.near else None
+    return find_duplicates([content_id(normalize_snippet(t)) for t in texts], sigs, cfg)

@@ -36,16 +36,15 @@ def rank_key(row: dict[str, Any]) -> tuple:
 def find_duplicate_problems(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[int, tuple[int, float]]:
     """Index of each kept row (reject_reason None) whose problem nearly duplicates a better kept row's -> (index of
     that row, similarity). Rows already rejected are neither kept nor compared."""
-    from synth_core.dedup import compute_signatures, find_duplicates
-    from synth_core.schema import content_id
+    from synth_core.dedup import text_duplicates
     from synth_core.text import normalize_snippet
 
     order = sorted((i for i, r in enumerate(rows) if r["reject_reason"] is None), key=lambda i: rank_key(rows[i]))
+    # Signed in normalised form (normalize_snippet is idempotent, so the ids are the same either way).
     texts = [normalize_snippet(rows[i]["instruction"] or "") for i in order]
     if not texts:
         return {}
-    sigs = compute_signatures(texts, cfg.dedup) if cfg.dedup.near else None
-    dups = find_duplicates([content_id(t) for t in texts], sigs, cfg.dedup)
+    dups = text_duplicates(texts, cfg.dedup)
     return {order[k]: (order[d.index_of], round(d.similarity, 4)) for k, d in enumerate(dups) if d is not None}
 
 

@@ -108,51 +108,56 @@ def compare_rounds(
     per run; plus each release's last held-out loss when its manifest has convergence records, and its probe
     (probe_comparison). A run without the evaluation but with a probe (an ablation run with round.evaluate off) is
     listed as not evaluated. Returns the markdown (also written to `out`/report.md with the PNG and JSON)."""
-    from synth_core.storage import dataset_exists, read_manifest
-
+    stats = {name: release_stats(uri, cfg) for name, uri in runs.items()}
     evals: dict[str, str | None] = {}
     for name, uri in runs.items():
         try:
             evals[name] = evaluation_of(uri, cfg, label)
         except ReportError:
             # An ablation run with round.evaluate off still compares by its probe; a run with neither is an error.
-            if not (dataset_exists(uri, cfg.storage) and read_manifest(uri, cfg.storage).stats.get("probe")):
+            if not stats[name].get("probe"):
                 raise
             evals[name] = None
     losses = []
-    for name, uri in runs.items():
-        conv = read_manifest(uri, cfg.storage).stats.get("convergence") if dataset_exists(uri, cfg.storage) else None
-        trained = [r for r in conv or [] if r.get("heldout_loss") is not None]  # not the release's record
-        if trained:
+    for name in runs:
+        trained = [r for r in stats[name].get("convergence") or [] if r.get("heldout_loss") is not None]
+        if trained:  # (not the release's record)
             losses.append(f"| {name} | {trained[-1]['iteration']} | {_fmt(trained[-1]['heldout_loss'])} |")
     notes = ""
     if losses:
         notes = "\n## Held-out loss of the last synthesizer\n\n| run | iteration | held-out loss |\n|---|---:|---:|\n"
         notes += "\n".join(losses) + "\n"
-    notes += probe_comparison(runs, cfg)
+    notes += probe_comparison({name: s.get("probe") for name, s in stats.items()})
     why = "round.evaluate was off; the probe below compares them"
     return write_report(evals, out, cfg, title=title, kind="bar", notes=notes, why_not_evaluated=why)
 
 
-def probe_comparison(runs: Mapping[str, str], cfg: RunConfig) -> str:
-    """Per run whose release records a probe (round.probe_snippets): its bootstrap's and its last synthesizer's
-    share of answers that passed their own asserts on the probe's seeds. Runs of one config and pool probe the same
-    seeds (the window after the release's), so their last synthesizers compare across ablations."""
+def release_stats(uri: str, cfg: RunConfig) -> dict[str, Any]:
+    """The manifest stats of a dataset (a release: its convergence records, its probe), or {} where there is none
+    (an evaluation output's folder, say)."""
     from synth_core.storage import dataset_exists, read_manifest
 
+    return read_manifest(uri, cfg.storage).stats if dataset_exists(uri, cfg.storage) else {}
+
+
+def probe_comparison(probes: Mapping[str, dict[str, Any] | None]) -> str:
+    """Per run (name -> the probe its release records, round.probe_snippets, or None): its bootstrap's and its last
+    synthesizer's share of answers that passed their own asserts on the probe's seeds. Runs of one config and pool
+    probe the same seeds (the window after the release's), so their last synthesizers compare across ablations."""
+    from synth_core.convergence import pct_cell
+
     lines = []
-    for name, uri in runs.items():
-        probe = read_manifest(uri, cfg.storage).stats.get("probe") if dataset_exists(uri, cfg.storage) else None
+    for name, probe in probes.items():
         if not probe:
             continue
         recs = {r["synthesizer"]: r for r in probe["records"]}
         first, last = recs.get("bootstrap"), probe["records"][-1]
         vs = last.get("vs") or {}
         p = "" if vs.get("p") is None else f"{vs['p']:.2f}"
-        start = _pct(first["assert_pass_rate"] if first else None)
+        start = pct_cell(first["assert_pass_rate"] if first else None)
         lines.append(
             f"| {name} | {probe['seeds']} | {start} | {last['synthesizer']} | "
-            f"{_pct(last['assert_pass_rate'])} | {vs.get('gained', '')} / {vs.get('lost', '')} / "
+            f"{pct_cell(last['assert_pass_rate'])} | {vs.get('gained', '')} / {vs.get('lost', '')} / "
             f"{vs.get('tied', '')} | {p} |"
         )
     if not lines:
@@ -162,10 +167,6 @@ def probe_comparison(runs: Mapping[str, str], cfg: RunConfig) -> str:
         "asserts passed | seeds gained / lost / tied | p |\n|---|---:|---:|---|---:|---|---:|\n"
     )
     return head + "\n".join(lines) + "\n"
-
-
-def _pct(v: float | None) -> str:
-    return "" if v is None else f"{100 * v:.1f}%"
 
 
 def _fmt(v: float | None) -> str:

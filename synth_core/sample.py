@@ -414,6 +414,12 @@ def screen_rows(rows: list[dict[str, Any]], template: str, cfg: RunConfig) -> di
     }
 
 
+def rewritable(row: dict[str, Any]) -> bool:
+    """Whether a row's code may be rewritten in place (imports, grounding, repeats): only a response with one code
+    block is (the constrained format writes one)."""
+    return len(parse.CODE_BLOCK.findall(row["response"])) == 1
+
+
 def add_imports(rows: list[dict[str, Any]]) -> None:
     """sample.add_imports, in place: a row whose code reads a standard-library name it never binds gets the import
     lines in its code (synth_core.repair) and lists them in `imports_added`. Only a response with one code block is
@@ -422,7 +428,7 @@ def add_imports(rows: list[dict[str, Any]]) -> None:
     from synth_core.repair import add_missing_imports
 
     for row in rows:
-        if len(parse.CODE_BLOCK.findall(row["response"])) != 1:
+        if not rewritable(row):
             continue
         fixed = add_missing_imports(parse.solution_code(row["response"]))
         if fixed.added:
@@ -440,7 +446,7 @@ def drop_repeats(rows: list[dict[str, Any]], cfg: RunConfig) -> None:
 
     todo = []
     for row in rows:
-        if len(parse.CODE_BLOCK.findall(row["response"])) == 1:  # the constrained format writes one
+        if rewritable(row):
             fixed = drop_repeated_asserts(parse.solution_code(row["response"]))
             if fixed.dropped:
                 todo.append((row, fixed))
@@ -457,9 +463,7 @@ def ground_rows(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[int, Any]:
     per such row (by id), which replaces its failed one."""
     from synth_core.ground import ground_programs, replace_solution_code
 
-    # Only a response with one code block is rewritten (the constrained format writes one).
-    todo = [(r, parse.CODE_BLOCK.findall(r["response"])) for r in rows]
-    todo = [r for r, blocks in todo if len(blocks) == 1]
+    todo = [r for r in rows if rewritable(r)]
     codes = [parse.solution_code(r["response"]) for r in todo]
     done = ground_programs(codes, cfg.sandbox, cfg.sample.ground_max_chars, cfg.sample.ground_predicates)
     verdicts: dict[int, Any] = {}
@@ -539,21 +543,15 @@ def commit_samples(plan: SamplePlan, results: list[ShardResult], cfg: RunConfig,
     """Write the manifest: from now on the samples dataset exists. A seed shortfall (round.seed_shortfall: warn) is a
     line of its funnel: {"seed_shortfall": {"requested", "available", "short"}}."""
     funnel = merge_funnels([r.funnel for r in results], REASON_ORDER)
-    grounded = sum(r.stats.get("asserts_grounded_rows", 0) for r in results)
-    if grounded:  # kept rows whose asserts were rewritten to what their code returns (sample.ground_asserts)
-        funnel["asserts_grounded"] = {
-            "rows": grounded,
-            "asserts": sum(r.stats.get("asserts_grounded", 0) for r in results),
-        }
-    imported = sum(r.stats.get("imports_added_rows", 0) for r in results)
-    if imported:  # rows whose code got standard-library imports before it ran (sample.add_imports)
-        funnel["imports_added"] = {"rows": imported}
-    dropped = sum(r.stats.get("asserts_dropped_rows", 0) for r in results)
-    if dropped:  # passing rows whose word-for-word repeated asserts were removed (sample.drop_repeated_asserts)
-        funnel["asserts_dropped"] = {
-            "rows": dropped,
-            "asserts": sum(r.stats.get("asserts_dropped", 0) for r in results),
-        }
+    # Rewrites, not rejections: rows whose asserts were rewritten to what their code returns (sample.ground_asserts),
+    # whose code got standard-library imports before it ran (sample.add_imports), whose word-for-word repeated
+    # asserts were removed (sample.drop_repeated_asserts).
+    for key, counts_asserts in (("asserts_grounded", True), ("imports_added", False), ("asserts_dropped", True)):
+        rows = sum(r.stats.get(f"{key}_rows", 0) for r in results)
+        if rows:
+            funnel[key] = {"rows": rows}
+            if counts_asserts:
+                funnel[key]["asserts"] = sum(r.stats.get(key, 0) for r in results)
     if plan.seed_shortfall:
         funnel["seed_shortfall"] = {
             "requested": plan.requested,
