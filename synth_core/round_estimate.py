@@ -161,10 +161,10 @@ def estimate_round(cfg: RunConfig, reference_rows: int) -> RoundEstimate:
         if label == "probe":  # the base model (compare_base), the bootstrap and each iteration's synthesizer
             models = (rc.iterations + 1) * ckpts + (1 if rc.compare_base else 0)
             st.candidates = float(seeds * models * cfg.sample.generation.samples_per_prompt)
-            st.hours["sample"] = _hours(st.candidates * pc.answer_tokens.value, pc.sample_tokens_per_s)
+        st.hours["sample"] = _hours(st.candidates * pc.answer_tokens.value, pc.sample_tokens_per_s)
+        if label == "probe":  # sampling only: no filter, no training
             stages.append(st)
             continue
-        st.hours["sample"] = _hours(st.candidates * pc.answer_tokens.value, pc.sample_tokens_per_s)
         passed = st.candidates * p_sample
         st.after.append(("sample checks", passed))
         if rc.use_scorer:
