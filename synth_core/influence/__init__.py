@@ -15,7 +15,9 @@ One module per concept; each imports only modules above it in this list:
 - kernels.py     the Triton kernels on a GPU (Rademacher signs, fused Adam); imports triton, so only imported
                  lazily on CUDA, never from here
 - hashed.py      the hashed Rademacher matrix: its definition in torch, its projector (the kernel is in kernels.py)
-- projection.py  the random projections (Rademacher, sparse JL, hashed): their choice, ids, fingerprint, pass sizing
+- kronecker.py   the Kronecker-structured projection: per LoRA weight, kron of two small seeded +-1 factors
+- projection.py  the random projections (Rademacher, sparse JL; hashed and Kronecker by name): their choice, ids,
+                 fingerprint, pass sizing
 - checkpoint.py  a LoRA checkpoint for influence: resolving references, the model, mean LR, AdamW moments, and
                  the Adam preconditioning
 - lora_grads.py  per-sample LoRA gradients in one backward pass, and the projected features of rows
@@ -46,6 +48,11 @@ from synth_core.influence.hashed import (
     HASHED_VERSION,
     HashedRademacherProjector,
     hashed_signs,
+)
+from synth_core.influence.kronecker import (
+    KRONECKER_VERSION,
+    KroneckerProjector,
+    kronecker_split,
 )
 from synth_core.influence.loop import (
     grad_features_loop,
@@ -145,6 +152,9 @@ __all__ = [
     "make_projector",
     "HASHED_VERSION",
     "HashedRademacherProjector",
+    "KRONECKER_VERSION",
+    "KroneckerProjector",
+    "kronecker_split",
     "hashed_signs",
     "per_sample_grads",
     "per_sample_grads_loop",

@@ -26,6 +26,7 @@ from synth_core.influence.lora_grads import (
     cut_rows,
     device_of,
     lora_linears,
+    lora_shapes,
     token_limit,
 )
 from synth_core.influence.projection import make_projector
@@ -88,7 +89,7 @@ def grad_features_loop(
     t0 = time.perf_counter()
     dev = device_of(model, device)
     cut, truncated, no_answer = cut_rows(rows, token_limit(model, cfg.max_seq_len))
-    projector = make_projector(cfg, dev, cache_mb=0)
+    projector = make_projector(cfg, dev, cache_mb=0, shapes=lora_shapes(model))
     feats = torch.zeros(len(cut), cfg.proj_dim, dtype=torch.float16)
     result = GradFeatures(feats, truncated, no_answer, optimizer_state is not None, projector.projection_id)
     if not cut:

@@ -32,6 +32,7 @@ from synth_core.chat import IGNORE_INDEX, encode_chat
 from synth_core.config import InfluenceConfig
 from synth_core.influence.checkpoint import AdamState, adam_precondition, moments_on_device
 from synth_core.influence.errors import InfluenceError
+from synth_core.influence.kronecker import KroneckerProjector
 from synth_core.influence.projection import default_projection_rows, make_projector, projection_dtype
 
 if TYPE_CHECKING:
@@ -79,6 +80,11 @@ def lora_linears(model: Any) -> dict[str, torch.nn.Linear]:
     if extra:
         raise InfluenceError(f"trainable parameters that are not LoRA A/B weights: {extra[:3]}")
     return linears
+
+
+def lora_shapes(model: Any) -> dict[str, tuple[int, int]]:
+    """Weight name -> [out, in] of every LoRA A and B (lora_linears): what the Kronecker projection needs."""
+    return {name: (lin.out_features, lin.in_features) for name, lin in lora_linears(model).items()}
 
 
 def encode_rows(tokenizer: Any, chats: Sequence[Sequence[dict[str, str]]]) -> list[Row]:
@@ -441,12 +447,12 @@ def compute_grad_features(
     model.eval()
     dev = device_of(model, device)
     cut, truncated, no_answer = cut_rows(rows, token_limit(model, cfg.max_seq_len))
-    projector = make_projector(cfg, dev)
+    linears = lora_linears(model)
+    projector = make_projector(cfg, dev, shapes=lora_shapes(model))
     feats = torch.zeros(len(cut), cfg.proj_dim, dtype=torch.float16)
     result = GradFeatures(feats, truncated, no_answer, optimizer_state is not None, projector.projection_id)
     if not cut:
         return result
-    linears = lora_linears(model)
     layers = lora_layers(model)
     adam = moments_on_device(optimizer_state, list(linears), dev) if optimizer_state is not None else None
     layout = [(name, lin.weight.numel()) for name, lin in linears.items()]
@@ -459,6 +465,10 @@ def compute_grad_features(
         adam = {
             n: (m.reshape(-1).float().contiguous(), v.reshape(-1).float().contiguous()) for n, (m, v) in adam.items()
         }
+    if isinstance(projector, KroneckerProjector):
+        _stream_features(model, layers, cut, cfg, projector, adam, optimizer_state, dtype, dev, result, progress)
+        result.seconds = time.perf_counter() - t0
+        return result
     if projection_rows is None:
         projection_rows = cfg.projection_rows
     if projection_rows is None:
@@ -476,13 +486,7 @@ def compute_grad_features(
             def keep(name: str, g: torch.Tensor, slot: slice = slot) -> None:
                 g = g.reshape(g.shape[0], -1)
                 dst = grads[slot, offsets[name] : offsets[name] + g.shape[1]]
-                if adam is None:
-                    dst.copy_(g)
-                elif kernels is not None:  # one fused pass on a GPU (kernels.py: ~4 bytes/element)
-                    kernels.adam_precondition_into(g, *adam[name], optimizer_state.betas, optimizer_state.eps, dst)
-                else:
-                    g = g.to(torch.promote_types(g.dtype, torch.float32))
-                    dst.copy_(adam_precondition(g, *adam[name], optimizer_state.betas, optimizer_state.eps))
+                _precondition_into(g, name, adam, optimizer_state, kernels, dst)
 
             _backward_per_sample(model, layers, *_pad([cut[i] for i in idx]), keep, dev)
             result.tokens += sum(len(cut[i]["input_ids"]) for i in idx)
@@ -498,3 +502,80 @@ def compute_grad_features(
         result.projection_seconds += time.perf_counter() - t_proj
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _precondition_into(
+    g: torch.Tensor, name: str, adam: dict | None, state: AdamState | None, kernels: Any, dst: torch.Tensor
+) -> None:
+    """dst [b, numel] (the projection's dtype) = g [b, numel], plain (adam None) or Adam-preconditioned with the
+    parameter's flat fp32 moments adam[name]; `kernels`: the GPU's fused kernel module, None elsewhere."""
+    import torch
+
+    if adam is None:
+        dst.copy_(g)
+    elif kernels is not None:  # one fused pass on a GPU (kernels.py: ~4 bytes/element)
+        kernels.adam_precondition_into(g, *adam[name], state.betas, state.eps, dst)
+    else:
+        g = g.to(torch.promote_types(g.dtype, torch.float32))
+        dst.copy_(adam_precondition(g, *adam[name], state.betas, state.eps))
+
+
+def _stream_features(
+    model: Any,
+    layers: Sequence[LoraLayer],
+    cut: Sequence[Row],
+    cfg: InfluenceConfig,
+    projector: KroneckerProjector,
+    adam: dict | None,
+    state: AdamState | None,
+    dtype: torch.dtype,
+    dev: torch.device,
+    result: GradFeatures,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """compute_grad_features with a projection that needs no pass: each LoRA weight's per-sample gradients are
+    preconditioned and projected as the backward pass forms them (KroneckerProjector.project_matrix), so no
+    buffer of gradients exists and at most one weight's are in memory. Fills result.feats, tokens,
+    projection_seconds (device time of the projection's kernels on a GPU, by CUDA events: no synchronisation in
+    the pass) and projection_rows (the batch size: a batch is projected as it goes)."""
+    import torch
+
+    kernels = None
+    if dev.type == "cuda":
+        from synth_core.influence import kernels
+    events: list[tuple[Any, Any]] = []
+    cpu_seconds = 0.0
+    result.projection_rows = min(len(cut), cfg.batch_size)
+    feats = torch.zeros(len(cut), cfg.proj_dim, dtype=torch.float16, device=dev)  # copied out once: no sync a batch
+    order = sorted(range(len(cut)), key=lambda i: -len(cut[i]["input_ids"]))
+    for start in range(0, len(order), cfg.batch_size):
+        idx = order[start : start + cfg.batch_size]
+        acc = torch.zeros(len(idx), cfg.proj_dim, dtype=torch.float32, device=dev)
+
+        def keep(name: str, g: torch.Tensor, acc: torch.Tensor = acc) -> None:
+            nonlocal cpu_seconds
+            pre = torch.empty(g.shape, dtype=dtype, device=dev)
+            _precondition_into(g.reshape(g.shape[0], -1), name, adam, state, kernels, pre.view(g.shape[0], -1))
+            if dev.type == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                projector.project_matrix(name, pre, acc)
+                end.record()
+                events.append((begin, end))
+            else:
+                t = time.perf_counter()
+                projector.project_matrix(name, pre, acc)
+                cpu_seconds += time.perf_counter() - t
+
+        _backward_per_sample(model, layers, *_pad([cut[i] for i in idx]), keep, dev)
+        # A zero gradient (no response token) stays a zero feature instead of 0/0.
+        acc /= acc.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        feats[torch.tensor(idx, device=dev)] = acc.to(torch.float16)
+        result.tokens += sum(len(cut[i]["input_ids"]) for i in idx)
+        if progress is not None:
+            progress(start + len(idx), len(order))
+    result.feats = feats.cpu()
+    if events:
+        torch.cuda.synchronize(dev)
+        cpu_seconds += sum(b.elapsed_time(e) for b, e in events) / 1e3
+    result.projection_seconds = cpu_seconds

@@ -2,7 +2,7 @@
 
 P is cut into chunks of CHUNK_ELEMS flat elements of each parameter, each drawn from a random stream seeded from
 (seed, parameter name, chunk index), so the same seed gives the same features whatever the batch size or the
-parameter order. Three matrices, one interface (`Projector`), chosen by influence.projection ('auto': by the device
+parameter order. Four matrices, one interface (`Projector`), chosen by influence.projection ('auto': by the device
 type, `resolve_projection`):
 - RademacherProjector (GPU): dense +-1/sqrt(proj_dim), drawn on the device as sign bits (fused Triton kernels on a
   GPU, synth_core.influence.kernels). Drawing and unpacking R costs about as much per pass as the matmul itself, so
@@ -16,6 +16,10 @@ type, `resolve_projection`):
 - HashedRademacherProjector (hashed.py; by name only): dense +-1/sqrt(proj_dim) whose signs are a hash of
   (seed, parameter, element, column), made inside the GPU's matmul and never stored, so a pass costs its matmul
   and no drawing; the same matrix on every device (a CPU makes it with torch, O(proj_dim) per element).
+- KroneckerProjector (kronecker.py; by name only): per LoRA weight [out, in], kron(L [out, a], R [in, b]) with
+  a b = proj_dim, small seeded factors kept on the device; each batch's gradients are projected as they are
+  formed (no buffer, no pass), O(sqrt(proj_dim)) per element; unbiased with a larger variance for concentrated
+  gradients.
 Targets and candidates must share the projection: `projection_id` names it (kind, s, d, seed, device type where
 it matters; `check_same_projection` compares them), `projection_device_type` says which device type this machine's
 passes will use, and `projection_fingerprint` is what the stage's fingerprint holds of it.
@@ -378,11 +382,14 @@ class SparseJLProjector:
 
 
 class Projector(Protocol):
-    """What the features need of a random projection (RademacherProjector on a GPU, SparseJLProjector on a CPU):
-    x [b, num_params] -> x @ P [b, proj_dim] float32, P seeded per (parameter, chunk) and named by projection_id."""
+    """What the features need of a random projection (RademacherProjector on a GPU, SparseJLProjector on a CPU,
+    HashedRademacherProjector and KroneckerProjector by name): x [b, num_params] -> x @ P [b, proj_dim] float32, P
+    seeded per parameter (and chunk) and named by projection_id. The Kronecker projector also projects one
+    parameter's [b, out, in] gradients as they are formed (project_matrix), which compute_grad_features uses."""
 
     proj_dim: int
     blocks_drawn: int
+    device: torch.device
 
     @property
     def projection_id(self) -> str: ...
@@ -395,10 +402,6 @@ class Projector(Protocol):
         group_bytes: int | None = None,
     ) -> torch.Tensor: ...
 
-    def project(self, named: dict[str, torch.Tensor]) -> torch.Tensor: ...
-
-    def accumulate(self, name: str, grads: torch.Tensor, out: torch.Tensor) -> None: ...
-
     def dense_matrix(self, shapes: Sequence[tuple[str, int]]) -> torch.Tensor: ...
 
 
@@ -408,6 +411,10 @@ def resolve_projection(cfg: InfluenceConfig, device_type: str) -> str:
     Rademacher on a GPU, whose fused kernels make it cheap, sparse JL elsewhere, where drawing and multiplying
     by the dense R costs ~30 GFLOP and 15 G signs per row at d = 8192). InfluenceError when s > proj_dim."""
     kind = cfg.projection
+    if kind == "kronecker":
+        from synth_core.influence.kronecker import kronecker_split
+
+        kronecker_split(cfg.proj_dim)  # InfluenceError when proj_dim has no usable split
     if kind == "auto":
         kind = "rademacher" if device_type == "cuda" else "sparse_jl"
     if kind == "sparse_jl" and cfg.sparse_jl_nonzeros > cfg.proj_dim:
@@ -429,16 +436,32 @@ def projection_fingerprint(cfg: InfluenceConfig, device_type: str) -> list[Any]:
         from synth_core.influence.hashed import HASHED_VERSION
 
         return [f"hashed_rademacher-v{HASHED_VERSION}"]
+    if kind == "kronecker":  # drawn on the CPU: the same matrix on every device type
+        from synth_core.influence.kronecker import KRONECKER_VERSION
+
+        return [f"kronecker-v{KRONECKER_VERSION}"]
     return [PROJECTION_VERSION, CHUNK_ELEMS, device_type, f"sparse_jl-v{SPARSE_JL_VERSION}", cfg.sparse_jl_nonzeros]
 
 
-def make_projector(cfg: InfluenceConfig, device: torch.device | str, cache_mb: int | None = None) -> Projector:
-    """The configured projection (`resolve_projection`) on `device`; cache_mb None = cfg.projector_cache_mb."""
+def make_projector(
+    cfg: InfluenceConfig,
+    device: torch.device | str,
+    cache_mb: int | None = None,
+    shapes: dict[str, tuple[int, int]] | None = None,
+) -> Projector:
+    """The configured projection (`resolve_projection`) on `device`; cache_mb None = cfg.projector_cache_mb.
+    shapes: each parameter's [out, in], which the Kronecker projection needs (an InfluenceError without them)."""
     import torch
 
     device = torch.device(device)
     cache_mb = cfg.projector_cache_mb if cache_mb is None else cache_mb
     kind = resolve_projection(cfg, device.type)
+    if kind == "kronecker":
+        from synth_core.influence.kronecker import KroneckerProjector
+
+        if shapes is None:
+            raise InfluenceError("the kronecker projection needs the parameters' shapes")
+        return KroneckerProjector(cfg.proj_dim, cfg.seed, shapes, device)
     if kind == "rademacher":
         return RademacherProjector(cfg.proj_dim, cfg.seed, device, cache_mb)
     if kind == "hashed_rademacher":
