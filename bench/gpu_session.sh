@@ -14,7 +14,10 @@
 # infl1bhash/infl7bhash (the same with --projection hashed_rademacher), proj (bench/projection.py: the projection
 # pass alone, rademacher vs hashed_rademacher), gputests (the `gpu` tests of test_influence.py and test_train.py),
 # stage1b/stage7b (bench/generate.py --stage-gpu: the sample stage's HFGenerator, dynamic vs static cache; SP prompts
-# per adapter, SB a batch).
+# per adapter, SB a batch), infl1bkron/infl7bkron (the dense Rademacher baseline vs influence.projection 'kronecker'
+# on the same rows, with their influence ranks compared; at 1B also against a second Rademacher seed),
+# infl1bkronbs/infl7bkronbs (the Kronecker projection at larger batches, which its lack of a gradient buffer allows),
+# krontest (the `gpu` test of the features against the loop on CUDA, Rademacher and Kronecker).
 # T, TG, TI, TC, TP, TT, TS: per-section time limits (s); DEADLINE (seconds since the epoch, optional): no section runs past it,
 # so the last sections of a call get what the first left (a device call is killed whole at its limit).
 cd "$(dirname "$0")/.." || exit 1
@@ -82,6 +85,17 @@ for s in "$@"; do
       tests/test_train.py;;
     infl7b) timeout "${TI:-300}" python3 bench/influence.py --model builtin:random-llama-7b --rows 128 --loop-rows 0 \
       --batch-size 8 --out-json "$OUT/infl_7b.json";;
+    infl1bkron) timeout "${TI:-300}" python3 bench/influence.py --model builtin:random-llama-1b --rows 256 \
+      --loop-rows 0 --batch-size 16 --projection rademacher --projection-rows 256 --compare kronecker --seed-floor \
+      --out-json "$OUT/infl_1b_kronecker.json";;
+    infl1bkronbs) timeout "${TI:-300}" python3 bench/influence.py --model builtin:random-llama-1b --rows 256 \
+      --loop-rows 0 --batch-size 16 32 64 --projection kronecker --out-json "$OUT/infl_1b_kronecker_batches.json";;
+    infl7bkron) timeout "${TI:-420}" python3 bench/influence.py --model builtin:random-llama-7b --rows 128 \
+      --loop-rows 0 --batch-size 8 --projection rademacher --compare kronecker --out-json "$OUT/infl_7b_kronecker.json";;
+    infl7bkronbs) timeout "${TI:-300}" python3 bench/influence.py --model builtin:random-llama-7b --rows 128 \
+      --loop-rows 0 --batch-size 8 16 32 --projection kronecker --out-json "$OUT/infl_7b_kronecker_batches.json";;
+    krontest) timeout "${TT:-200}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_influence.py \
+      -k dense_loop_reference;;
     *) echo "unknown section $s";;
   esac
 done

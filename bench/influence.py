@@ -22,8 +22,15 @@ Model FLOPs per row of T tokens, S of them predicting a response token: forward 
 2 N T (N: weights of every matrix multiply but the LM head; no weight gradient is formed by autograd), the LM head
 4 hidden vocab S (the loss is taken at those S positions only, so only their logits are needed: the batched path
 computes just those, the loop all T), LoRA 6 N_lora T (its forward, backward and the per-sample outer products),
-attention 12 layers x hidden x T^2 (without halving for the causal mask), and the projection 2 N_lora proj_dim.
-(Until the batched path skipped them, the head was counted at all T positions: 4 N T with N including it.)
+attention 12 layers x hidden x T^2 (without halving for the causal mask), and the projection's own multiply-adds
+x 2: N_lora proj_dim for the dense matrices, N_lora s for sparse JL, and for the Kronecker projection what its two
+factor products cost (kronecker.projection_macs: about N_lora sqrt(proj_dim)), so a cheaper projection shows as
+fewer FLOPs, not as a higher rate. (Until the batched path skipped them, the head was counted at all T positions:
+4 N T with N including it.)
+
+--compare times other projections on the same rows at --proj-dim and gives the Spearman correlation of their
+influence scores with --projection's; --seed-floor adds --projection with another seed, the disagreement of two
+equally valid matrices, which is what the other figures are read against.
 
 Modes:
 - CPU (default): the built-in model on rows of the built-in reference set (the synthesizer's task), LoRA r=16.
@@ -35,6 +42,9 @@ Modes:
     python bench/influence.py --rows 8 --loop-rows 0   (CPU: the two projections only)
     python bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 32 --batch-size 16 [32]
     python bench/influence.py --model builtin:random-llama-150m --rows 8 --loop-rows 4 --mean-tokens 64  (code path)
+    python bench/influence.py --rows 64 --loop-rows 0 --compare rademacher kronecker --seed-floor  (CPU: three)
+    python bench/influence.py --model builtin:random-llama-1b --rows 256 --loop-rows 0 --batch-size 16 \
+        --projection kronecker --compare rademacher --projection-rows 256 --seed-floor  (GPU)
 
 Results are printed as a table and written as JSON (bench/results/influence.json or influence_<model>.json).
 """
@@ -59,6 +69,7 @@ from common import (
 )
 
 GOAL_SPEEDUP, GOAL_SPEARMAN, GOAL_MFU = 10.0, 0.99, 0.30
+PROJECTIONS = ["auto", "rademacher", "sparse_jl", "hashed_rademacher", "kronecker"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,10 +90,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--proj-dim", type=int, default=8192, help="Projection dimension (features).")
     ap.add_argument(
         "--projection",
-        choices=["auto", "rademacher", "sparse_jl", "hashed_rademacher"],
+        choices=PROJECTIONS,
         default="auto",
         help="Projection of both paths (InfluenceConfig.projection; 'auto' = sparse_jl on a CPU, rademacher on a "
-        "GPU). On a CPU the batched path is timed with the other one too, at --proj-dim.",
+        "GPU).",
+    )
+    ap.add_argument(
+        "--compare",
+        nargs="*",
+        choices=PROJECTIONS[1:],
+        default=None,
+        help="Other projections timed on the batched path at --proj-dim on the same rows, and their influence ranks "
+        "compared with --projection's (each against its own targets); default: on a CPU the other of rademacher "
+        "and sparse_jl, on a GPU none.",
+    )
+    ap.add_argument(
+        "--seed-floor",
+        action="store_true",
+        help="Also time --projection with seed+1 and compare its ranks: the disagreement of two equally valid "
+        "matrices of the same kind, the floor the --compare figures are read against.",
     )
     ap.add_argument("--dense-budget-gib", type=float, default=None, help="Largest dense R of the loop (GiB).")
     ap.add_argument("--max-seq-len", type=int, default=1024, help="Token limit of a row.")
@@ -174,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         influence_scores,
         load_checkpoint_for_influence,
         lora_linears,
+        lora_shapes,
         resolve_projection,
     )
+    from synth_core.influence.kronecker import projection_macs as kronecker_macs
     from synth_core.models import resolve_model, synthetic_chats
     from synth_core.procs import run_in_subprocess
     from synth_core.train import IGNORE_INDEX, train_model
@@ -208,15 +236,34 @@ def main(argv: list[str] | None = None) -> int:
             projection=args.projection,
         )
         kind = resolve_projection(cfg, device)
-        # on a CPU both projections side by side at --proj-dim, the one of the comparison with the loop first
-        kinds = [kind] if on_gpu else [kind, *(k for k in ("rademacher", "sparse_jl") if k != kind)]
+        # other projections side by side at --proj-dim (default: on a CPU the other of rademacher and sparse_jl),
+        # the one of the comparison with the loop first; labels are the projections' names (+ "@seedN")
+        compare = args.compare if args.compare is not None else [] if on_gpu else ["rademacher", "sparse_jl"]
+        kinds = [kind, *dict.fromkeys(k for k in compare if k != kind)]
         by_kind = {k: cfg.model_copy(update={"projection": k}) for k in kinds}
+        if args.seed_floor:
+            kinds.append(f"{kind}@seed{args.seed + 1}")
+            by_kind[kinds[-1]] = cfg.model_copy(update={"projection": kind, "seed": args.seed + 1})
         cfg = by_kind[kind]
         ckpt = load_checkpoint_for_influence(trained.checkpoints[-1], cfg, device=device)
         tok = AutoTokenizer.from_pretrained(base.path)
         rows = encode_rows(tok, chats)
         cands, targets = rows[: args.rows], rows[args.rows :]
         n_lora = sum(lin.weight.numel() for lin in lora_linears(ckpt.model).values())
+        shapes = lora_shapes(ckpt.model)
+
+        def label_of(c) -> str:
+            """A projection config's label: its kind, with "@seedN" when its seed is not --seed's."""
+            return c.projection if c.seed == args.seed else f"{c.projection}@seed{c.seed}"
+
+        def projection_macs(c) -> int:
+            """Multiply-adds of projecting one row's LoRA gradient with the projection of config c."""
+            if c.projection in ("rademacher", "hashed_rademacher"):
+                return n_lora * c.proj_dim
+            if c.projection == "kronecker":
+                return sum(kronecker_macs(shape, c.proj_dim) for shape in shapes.values())
+            return n_lora * c.sparse_jl_nonzeros
+
         budget = args.dense_budget_gib
         if budget is None:
             budget = (torch.cuda.mem_get_info()[0] / 2**30 * 0.5) if on_gpu else _available_gib() * 0.35
@@ -255,13 +302,11 @@ def main(argv: list[str] | None = None) -> int:
             loss_positions = sum(sum(lab != IGNORE_INDEX for lab in r["labels"][1 : args.max_seq_len]) for r in rows_)
             head = config.hidden_size * config.vocab_size
             flops = 4 * (matmul_params(config) - head) * tokens + 4 * head * loss_positions + 6 * n_lora * tokens
-            dense = c.projection in ("rademacher", "hashed_rademacher")
-            per_element = c.proj_dim if dense else c.sparse_jl_nonzeros  # multiply-adds
-            flops += 12 * config.num_hidden_layers * config.hidden_size * sq + 2 * n_lora * per_element * len(rows_)
+            flops += 12 * config.num_hidden_layers * config.hidden_size * sq + 2 * projection_macs(c) * len(rows_)
             passes = -(-len(rows_) // out.projection_rows) if projection_rows_of(out) else None
             res = {
                 "name": name,
-                "projection": c.projection,
+                "projection": label_of(c),
                 "proj_dim": c.proj_dim,
                 "rows": len(rows_),
                 "tokens": tokens,
@@ -293,18 +338,20 @@ def main(argv: list[str] | None = None) -> int:
         main_results = list(results)  # batched, loop
         full = {kind: fast if dim == args.proj_dim else timed(f"batched (batch {batch}, {kind})", batched, cands, cfg)}
         full_res = main_results[0] if dim == args.proj_dim else results[-1]  # the first batch size at --proj-dim
-        for other_kind in kinds[1:]:  # CPU: the other projection, same rows, --proj-dim
-            full[other_kind] = timed(f"batched (batch {batch}, {other_kind})", batched, cands, by_kind[other_kind])
+        for other_kind in kinds[1:]:  # the other projections, same rows, --proj-dim
+            c = by_kind[other_kind]
+            batched(ckpt.model, cands[: min(2, len(cands))], c, optimizer_state=ckpt.adam)  # warm-up
+            full[other_kind] = timed(f"batched (batch {batch}, {other_kind})", batched, cands, c)
         by_projection = {
             r["projection"]: r for r in results if r["proj_dim"] == args.proj_dim and r["projection_s"] is not None
         }
-        rho_projections = None
+        rho_projections: dict[str, float] = {}  # label -> Spearman of its influence scores with --projection's
         if len(kinds) > 1:  # each projection's candidates against its own targets, at --proj-dim
             scores = {}
             for p in kinds:
                 tgt_p = tgt if p == kind and dim == args.proj_dim else batched(ckpt.model, targets, by_kind[p])
                 scores[p] = influence_scores([full[p].feats], [tgt_p.feats], [1.0])
-            rho_projections = spearman(scores["rademacher"], scores["sparse_jl"])
+            rho_projections = {p: spearman(scores[kind], scores[p]) for p in kinds[1:]}
         for other in args.batch_size[1:]:
             c = cfg.model_copy(update={"batch_size": other})
             try:
@@ -366,12 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         f"influence: {args.model}, LoRA r={rank} q/k/v/o ({n_lora / 1e6:.2f}M params), {device} "
         f"({torch.cuda.get_device_name() if on_gpu else cpu_name()}), {kind}; {versus}; {note}"
     )
-    if rho_projections is not None:
-        rad, sjl = by_projection["rademacher"], by_projection["sparse_jl"]
-        title += (
-            f"; at d={args.proj_dim}: projection {rad['projection_s_per_pass']:.2f} s/pass rademacher vs "
-            f"{sjl['projection_s_per_pass']:.2f} s sparse_jl (s={cfg.sparse_jl_nonzeros}), influence Spearman "
-            f"{rho_projections:.4f} over {len(cands)} rows"
+    if rho_projections:
+        main_rate = by_projection[kind]["samples_per_s"]
+        title += f"; at d={args.proj_dim} against {kind} over {len(cands)} rows: " + ", ".join(
+            f"{p} {by_projection[p]['samples_per_s'] / main_rate:.2f}x the samples/s, influence Spearman {rho:.4f}"
+            for p, rho in rho_projections.items()
         )
     try:
         import rich  # noqa: F401
@@ -419,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                 p: {f: r[f] for f in ("samples_per_s", "projection_s", "projection_passes", "projection_s_per_pass")}
                 for p, r in by_projection.items()
             },
-            "spearman_projections": rho_projections,
+            "spearman_projections": rho_projections,  # label -> Spearman with --projection's scores
             "note": note,
             "results": results,
             "torch": package_version("torch"),

@@ -67,6 +67,7 @@ from synth_core.influence.lora_grads import (
     encode_rows,
     lora_layers,
     lora_linears,
+    lora_shapes,
     per_sample_grads,
     per_sample_losses,
 )
@@ -149,6 +150,7 @@ __all__ = [
     "load_checkpoint_for_influence",
     "lora_layers",
     "lora_linears",
+    "lora_shapes",
     "make_projector",
     "HASHED_VERSION",
     "HashedRademacherProjector",
