@@ -349,7 +349,7 @@ def probe_markdown(probe: Mapping[str, Any]) -> str:
             pct_cell(r["assert_pass_rate"]),
             pct_cell(r["distinct_problems"]),
             f"{vs['gained']} / {vs['lost']} / {vs['tied']}" if vs else "",
-            "" if not vs or vs["p"] is None else f"{vs['p']:.2f}",
+            p_cell(vs.get("p") if vs else None),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -448,6 +448,14 @@ def _label(iteration: int | str) -> str:
 def pct_cell(share: float | None) -> str:
     """A share as a table cell: '12.3%', or empty for None."""
     return "" if share is None else f"{100 * share:.1f}%"
+
+
+def p_cell(p: float | None) -> str:
+    """A p-value as a table cell: two decimals ('0.03'), '< 0.001' below that (two decimals would print 0.00), or
+    empty for None."""
+    if p is None:
+        return ""
+    return "< 0.001" if p < 0.001 else f"{p:.2f}"
 
 
 def _cell(v: Any) -> str:

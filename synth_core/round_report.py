@@ -144,7 +144,7 @@ def probe_comparison(probes: Mapping[str, dict[str, Any] | None]) -> str:
     """Per run (name -> the probe its release records, round.probe_snippets, or None): its bootstrap's and its last
     synthesizer's share of answers that passed their own asserts on the probe's seeds. Runs of one config and pool
     probe the same seeds (the window after the release's), so their last synthesizers compare across ablations."""
-    from synth_core.convergence import pct_cell
+    from synth_core.convergence import p_cell, pct_cell
 
     lines = []
     for name, probe in probes.items():
@@ -153,7 +153,7 @@ def probe_comparison(probes: Mapping[str, dict[str, Any] | None]) -> str:
         recs = {r["synthesizer"]: r for r in probe["records"]}
         first, last = recs.get("bootstrap"), probe["records"][-1]
         vs = last.get("vs") or {}
-        p = "" if vs.get("p") is None else f"{vs['p']:.2f}"
+        p = p_cell(vs.get("p"))
         start = pct_cell(first["assert_pass_rate"] if first else None)
         lines.append(
             f"| {name} | {probe['seeds']} | {start} | {last['synthesizer']} | "

@@ -132,6 +132,10 @@ def test_sign_test_is_the_exact_two_sided_binomial():
     assert sign_test(10, 0) == sign_test(0, 10) == round(2 / 2**10, 4)
     # 15 gained, 8 lost: 2 x P(X <= 8), X ~ Binomial(23, 1/2) (the evidence probe's third iteration)
     assert sign_test(15, 8) == 0.2100
+    # the tables print two decimals, and below 0.001 say so (22 gained, 2 lost: the no-scorer run's iteration 3)
+    from synth_core.convergence import p_cell
+
+    assert [p_cell(sign_test(g, lost)) for g, lost in ((15, 8), (22, 2), (0, 0))] == ["0.21", "< 0.001", ""]
 
 
 def test_probe_compares_every_synthesizer_with_the_bootstrap_seed_by_seed(cfg, tmp_path):
