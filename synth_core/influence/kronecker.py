@@ -34,6 +34,7 @@ What it leaves to others: the gradients (lora_grads.py), the other projections a
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -70,6 +71,19 @@ def projection_macs(shape: tuple[int, int], proj_dim: int) -> int:
     return min(out * b * (inp + a), inp * a * (out + b))
 
 
+@functools.lru_cache(maxsize=4096)
+def _signs(seed: int, name: str, side: str, rows: int, cols: int) -> torch.Tensor:
+    """One factor's +-1 [rows, cols] int8 on the CPU, from a torch.Generator seeded with a hash of (seed, name,
+    side): the same on every device. Kept for the process (a 7B model's factors: 104M signs, 104 MB), since the
+    influence stage builds a projector for every checkpoint and every set of rows."""
+    import torch
+
+    from synth_core.influence.projection import block_seed
+
+    generator = torch.Generator().manual_seed(block_seed("kronecker", seed, name, side))
+    return torch.randint(0, 2, (rows, cols), generator=generator, dtype=torch.int8).mul_(2).sub_(1)
+
+
 class KroneckerProjector:
     """x -> x @ P with P's block for parameter `name` [out, in] = kron(L_name, R_name) / sqrt(proj_dim), L [out, a]
     and R [in, b] seeded +-1 (module docstring). `shapes` names every parameter's [out, in]: a flat layout holds
@@ -94,22 +108,14 @@ class KroneckerProjector:
 
     def factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(L [out, a], R [in, b]) of +-1 for parameter `name`, in `dtype` on the device (kept: they are small)."""
-        import torch
-
-        from synth_core.influence.projection import block_seed
-
         key = (name, dtype)
         if key not in self._factors:
             if name not in self.shapes:
                 raise InfluenceError(f"the kronecker projection has no shape for parameter '{name}'")
             out, inp = self.shapes[name]
-            generator = torch.Generator()  # on the CPU: the same factors on every device
-            pair = []
-            for side, rows, cols in (("L", out, self.a), ("R", inp, self.b)):
-                generator.manual_seed(block_seed("kronecker", self.seed, name, side))
-                signs = torch.randint(0, 2, (rows, cols), generator=generator, dtype=torch.int8).mul_(2).sub_(1)
-                pair.append(signs.to(self.device, dtype))
-            self._factors[key] = (pair[0], pair[1])
+            left = _signs(self.seed, name, "L", out, self.a).to(self.device, dtype)
+            right = _signs(self.seed, name, "R", inp, self.b).to(self.device, dtype)
+            self._factors[key] = (left, right)
             self.blocks_drawn += 1
         return self._factors[key]
 
