@@ -439,7 +439,8 @@ def compute_grad_features(
     The per-sample gradients of `projection_rows` rows (several batches; None = `default_projection_rows`) are
     gathered in one buffer [rows, num_lora_params] and projected in one pass, so R's blocks are drawn (or read
     from the cache) once per pass instead of once per batch. A row's feature does not depend on how rows are
-    grouped (batches or passes).
+    grouped (batches or passes). The Kronecker projection has no pass (`_stream_features`): each batch is projected
+    as its gradients are formed, and projection_rows is not used.
     """
     import torch
 
