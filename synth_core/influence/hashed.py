@@ -145,10 +145,9 @@ class HashedRademacherProjector:
         of int64 hash bits, 64 MiB by default); the kernel needs none."""
         import torch
 
-        if out is None:
-            out = torch.zeros(flat.shape[0], self.proj_dim, dtype=torch.float32, device=self.device)
-        if sum(n for _, n in layout) != flat.shape[1]:
-            raise ValueError(f"layout covers {sum(n for _, n in layout)} elements, flat has {flat.shape[1]}")
+        from synth_core.influence.projection import flat_output
+
+        out = flat_output(self, flat, layout, out)
         if flat.shape[0] == 0 or flat.shape[1] == 0:
             return out
         if self.fused and flat.is_cuda and flat.dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -151,11 +151,10 @@ class KroneckerProjector:
         unused (nothing is drawn per call)."""
         import torch
 
-        if out is None:  # float32, or float64 for a float64 input (the tests' exact references)
-            dtype = torch.promote_types(flat.dtype, torch.float32)
-            out = torch.zeros(flat.shape[0], self.proj_dim, dtype=dtype, device=self.device)
-        if sum(n for _, n in layout) != flat.shape[1]:
-            raise ValueError(f"layout covers {sum(n for _, n in layout)} elements, flat has {flat.shape[1]}")
+        from synth_core.influence.projection import flat_output
+
+        # float32, or float64 for a float64 input (the tests' exact references)
+        out = flat_output(self, flat, layout, out, torch.promote_types(flat.dtype, torch.float32))
         column = 0
         for name, numel in layout:
             shape = self.shapes.get(name)

@@ -467,7 +467,7 @@ def compute_grad_features(
             n: (m.reshape(-1).float().contiguous(), v.reshape(-1).float().contiguous()) for n, (m, v) in adam.items()
         }
     if isinstance(projector, KroneckerProjector):
-        _stream_features(model, layers, cut, cfg, projector, adam, optimizer_state, dtype, dev, result, progress)
+        _stream_features(model, layers, cut, cfg, projector, adam, optimizer_state, kernels, dtype, result, progress)
         result.seconds = time.perf_counter() - t0
         return result
     if projection_rows is None:
@@ -529,8 +529,8 @@ def _stream_features(
     projector: KroneckerProjector,
     adam: dict | None,
     state: AdamState | None,
+    kernels: Any,
     dtype: torch.dtype,
-    dev: torch.device,
     result: GradFeatures,
     progress: Callable[[int, int], None] | None,
 ) -> None:
@@ -538,12 +538,11 @@ def _stream_features(
     preconditioned and projected as the backward pass forms them (KroneckerProjector.project_matrix), so no
     buffer of gradients exists and at most one weight's are in memory. Fills result.feats, tokens,
     projection_seconds (device time of the projection's kernels on a GPU, by CUDA events: no synchronisation in
-    the pass) and projection_rows (the batch size: a batch is projected as it goes)."""
+    the pass) and projection_rows (the batch size: a batch is projected as it goes). `kernels`: the GPU's fused
+    kernel module (compute_grad_features imports it on CUDA), None elsewhere."""
     import torch
 
-    kernels = None
-    if dev.type == "cuda":
-        from synth_core.influence import kernels
+    dev = projector.device
     events: list[tuple[Any, Any]] = []
     cpu_seconds = 0.0
     result.projection_rows = min(len(cut), cfg.batch_size)

@@ -60,6 +60,24 @@ def block_seed(*key: object) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def flat_output(
+    projector: Any,
+    flat: torch.Tensor,
+    layout: Sequence[tuple[str, int]],
+    out: torch.Tensor | None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The start every project_flat shares: a ValueError unless `layout` covers flat's columns, then `out`, or a new
+    zero accumulator [b, proj_dim] on the projector's device (float32 unless `dtype` says otherwise)."""
+    import torch
+
+    if sum(n for _, n in layout) != flat.shape[1]:
+        raise ValueError(f"layout covers {sum(n for _, n in layout)} elements, flat has {flat.shape[1]}")
+    if out is None:
+        out = torch.zeros(flat.shape[0], projector.proj_dim, dtype=dtype or torch.float32, device=projector.device)
+    return out
+
+
 class RademacherProjector:
     """x -> x @ R with R [num_params, proj_dim] of entries +-1/sqrt(proj_dim), generated in seeded blocks.
 
@@ -189,10 +207,7 @@ class RademacherProjector:
         """
         import torch
 
-        if out is None:
-            out = torch.zeros(flat.shape[0], self.proj_dim, dtype=torch.float32, device=self.device)
-        if sum(n for _, n in layout) != flat.shape[1]:
-            raise ValueError(f"layout covers {sum(n for _, n in layout)} elements, flat has {flat.shape[1]}")
+        out = flat_output(self, flat, layout, out)
         width = self.width
         if group_bytes is None:
             group_bytes = 2**30 if self.device.type == "cuda" else 2**28
@@ -331,10 +346,7 @@ class SparseJLProjector:
         """
         import torch
 
-        if out is None:
-            out = torch.zeros(flat.shape[0], self.proj_dim, dtype=torch.float32, device=self.device)
-        if sum(n for _, n in layout) != flat.shape[1]:
-            raise ValueError(f"layout covers {sum(n for _, n in layout)} elements, flat has {flat.shape[1]}")
+        out = flat_output(self, flat, layout, out)
         b, s = flat.shape[0], self.nonzeros
         if group_bytes is None:
             group_bytes = 2**26
