@@ -17,7 +17,9 @@
 # per adapter, SB a batch), infl1bkron/infl7bkron (the dense Rademacher baseline vs influence.projection 'kronecker'
 # on the same rows, with their influence ranks compared; at 1B also against a second Rademacher seed),
 # infl1bkronbs/infl7bkronbs (the Kronecker projection at larger batches, which its lack of a gradient buffer allows),
-# krontest (the `gpu` test of the features against the loop on CUDA, Rademacher and Kronecker).
+# krontest (the `gpu` test of the features against the loop on CUDA, Rademacher and Kronecker; compiled layers),
+# infl1bcomp/infl7bcomp (Kronecker and the dense Rademacher baseline uncompiled, then Kronecker with
+# influence.compile_layers at two batch sizes, same rows).
 # T, TG, TI, TC, TP, TT, TS: per-section time limits (s); DEADLINE (seconds since the epoch, optional): no section runs past it,
 # so the last sections of a call get what the first left (a device call is killed whole at its limit).
 cd "$(dirname "$0")/.." || exit 1
@@ -94,6 +96,12 @@ for s in "$@"; do
       --loop-rows 0 --batch-size 8 --projection rademacher --compare kronecker --out-json "$OUT/infl_7b_kronecker.json";;
     infl7bkronbs) timeout "${TI:-300}" python3 bench/influence.py --model builtin:random-llama-7b --rows 128 \
       --loop-rows 0 --batch-size 8 16 32 --projection kronecker --out-json "$OUT/infl_7b_kronecker_batches.json";;
+    infl1bcomp) timeout "${TI:-420}" python3 bench/influence.py --model builtin:random-llama-1b --rows 256 \
+      --loop-rows 0 --batch-size 16 32 --projection kronecker --compare rademacher --projection-rows 256 \
+      --compile-layers both --out-json "$OUT/infl_1b_compiled.json";;
+    infl7bcomp) timeout "${TI:-480}" python3 bench/influence.py --model builtin:random-llama-7b --rows 128 \
+      --loop-rows 0 --batch-size 8 16 --projection kronecker --compare rademacher --compile-layers both \
+      --out-json "$OUT/infl_7b_compiled.json";;
     krontest) timeout "${TT:-200}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_influence.py \
       -k dense_loop_reference;;
     *) echo "unknown section $s";;

@@ -110,6 +110,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Also time --projection with seed+1 and compare its ranks: the disagreement of two equally valid "
         "matrices of the same kind, the floor the --compare figures are read against.",
     )
+    ap.add_argument(
+        "--compile-layers",
+        choices=["auto", "on", "off", "both"],
+        default="auto",
+        help="InfluenceConfig.compile_layers of every timed configuration ('auto' = on a GPU); 'both': all of them "
+        "uncompiled, then --projection again with compiled decoder layers (label '+compiled', last, since "
+        "compiling changes the model), and the further --batch-size values compiled.",
+    )
     ap.add_argument("--dense-budget-gib", type=float, default=None, help="Largest dense R of the loop (GiB).")
     ap.add_argument("--max-seq-len", type=int, default=1024, help="Token limit of a row.")
     ap.add_argument("--mean-tokens", type=int, default=512, help="Row length of synthetic rows (random models).")
@@ -221,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         chats = synthetic_chats(n_chats, args.mean_tokens, config.vocab_size, seed=args.seed)
     else:
         chats = reference_chats(args.rows) + reference_chats(args.targets, offset=args.rows)
-    tc = TrainConfig(lora_r=rank, lora_alpha=2 * rank, epochs=1, batch_size=2, num_checkpoints=1)
+    # compile_layers off: the checkpoint is a fixture of 2 steps, which compiling a 7B model would outlast
+    tc = TrainConfig(lora_r=rank, lora_alpha=2 * rank, epochs=1, batch_size=2, num_checkpoints=1, compile_layers=False)
     tc.max_seq_len = args.max_seq_len
     with tempfile.TemporaryDirectory() as tmp:
         # A real checkpoint: 2 AdamW steps on 4 rows, in its own process (its memory is gone afterwards).
@@ -234,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             dtype=args.dtype,
             projection=args.projection,
+            compile_layers={"on": True, "off": False, "both": False}.get(args.compile_layers, "auto"),
         )
         kind = resolve_projection(cfg, device)
         # other projections side by side at --proj-dim (default: on a CPU the other of rademacher and sparse_jl),
@@ -244,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.seed_floor:
             kinds.append(f"{kind}@seed{args.seed + 1}")
             by_kind[kinds[-1]] = cfg.model_copy(update={"projection": kind, "seed": args.seed + 1})
+        if args.compile_layers == "both":
+            kinds.append(f"{kind}+compiled")
+            by_kind[kinds[-1]] = cfg.model_copy(update={"projection": kind, "compile_layers": True})
         cfg = by_kind[kind]
         ckpt = load_checkpoint_for_influence(trained.checkpoints[-1], cfg, device=device)
         tok = AutoTokenizer.from_pretrained(base.path)
@@ -253,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         shapes = lora_shapes(ckpt.model)
 
         def label_of(c) -> str:
-            """A projection config's label: its kind, with "@seedN" when its seed is not --seed's."""
-            return c.projection if c.seed == args.seed else f"{c.projection}@seed{c.seed}"
+            """A projection config's label: its kind, with "@seedN" when its seed is not --seed's, "+compiled"
+            for the compiled variant of --compile-layers both."""
+            label = c.projection if c.seed == args.seed else f"{c.projection}@seed{c.seed}"
+            return label + ("+compiled" if args.compile_layers == "both" and c.compile_layers is True else "")
 
         def projection_macs(c) -> int:
             """Multiply-adds of projecting one row's LoRA gradient with the projection of config c."""
@@ -281,8 +296,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(note)
         batched = functools.partial(compute_grad_features, projection_rows=args.projection_rows)
-        for c in {dim: small, args.proj_dim: cfg}.values():  # warm-up (kernels, cuBLAS heuristics per shape)
-            batched(ckpt.model, cands[: min(2, len(cands))], c, optimizer_state=ckpt.adam)
+        warmup_s: dict[str, float] = {}  # label -> seconds of its warm-up (with compiled layers: compiling)
+
+        def warm_up(c) -> None:
+            """Two batches of different shapes, the second of 2 rows (kernels, cuBLAS heuristics; compiled layers
+            compile for dynamic shapes, and a batch of 1 row would be specialised), so the timed run compiles
+            nothing."""
+            t = time.perf_counter()
+            batched(ckpt.model, cands[: min(c.batch_size + 2, len(cands))], c, optimizer_state=ckpt.adam)
+            if on_gpu:
+                torch.cuda.synchronize()
+            warmup_s[f"{label_of(c)} batch {c.batch_size}"] = round(time.perf_counter() - t, 1)
+
+        for c in {dim: small, args.proj_dim: cfg}.values():
+            warm_up(c)
         if args.profile:
             profile_batched(batched, ckpt, cands[: 2 * batch], cfg, device)
             return 0
@@ -340,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         full_res = main_results[0] if dim == args.proj_dim else results[-1]  # the first batch size at --proj-dim
         for other_kind in kinds[1:]:  # the other projections, same rows, --proj-dim
             c = by_kind[other_kind]
-            batched(ckpt.model, cands[: min(2, len(cands))], c, optimizer_state=ckpt.adam)  # warm-up
+            warm_up(c)
             full[other_kind] = timed(f"batched (batch {batch}, {other_kind})", batched, cands, c)
         by_projection = {
             r["projection"]: r for r in results if r["proj_dim"] == args.proj_dim and r["projection_s"] is not None
@@ -353,10 +380,10 @@ def main(argv: list[str] | None = None) -> int:
                 scores[p] = influence_scores([full[p].feats], [tgt_p.feats], [1.0])
             rho_projections = {p: spearman(scores[kind], scores[p]) for p in kinds[1:]}
         for other in args.batch_size[1:]:
-            c = cfg.model_copy(update={"batch_size": other})
+            c = by_kind[kinds[-1] if args.compile_layers == "both" else kind].model_copy(update={"batch_size": other})
             try:
-                batched(ckpt.model, cands[: min(2, len(cands))], c, optimizer_state=ckpt.adam)  # warm-up
-                timed(f"batched (batch {other}, {kind})", batched, cands, c)
+                warm_up(c)
+                timed(f"batched (batch {other}, {label_of(c)})", batched, cands, c)
             except torch.OutOfMemoryError as exc:  # reported, and the other results are still written
                 print(f"batched (batch {other}): out of memory ({str(exc).splitlines()[0]})", flush=True)
                 oom.append(other)
@@ -439,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     if oom:
         goals += f"; out of memory at batch {', '.join(map(str, oom))}"
     print(goals)
+    if warmup_s:
+        print("warm-up seconds (compiling, with compiled layers):", warmup_s)
     name = (
         "influence.json"
         if args.model == "builtin:smollm2-135m-instruct"
@@ -466,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
                 for p, r in by_projection.items()
             },
             "spearman_projections": rho_projections,  # label -> Spearman with --projection's scores
+            "compile_layers": args.compile_layers,
+            "warmup_s": warmup_s,  # with compiled layers: what compiling cost
             "note": note,
             "results": results,
             "torch": package_version("torch"),

@@ -464,6 +464,12 @@ class InfluenceConfig(StrictModel):
         description="Device memory that may keep projection blocks (signs, or sparse JL indices) between batches "
         "(MiB); 0 = regenerate per batch.",
     )
+    compile_layers: bool | Literal["auto"] = Field(
+        "auto",
+        description="Compile the decoder layers of the gradient pass with torch.compile (regional, as "
+        "train.compile_layers; each LoRA branch stays eager, a graph break, since it hands out per-sample gradients); "
+        "'auto' = on a GPU, off on a CPU. Same features to rounding; not part of the fingerprint.",
+    )
     shard_rows: int = Field(
         1024, ge=1, description="Candidate rows per influence shard (one task; one gradient process per checkpoint)."
     )

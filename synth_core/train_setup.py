@@ -215,17 +215,21 @@ def uses_compiled_layers(cfg: TrainConfig, on_gpu: bool | None = None) -> bool:
     return on_gpu_when_auto(cfg.compile_layers, on_gpu)
 
 
-def compile_decoder_layers(model) -> int:
+def compile_decoder_layers(model, dynamic: bool | None = None) -> int:
     """Compile every decoder layer in place (`nn.Module.compile`); returns how many were compiled.
 
     Regional compilation: the layers share one code object, so dynamo traces one graph and reuses it with each
     layer's weights as inputs (compile time of one layer, not of the model), and the state dict's names stay
     as they are (checkpoints and the moments' names are unchanged, unlike torch.compile(model)'s `_orig_mod.`).
     Packed micro-batches change length every step: the second length recompiles once with dynamic shapes.
+    A layer compiled before is left as it is (the influence stage compiles a model once for all its passes).
+    `dynamic` is torch.compile's: True compiles for dynamic shapes at once (no static first compile; sizes 0 and 1
+    are still specialised), None leaves it to the recompile.
     """
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     if not layers:
         raise ValueError(f"compile_layers: no *DecoderLayer module in {type(model).__name__}")
     for layer in layers:
-        layer.compile()
+        if getattr(layer, "_compiled_call_impl", None) is None:
+            layer.compile(dynamic=dynamic)
     return len(layers)

@@ -789,7 +789,9 @@ def test_batched_pass_restores_the_model_and_refuses_lora_variants(ckpt, tiny_mo
     ids = torch.tensor([_rows([(12, 3)])[0]["input_ids"]])
     before = ckpt.model(input_ids=ids).logits
     compute_grad_features(ckpt.model, _rows([(12, 3), (9, 2)]), CFG)
-    assert all("forward" not in layer.module.__dict__ for layer in lora_layers(ckpt.model))
+    classes = {type(layer.module) for layer in lora_layers(ckpt.model)}
+    assert all(not c.__name__.startswith("PerSample") for c in classes), classes
+    assert all("_per_sample" not in layer.module.__dict__ for layer in lora_layers(ckpt.model))
     assert all(p.requires_grad == ("lora_" in n) for n, p in ckpt.model.named_parameters())
     assert torch.equal(ckpt.model(input_ids=ids).logits, before)
     base = AutoModelForCausalLM.from_pretrained(resolve_model(tiny_model).path, dtype=torch.float32)
@@ -800,6 +802,38 @@ def test_batched_pass_restores_the_model_and_refuses_lora_variants(ckpt, tiny_mo
         p.requires_grad_("lora_A" in name or "lora_B" in name)  # a frozen magnitude is still DoRA's forward
     with pytest.raises(InfluenceError, match="LoRA variant"):
         lora_layers(dora)
+
+
+def test_compiled_layers_give_the_eager_features(tiny_model, tmp_path):
+    """influence.compile_layers: the decoder layers compiled by torch.compile (inductor's C++ on the CPU), the LoRA
+    branches eager (a graph break each, since their backward hands out per-sample gradients), give the eager
+    pass's features, for the Kronecker and the Rademacher path; every layer shares the same graphs, and the
+    model's own forward is unchanged afterwards. Rows of two lengths at one batch size keep compiling short
+    (a new length recompiles once, with a dynamic dimension)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from synth_core.influence.lora_grads import lora_layers
+    from synth_core.models import build_random_lora
+
+    path = build_random_lora(tiny_model, tmp_path / "lora", rank=8, seed=3, scale=4.0)
+    rows = _rows([(40, 9)] * 4 + [(24, 5)] * 4, seed=4)
+    for projection in ("kronecker", "rademacher"):
+        cfg = CFG.model_copy(update={"projection": projection, "batch_size": 4})
+        eager = load_checkpoint_for_influence(str(path), cfg, device="cpu")
+        adam = _random_adam(eager.model)
+        want = compute_grad_features(eager.model, rows, cfg, optimizer_state=adam).feats
+        ck = load_checkpoint_for_influence(str(path), cfg, device="cpu")
+        ids = torch.tensor([rows[0]["input_ids"]])
+        before = ck.model(input_ids=ids).logits
+        compiled = cfg.model_copy(update={"compile_layers": True})
+        got = compute_grad_features(ck.model, rows, compiled, optimizer_state=adam).feats
+        layers = [m for m in ck.model.modules() if type(m).__name__.endswith("DecoderLayer")]
+        assert layers and all(m._compiled_call_impl is not None for m in layers)
+        assert counters["stats"]["unique_graphs"] > 0  # dynamo traced graphs, not a silent fallback to eager
+        assert (got.float() - want.float()).abs().max().item() < 1e-3, projection
+        assert not any(type(layer.module).__name__.startswith("PerSample") for layer in lora_layers(ck.model))
+        torch.testing.assert_close(ck.model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
 
 
 def test_adam_preconditioning_matches_the_formula_by_hand():

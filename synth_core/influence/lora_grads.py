@@ -7,8 +7,10 @@ branch runs as one autograd function (`_lora_function`, in the model's dtype: bf
 backward forms the per-sample gradients of A and B with one batched matmul each and hands them on to be
 preconditioned and gathered for the projection, so at most one layer's are in memory besides the gathered ones.
 Autograd itself computes no weight gradient at all: the LoRA weights are frozen during the pass and the graph is
-rooted at the input embeddings. No attention mask (right padding under the causal mask is exact) and logits only
-at the positions that carry a loss, chunked (`_backward_per_sample` says why both are exact).
+rooted at the input embeddings. With influence.compile_layers the decoder layers are compiled (torch.compile, one
+graph for every layer) around the LoRA branches, which stay eager: a graph break each. No attention mask (right
+padding under the causal mask is exact) and logits only at the positions that carry a loss, chunked
+(`_backward_per_sample` says why both are exact).
 
 `compute_grad_features` turns rows into features: the gradient of each row's loss (the mean cross-entropy over its
 response tokens, as LESS), Adam-preconditioned for candidates (checkpoint.py; a Triton kernel on a GPU), randomly
@@ -231,6 +233,29 @@ def _lora_function() -> Any:
     return LoraPerSampleGrad
 
 
+@functools.cache
+def _per_sample_class(cls: type) -> type:
+    """The subclass of a peft LoRA linear class that the batched pass swaps in: its forward is base(x) plus the
+    LoRA branch as `_lora_function` (in x's dtype), with the layer and the gradient callback that
+    `_backward_per_sample` leaves in the module's `_per_sample`. The forward is excluded from torch.compile
+    (a graph break): its backward hands per-sample gradients to a Python callback, which a compiled graph cannot
+    call. One class per peft class, so compiled decoder layers see the same type in every layer and batch."""
+    import torch
+
+    fn = _lora_function()
+
+    @torch.compiler.disable
+    def forward(self, x, *args, **kwargs):
+        layer, on_grad = self.__dict__["_per_sample"]
+        if x.dim() != 3:
+            raise InfluenceError(f"LoRA input of shape {tuple(x.shape)}: [batch, tokens, features] expected")
+        lin_a, lin_b = self.lora_A[layer.adapter], self.lora_B[layer.adapter]
+        a, sb = lin_a.weight.detach().to(x.dtype), (lin_b.weight.detach() * layer.scaling).to(x.dtype)
+        return self.base_layer(x, *args, **kwargs) + fn.apply(x, a, sb, layer.scaling, layer, on_grad)
+
+    return type(f"PerSample{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+
+
 # Positions of the LM head's fused cross-entropy per chunk: chunk x vocab fp32 logits stay under 2^28 elements
 # (1 GiB; a 128k vocabulary gives chunks of 2,093 positions).
 HEAD_CHUNK_ELEMS = 2**28
@@ -325,32 +350,22 @@ def _backward_per_sample(
     position_weights = _to_device((1.0 / counts.clamp_min(1).to(torch.float64))[rows], device)
     positions = _to_device(rows * t + cols, device)  # flat indices into [b * t]
     targets = _to_device(labels[:, 1:][selected], device)
-    fn = _lora_function()
     roots: list[torch.Tensor] = []
 
     def root_graph(module, args, output):
         output.requires_grad_(True)
         roots.append(output)
 
-    def lean_forward(layer: LoraLayer):
-        base = layer.module.base_layer
-        lin_a, lin_b = layer.module.lora_A[layer.adapter], layer.module.lora_B[layer.adapter]
-
-        def forward(x, *args, **kwargs):
-            if x.dim() != 3:
-                raise InfluenceError(f"LoRA input of shape {tuple(x.shape)}: [batch, tokens, features] expected")
-            a, sb = lin_a.weight.detach().to(x.dtype), (lin_b.weight.detach() * layer.scaling).to(x.dtype)
-            return base(x, *args, **kwargs) + fn.apply(x, a, sb, layer.scaling, layer, on_grad)
-
-        return forward
-
     decoder = (model.get_base_model() if hasattr(model, "get_base_model") else model).get_decoder()
     handle = model.get_input_embeddings().register_forward_hook(root_graph)
     lora_weights = [m[layer.adapter].weight for layer in layers for m in (layer.module.lora_A, layer.module.lora_B)]
     was_trainable = [w.requires_grad for w in lora_weights]
+    classes = [type(layer.module) for layer in layers]
     try:
-        for layer in layers:
-            layer.module.forward = lean_forward(layer)  # an instance attribute shadows peft's forward
+        for layer, cls in zip(layers, classes, strict=True):
+            # The class, not an instance attribute: compiled decoder layers guard on it, one for every layer.
+            layer.module.__class__ = _per_sample_class(cls)
+            layer.module.__dict__["_per_sample"] = (layer, on_grad)
         for w in lora_weights:
             w.requires_grad_(False)
         with torch.enable_grad(), attention_kernels(device):
@@ -365,8 +380,9 @@ def _backward_per_sample(
             torch.autograd.grad(total, roots)
     finally:
         handle.remove()
-        for layer in layers:
-            layer.module.__dict__.pop("forward", None)
+        for layer, cls in zip(layers, classes, strict=True):
+            layer.module.__class__ = cls
+            layer.module.__dict__.pop("_per_sample", None)
         for w, flag in zip(lora_weights, was_trainable, strict=True):
             w.requires_grad_(flag)
 
@@ -444,9 +460,15 @@ def compute_grad_features(
     """
     import torch
 
+    from synth_core.train_setup import compile_decoder_layers, on_gpu_when_auto
+
     t0 = time.perf_counter()
     model.eval()
     dev = device_of(model, device)
+    if on_gpu_when_auto(cfg.compile_layers, dev.type == "cuda"):
+        # once per model (layers compiled before are left as they are); batches differ in rows and length, so
+        # dynamic shapes from the start instead of a static compile that the second batch would redo
+        compile_decoder_layers(model, dynamic=True)
     cut, truncated, no_answer = cut_rows(rows, token_limit(model, cfg.max_seq_len))
     linears = lora_linears(model)
     projector = make_projector(cfg, dev, shapes=lora_shapes(model))

@@ -128,7 +128,14 @@ def plan_influence(
         [m.fingerprint for m in resolved],
         cfg.influence.model_dump(
             mode="json",
-            exclude={"parallel_shards", "projector_cache_mb", "projection_rows", "projection", "sparse_jl_nonzeros"}
+            exclude={
+                "parallel_shards",
+                "projector_cache_mb",
+                "projection_rows",
+                "projection",
+                "sparse_jl_nonzeros",
+                "compile_layers",
+            }
             # group_by only matters to max_group: a mean run keeps its location.
             | ({"group_by"} if cfg.influence.aggregate == "mean" else set()),
         ),
