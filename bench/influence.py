@@ -302,11 +302,16 @@ def main(argv: list[str] | None = None) -> int:
             """Two batches of different shapes, the second of 2 rows (kernels, cuBLAS heuristics; compiled layers
             compile for dynamic shapes, and a batch of 1 row would be specialised), so the timed run compiles
             nothing."""
-            t = time.perf_counter()
-            batched(ckpt.model, cands[: min(c.batch_size + 2, len(cands))], c, optimizer_state=ckpt.adam)
-            if on_gpu:
-                torch.cuda.synchronize()
-            warmup_s[f"{label_of(c)} batch {c.batch_size}"] = round(time.perf_counter() - t, 1)
+            label = f"{label_of(c)} batch {c.batch_size}"
+            first_compiled = c.compile_layers is True and not any(k.endswith("cached") for k in warmup_s)
+            for key in (label, f"{label} again, cached") if first_compiled else (label,):
+                if key != label:  # what a new process pays: dynamo traces again, inductor's on-disk cache hits
+                    torch._dynamo.reset()
+                t = time.perf_counter()
+                batched(ckpt.model, cands[: min(c.batch_size + 2, len(cands))], c, optimizer_state=ckpt.adam)
+                if on_gpu:
+                    torch.cuda.synchronize()
+                warmup_s[key] = round(time.perf_counter() - t, 1)
 
         for c in {dim: small, args.proj_dim: cfg}.values():
             warm_up(c)
