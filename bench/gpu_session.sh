@@ -19,7 +19,7 @@
 # infl1bkronbs/infl7bkronbs (the Kronecker projection at larger batches, which its lack of a gradient buffer allows),
 # krontest (the `gpu` test of the features against the loop on CUDA, Rademacher and Kronecker; compiled layers),
 # infl1bcomp/infl7bcomp (Kronecker and the dense Rademacher baseline uncompiled, then Kronecker with
-# influence.compile_layers at two batch sizes, same rows).
+# influence.compile_layers at two batch sizes, same rows; C1B= leaves the baseline out of infl1bcomp).
 # T, TG, TI, TC, TP, TT, TS: per-section time limits (s); DEADLINE (seconds since the epoch, optional): no section runs past it,
 # so the last sections of a call get what the first left (a device call is killed whole at its limit).
 cd "$(dirname "$0")/.." || exit 1
@@ -97,7 +97,7 @@ for s in "$@"; do
     infl7bkronbs) timeout "${TI:-300}" python3 bench/influence.py --model builtin:random-llama-7b --rows 128 \
       --loop-rows 0 --batch-size 8 16 32 --projection kronecker --out-json "$OUT/infl_7b_kronecker_batches.json";;
     infl1bcomp) timeout "${TI:-420}" python3 bench/influence.py --model builtin:random-llama-1b --rows 256 \
-      --loop-rows 0 --batch-size 16 32 --projection kronecker --compare rademacher --projection-rows 256 \
+      --loop-rows 0 --batch-size 16 32 --projection kronecker --compare ${C1B-rademacher} --projection-rows 256 \
       --compile-layers both --out-json "$OUT/infl_1b_compiled.json";;
     infl7bcomp) timeout "${TI:-480}" python3 bench/influence.py --model builtin:random-llama-7b --rows 128 \
       --loop-rows 0 --batch-size 8 16 --projection kronecker --compare rademacher --compile-layers both \

@@ -384,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
                 tgt_p = tgt if p == kind and dim == args.proj_dim else batched(ckpt.model, targets, by_kind[p])
                 scores[p] = influence_scores([full[p].feats], [tgt_p.feats], [1.0])
             rho_projections = {p: spearman(scores[kind], scores[p]) for p in kinds[1:]}
+        compiled_diff = None  # largest |feature difference| of the compiled variant from the eager pass, same rows
+        if args.compile_layers == "both":
+            compiled_diff = (full[f"{kind}+compiled"].feats.float() - full[kind].feats.float()).abs().max().item()
+            print(f"compiled layers vs eager, {kind}: max |feature difference| {compiled_diff:.2e}", flush=True)
         for other in args.batch_size[1:]:
             c = by_kind[kinds[-1] if args.compile_layers == "both" else kind].model_copy(update={"batch_size": other})
             try:
@@ -501,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "spearman_projections": rho_projections,  # label -> Spearman with --projection's scores
             "compile_layers": args.compile_layers,
+            "compiled_max_feature_diff": compiled_diff,
             "warmup_s": warmup_s,  # with compiled layers: what compiling cost
             "note": note,
             "results": results,
