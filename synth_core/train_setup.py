@@ -215,6 +215,11 @@ def uses_compiled_layers(cfg: TrainConfig, on_gpu: bool | None = None) -> bool:
     return on_gpu_when_auto(cfg.compile_layers, on_gpu)
 
 
+def decoder_layers(model) -> list:
+    """The model's decoder layers: its modules whose class name ends with DecoderLayer (transformers' convention)."""
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
 def compile_decoder_layers(model, dynamic: bool | None = None) -> int:
     """Compile every decoder layer in place (`nn.Module.compile`); returns how many were compiled.
 
@@ -226,7 +231,7 @@ def compile_decoder_layers(model, dynamic: bool | None = None) -> int:
     `dynamic` is torch.compile's: True compiles for dynamic shapes at once (no static first compile; sizes 0 and 1
     are still specialised), None leaves it to the recompile.
     """
-    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    layers = decoder_layers(model)
     if not layers:
         raise ValueError(f"compile_layers: no *DecoderLayer module in {type(model).__name__}")
     for layer in layers:

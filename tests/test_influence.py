@@ -814,13 +814,14 @@ def test_compiled_layers_give_the_eager_features(tiny_model, tmp_path):
     """influence.compile_layers: the decoder layers compiled by torch.compile (inductor's C++ on the CPU), the LoRA
     branches eager (a graph break each, since their backward hands out per-sample gradients), give the eager
     pass's features, for the Kronecker and the Rademacher path; every layer shares the same graphs, and the
-    model's own forward is unchanged afterwards. Rows of two lengths at one batch size keep compiling short
-    (a new length recompiles once, with a dynamic dimension)."""
+    model's own forward is unchanged afterwards. Rows of two lengths at one batch size keep compiling short (the
+    layers compile for dynamic shapes at once)."""
     import torch
     from torch._dynamo.utils import counters
 
     from synth_core.influence.lora_grads import lora_layers
     from synth_core.models import build_random_lora
+    from synth_core.train_setup import decoder_layers
 
     path = build_random_lora(tiny_model, tmp_path / "lora", rank=8, seed=3, scale=4.0)
     rows = _rows([(40, 9)] * 4 + [(24, 5)] * 4, seed=4)
@@ -834,7 +835,7 @@ def test_compiled_layers_give_the_eager_features(tiny_model, tmp_path):
         before = ck.model(input_ids=ids).logits
         compiled = cfg.model_copy(update={"compile_layers": True})
         got = compute_grad_features(ck.model, rows, compiled, optimizer_state=adam).feats
-        layers = [m for m in ck.model.modules() if type(m).__name__.endswith("DecoderLayer")]
+        layers = decoder_layers(ck.model)
         assert layers and all(m._compiled_call_impl is not None for m in layers)
         assert counters["stats"]["unique_graphs"] > 0  # dynamo traced graphs, not a silent fallback to eager
         assert (got.float() - want.float()).abs().max().item() < 1e-3, projection
