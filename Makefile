@@ -53,8 +53,11 @@ browser:
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
 	  || { echo "error: make test needs Debian's chromium for the Prefect UI test: apt-get install chromium failed"; exit 1; }; }
 
+# Two workers, whole files each (the session's servers start once per worker, not once per test): on CI's 2 cores
+# the waits of one worker's servers and subprocesses overlap the other's work. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: lint browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 bench: $(STAMP)
 	$(BIN)/python bench/pool.py

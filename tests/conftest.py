@@ -19,6 +19,10 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on CI's two cores: one thread each (and for the engines and trainers
+    # they start), where two torch thread pools of two threads each would fight over the same cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 GOOD_MODULE = textwrap.dedent(
     '''
@@ -353,3 +357,11 @@ def task_runs_of(flow_run_id):
 
     with get_client(sync_client=True) as client:
         return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files holding a `slow` test run first, each file's tests in their order. `make test` hands whole files to
+    two workers (pytest-xdist, --dist loadfile) in this order: a long file handed out last would leave one worker
+    running it alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # a stable sort: files stay whole
