@@ -19,10 +19,11 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs two pytest-xdist workers on CI's two cores: one thread each (and for the engines and trainers
-    # they start), where two torch thread pools of two threads each would fight over the same cores.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # `make test` runs pytest-xdist workers (two on CI's two cores): each gets its share of the cores as threads, for
+    # itself and the engines and trainers it starts, where every torch thread pool would take all of them and fight.
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
 
 GOOD_MODULE = textwrap.dedent(
     '''
